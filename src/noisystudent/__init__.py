@@ -1,0 +1,16 @@
+"""Noisy Student self-training for image classifiers (Xie et al., CVPR 2020)."""
+
+from .config import Config, load_config
+from .errors import CheckpointError, ConfigError, DataError, NoisyStudentError
+
+__version__ = "0.1.0"
+
+__all__ = ["Config", "load_config", "run_pipeline", "NoisyStudentError", "ConfigError", "DataError",
+           "CheckpointError", "__version__"]
+
+
+def run_pipeline(*args, **kwargs):
+    """Run the whole loop; see :func:`noisystudent.pipeline.run_pipeline`."""
+    from .pipeline import run_pipeline as _run
+
+    return _run(*args, **kwargs)

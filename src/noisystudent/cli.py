@@ -1,0 +1,102 @@
+"""Command line: a thin shell over the Python API. Errors a user caused print as one line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+from .config import ABLATIONS, config_reference_markdown, load_config
+from .errors import NoisyStudentError
+
+
+def _default_run_dir(config: str | None, ablation: str | None) -> Path:
+    stem = Path(config).stem if config else "digits"
+    if ablation:
+        stem += f"-{ablation}"
+    return Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .pipeline import format_summary_table, run_pipeline
+
+    if args.resume:
+        run_dir = Path(args.resume)
+        config = args.config or (run_dir / "config.yaml")
+        if not Path(config).is_file():
+            raise NoisyStudentError(f"--resume: {run_dir} has no config.yaml; is it a run directory?")
+    else:
+        run_dir = Path(args.out) if args.out else _default_run_dir(args.config, args.ablation)
+        config = args.config
+    cfg = load_config(config, args.set, args.ablation)
+    summary = run_pipeline(cfg, run_dir, resume=bool(args.resume), progress=not args.quiet)
+    if args.quiet:
+        print(format_summary_table(summary))
+    print(f"run directory: {summary['run_dir']}")
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    if args.markdown:
+        print(config_reference_markdown())
+        return 0
+    import yaml
+
+    cfg = load_config(args.config, args.set, args.ablation)
+    print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="noisystudent",
+        description="Noisy Student self-training: teacher -> pseudo labels -> noisy, equal-or-larger "
+                    "students, iterated; fix-res fine-tune; robustness evaluation.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add_config_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("config", nargs="?", help="YAML config (default: the built-in digits experiment)")
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config key, e.g. --set train.epochs=5 --set students.0.model=ns_cnn_m")
+        p.add_argument("--ablation", choices=sorted(ABLATIONS),
+                       help="one of the paper's ablations: " +
+                            "; ".join(f"{k}: {v}" for k, v in ABLATIONS.items()))
+
+    p = sub.add_parser("run", help="run the whole Noisy Student loop",
+                       description="Train the teacher, then label, select and train each student in "
+                                   "the chain. Writes a run directory with a manifest, checkpoints, "
+                                   "pseudo labels, metrics and summary.json.")
+    add_config_args(p)
+    p.add_argument("--out", metavar="RUN_DIR", help="run directory (default: runs/<config>-<time>)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue a run, skipping finished stages")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or stage logs")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("config", help="print the resolved config, or the configuration reference",
+                       description="Print the config after defaults and overrides, as YAML; with "
+                                   "--markdown, the reference of every key (docs/configuration.md).")
+    add_config_args(p)
+    p.add_argument("--markdown", action="store_true", help="print the configuration reference")
+    p.set_defaults(func=cmd_config)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    quiet = getattr(args, "quiet", False)
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s",
+                        stream=sys.stderr)
+    try:
+        return args.func(args)
+    except NoisyStudentError as e:
+        print(f"noisystudent: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("noisystudent: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,403 @@
+"""Experiment configuration: typed dataclasses, YAML loading, ``--set`` overrides and validation.
+
+Every key has a type, a default (the paper's where one applies) and a help line; the help lines
+also generate ``docs/configuration.md`` (``noisystudent config --markdown``), so the reference
+cannot drift from the schema.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+
+
+def _opt(default: Any, help: str, *, min: float | None = None, max: float | None = None,
+         choices: tuple | None = None, factory: Any = None) -> Any:
+    meta = {"help": help, "min": min, "max": max, "choices": choices}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+DATA_SOURCES = ("digits", "fashion-mnist", "image-folder", "torchvision")
+
+
+@dataclass
+class DataConfig:
+    source: str = _opt("digits", "Where images come from.", choices=DATA_SOURCES)
+    root: str | None = _opt(None, "fashion-mnist: folder of IDX files (default: the Debian package's "
+                            "/usr/share/datasets/fashion-mnist); torchvision: dataset root.")
+    name: str | None = _opt(None, "torchvision dataset name: cifar10, cifar100, svhn, stl10.",
+                            choices=(None, "cifar10", "cifar100", "svhn", "stl10"))
+    download: bool = _opt(False, "Let torchvision download the dataset (needs internet).")
+    train_dir: str | None = _opt(None, "image-folder: labeled images, one subfolder per class.")
+    val_dir: str | None = _opt(None, "image-folder: validation images (default: held out from train_dir).")
+    test_dir: str | None = _opt(None, "image-folder: test images, one subfolder per class.")
+    unlabeled_dir: str | None = _opt(None, "Unlabeled images, searched recursively (labels ignored).")
+    labels_per_class: int | None = _opt(5, "Keep N labels per class and move the rest of the labeled "
+                                        "training images to the unlabeled pool (null: keep all).", min=1)
+    val_per_class: int = _opt(20, "Validation images per class held out from the training images "
+                              "(used for model selection; never the test split).", min=1)
+    test_per_class: int | None = _opt(None, "Test images per class held out when the source has no "
+                                      "test split (digits).", min=1)
+    max_unlabeled: int | None = _opt(None, "Use at most this many unlabeled images (random subset).", min=1)
+    image_size: int = _opt(16, "Training resolution in pixels (square).", min=4)
+    channels: int | None = _opt(None, "1 (grayscale) or 3 (RGB); null: the source's own.", choices=(None, 1, 3))
+    flip: bool = _opt(False, "Random horizontal flips in training augmentation (off for digits).")
+    num_workers: int = _opt(0, "DataLoader worker processes (0: load in the main process).", min=0)
+
+
+@dataclass
+class NoiseConfig:
+    augment: bool = _opt(True, "Input noise: RandAugment plus random crop (and flip if data.flip).")
+    randaugment_ops: int = _opt(2, "RandAugment: operations per image (paper: 2).", min=0)
+    randaugment_magnitude: float = _opt(27, "RandAugment magnitude on the official scale, where 10 is "
+                                        "the nominal maximum and the paper uses 27.", min=0, max=30)
+    dropout: float = _opt(0.5, "Model noise: dropout before the classifier (paper: 0.5 for B7/L2).",
+                          min=0, max=0.95)
+    drop_path: float = _opt(0.2, "Model noise: stochastic depth drop rate at the last block "
+                            "(1 - survival 0.8), linearly smaller for earlier blocks.", min=0, max=0.95)
+
+
+@dataclass
+class TrainConfig:
+    epochs: float = _opt(30, "Epochs; one epoch is a pass over the larger of the labeled stream and "
+                         "the pseudo-labeled stream.", min=0)
+    batch_size: int = _opt(64, "Labeled images per step (global, over all processes).", min=1)
+    unlabeled_ratio: float = _opt(3, "Pseudo-labeled images per labeled image in each joint batch "
+                                  "(paper: 1 for small models, 3 for B7/L0/L1/L2).", min=0)
+    optimizer: str = _opt("sgd", "Any optimizer timm.optim.create_optimizer_v2 knows "
+                          "(paper: rmsproptf).")
+    lr: float = _opt(0.05, "Peak learning rate.", min=0)
+    weight_decay: float = _opt(5e-4, "Weight decay (paper: 1e-5 with RMSProp).", min=0)
+    momentum: float = _opt(0.9, "Optimizer momentum.", min=0, max=1)
+    scheduler: str = _opt("cosine", "cosine, or step (paper: x0.97 every 2.4 epochs).",
+                          choices=("cosine", "step"))
+    decay_epochs: float = _opt(2.4, "step scheduler: epochs between decays.", min=0)
+    decay_rate: float = _opt(0.97, "step scheduler: multiplier per decay.", min=0, max=1)
+    warmup_epochs: float = _opt(0, "Linear warm-up epochs.", min=0)
+    label_smoothing: float = _opt(0.1, "Label smoothing on labeled images (paper: 0.1).", min=0, max=1)
+    eval_every: int = _opt(1, "Evaluate on the validation split every N epochs; the best epoch is kept.",
+                           min=1)
+
+
+@dataclass
+class PseudoLabelConfig:
+    temperature: float = _opt(1.0, "Softmax temperature of the teacher's soft labels (paper: 1).", min=1e-3)
+    hard: bool = _opt(False, "Hard labels (one-hot argmax) instead of soft probabilities.")
+    threshold: float = _opt(0.3, "Drop images whose top-1 confidence is below this (paper: 0.3).",
+                            min=0, max=1)
+    balance: bool = _opt(True, "Balance classes: keep the K most confident images per class and "
+                         "duplicate under-full classes up to K.")
+    per_class: int | None = _opt(None, "K for balancing; null: images kept after the threshold / "
+                                 "number of classes.", min=1)
+    top_k: int = _opt(10, "Classes stored per image in the pseudo-label store.", min=1)
+    batch_size: int = _opt(256, "Batch size for labeling.", min=1)
+
+
+@dataclass
+class StageConfig:
+    model: str = _opt("ns_cnn_s", "Model name: any timm model or a noisystudent model "
+                      "(ns_cnn_s/m/l for small images; see `noisystudent models`).")
+    epochs: float | None = _opt(None, "Override train.epochs for this stage.", min=0)
+    image_size: int | None = _opt(None, "Override data.image_size (training resolution).", min=4)
+    dropout: float | None = _opt(None, "Override noise.dropout for this stage.", min=0, max=0.95)
+    drop_path: float | None = _opt(None, "Override noise.drop_path for this stage.", min=0, max=0.95)
+    lr: float | None = _opt(None, "Override train.lr for this stage.", min=0)
+
+
+@dataclass
+class EvaluateConfig:
+    suites: list[str] = _opt(None, "Evaluation suites run on the teacher and final student at the end "
+                             "(clean, corruptions, perturbations, fgsm, pgd).",
+                             factory=lambda: ["clean"])
+    max_images: int | None = _opt(None, "Evaluate robustness on at most this many test images.", min=1)
+
+
+@dataclass
+class Config:
+    seed: int = _opt(0, "Random seed for splits, initialisation, augmentation and selection.")
+    device: str = _opt("auto", "auto (CUDA if available, else CPU), cpu, cuda, cuda:N.")
+    data: DataConfig = _opt(None, "Data sources and splits.", factory=DataConfig)
+    noise: NoiseConfig = _opt(None, "Student (and teacher) noise.", factory=NoiseConfig)
+    train: TrainConfig = _opt(None, "Optimisation, shared by all stages.", factory=TrainConfig)
+    pseudo: PseudoLabelConfig = _opt(None, "Pseudo labeling and selection.", factory=PseudoLabelConfig)
+    teacher: StageConfig = _opt(None, "The first teacher, trained on labeled images only.",
+                                factory=StageConfig)
+    students: list[StageConfig] = _opt(None, "The student chain; each student becomes the next teacher.",
+                                       factory=lambda: [StageConfig()])
+    evaluate: EvaluateConfig = _opt(None, "Final evaluation.", factory=EvaluateConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def fingerprint(self) -> str:
+        """Hash of the resolved config, used to refuse resuming a run made by another config."""
+        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def stage_epochs(self, stage: StageConfig) -> float:
+        return self.train.epochs if stage.epochs is None else stage.epochs
+
+
+# --------------------------------------------------------------------------------------------
+# Parsing: a small typed reader. Written by hand because the schema is a few dataclasses and
+# the errors must name the exact dotted key; pydantic would add a dependency for the same thing.
+
+
+def _is_dataclass_type(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _strip_optional(tp: Any) -> tuple[Any, bool]:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return tp, False
+
+
+def _coerce(value: Any, tp: Any, key: str, meta: dict) -> Any:
+    base, optional = _strip_optional(tp)
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"config key '{key}' must not be null")
+    if _is_dataclass_type(base):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}' must be a mapping, got {value!r}")
+        return _build(base, value, key + ".")
+    if typing.get_origin(base) is list:
+        (item_tp,) = typing.get_args(base)
+        if not isinstance(value, list):
+            raise ConfigError(f"config key '{key}' must be a list, got {value!r}")
+        return [_coerce(v, item_tp, f"{key}[{i}]", {}) for i, v in enumerate(value)]
+    if base is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key '{key}' must be true or false, got {value!r}")
+    elif base is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"config key '{key}' must be an integer, got {value!r}")
+    elif base is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
+        value = float(value)
+    elif base is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"config key '{key}' must be a string, got {value!r}")
+    choices = meta.get("choices")
+    if choices and value not in choices:
+        allowed = ", ".join(str(c) for c in choices if c is not None)
+        raise ConfigError(f"config key '{key}' must be one of {allowed}; got {value!r}")
+    lo, hi = meta.get("min"), meta.get("max")
+    if lo is not None and value < lo:
+        raise ConfigError(f"config key '{key}' must be >= {lo}, got {value!r}")
+    if hi is not None and value > hi:
+        raise ConfigError(f"config key '{key}' must be <= {hi}, got {value!r}")
+    return value
+
+
+def _build(cls: type, raw: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+            raise ConfigError(f"unknown config key '{prefix}{key}'{hint}")
+    kwargs = {}
+    for name, f in fields.items():
+        if name in raw:
+            kwargs[name] = _coerce(raw[name], hints[name], prefix + name, dict(f.metadata))
+    return cls(**kwargs)
+
+
+def config_from_dict(raw: dict) -> Config:
+    """Build a validated :class:`Config` from a plain dict (e.g. parsed YAML)."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError("config must be a mapping of keys to values")
+    cfg = _build(Config, raw)
+    _check_consistency(cfg)
+    return cfg
+
+
+def _check_consistency(cfg: Config) -> None:
+    if not cfg.students:
+        raise ConfigError("config key 'students' must list at least one student")
+    if cfg.data.source == "torchvision" and not cfg.data.name:
+        raise ConfigError("config key 'data.name' is required when data.source is torchvision")
+    if cfg.data.source == "image-folder" and not cfg.data.train_dir:
+        raise ConfigError("config key 'data.train_dir' is required when data.source is image-folder")
+    known = {"clean", "corruptions", "perturbations", "natural-adversarial", "fgsm", "pgd"}
+    for s in cfg.evaluate.suites:
+        if s not in known:
+            raise ConfigError(f"config key 'evaluate.suites' has unknown suite {s!r}; "
+                              f"known: {', '.join(sorted(known))}")
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """Parse ``a.b.c=value``; the value is read as YAML so numbers, booleans and lists work."""
+    if "=" not in item:
+        raise ConfigError(f"--set expects key=value, got {item!r}")
+    key, _, text = item.partition("=")
+    try:
+        value = yaml.safe_load(text) if text != "" else None
+    except yaml.YAMLError:
+        value = text
+    return key.strip().split("."), value
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply ``--set`` overrides to a raw config dict. ``students.1.model=x`` indexes lists."""
+    raw = json.loads(json.dumps(raw or {}))  # deep copy of plain data
+    for item in overrides:
+        path, value = parse_override(item)
+        node: Any = raw
+        for i, part in enumerate(path[:-1]):
+            dotted = ".".join(path[: i + 1])
+            if isinstance(node, list):
+                node = _list_item(node, part, dotted)
+            else:
+                if part == "students" and "students" not in node:
+                    node["students"] = [dataclasses.asdict(s) for s in Config().students]
+                node = node.setdefault(part, {})
+        last = path[-1]
+        if isinstance(node, list):
+            idx = _list_index(node, last, ".".join(path))
+            node[idx] = value
+        elif isinstance(node, dict):
+            node[last] = value
+        else:
+            raise ConfigError(f"--set {'.'.join(path)}: '{'.'.join(path[:-1])}' is not a section")
+    return raw
+
+
+def _list_index(node: list, part: str, dotted: str) -> int:
+    try:
+        idx = int(part)
+    except ValueError:
+        raise ConfigError(f"--set {dotted}: list index must be an integer") from None
+    if not -len(node) <= idx < len(node):
+        raise ConfigError(f"--set {dotted}: index out of range (list has {len(node)} items)")
+    return idx
+
+
+def _list_item(node: list, part: str, dotted: str) -> Any:
+    return node[_list_index(node, part, dotted)]
+
+
+ABLATIONS = {
+    "no-noise": "student without noise: no augmentation, no dropout, no stochastic depth",
+    "no-augmentation": "student without input noise (RandAugment, crop, flip)",
+    "hard-labels": "hard (argmax) pseudo labels instead of soft",
+    "no-balancing": "no class balancing (threshold only)",
+    "no-iteration": "a single student (the first of the chain)",
+}
+
+
+def apply_ablation(raw: dict, name: str) -> dict:
+    """Return the raw config changed for one of the paper's ablations (see ``ABLATIONS``)."""
+    if name not in ABLATIONS:
+        raise ConfigError(f"unknown ablation {name!r}; known: {', '.join(ABLATIONS)}")
+    changes = {
+        "no-noise": ["noise.augment=false", "noise.dropout=0", "noise.drop_path=0"],
+        "no-augmentation": ["noise.augment=false"],
+        "hard-labels": ["pseudo.hard=true"],
+        "no-balancing": ["pseudo.balance=false"],
+        "no-iteration": [],
+    }[name]
+    raw = apply_overrides(raw, changes)
+    if name == "no-noise":
+        for s in raw.get("students", []):  # per-stage overrides would re-enable model noise
+            s.pop("dropout", None)
+            s.pop("drop_path", None)
+    if name == "no-iteration":
+        students = raw.get("students") or [dataclasses.asdict(s) for s in Config().students]
+        raw["students"] = students[:1]
+    return raw
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                ablation: str | None = None) -> Config:
+    """Load a YAML config (``None``: the built-in digits default), apply overrides, validate."""
+    raw: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{p}: config must be a mapping of keys to values")
+    else:
+        raw = default_config_dict()
+    raw = apply_overrides(raw, overrides or [])
+    if ablation:
+        raw = apply_ablation(raw, ablation)
+    return config_from_dict(raw)
+
+
+def default_config_dict() -> dict:
+    """The built-in experiment: digits, used by ``noisystudent run`` with no arguments."""
+    here = Path(__file__).parent / "configs" / "digits.yaml"
+    return yaml.safe_load(here.read_text())
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def config_reference_markdown() -> str:
+    """The configuration reference, generated from the schema's types, defaults and help lines."""
+    lines = ["# Configuration reference", "",
+             "Generated from `noisystudent.config` by `noisystudent config --markdown`; do not edit.",
+             "Override any key on the command line with `--set section.key=value`.", ""]
+
+    def walk(cls: type, prefix: str) -> None:
+        hints = typing.get_type_hints(cls)
+        rows, subs = [], []
+        for f in dataclasses.fields(cls):
+            tp, _ = _strip_optional(hints[f.name])
+            if _is_dataclass_type(tp):
+                subs.append((f, tp))
+                continue
+            item = typing.get_args(tp)[0] if typing.get_origin(tp) is list else None
+            if item is not None and _is_dataclass_type(item):
+                subs.append((f, item))
+                continue
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            bounds = []
+            if f.metadata.get("min") is not None:
+                bounds.append(f">= {f.metadata['min']}")
+            if f.metadata.get("max") is not None:
+                bounds.append(f"<= {f.metadata['max']}")
+            if f.metadata.get("choices"):
+                bounds.append("one of " + ", ".join(str(c) for c in f.metadata["choices"]))
+            tname = getattr(tp, "__name__", str(tp))
+            rows.append(f"| `{prefix}{f.name}` | {tname} | `{json.dumps(default)}` | "
+                        f"{f.metadata.get('help', '')} {'(' + '; '.join(bounds) + ')' if bounds else ''} |")
+        if rows:
+            lines.extend([f"## `{prefix.rstrip('.') or 'top level'}`", "",
+                          "| key | type | default | meaning |", "|---|---|---|---|", *rows, ""])
+        for f, tp in subs:
+            is_list = typing.get_origin(_strip_optional(hints[f.name])[0]) is list
+            walk(tp, f"{prefix}{f.name}{'[i]' if is_list else ''}.")
+
+    walk(Config, "")
+    return "\n".join(lines)

@@ -1,0 +1,436 @@
+"""Data sources and splits: labeled, unlabeled, validation and test images.
+
+Every source becomes an :class:`ImageSet` (index -> PIL image, optional integer targets). Small
+datasets stay in memory as uint8 arrays; image folders load lazily from disk. Transforms are
+applied by :class:`TransformedSet`, so labeling sees clean images and training sees noisy ones.
+"""
+
+from __future__ import annotations
+
+import gzip
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+
+from .config import DataConfig
+from .errors import DataError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+FASHION_MNIST_DEBIAN = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+                         "Sneaker", "Bag", "Ankle boot"]
+
+
+class ImageSet(Dataset):
+    """A sequence of images with optional integer targets. Subclasses implement ``load``."""
+
+    targets: np.ndarray | None
+    mode: str  # PIL mode returned by load: "L" or "RGB"
+
+    def load(self, index: int) -> Image.Image:
+        raise NotImplementedError
+
+    def key(self, index: int) -> str:
+        """A stable identifier of the image (its path, or its index in the source)."""
+        return str(index)
+
+    def __getitem__(self, index: int):
+        target = -1 if self.targets is None else int(self.targets[index])
+        return self.load(index), target
+
+
+class ArrayImageSet(ImageSet):
+    """Images held in memory as a uint8 array of shape (N, H, W) or (N, H, W, 3)."""
+
+    def __init__(self, images: np.ndarray, targets: np.ndarray | None, keys: Sequence[str] | None = None):
+        if images.dtype != np.uint8:
+            raise DataError(f"image array must be uint8, got {images.dtype}")
+        self.images = images
+        self.targets = None if targets is None else np.asarray(targets, dtype=np.int64)
+        self.mode = "L" if images.ndim == 3 else "RGB"
+        self._keys = keys
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def load(self, index: int) -> Image.Image:
+        return Image.fromarray(self.images[index], self.mode)
+
+    def key(self, index: int) -> str:
+        return self._keys[index] if self._keys is not None else str(index)
+
+
+def convert_image(img: Image.Image, mode: str) -> Image.Image:
+    """Convert any PIL image (CMYK, 16-bit, RGBA, palette, grayscale) to ``mode`` ("L" or "RGB")."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16/32-bit grayscale: PIL's convert("L") clips instead of scaling, so scale by hand.
+        arr = np.asarray(img, dtype=np.float64)
+        peak = 65535.0 if arr.max() > 255 else 255.0
+        img = Image.fromarray(np.clip(arr / peak * 255.0, 0, 255).astype(np.uint8), "L")
+    elif img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, rgba)
+    if img.mode != mode:
+        img = img.convert(mode)
+    return img
+
+
+def read_image(path: Path, mode: str) -> Image.Image:
+    """Open and decode one image file, raising :class:`DataError` naming the file if it is bad."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return convert_image(im, mode)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        reason = "empty file" if path.exists() and path.stat().st_size == 0 else str(e).split("\n")[0]
+        raise DataError(f"unreadable image {path}: {reason}") from None
+
+
+class FileImageSet(ImageSet):
+    """Images loaded lazily from files; a bad file raises :class:`DataError` naming it."""
+
+    def __init__(self, paths: Sequence[Path], targets: np.ndarray | None, mode: str = "RGB"):
+        self.paths = [Path(p) for p in paths]
+        self.targets = None if targets is None else np.asarray(targets, dtype=np.int64)
+        self.mode = mode
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def load(self, index: int) -> Image.Image:
+        return read_image(self.paths[index], self.mode)
+
+    def key(self, index: int) -> str:
+        return str(self.paths[index])
+
+
+class SubsetImageSet(ImageSet):
+    """A view of some indices of another image set."""
+
+    def __init__(self, base: ImageSet, indices: np.ndarray, drop_targets: bool = False):
+        self.base = base
+        self.indices = np.asarray(indices, dtype=np.int64)
+        self.mode = base.mode
+        self.targets = None if (drop_targets or base.targets is None) else base.targets[self.indices]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def load(self, index: int) -> Image.Image:
+        return self.base.load(int(self.indices[index]))
+
+    def key(self, index: int) -> str:
+        return self.base.key(int(self.indices[index]))
+
+
+class TransformedSet(Dataset):
+    """Applies an image transform; yields ``(tensor, target)``. ``targets`` may be soft (N, C)."""
+
+    def __init__(self, images: ImageSet, transform: Callable, targets: np.ndarray | None = None,
+                 index: np.ndarray | None = None):
+        self.images = images
+        self.transform = transform
+        self.index = np.arange(len(images)) if index is None else np.asarray(index, dtype=np.int64)
+        self.targets = targets
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int):
+        j = int(self.index[i])
+        x = self.transform(self.images.load(j))
+        if self.targets is not None:
+            return x, torch.as_tensor(self.targets[i])
+        t = self.images.targets
+        return x, (-1 if t is None else int(t[j]))
+
+
+@dataclass
+class DataSplits:
+    """Everything the pipeline needs: the four splits and how to read them."""
+
+    labeled: ImageSet
+    unlabeled: ImageSet
+    val: ImageSet
+    test: ImageSet
+    classes: list[str]
+    channels: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def describe(self) -> dict:
+        def counts(s: ImageSet) -> list[int] | None:
+            if s.targets is None:
+                return None
+            return np.bincount(s.targets, minlength=self.num_classes).tolist()
+
+        return {"classes": self.classes, "channels": self.channels,
+                "num_labeled": len(self.labeled), "num_unlabeled": len(self.unlabeled),
+                "num_val": len(self.val), "num_test": len(self.test),
+                "labeled_per_class": counts(self.labeled), "val_per_class": counts(self.val),
+                "test_per_class": counts(self.test)}
+
+
+# ------------------------------------------------------------------------------ sources
+
+
+def load_digits_arrays() -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """scikit-learn's embedded 8x8 digits as uint8 images (0..16 scaled to 0..255)."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    images = np.clip(d.images * (255.0 / 16.0), 0, 255).round().astype(np.uint8)
+    return images, d.target.astype(np.int64), [str(i) for i in range(10)]
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read an IDX file (optionally gzipped), the format of MNIST and Fashion-MNIST."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+        zero, dtype_code, ndim = struct.unpack(">HBB", data[:4])
+        if zero != 0 or dtype_code != 0x08:
+            raise ValueError("not an unsigned-byte IDX file")
+        shape = struct.unpack(">" + "I" * ndim, data[4: 4 + 4 * ndim])
+        arr = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+        return arr.reshape(shape).copy()
+    except (OSError, ValueError, struct.error, EOFError) as e:
+        raise DataError(f"unreadable IDX file {path}: {e}") from None
+
+
+def load_fashion_mnist(root: str | None, download: bool) -> tuple[ArrayImageSet, ArrayImageSet]:
+    """Fashion-MNIST train (60k) and test (10k) from IDX files: ``root``, the Debian package
+    ``dataset-fashion-mnist``, or torchvision's downloader when ``download`` is set."""
+    candidates = [Path(root)] if root else [Path(FASHION_MNIST_DEBIAN)]
+    if root and (Path(root) / "FashionMNIST" / "raw").is_dir():
+        candidates.insert(0, Path(root) / "FashionMNIST" / "raw")  # torchvision's layout
+    for folder in candidates:
+        files = {}
+        for stem in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+                     "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+            for suffix in ("", ".gz"):
+                if (folder / (stem + suffix)).is_file():
+                    files[stem] = folder / (stem + suffix)
+                    break
+        if len(files) == 4:
+            train = ArrayImageSet(read_idx(files["train-images-idx3-ubyte"]),
+                                  read_idx(files["train-labels-idx1-ubyte"]))
+            test = ArrayImageSet(read_idx(files["t10k-images-idx3-ubyte"]),
+                                 read_idx(files["t10k-labels-idx1-ubyte"]))
+            return train, test
+    if download:
+        from torchvision.datasets import FashionMNIST
+
+        dl_root = root or str(Path.home() / ".cache" / "noisystudent")
+        tr, te = FashionMNIST(dl_root, train=True, download=True), FashionMNIST(dl_root, train=False, download=True)
+        return (ArrayImageSet(tr.data.numpy(), tr.targets.numpy()),
+                ArrayImageSet(te.data.numpy(), te.targets.numpy()))
+    where = root or FASHION_MNIST_DEBIAN
+    raise DataError(f"Fashion-MNIST IDX files not found in {where} "
+                    "(apt-get install dataset-fashion-mnist, set data.root, or set data.download=true)")
+
+
+def list_images(folder: Path) -> list[Path]:
+    """All image files under ``folder``, recursively, in a stable order."""
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def scan_class_folder(root: str | Path, what: str) -> tuple[list[Path], np.ndarray, list[str]]:
+    """A labeled image folder: one subfolder per class. Errors name the folder at fault."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{what} folder not found: {root}")
+    class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not class_dirs:
+        raise DataError(f"{what} folder {root} has no class subfolders")
+    paths, targets = [], []
+    for idx, d in enumerate(class_dirs):
+        files = list_images(d)
+        if not files:
+            raise DataError(f"{what} class folder {d} contains no images")
+        paths.extend(files)
+        targets.extend([idx] * len(files))
+    return paths, np.asarray(targets, dtype=np.int64), [d.name for d in class_dirs]
+
+
+def load_torchvision(name: str, root: str | None, download: bool):
+    """Labeled train, official test and (where the dataset has one) unlabeled split, as image sets."""
+    import torchvision.datasets as tvd
+
+    root = root or str(Path.home() / ".cache" / "noisystudent")
+    try:
+        if name in ("cifar10", "cifar100"):
+            cls = tvd.CIFAR10 if name == "cifar10" else tvd.CIFAR100
+            tr, te = cls(root, train=True, download=download), cls(root, train=False, download=download)
+            return (ArrayImageSet(tr.data, np.asarray(tr.targets)), ArrayImageSet(te.data, np.asarray(te.targets)),
+                    None, list(tr.classes))
+        if name == "svhn":
+            tr = tvd.SVHN(root, split="train", download=download)
+            te = tvd.SVHN(root, split="test", download=download)
+            ex = tvd.SVHN(root, split="extra", download=download)
+            hwc = lambda d: np.ascontiguousarray(d.data.transpose(0, 2, 3, 1))  # noqa: E731
+            return (ArrayImageSet(hwc(tr), tr.labels), ArrayImageSet(hwc(te), te.labels),
+                    ArrayImageSet(hwc(ex), None), [str(i) for i in range(10)])
+        if name == "stl10":
+            tr = tvd.STL10(root, split="train", download=download)
+            te = tvd.STL10(root, split="test", download=download)
+            un = tvd.STL10(root, split="unlabeled", download=download)
+            hwc = lambda d: np.ascontiguousarray(d.data.transpose(0, 2, 3, 1))  # noqa: E731
+            return (ArrayImageSet(hwc(tr), tr.labels), ArrayImageSet(hwc(te), te.labels),
+                    ArrayImageSet(hwc(un), None), list(tr.classes))
+    except RuntimeError as e:
+        raise DataError(f"torchvision dataset {name} not available in {root}: {str(e).splitlines()[0]} "
+                        "(set data.download=true when online)") from None
+    raise DataError(f"unknown torchvision dataset {name!r}")
+
+
+# ------------------------------------------------------------------------------ splits
+
+
+def split_per_class(targets: np.ndarray, per_class: int, rng: np.random.Generator,
+                    what: str) -> tuple[np.ndarray, np.ndarray]:
+    """Pick ``per_class`` random indices of every class; returns (picked, rest), both sorted."""
+    picked = []
+    for c in np.unique(targets):
+        idx = np.flatnonzero(targets == c)
+        if len(idx) < per_class:
+            raise DataError(f"{what}: class {c} has {len(idx)} images, fewer than the {per_class} requested")
+        picked.append(rng.choice(idx, size=per_class, replace=False))
+    picked = np.sort(np.concatenate(picked))
+    rest = np.setdiff1d(np.arange(len(targets)), picked)
+    return picked, rest
+
+
+def build_splits(cfg: DataConfig, seed: int) -> DataSplits:
+    """Build labeled / unlabeled / val / test splits for the configured source.
+
+    The validation split is held out of the labeled training images (never the test split);
+    ``labels_per_class`` keeps N labels per class and moves the rest to the unlabeled pool.
+    """
+    rng = np.random.default_rng(seed)
+    extra_unlabeled: ImageSet | None = None
+    test: ImageSet | None = None
+    val: ImageSet | None = None
+    if cfg.source == "digits":
+        images, targets, classes = load_digits_arrays()
+        train: ImageSet = ArrayImageSet(images, targets)
+    elif cfg.source == "fashion-mnist":
+        train, test = load_fashion_mnist(cfg.root, cfg.download)
+        classes = list(FASHION_MNIST_CLASSES)
+    elif cfg.source == "torchvision":
+        train, test, extra_unlabeled, classes = load_torchvision(cfg.name, cfg.root, cfg.download)
+    elif cfg.source == "image-folder":
+        mode = "L" if cfg.channels == 1 else "RGB"
+        paths, targets, classes = scan_class_folder(cfg.train_dir, "train")
+        if len(classes) < 2:
+            raise DataError(f"train folder {cfg.train_dir} has only one class ({classes[0]}); "
+                            "a classifier needs at least two")
+        train = FileImageSet(paths, targets, mode)
+        for split_dir, what in ((cfg.test_dir, "test"), (cfg.val_dir, "val")):
+            if split_dir is None:
+                continue
+            p, t, c = scan_class_folder(split_dir, what)
+            if c != classes:
+                raise DataError(f"{what} folder {split_dir} has classes {c}, which differ from train "
+                                f"folder {cfg.train_dir} ({classes})")
+            if what == "test":
+                test = FileImageSet(p, t, mode)
+            else:
+                val = FileImageSet(p, t, mode)
+        if cfg.unlabeled_dir is not None:
+            udir = Path(cfg.unlabeled_dir)
+            if not udir.is_dir():
+                raise DataError(f"unlabeled folder not found: {udir}")
+            files = list_images(udir)
+            if not files:
+                raise DataError(f"unlabeled folder {udir} contains no images")
+            extra_unlabeled = FileImageSet(files, None, mode)
+    else:  # guarded by config validation
+        raise DataError(f"unknown data source {cfg.source!r}")
+
+    assert train.targets is not None
+    pool = np.arange(len(train))
+    if test is None:
+        if cfg.test_per_class is None:
+            raise DataError(f"data source {cfg.source} has no test split: set data.test_per_class "
+                            "or data.test_dir")
+        test_idx, pool = split_per_class(train.targets, cfg.test_per_class, rng, "test split")
+        test = SubsetImageSet(train, test_idx)
+    if val is None:
+        val_local, pool_local = split_per_class(train.targets[pool], cfg.val_per_class, rng, "validation split")
+        val = SubsetImageSet(train, pool[val_local])
+        pool = pool[pool_local]
+    unlabeled_parts: list[ImageSet] = []
+    if cfg.labels_per_class is not None:
+        lab_local, rest_local = split_per_class(train.targets[pool], cfg.labels_per_class, rng, "labeled split")
+        labeled = SubsetImageSet(train, pool[lab_local])
+        if len(rest_local):
+            unlabeled_parts.append(SubsetImageSet(train, pool[rest_local], drop_targets=True))
+    else:
+        labeled = SubsetImageSet(train, pool)
+    if extra_unlabeled is not None:
+        unlabeled_parts.append(extra_unlabeled)
+    unlabeled = concat_image_sets(unlabeled_parts, train.mode)
+    if cfg.max_unlabeled is not None and len(unlabeled) > cfg.max_unlabeled:
+        keep = np.sort(rng.choice(len(unlabeled), size=cfg.max_unlabeled, replace=False))
+        unlabeled = SubsetImageSet(unlabeled, keep, drop_targets=True)
+    if len(unlabeled) == 0:
+        raise DataError("the unlabeled pool is empty: set data.labels_per_class or data.unlabeled_dir")
+
+    channels = cfg.channels or (1 if train.mode == "L" else 3)
+    mean, std = image_stats(labeled, channels)
+    return DataSplits(labeled=labeled, unlabeled=unlabeled, val=val, test=test, classes=classes,
+                      channels=channels, mean=mean, std=std)
+
+
+class ConcatImageSet(ImageSet):
+    """Several image sets end to end, without targets (used for the unlabeled pool)."""
+
+    def __init__(self, parts: list[ImageSet], mode: str):
+        self.parts = parts
+        self.mode = mode
+        self.targets = None
+        self.offsets = np.cumsum([0] + [len(p) for p in parts])
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def _locate(self, index: int) -> tuple[ImageSet, int]:
+        part = int(np.searchsorted(self.offsets, index, side="right") - 1)
+        return self.parts[part], index - int(self.offsets[part])
+
+    def load(self, index: int) -> Image.Image:
+        part, i = self._locate(index)
+        return convert_image(part.load(i), self.mode)
+
+    def key(self, index: int) -> str:
+        part, i = self._locate(index)
+        return part.key(i)
+
+
+def concat_image_sets(parts: list[ImageSet], mode: str) -> ImageSet:
+    if len(parts) == 1:
+        return SubsetImageSet(parts[0], np.arange(len(parts[0])), drop_targets=True)
+    return ConcatImageSet(parts, mode)
+
+
+def image_stats(images: ImageSet, channels: int, limit: int = 2000) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std of (up to ``limit``) images, used for input normalisation."""
+    n = min(len(images), limit)
+    mode = "L" if channels == 1 else "RGB"
+    arrs = [np.asarray(convert_image(images.load(i), mode), dtype=np.float64) / 255.0 for i in range(n)]
+    flat = np.concatenate([a.reshape(-1, channels) for a in arrs])
+    std = np.maximum(flat.std(0), 1e-3)
+    return tuple(float(v) for v in flat.mean(0)), tuple(float(v) for v in std)

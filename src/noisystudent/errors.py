@@ -1,0 +1,17 @@
+"""Errors a user can cause. The CLI prints them as one line and exits non-zero."""
+
+
+class NoisyStudentError(Exception):
+    """Base class for errors caused by input (config, data, checkpoints), not by bugs."""
+
+
+class ConfigError(NoisyStudentError):
+    """An unknown, mistyped or out-of-range configuration key."""
+
+
+class DataError(NoisyStudentError):
+    """A missing, empty or unreadable dataset, image or class list."""
+
+
+class CheckpointError(NoisyStudentError):
+    """A checkpoint that cannot be loaded into the requested model."""

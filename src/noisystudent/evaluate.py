@@ -1,0 +1,33 @@
+"""Stage 7 (clean part): top-1 / top-5 accuracy. Robustness suites live in ``noisystudent.robustness``."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from .distributed import DistContext, all_reduce_sum, shard_indices
+from .progress import progress_bar
+
+
+@torch.inference_mode()
+def evaluate_classifier(model: nn.Module, dataset: Dataset, device: torch.device, *, batch_size: int = 256,
+                        num_workers: int = 0, ctx: DistContext | None = None, progress: bool = False,
+                        desc: str = "eval") -> dict:
+    """Top-1 and top-5 accuracy (in %) of ``model`` in eval mode; sharded over ranks if distributed."""
+    ctx = ctx or DistContext(device=device)
+    part = Subset(dataset, list(shard_indices(len(dataset), ctx))) if ctx.distributed else dataset
+    loader = DataLoader(part, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    was_training = model.training
+    model.eval()
+    counts = torch.zeros(3, dtype=torch.float64)
+    for x, y in progress_bar(loader, desc=desc, unit="batch", enabled=progress):
+        logits = model(x.to(device, non_blocking=True)).float().cpu()
+        k = min(5, logits.shape[1])
+        topk = logits.topk(k, dim=1).indices
+        hit = topk == y.view(-1, 1)
+        counts += torch.tensor([hit[:, 0].sum().item(), hit.any(1).sum().item(), len(y)], dtype=torch.float64)
+    model.train(was_training)
+    counts = all_reduce_sum(counts, ctx)
+    n = max(1.0, counts[2].item())
+    return {"top1": 100.0 * counts[0].item() / n, "top5": 100.0 * counts[1].item() / n, "n": int(counts[2].item())}

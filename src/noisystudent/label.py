@@ -1,0 +1,123 @@
+"""Stage 2: the teacher, without noise, labels the unlabeled images.
+
+Pseudo labels are stored as the teacher's top-k classes and probabilities per image (the full
+vector when k >= number of classes). Soft targets are rebuilt from the top-k with one rule:
+the stored probabilities go to their classes and the remaining mass ``1 - sum(top-k)`` is spread
+uniformly over the classes not stored. Hard labels keep the same store (so the confidence
+threshold still sees the teacher's confidence) and rebuild as one-hot argmax.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader, Dataset
+
+from .errors import DataError
+from .progress import progress_bar
+
+
+@dataclass
+class PseudoLabels:
+    """The teacher's predictions on the unlabeled pool (row i is image i of the pool)."""
+
+    keys: list[str]
+    topk_index: np.ndarray  # (N, k) int32, most probable first
+    topk_prob: np.ndarray  # (N, k) float32
+    num_classes: int
+    teacher: str
+    temperature: float
+    hard: bool
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    @property
+    def confidence(self) -> np.ndarray:
+        """Top-1 probability of each image."""
+        return self.topk_prob[:, 0]
+
+    @property
+    def predicted(self) -> np.ndarray:
+        """Top-1 class of each image."""
+        return self.topk_index[:, 0]
+
+    def soft_targets(self, rows: np.ndarray | None = None) -> np.ndarray:
+        """Target distributions (len(rows), num_classes), float32, by the top-k rebuild rule."""
+        rows = np.arange(len(self)) if rows is None else np.asarray(rows)
+        idx, prob = self.topk_index[rows], self.topk_prob[rows].astype(np.float32)
+        out = np.zeros((len(rows), self.num_classes), dtype=np.float32)
+        if self.hard:
+            out[np.arange(len(rows)), idx[:, 0]] = 1.0
+            return out
+        k = idx.shape[1]
+        if k < self.num_classes:
+            rest = np.clip(1.0 - prob.sum(1, keepdims=True), 0.0, None) / (self.num_classes - k)
+            out += rest
+        np.put_along_axis(out, idx.astype(np.int64), prob, axis=1)
+        return out
+
+    def save(self, path: Path) -> None:
+        """Write a Parquet file atomically (temp file + rename)."""
+        k = self.topk_index.shape[1]
+        table = pa.table({
+            "key": pa.array(self.keys, pa.string()),
+            "topk_class": pa.FixedSizeListArray.from_arrays(pa.array(self.topk_index.reshape(-1), pa.int32()), k),
+            "topk_prob": pa.FixedSizeListArray.from_arrays(pa.array(self.topk_prob.reshape(-1), pa.float32()), k),
+            "confidence": pa.array(self.confidence, pa.float32()),
+            "predicted": pa.array(self.predicted, pa.int32()),
+        })
+        meta = {"num_classes": self.num_classes, "teacher": self.teacher,
+                "temperature": self.temperature, "hard": self.hard}
+        table = table.replace_schema_metadata({b"noisystudent": json.dumps(meta).encode()})
+        tmp = path.with_name(path.name + ".tmp")
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: Path) -> "PseudoLabels":
+        try:
+            table = pq.read_table(path)
+            meta = json.loads(table.schema.metadata[b"noisystudent"])
+        except (OSError, KeyError, pa.ArrowException, ValueError) as e:
+            raise DataError(f"unreadable pseudo-label file {path}: {e}") from None
+        k = table.schema.field("topk_class").type.list_size
+        n = table.num_rows
+        idx = table.column("topk_class").combine_chunks().flatten().to_numpy().reshape(n, k)
+        prob = table.column("topk_prob").combine_chunks().flatten().to_numpy().reshape(n, k)
+        return cls(keys=table.column("key").to_pylist(), topk_index=idx.astype(np.int32),
+                   topk_prob=prob.astype(np.float32), num_classes=int(meta["num_classes"]),
+                   teacher=meta["teacher"], temperature=float(meta["temperature"]), hard=bool(meta["hard"]))
+
+
+@torch.inference_mode()
+def predict_topk(model: nn.Module, loader, device: torch.device, temperature: float, top_k: int,
+                 desc: str = "label", progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Run ``model`` in eval mode (no noise) over ``loader``; top-k softmax(logits / T)."""
+    model.eval()
+    idx_parts, prob_parts = [], []
+    for x, _ in progress_bar(loader, desc=desc, unit="batch", enabled=progress):
+        logits = model(x.to(device, non_blocking=True)).float()
+        probs = torch.softmax(logits / temperature, dim=1)
+        p, i = probs.topk(min(top_k, probs.shape[1]), dim=1)
+        idx_parts.append(i.to(torch.int32).cpu().numpy())
+        prob_parts.append(p.cpu().numpy())
+    return np.concatenate(idx_parts), np.concatenate(prob_parts)
+
+
+def label_images(model: nn.Module, images: Dataset, keys: list[str], *, num_classes: int, teacher: str,
+                 device: torch.device, temperature: float = 1.0, hard: bool = False, top_k: int = 10,
+                 batch_size: int = 256, num_workers: int = 0, progress: bool = True) -> PseudoLabels:
+    """Label ``images`` (a dataset of clean, normalised tensors) with the teacher."""
+    loader = DataLoader(images, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    idx, prob = predict_topk(model, loader, device, temperature, top_k, progress=progress)
+    return PseudoLabels(keys=list(keys), topk_index=idx, topk_prob=prob, num_classes=num_classes,
+                        teacher=teacher, temperature=temperature, hard=hard)

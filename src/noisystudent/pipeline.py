@@ -1,0 +1,248 @@
+"""The Noisy Student loop, top to bottom.
+
+    teacher  = train(labeled, noise)                          # stage "teacher"
+    for each student in the chain:
+        labels    = teacher(unlabeled, no noise)              # stage "label-i"
+        selection = threshold + balance(labels)               # stage "select-i"
+        student   = train(labeled + selection, noise)         # stage "student-i"
+        teacher   = student
+
+Every stage writes a folder in the run directory and is skipped on ``--resume`` once finished.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from torch.utils.data import Dataset
+
+from .checkpoint import load_model, save_model
+from .config import Config, StageConfig
+from .data import DataSplits, ImageSet, TransformedSet, build_splits
+from .distributed import DistContext, barrier, cleanup, init_distributed
+from .evaluate import evaluate_classifier
+from .label import PseudoLabels, label_images
+from .models import count_parameters, create_model
+from .rundir import RunDir, write_json_atomic
+from .select import Selection, select_pseudo_labels
+from .train import train_classifier
+from .transforms import eval_transform, train_transform
+
+log = logging.getLogger("noisystudent")
+
+SUMMARY_KEYS = ("name", "model", "val_top1", "test_top1", "val_top5", "test_top5", "num_labeled",
+                "num_pseudo", "seconds", "params", "best_epoch", "image_size")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def banner(text: str) -> None:
+    log.info("=" * 8 + f" {text} " + "=" * max(0, 70 - len(text)))
+
+
+class PseudoLabeledSet(Dataset):
+    """Selected unlabeled images (duplicates repeat) with their soft targets, noisy transform."""
+
+    def __init__(self, images: ImageSet, labels: PseudoLabels, rows: np.ndarray, transform):
+        self.images, self.labels, self.rows, self.transform = images, labels, rows, transform
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int):
+        row = int(self.rows[i])
+        target = torch.from_numpy(self.labels.soft_targets(np.array([row]))[0])
+        return self.transform(self.images.load(row)), target
+
+
+@dataclass
+class StageResult:
+    """One row of the summary table."""
+
+    metrics: dict
+    checkpoint: Path
+
+
+def _stage_noise(cfg: Config, stage: StageConfig) -> tuple[float, float]:
+    dropout = cfg.noise.dropout if stage.dropout is None else stage.dropout
+    drop_path = cfg.noise.drop_path if stage.drop_path is None else stage.drop_path
+    return dropout, drop_path
+
+
+def train_stage(run: RunDir, name: str, stage: StageConfig, cfg: Config, splits: DataSplits,
+                ctx: DistContext, *, pseudo: tuple[PseudoLabels, Selection] | None, seed: int,
+                progress: bool) -> StageResult:
+    """Train one model (teacher: labeled only; student: labeled + selected pseudo labels)."""
+    out_ckpt = run.path(name) / "model.pt"
+    if run.is_done(name):
+        log.info(f"[{name}] finished earlier; skipping (resume)")
+        return StageResult(json.loads((run.path(name) / "metrics.json").read_text()), out_ckpt)
+    size = stage.image_size or cfg.data.image_size
+    dropout, drop_path = _stage_noise(cfg, stage)
+    seed_everything(seed)
+    model = create_model(stage.model, splits.num_classes, splits.channels, dropout, drop_path)
+    noisy = train_transform(size, splits.channels, splits.mean, splits.std, cfg.noise, cfg.data.flip)
+    clean = eval_transform(size, splits.channels, splits.mean, splits.std)
+    labeled = TransformedSet(splits.labeled, noisy)
+    val, test = TransformedSet(splits.val, clean), TransformedSet(splits.test, clean)
+    pseudo_set = None
+    if pseudo is not None:
+        labels, selection = pseudo
+        pseudo_set = PseudoLabeledSet(splits.unlabeled, labels, selection.rows, noisy)
+    log.info(f"[{name}] {stage.model} ({count_parameters(model) / 1e6:.2f}M params) at {size}px, "
+             f"{len(labeled)} labeled + {0 if pseudo_set is None else len(pseudo_set)} pseudo-labeled, "
+             f"dropout {dropout}, drop path {drop_path}, augment {cfg.noise.augment}")
+    with run.stage(name, enabled=ctx.is_main) as out:
+        metrics_file = (out / "metrics.jsonl").open("w") if ctx.is_main else None
+
+        def on_epoch(record: dict) -> None:
+            if metrics_file:
+                metrics_file.write(json.dumps(record) + "\n")
+                metrics_file.flush()
+
+        outcome = train_classifier(model, labeled, val, cfg.train, num_classes=splits.num_classes,
+                                   epochs=cfg.stage_epochs(stage), lr=stage.lr or cfg.train.lr, ctx=ctx,
+                                   pseudo=pseudo_set, seed=seed, num_workers=cfg.data.num_workers,
+                                   progress=progress, desc=name, on_epoch=on_epoch)
+        if metrics_file:
+            metrics_file.close()
+        val_m = evaluate_classifier(model, val, ctx.device, ctx=ctx)
+        test_m = evaluate_classifier(model, test, ctx.device, ctx=ctx)
+        metrics = {"name": name, "model": stage.model, "val_top1": val_m["top1"], "val_top5": val_m["top5"],
+                   "test_top1": test_m["top1"], "test_top5": test_m["top5"], "num_labeled": len(labeled),
+                   "num_pseudo": 0 if pseudo_set is None else len(pseudo_set), "seconds": outcome.seconds,
+                   "params": count_parameters(model), "best_epoch": outcome.best_epoch,
+                   "epochs": outcome.epochs, "steps": outcome.steps, "images_seen": outcome.images_seen,
+                   "image_size": size, "dropout": dropout, "drop_path": drop_path}
+        if ctx.is_main:
+            save_model(out / "model.pt", model, name=stage.model, num_classes=splits.num_classes,
+                       in_chans=splits.channels, classes=splits.classes, image_size=size,
+                       mean=splits.mean, std=splits.std)
+            write_json_atomic(out / "metrics.json", metrics)
+    log.info(f"[{name}] val top-1 {metrics['val_top1']:.2f}  test top-1 {metrics['test_top1']:.2f}  "
+             f"best epoch {outcome.best_epoch}/{outcome.epochs}  {outcome.seconds:.1f}s")
+    return StageResult(metrics, out_ckpt)
+
+
+def label_stage(run: RunDir, name: str, teacher: StageResult, cfg: Config, splits: DataSplits,
+                ctx: DistContext, progress: bool) -> PseudoLabels:
+    """The teacher, in eval mode on clean images, labels the unlabeled pool."""
+    path = run.path(name) / "pseudo_labels.parquet"
+    if not run.is_done(name):
+        model, meta = load_model(teacher.checkpoint)
+        model.to(ctx.device)
+        clean = eval_transform(meta["image_size"], splits.channels, splits.mean, splits.std)
+        pool = TransformedSet(splits.unlabeled, clean)
+        log.info(f"[{name}] labeling {len(pool)} images with {teacher.metrics['name']} "
+                 f"({'hard' if cfg.pseudo.hard else f'soft, T={cfg.pseudo.temperature}'})")
+        with run.stage(name, enabled=ctx.is_main) as out:
+            if ctx.is_main:
+                labels = label_images(model, pool, [splits.unlabeled.key(i) for i in range(len(pool))],
+                                      num_classes=splits.num_classes, teacher=teacher.metrics["name"],
+                                      device=ctx.device, temperature=cfg.pseudo.temperature,
+                                      hard=cfg.pseudo.hard, top_k=cfg.pseudo.top_k,
+                                      batch_size=cfg.pseudo.batch_size, num_workers=cfg.data.num_workers,
+                                      progress=progress)
+                labels.save(out / path.name)
+        barrier(ctx)
+    return PseudoLabels.load(path)
+
+
+def select_stage(run: RunDir, name: str, labels: PseudoLabels, cfg: Config, seed: int,
+                 ctx: DistContext) -> Selection:
+    """Threshold and balance the pseudo labels; the chosen rows are saved as Parquet."""
+    path = run.path(name) / "selection.parquet"
+    if not run.is_done(name):
+        selection = select_pseudo_labels(labels.confidence, labels.predicted, labels.num_classes,
+                                         threshold=cfg.pseudo.threshold, balance=cfg.pseudo.balance,
+                                         per_class=cfg.pseudo.per_class, seed=seed)
+        with run.stage(name, enabled=ctx.is_main) as out:
+            if ctx.is_main:
+                pq.write_table(pa.table({"row": pa.array(selection.rows, pa.int64())}), out / path.name)
+                write_json_atomic(out / "selection.json", selection.summary())
+        barrier(ctx)
+    summary = json.loads((run.path(name) / "selection.json").read_text())
+    rows = pq.read_table(path).column("row").to_numpy()
+    sel = Selection(rows=rows, per_class=summary["per_class"],
+                    kept_per_class=np.asarray(summary["kept_per_class"]),
+                    selected_per_class=np.asarray(summary["selected_per_class"]),
+                    num_below_threshold=summary["num_below_threshold"])
+    log.info(f"[{name}] kept {int(sel.kept_per_class.sum())}/{len(labels)} above threshold "
+             f"{cfg.pseudo.threshold}; {len(sel.rows)} rows ({sel.num_unique} unique) "
+             f"{'balanced to K=' + str(sel.per_class) if sel.per_class else 'unbalanced'}")
+    return sel
+
+
+def run_pipeline(cfg: Config, run_dir: Path, *, resume: bool = False, progress: bool = True) -> dict:
+    """Run (or resume) the whole Noisy Student loop; returns the summary written to summary.json."""
+    ctx = init_distributed(cfg.device)
+    try:
+        run = RunDir.open(run_dir, cfg, resume) if ctx.is_main else RunDir(run_dir)
+        barrier(ctx)
+        handler = _attach_log_file(run.root / "run.log") if ctx.is_main else None
+        start = time.time()
+        banner(f"Data: {cfg.data.source}")
+        splits = build_splits(cfg.data, cfg.seed)
+        if ctx.is_main:
+            write_json_atomic(run.root / "data.json", splits.describe())
+        log.info(f"{len(splits.labeled)} labeled, {len(splits.unlabeled)} unlabeled, {len(splits.val)} val, "
+                 f"{len(splits.test)} test images; {splits.num_classes} classes; device {ctx.device}, "
+                 f"{ctx.world_size} process(es)")
+
+        banner(f"Teacher: {cfg.teacher.model} on labeled images")
+        teacher = train_stage(run, "teacher", cfg.teacher, cfg, splits, ctx, pseudo=None,
+                              seed=cfg.seed, progress=progress)
+        stages = [teacher]
+        for i, student_cfg in enumerate(cfg.students, start=1):
+            banner(f"Iteration {i}: {teacher.metrics['model']} teaches {student_cfg.model}")
+            labels = label_stage(run, f"label-{i}", teacher, cfg, splits, ctx, progress)
+            selection = select_stage(run, f"select-{i}", labels, cfg, cfg.seed + i, ctx)
+            student = train_stage(run, f"student-{i}", student_cfg, cfg, splits, ctx,
+                                  pseudo=(labels, selection), seed=cfg.seed + 1000 * i, progress=progress)
+            if student.metrics["params"] < teacher.metrics["params"]:
+                log.warning(f"[student-{i}] is smaller than its teacher; the paper uses equal-or-larger students")
+            stages.append(student)
+            teacher = student
+
+        summary = {"run_dir": str(run.root), "config_fingerprint": cfg.fingerprint(),
+                   "seconds": time.time() - start, "stages": [s.metrics for s in stages],
+                   "result": stages[-1].metrics["name"]}
+        if ctx.is_main:
+            write_json_atomic(run.root / "summary.json", summary)
+            log.info("\n" + format_summary_table(summary))
+        if handler:
+            log.removeHandler(handler)
+            handler.close()
+        return summary
+    finally:
+        cleanup(ctx)
+
+
+def format_summary_table(summary: dict) -> str:
+    """The teacher and each student: model, val/test top-1, images used, time."""
+    head = f"{'stage':<11} {'model':<24} {'val top-1':>9} {'test top-1':>10} {'labeled':>8} {'pseudo':>8} {'time':>8}"
+    lines = [head, "-" * len(head)]
+    for s in summary["stages"]:
+        lines.append(f"{s['name']:<11} {s['model']:<24} {s['val_top1']:>9.2f} {s['test_top1']:>10.2f} "
+                     f"{s['num_labeled']:>8} {s['num_pseudo']:>8} {s['seconds']:>7.1f}s")
+    return "\n".join(lines)
+
+
+def _attach_log_file(path: Path) -> logging.Handler:
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.addHandler(handler)
+    return handler

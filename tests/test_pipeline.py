@@ -1,0 +1,83 @@
+import json
+
+import pytest
+import torch
+
+import noisystudent.pipeline as pipeline
+from noisystudent.checkpoint import load_model
+from noisystudent.cli import main
+from noisystudent.config import load_config
+from noisystudent.errors import ConfigError
+from noisystudent.label import PseudoLabels
+
+SUMMARY_FIELDS = {"name", "model", "val_top1", "test_top1", "num_labeled", "num_pseudo", "seconds"}
+
+
+def test_end_to_end_writes_every_artifact(tmp_path, tiny_overrides):
+    run_dir = tmp_path / "run"
+    assert main(["run", "--out", str(run_dir), "--quiet", *sum([["--set", o] for o in tiny_overrides], [])]) == 0
+    summary = json.loads((run_dir / "summary.json").read_text())
+    names = [s["name"] for s in summary["stages"]]
+    assert names == ["teacher", "student-1", "student-2"]
+    assert summary["result"] == "student-2"
+    for s in summary["stages"]:
+        assert SUMMARY_FIELDS <= set(s)
+        assert 0 <= s["test_top1"] <= 100 and 0 <= s["val_top1"] <= 100
+    assert summary["stages"][0]["num_pseudo"] == 0
+    assert summary["stages"][1]["num_pseudo"] > 0
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert set(manifest["stages"]) == {"teacher", "label-1", "select-1", "student-1", "label-2", "select-2",
+                                       "student-2"}
+    for f in ("config.yaml", "data.json", "run.log"):
+        assert (run_dir / f).is_file()
+    for stage in ("teacher", "student-1", "student-2"):
+        model, meta = load_model(run_dir / stage / "model.pt")
+        assert meta["num_classes"] == 10 and meta["in_chans"] == 1
+        assert (run_dir / stage / "metrics.jsonl").read_text().strip()
+    labels = PseudoLabels.load(run_dir / "label-1" / "pseudo_labels.parquet")
+    assert len(labels) == 200 and labels.teacher == "teacher"
+    assert (run_dir / "select-1" / "selection.parquet").is_file()
+    sel = json.loads((run_dir / "select-1" / "selection.json").read_text())
+    assert sel["num_selected"] == summary["stages"][1]["num_pseudo"]
+    assert not list(run_dir.glob(".partial-*"))
+    # the reported test top-1 is reproducible from the saved checkpoint alone
+    student, meta = load_model(run_dir / "student-2" / "model.pt")
+    assert meta["image_size"] == 16
+
+
+def test_resume_skips_finished_stages(tmp_path, tiny_overrides, monkeypatch):
+    cfg = load_config(None, tiny_overrides)
+    run_dir = tmp_path / "run"
+    real_train = pipeline.train_classifier
+    calls = []
+
+    def crash_on_second_student(*args, desc="", **kwargs):
+        calls.append(desc)
+        if desc == "student-2":
+            raise RuntimeError("simulated crash")
+        return real_train(*args, desc=desc, **kwargs)
+
+    monkeypatch.setattr(pipeline, "train_classifier", crash_on_second_student)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        pipeline.run_pipeline(cfg, run_dir, progress=False)
+    assert calls == ["teacher", "student-1", "student-2"]
+    assert not (run_dir / "student-2").exists() and not (run_dir / "summary.json").exists()
+    teacher_bytes = (run_dir / "teacher" / "model.pt").read_bytes()
+
+    calls.clear()
+    monkeypatch.setattr(pipeline, "train_classifier", lambda *a, desc="", **k: (calls.append(desc), real_train(*a, desc=desc, **k))[1])
+    summary = pipeline.run_pipeline(cfg, run_dir, resume=True, progress=False)
+    assert calls == ["student-2"]
+    assert (run_dir / "teacher" / "model.pt").read_bytes() == teacher_bytes
+    assert [s["name"] for s in summary["stages"]] == ["teacher", "student-1", "student-2"]
+
+
+def test_resume_refuses_another_config(tmp_path, tiny_overrides):
+    run_dir = tmp_path / "run"
+    pipeline.run_pipeline(load_config(None, tiny_overrides + ["students=[{model: ns_cnn_s}]"]), run_dir,
+                          progress=False)
+    other = load_config(None, tiny_overrides + ["seed=7", "students=[{model: ns_cnn_s}]"])
+    with pytest.raises(ConfigError, match="different config"):
+        pipeline.run_pipeline(other, run_dir, resume=True, progress=False)
+    with pytest.raises(ConfigError, match="already holds a run"):
+        pipeline.run_pipeline(other, run_dir, resume=False, progress=False)

@@ -90,6 +90,18 @@ class TrainConfig:
     label_smoothing: float = _opt(0.1, "Label smoothing on labeled images (paper: 0.1).", min=0, max=1)
     eval_every: int = _opt(1, "Evaluate on the validation split every N epochs; the best epoch is kept.",
                            min=1)
+    precision: str = _opt("auto", "auto (bf16 autocast on CUDA where supported, fp32 on CPU), fp32, "
+                          "bf16 (autocast, CPU or CUDA), fp16 (autocast + gradient scaler, CUDA).",
+                          choices=("auto", "fp32", "bf16", "fp16"))
+    channels_last: bool = _opt(False, "Use the channels_last memory format.")
+    compile: bool = _opt(False, "torch.compile the model.")
+    ema: bool = _opt(False, "Keep an exponential moving average of the weights (timm ModelEmaV3); it is "
+                     "evaluated and becomes the next teacher.")
+    ema_decay: float = _opt(0.9999, "EMA decay per step (paper: 0.9999).", min=0, max=1)
+    sync_bn: bool = _opt(False, "Synchronise BatchNorm statistics across processes.")
+    checkpoint_every: int = _opt(200, "Write a resumable training checkpoint every N steps (0: only at "
+                                 "the end).", min=0)
+    keep_checkpoints: int = _opt(2, "Resumable checkpoints kept per stage.", min=1)
 
 
 @dataclass
@@ -115,6 +127,22 @@ class StageConfig:
     dropout: float | None = _opt(None, "Override noise.dropout for this stage.", min=0, max=0.95)
     drop_path: float | None = _opt(None, "Override noise.drop_path for this stage.", min=0, max=0.95)
     lr: float | None = _opt(None, "Override train.lr for this stage.", min=0)
+    test_size: int | None = _opt(None, "Evaluation resolution (default: the training resolution); above "
+                                 "it, a fix-res fine-tune runs at the end of the chain.", min=4)
+    pretrained: str | None = _opt(None, "Initial weights: a timm pretrained tag (e.g. "
+                                  "tf_efficientnet_b0.ns_jft_in1k, needs internet) or a local "
+                                  ".pt/.pth/.safetensors file. For the teacher, training starts from it.")
+
+
+@dataclass
+class FinetuneConfig:
+    enabled: bool | None = _opt(None, "Fix-res fine-tune of the last student at its test resolution on "
+                                "un-augmented labeled images (null: on when test_size > image_size).")
+    epochs: float = _opt(1.5, "Fine-tune epochs over the labeled images (paper: 1.5 on ImageNet).", min=0)
+    lr: float | None = _opt(None, "Fine-tune learning rate (null: train.lr / 10).", min=0)
+    frozen_blocks: int | None = _opt(None, "Shallow blocks kept frozen (null: the paper's recipe, all "
+                                     "but the last stage's blocks and the head).", min=0)
+    batch_size: int | None = _opt(None, "Fine-tune batch size (null: train.batch_size).", min=1)
 
 
 @dataclass
@@ -137,6 +165,7 @@ class Config:
                                 factory=StageConfig)
     students: list[StageConfig] = _opt(None, "The student chain; each student becomes the next teacher.",
                                        factory=lambda: [StageConfig()])
+    finetune: FinetuneConfig = _opt(None, "Fix-res fine-tune at the end of the chain.", factory=FinetuneConfig)
     evaluate: EvaluateConfig = _opt(None, "Final evaluation.", factory=EvaluateConfig)
 
     def to_dict(self) -> dict:

@@ -15,8 +15,11 @@ class FixedLogits(nn.Module):
 
 def _label(logits, **kw):
     ds = TensorDataset(torch.tensor(logits, dtype=torch.float32), torch.zeros(len(logits)))
-    return label_images(FixedLogits(), ds, [f"img{i}" for i in range(len(logits))], num_classes=len(logits[0]),
-                        teacher="t", device=torch.device("cpu"), progress=False, **kw)
+    labels, bad = label_images(FixedLogits(), ds, [f"img{i}" for i in range(len(logits))],
+                               num_classes=len(logits[0]), teacher="t", device=torch.device("cpu"),
+                               progress=False, **kw)
+    assert bad == []
+    return labels
 
 
 def test_soft_labels_are_softmax_with_temperature():
@@ -50,3 +53,28 @@ def test_parquet_round_trip(tmp_path):
     np.testing.assert_array_equal(back.topk_index, pl.topk_index)
     np.testing.assert_allclose(back.topk_prob, pl.topk_prob)
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_unreadable_unlabeled_images_are_skipped_and_listed(tmp_path):
+    from PIL import Image
+
+    from noisystudent.data import FileImageSet, TransformedSet
+    from noisystudent.transforms import eval_transform
+
+    paths = []
+    for i in range(4):
+        p = tmp_path / f"{i}.png"
+        Image.new("L", (8, 8), color=i * 60).save(p)
+        paths.append(p)
+    (tmp_path / "1.png").write_bytes(b"")  # zero bytes
+    (tmp_path / "3.png").write_bytes((tmp_path / "2.png").read_bytes()[:20])  # truncated
+    pool = FileImageSet(paths, None, mode="L")
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 3))
+    labels, bad = label_images(model, TransformedSet(pool, eval_transform(8, 1, (0.5,), (0.5,))),
+                               [str(p) for p in paths], num_classes=3, teacher="t",
+                               device=torch.device("cpu"), progress=False, batch_size=2)
+    assert bad == [str(paths[1]), str(paths[3])]
+    assert labels.keys == [str(paths[0]), str(paths[2])]
+    assert labels.image_index(np.array([0, 1])).tolist() == [0, 2]
+    labels.save(tmp_path / "p.parquet")
+    assert PseudoLabels.load(tmp_path / "p.parquet").image_index(np.array([1])).tolist() == [2]

@@ -49,6 +49,15 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def one_line(error: Exception) -> str:
+    """The error's own message on one line. An error raised in a DataLoader worker arrives wrapped
+    in the worker's traceback text; its last line is the original message."""
+    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
+    text = lines[-1] if lines else type(error).__name__
+    prefix = f"{type(error).__module__}.{type(error).__name__}: "
+    return text[len(prefix):] if text.startswith(prefix) else text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="noisystudent",
@@ -91,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except NoisyStudentError as e:
-        print(f"noisystudent: error: {e}", file=sys.stderr)
+        print(f"noisystudent: error: {one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("noisystudent: interrupted", file=sys.stderr)

@@ -389,10 +389,36 @@ def build_splits(cfg: DataConfig, seed: int) -> DataSplits:
     if len(unlabeled) == 0:
         raise DataError("the unlabeled pool is empty: set data.labels_per_class or data.unlabeled_dir")
 
+    for split, name in ((labeled, "labeled"), (val, "validation"), (test, "test")):
+        check_readable(split, full=len(split) <= FULL_CHECK_LIMIT)
     channels = cfg.channels or (1 if train.mode == "L" else 3)
     mean, std = image_stats(labeled, channels)
     return DataSplits(labeled=labeled, unlabeled=unlabeled, val=val, test=test, classes=classes,
                       channels=channels, mean=mean, std=std)
+
+
+FULL_CHECK_LIMIT = 20000  # labeled sets up to this size are fully decoded before training starts
+
+
+def check_readable(images: ImageSet, full: bool) -> None:
+    """Fail early, naming the file, if a labeled image cannot be read: a fully decoded check for
+    small sets, a header check (zero-byte and non-image files) for large ones."""
+    if isinstance(images, SubsetImageSet):
+        base, positions = images.base, images.indices
+    else:
+        base, positions = images, np.arange(len(images))
+    if not isinstance(base, FileImageSet):
+        return  # in-memory arrays are valid by construction
+    for i in positions:
+        path = base.paths[int(i)]
+        if full:
+            read_image(path, base.mode)
+            continue
+        try:
+            with Image.open(path) as im:
+                im.size  # noqa: B018 - parses the header
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+            raise DataError(f"unreadable image {path}: {str(e).splitlines()[0]}") from None
 
 
 class ConcatImageSet(ImageSet):

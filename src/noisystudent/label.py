@@ -36,6 +36,12 @@ class PseudoLabels:
     teacher: str
     temperature: float
     hard: bool
+    indices: np.ndarray | None = None  # position of each row's image in the pool (None: row i is image i)
+
+    def image_index(self, rows: np.ndarray) -> np.ndarray:
+        """Pool positions of the images behind ``rows``."""
+        rows = np.asarray(rows, dtype=np.int64)
+        return rows if self.indices is None else self.indices[rows]
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -74,6 +80,7 @@ class PseudoLabels:
             "topk_prob": pa.FixedSizeListArray.from_arrays(pa.array(self.topk_prob.reshape(-1), pa.float32()), k),
             "confidence": pa.array(self.confidence, pa.float32()),
             "predicted": pa.array(self.predicted, pa.int32()),
+            "index": pa.array(np.arange(len(self)) if self.indices is None else self.indices, pa.int64()),
         })
         meta = {"num_classes": self.num_classes, "teacher": self.teacher,
                 "temperature": self.temperature, "hard": self.hard}
@@ -93,31 +100,78 @@ class PseudoLabels:
         n = table.num_rows
         idx = table.column("topk_class").combine_chunks().flatten().to_numpy().reshape(n, k)
         prob = table.column("topk_prob").combine_chunks().flatten().to_numpy().reshape(n, k)
+        indices = table.column("index").to_numpy() if "index" in table.column_names else None
         return cls(keys=table.column("key").to_pylist(), topk_index=idx.astype(np.int32),
                    topk_prob=prob.astype(np.float32), num_classes=int(meta["num_classes"]),
-                   teacher=meta["teacher"], temperature=float(meta["temperature"]), hard=bool(meta["hard"]))
+                   teacher=meta["teacher"], temperature=float(meta["temperature"]), hard=bool(meta["hard"]),
+                   indices=indices)
+
+
+class SkipUnreadable(Dataset):
+    """Yields ``(image, position)``; an unreadable image yields a blank and ``-1 - position``,
+    so one bad file in a huge unlabeled pool is skipped and listed instead of stopping the run."""
+
+    def __init__(self, images: Dataset, blank: torch.Tensor):
+        self.images, self.blank = images, blank
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int):
+        try:
+            return self.images[i][0], i
+        except DataError:
+            return self.blank, -1 - i
 
 
 @torch.inference_mode()
 def predict_topk(model: nn.Module, loader, device: torch.device, temperature: float, top_k: int,
-                 desc: str = "label", progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """Run ``model`` in eval mode (no noise) over ``loader``; top-k softmax(logits / T)."""
+                 desc: str = "label", progress: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Run ``model`` in eval mode (no noise) over ``loader`` of ``(x, position)`` batches; returns
+    the positions of readable images and their top-k of softmax(logits / T)."""
     model.eval()
-    idx_parts, prob_parts = [], []
-    for x, _ in progress_bar(loader, desc=desc, unit="batch", enabled=progress):
-        logits = model(x.to(device, non_blocking=True)).float()
+    pos_parts, idx_parts, prob_parts = [], [], []
+    for x, pos in progress_bar(loader, desc=desc, unit="batch", enabled=progress):
+        ok = pos >= 0
+        pos_parts.append(pos.numpy())
+        if not ok.any():
+            continue
+        logits = model(x[ok].to(device, non_blocking=True)).float()
         probs = torch.softmax(logits / temperature, dim=1)
         p, i = probs.topk(min(top_k, probs.shape[1]), dim=1)
         idx_parts.append(i.to(torch.int32).cpu().numpy())
         prob_parts.append(p.cpu().numpy())
-    return np.concatenate(idx_parts), np.concatenate(prob_parts)
+    pos = np.concatenate(pos_parts)
+    k = min(top_k, getattr(model, "num_classes", top_k) or top_k)
+    idx = np.concatenate(idx_parts) if idx_parts else np.zeros((0, k), np.int32)
+    prob = np.concatenate(prob_parts) if prob_parts else np.zeros((0, k), np.float32)
+    return pos, idx, prob
+
+
+def _blank_like_first_readable(images: Dataset) -> torch.Tensor:
+    for i in range(len(images)):
+        try:
+            return torch.zeros_like(images[i][0])
+        except DataError:
+            continue
+    raise DataError("no readable image in the unlabeled pool")
 
 
 def label_images(model: nn.Module, images: Dataset, keys: list[str], *, num_classes: int, teacher: str,
                  device: torch.device, temperature: float = 1.0, hard: bool = False, top_k: int = 10,
-                 batch_size: int = 256, num_workers: int = 0, progress: bool = True) -> PseudoLabels:
-    """Label ``images`` (a dataset of clean, normalised tensors) with the teacher."""
-    loader = DataLoader(images, batch_size=batch_size, shuffle=False, num_workers=num_workers)
-    idx, prob = predict_topk(model, loader, device, temperature, top_k, progress=progress)
-    return PseudoLabels(keys=list(keys), topk_index=idx, topk_prob=prob, num_classes=num_classes,
-                        teacher=teacher, temperature=temperature, hard=hard)
+                 batch_size: int = 256, num_workers: int = 0,
+                 progress: bool = True) -> tuple[PseudoLabels, list[str]]:
+    """Label ``images`` (a dataset of clean, normalised ``(tensor, _)`` items) with the teacher.
+
+    Returns the pseudo labels of the readable images and the keys of the unreadable ones.
+    """
+    blank = _blank_like_first_readable(images)
+    loader = DataLoader(SkipUnreadable(images, blank), batch_size=batch_size, shuffle=False,
+                        num_workers=num_workers)
+    pos, idx, prob = predict_topk(model, loader, device, temperature, top_k, progress=progress)
+    good = pos[pos >= 0]
+    bad = [keys[-1 - p] for p in pos[pos < 0]]
+    labels = PseudoLabels(keys=[keys[i] for i in good], topk_index=idx, topk_prob=prob,
+                          num_classes=num_classes, teacher=teacher, temperature=temperature, hard=hard,
+                          indices=None if len(good) == len(keys) else good.astype(np.int64))
+    return labels, bad

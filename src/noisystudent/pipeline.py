@@ -63,9 +63,9 @@ class PseudoLabeledSet(Dataset):
         return len(self.rows)
 
     def __getitem__(self, i: int):
-        row = int(self.rows[i])
-        target = torch.from_numpy(self.labels.soft_targets(np.array([row]))[0])
-        return self.transform(self.images.load(row)), target
+        row = np.array([self.rows[i]])
+        target = torch.from_numpy(self.labels.soft_targets(row)[0])
+        return self.transform(self.images.load(int(self.labels.image_index(row)[0]))), target
 
 
 @dataclass
@@ -150,13 +150,27 @@ def label_stage(run: RunDir, name: str, teacher: StageResult, cfg: Config, split
                  f"({'hard' if cfg.pseudo.hard else f'soft, T={cfg.pseudo.temperature}'})")
         with run.stage(name, enabled=ctx.is_main) as out:
             if ctx.is_main:
-                labels = label_images(model, pool, [splits.unlabeled.key(i) for i in range(len(pool))],
-                                      num_classes=splits.num_classes, teacher=teacher.metrics["name"],
-                                      device=ctx.device, temperature=cfg.pseudo.temperature,
-                                      hard=cfg.pseudo.hard, top_k=cfg.pseudo.top_k,
-                                      batch_size=cfg.pseudo.batch_size, num_workers=cfg.data.num_workers,
-                                      progress=progress)
+                labels, bad = label_images(
+                    model, pool, [splits.unlabeled.key(i) for i in range(len(pool))],
+                    num_classes=splits.num_classes, teacher=teacher.metrics["name"], device=ctx.device,
+                    temperature=cfg.pseudo.temperature, hard=cfg.pseudo.hard, top_k=cfg.pseudo.top_k,
+                    batch_size=cfg.pseudo.batch_size, num_workers=cfg.data.num_workers, progress=progress)
                 labels.save(out / path.name)
+                if bad:
+                    log.warning(f"[{name}] skipped {len(bad)} unreadable unlabeled image(s); "
+                                f"listed in {run.path(name) / 'bad_images.txt'}")
+                (out / "bad_images.txt").write_text("".join(k + "\n" for k in bad))
+                # The same teacher on the labeled validation split: a probe of pseudo-label accuracy
+                # against confidence (the report's reliability diagram).
+                probe, _ = label_images(model, TransformedSet(splits.val, clean),
+                                        [splits.val.key(i) for i in range(len(splits.val))],
+                                        num_classes=splits.num_classes, teacher=teacher.metrics["name"],
+                                        device=ctx.device, temperature=cfg.pseudo.temperature, top_k=1,
+                                        batch_size=cfg.pseudo.batch_size, progress=False)
+                pq.write_table(pa.table({"confidence": pa.array(probe.confidence, pa.float32()),
+                                         "predicted": pa.array(probe.predicted, pa.int32()),
+                                         "target": pa.array(splits.val.targets, pa.int32())}),
+                               out / "probe.parquet")
         barrier(ctx)
     return PseudoLabels.load(path)
 

@@ -1,0 +1,122 @@
+import gzip
+import struct
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from noisystudent.cli import main
+from noisystudent.config import DataConfig
+from noisystudent.data import build_splits, convert_image, load_fashion_mnist, read_idx
+from noisystudent.errors import DataError
+
+
+def make_folder(root, classes=("cat", "dog"), n=12, size=12, mode="RGB"):
+    for c_idx, c in enumerate(classes):
+        (root / c).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            color = (c_idx * 100 + i * 5) % 256
+            Image.new(mode, (size, size), color=color if mode == "L" else (color, 50, 200 - color)).save(
+                root / c / f"{i}.png")
+    return root
+
+
+def folder_cfg(tmp_path, **kw):
+    base = dict(source="image-folder", train_dir=str(tmp_path / "train"), test_dir=str(tmp_path / "test"),
+                unlabeled_dir=str(tmp_path / "pool"), labels_per_class=None, val_per_class=2, image_size=12)
+    base.update(kw)
+    return DataConfig(**base)
+
+
+@pytest.fixture
+def folders(tmp_path):
+    make_folder(tmp_path / "train")
+    make_folder(tmp_path / "test", n=3)
+    make_folder(tmp_path / "pool" / "deep" / "er", classes=("x",), n=5)
+    return tmp_path
+
+
+def test_digits_splits_are_disjoint_and_sized():
+    s = build_splits(DataConfig(labels_per_class=5, val_per_class=10, test_per_class=40), seed=0)
+    assert len(s.labeled) == 50 and len(s.val) == 100 and len(s.test) == 400
+    assert len(s.labeled) + len(s.val) + len(s.test) + len(s.unlabeled) == 1797
+    sets = [set(x.indices.tolist()) for x in (s.labeled, s.val, s.test)]
+    pool = set(s.unlabeled.base.indices[s.unlabeled.indices].tolist())
+    assert all(a.isdisjoint(b) for i, a in enumerate(sets + [pool]) for b in (sets + [pool])[i + 1:])
+    assert s.labeled.targets.tolist().count(3) == 5
+    assert s.unlabeled.targets is None
+
+
+def test_image_folder_splits(folders):
+    s = build_splits(folder_cfg(folders), seed=0)
+    assert s.classes == ["cat", "dog"] and s.channels == 3
+    assert len(s.labeled) == 20 and len(s.val) == 4 and len(s.test) == 6 and len(s.unlabeled) == 5
+
+
+def test_fashion_mnist_idx_reader(tmp_path):
+    imgs = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    path = tmp_path / "x-idx3-ubyte.gz"
+    with gzip.open(path, "wb") as f:
+        f.write(struct.pack(">HBB", 0, 8, 3) + struct.pack(">III", 2, 3, 4) + imgs.tobytes())
+    assert np.array_equal(read_idx(path), imgs)
+    (tmp_path / "bad-idx1-ubyte").write_bytes(b"\x01\x02")
+    with pytest.raises(DataError, match="bad-idx1-ubyte"):
+        read_idx(tmp_path / "bad-idx1-ubyte")
+    with pytest.raises(DataError, match="Fashion-MNIST IDX files not found in"):
+        load_fashion_mnist(str(tmp_path / "nowhere"), download=False)
+
+
+@pytest.mark.parametrize("mode", ["CMYK", "I;16", "RGBA", "P", "L", "LA", "1"])
+def test_any_image_mode_converts(mode):
+    img = Image.new(mode, (5, 5))
+    assert convert_image(img, "RGB").mode == "RGB"
+    assert convert_image(img, "L").mode == "L"
+
+
+def test_sixteen_bit_grayscale_is_scaled_not_clipped():
+    arr = np.full((4, 4), 65535 // 2, dtype=np.uint16)
+    out = np.asarray(convert_image(Image.fromarray(arr), "L"))
+    assert 120 <= out.mean() <= 135
+
+
+def _run_cli(tmp_path, cfg_lines, capsys):
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(cfg_lines)
+    out = tmp_path / "run"
+    code = main(["run", str(cfg), "--out", str(out), "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    return code, err, out
+
+
+def _folder_yaml(tmp_path, **over):
+    d = dict(train_dir=tmp_path / "train", test_dir=tmp_path / "test", unlabeled_dir=tmp_path / "pool")
+    d.update(over)
+    lines = "\n".join(f"  {k}: {v}" for k, v in d.items())
+    return f"data:\n  source: image-folder\n  labels_per_class: null\n  val_per_class: 2\n  image_size: 12\n{lines}\n"
+
+
+@pytest.mark.parametrize("breakage,expected", [
+    (lambda r: __import__("shutil").rmtree(r / "train"), "train folder not found: {r}/train"),
+    (lambda r: [p.unlink() for p in (r / "train" / "dog").iterdir()], "train class folder {r}/train/dog contains no images"),
+    (lambda r: (r / "train" / "cat" / "0.png").write_bytes(b""), "unreadable image {r}/train/cat/0.png: empty file"),
+    (lambda r: (r / "train" / "cat" / "1.png").write_text("not an image"), "unreadable image {r}/train/cat/1.png"),
+    (lambda r: (r / "test" / "dog").rename(r / "test" / "wolf"), "test folder {r}/test has classes ['cat', 'wolf']"),
+    (lambda r: __import__("shutil").rmtree(r / "train" / "dog"), "has only one class (cat)"),
+    (lambda r: [p.unlink() for p in (r / "pool").rglob("*.png")], "unlabeled folder {r}/pool contains no images"),
+])
+def test_bad_folders_fail_in_one_line_with_nothing_left(folders, capsys, breakage, expected):
+    breakage(folders)
+    code, err, out = _run_cli(folders, _folder_yaml(folders), capsys)
+    assert code == 2
+    assert len(err) == 1 and err[0].startswith("noisystudent: error: ")
+    assert expected.format(r=folders) in err[0]
+    assert not (out / "summary.json").exists()
+    assert not [p for p in out.glob("*") if p.is_dir()] if out.exists() else True
+
+
+def test_truncated_labeled_image_names_the_file(folders, capsys):
+    good = (folders / "train" / "cat" / "2.png").read_bytes()
+    (folders / "train" / "cat" / "2.png").write_bytes(good[: len(good) // 2])
+    code, err, _ = _run_cli(folders, _folder_yaml(folders), capsys)
+    assert code == 2 and len(err) == 1
+    assert f"{folders}/train/cat/2.png" in err[0]

@@ -23,7 +23,6 @@ def test_unknown_key_names_the_dotted_key_and_suggests():
     ({"train": {"epochs": "ten"}}, r"'train\.epochs' must be a number"),
     ({"data": {"source": "mnist"}}, r"'data\.source' must be one of"),
     ({"students": [{"model": "ns_cnn_s", "dropot": 0.1}]}, r"unknown config key 'students\[0\]\.dropot'"),
-    ({"students": []}, r"'students' must list at least one student"),
     ({"evaluate": {"suites": ["clean", "bogus"]}}, r"unknown suite 'bogus'"),
 ])
 def test_bad_values_are_rejected_with_the_key(raw, msg):

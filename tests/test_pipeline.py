@@ -27,7 +27,12 @@ def test_end_to_end_writes_every_artifact(tmp_path, tiny_overrides):
     assert summary["stages"][1]["num_pseudo"] > 0
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert set(manifest["stages"]) == {"teacher", "label-1", "select-1", "student-1", "label-2", "select-2",
-                                       "student-2"}
+                                       "student-2", "evaluate"}
+    robustness = json.loads((run_dir / "evaluate" / "robustness.json").read_text())
+    assert set(robustness) == {"teacher", "student-2"}
+    assert robustness["student-2"]["clean"]["top1"] == pytest.approx(summary["stages"][-1]["test_top1"])
+    assert (run_dir / "label-1" / "probe.parquet").is_file()
+    assert (run_dir / "label-1" / "bad_images.txt").read_text() == ""
     for f in ("config.yaml", "data.json", "run.log"):
         assert (run_dir / f).is_file()
     for stage in ("teacher", "student-1", "student-2"):

@@ -38,6 +38,56 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    import json
+
+    from .data import build_splits
+    from .distributed import select_device
+    from .evaluate import evaluate_checkpoints
+    from .rundir import RunDir
+
+    target = Path(args.target)
+    overrides = list(args.set)
+    if args.suite:
+        overrides.append(f"evaluate.suites=[{args.suite}]")
+    if args.max_images:
+        overrides.append(f"evaluate.max_images={args.max_images}")
+    if target.is_dir():
+        summary_path = target / "summary.json"
+        if not summary_path.is_file():
+            raise NoisyStudentError(f"{target} is not a finished run directory (no summary.json)")
+        stages = json.loads(summary_path.read_text())["stages"]
+        checkpoints = {s["name"]: target / s["name"] / "model.pt" for s in (stages[0], stages[-1])}
+        cfg = load_config(args.config or target / "config.yaml", overrides)
+        out = Path(args.out) if args.out else None
+    elif target.is_file():
+        checkpoints = {target.stem: target}
+        cfg = load_config(args.config, overrides)
+        out = Path(args.out) if args.out else target.parent / f"evaluate-{target.stem}"
+    else:
+        raise NoisyStudentError(f"evaluate: {target} is neither a run directory nor a checkpoint file")
+    splits = build_splits(cfg.data, cfg.seed, require_unlabeled=False)
+    device = select_device(cfg.device)
+    kwargs = dict(channels=splits.channels, device=device, seed=cfg.seed, progress=not args.quiet)
+    if out is None:  # into the run directory, as its "evaluate" stage
+        with RunDir(target).stage("evaluate") as scratch:
+            results = evaluate_checkpoints(checkpoints, splits.test, cfg.evaluate, out_dir=scratch, **kwargs)
+        out = target / "evaluate"
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        results = evaluate_checkpoints(checkpoints, splits.test, cfg.evaluate, out_dir=out, **kwargs)
+    for name, res in results.items():
+        clean = res.get("clean", {})
+        line = f"{name:<12} clean top-1 {clean.get('top1', float('nan')):6.2f}"
+        if "corruptions" in res:
+            line += f"  corruption error {res['corruptions']['mean_error']:6.2f}"
+        if "fgsm" in res:
+            line += "  fgsm top-1 " + " ".join(f"{e:g}:{a:.1f}" for e, a in zip(res["fgsm"]["eps"], res["fgsm"]["top1"]))
+        print(line)
+    print(f"results: {out / 'robustness.json'}")
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     if args.markdown:
         print(config_reference_markdown())
@@ -83,6 +133,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars or stage logs")
     p.set_defaults(func=cmd_run)
 
+    p = sub.add_parser("evaluate", help="robustness suites on a run's teacher and final student, or a checkpoint",
+                       description="Clean top-1/top-5, ImageNet-C style corruptions (mCE), ImageNet-P style "
+                                   "perturbations (flip rate, mT5D), natural adversarial images, FGSM and PGD, "
+                                   "on the test split. Results go to RUN_DIR/evaluate/robustness.json with plots.")
+    p.add_argument("target", metavar="CHECKPOINT_OR_RUN_DIR")
+    p.add_argument("--config", help="config whose data to use (default: the run's config.yaml, or digits)")
+    p.add_argument("--data", dest="config", help=argparse.SUPPRESS)
+    p.add_argument("--suite", help="comma-separated: clean,corruptions,perturbations,natural-adversarial,fgsm,pgd")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    p.add_argument("--max-images", type=int, help="evaluate at most this many test images")
+    p.add_argument("--out", help="output folder (default: RUN_DIR/evaluate, or next to the checkpoint)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_evaluate)
+
     p = sub.add_parser("config", help="print the resolved config, or the configuration reference",
                        description="Print the config after defaults and overrides, as YAML; with "
                                    "--markdown, the reference of every key (docs/configuration.md).")
@@ -95,8 +159,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     quiet = getattr(args, "quiet", False)
-    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s",
-                        stream=sys.stderr)
+    console = logging.StreamHandler(sys.stderr)
+    console.setLevel(logging.WARNING if quiet else logging.INFO)
+    console.setFormatter(logging.Formatter("%(message)s"))
+    logger = logging.getLogger("noisystudent")
+    logger.setLevel(logging.INFO)  # the run's log file gets everything; the console may not
+    logger.addHandler(console)
     try:
         return args.func(args)
     except NoisyStudentError as e:
@@ -105,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("noisystudent: interrupted", file=sys.stderr)
         return 130
+    finally:
+        logger.removeHandler(console)
 
 
 if __name__ == "__main__":

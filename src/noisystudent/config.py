@@ -151,6 +151,17 @@ class EvaluateConfig:
                              "(clean, corruptions, perturbations, fgsm, pgd).",
                              factory=lambda: ["clean"])
     max_images: int | None = _opt(None, "Evaluate robustness on at most this many test images.", min=1)
+    severities: list[int] = _opt(None, "Corruption severities.", factory=lambda: [1, 2, 3, 4, 5])
+    fgsm_eps: list[float] = _opt(None, "FGSM / PGD sizes in 0-255 pixel units (paper: 0, 2, 4, 8, 16).",
+                                 factory=lambda: [0.0, 2.0, 4.0, 8.0, 16.0])
+    pgd_steps: int = _opt(10, "PGD iterations (paper: 10).", min=1)
+    normalizer: str | None = _opt(None, "alexnet: report CE / mCE / FR normalised by AlexNet (ImageNet "
+                                  "models only); null: raw errors and flip probabilities.",
+                                  choices=(None, "alexnet"))
+    natural_adversarial_dir: str | None = _opt(None, "Folder for the natural-adversarial suite: "
+                                               "ImageNet-A (WordNet-id folders) or a labeled folder of "
+                                               "hard images.")
+    batch_size: int = _opt(256, "Evaluation batch size.", min=1)
 
 
 @dataclass
@@ -163,7 +174,8 @@ class Config:
     pseudo: PseudoLabelConfig = _opt(None, "Pseudo labeling and selection.", factory=PseudoLabelConfig)
     teacher: StageConfig = _opt(None, "The first teacher, trained on labeled images only.",
                                 factory=StageConfig)
-    students: list[StageConfig] = _opt(None, "The student chain; each student becomes the next teacher.",
+    students: list[StageConfig] = _opt(None, "The student chain; each student becomes the next teacher "
+                                       "(empty: train the supervised teacher only).",
                                        factory=lambda: [StageConfig()])
     finetune: FinetuneConfig = _opt(None, "Fix-res fine-tune at the end of the chain.", factory=FinetuneConfig)
     evaluate: EvaluateConfig = _opt(None, "Final evaluation.", factory=EvaluateConfig)
@@ -265,8 +277,6 @@ def config_from_dict(raw: dict) -> Config:
 
 
 def _check_consistency(cfg: Config) -> None:
-    if not cfg.students:
-        raise ConfigError("config key 'students' must list at least one student")
     if cfg.data.source == "torchvision" and not cfg.data.name:
         raise ConfigError("config key 'data.name' is required when data.source is torchvision")
     if cfg.data.source == "image-folder" and not cfg.data.train_dir:

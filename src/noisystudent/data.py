@@ -313,7 +313,7 @@ def split_per_class(targets: np.ndarray, per_class: int, rng: np.random.Generato
     return picked, rest
 
 
-def build_splits(cfg: DataConfig, seed: int) -> DataSplits:
+def build_splits(cfg: DataConfig, seed: int, require_unlabeled: bool = True) -> DataSplits:
     """Build labeled / unlabeled / val / test splits for the configured source.
 
     The validation split is held out of the labeled training images (never the test split);
@@ -386,7 +386,7 @@ def build_splits(cfg: DataConfig, seed: int) -> DataSplits:
     if cfg.max_unlabeled is not None and len(unlabeled) > cfg.max_unlabeled:
         keep = np.sort(rng.choice(len(unlabeled), size=cfg.max_unlabeled, replace=False))
         unlabeled = SubsetImageSet(unlabeled, keep, drop_targets=True)
-    if len(unlabeled) == 0:
+    if len(unlabeled) == 0 and require_unlabeled:
         raise DataError("the unlabeled pool is empty: set data.labels_per_class or data.unlabeled_dir")
 
     for split, name in ((labeled, "labeled"), (val, "validation"), (test, "test")):

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from .checkpoint import load_model
+from .config import EvaluateConfig
+from .data import ImageSet, TransformedSet
 from .distributed import DistContext, all_reduce_sum, shard_indices
 from .progress import progress_bar
+from .robustness import evaluate_robustness, plot_robustness
+from .rundir import write_json_atomic
+from .transforms import pixel_transform
 
 
 @torch.inference_mode()
@@ -31,3 +39,26 @@ def evaluate_classifier(model: nn.Module, dataset: Dataset, device: torch.device
     counts = all_reduce_sum(counts, ctx)
     n = max(1.0, counts[2].item())
     return {"top1": 100.0 * counts[0].item() / n, "top5": 100.0 * counts[1].item() / n, "n": int(counts[2].item())}
+
+
+def evaluate_checkpoints(checkpoints: dict[str, Path], images: ImageSet, cfg: EvaluateConfig, *, channels: int,
+                         device: torch.device, out_dir: Path, seed: int = 0, progress: bool = True) -> dict:
+    """Run the configured robustness suites on each checkpoint (e.g. teacher and final student),
+    side by side; writes ``robustness.json`` and plots into ``out_dir``. ``images`` is an
+    :class:`~noisystudent.data.ImageSet` with targets (usually the test split)."""
+    results = {}
+    for name, path in checkpoints.items():
+        model, meta = load_model(path)
+        size = meta.get("test_size") or meta["image_size"]
+        dataset = TransformedSet(images, pixel_transform(size, channels))
+        results[name] = evaluate_robustness(
+            model.to(device), dataset, suites=cfg.suites, mean=meta["mean"], std=meta["std"], device=device,
+            batch_size=cfg.batch_size, fgsm_eps=cfg.fgsm_eps, pgd_steps=cfg.pgd_steps,
+            severities=cfg.severities, max_images=cfg.max_images, seed=seed, progress=progress,
+            normalizer=cfg.normalizer, natural_adversarial_root=cfg.natural_adversarial_dir,
+            class_names=meta.get("classes"))
+        results[name]["checkpoint"] = str(path)
+    out_dir = Path(out_dir)
+    write_json_atomic(out_dir / "robustness.json", results)
+    plot_robustness(results, out_dir)
+    return results

@@ -29,12 +29,12 @@ from .checkpoint import load_model, save_model
 from .config import Config, StageConfig
 from .data import DataSplits, ImageSet, TransformedSet, build_splits
 from .distributed import DistContext, barrier, cleanup, init_distributed
-from .evaluate import evaluate_classifier
+from .evaluate import evaluate_checkpoints, evaluate_classifier
 from .label import PseudoLabels, label_images
 from .models import count_parameters, create_model
 from .rundir import RunDir, write_json_atomic
 from .select import Selection, select_pseudo_labels
-from .train import train_classifier
+from .train import TrainOutcome, train_classifier
 from .transforms import eval_transform, train_transform
 
 log = logging.getLogger("noisystudent")
@@ -113,10 +113,15 @@ def train_stage(run: RunDir, name: str, stage: StageConfig, cfg: Config, splits:
                 metrics_file.write(json.dumps(record) + "\n")
                 metrics_file.flush()
 
-        outcome = train_classifier(model, labeled, val, cfg.train, num_classes=splits.num_classes,
-                                   epochs=cfg.stage_epochs(stage), lr=stage.lr or cfg.train.lr, ctx=ctx,
-                                   pseudo=pseudo_set, seed=seed, num_workers=cfg.data.num_workers,
-                                   progress=progress, desc=name, on_epoch=on_epoch)
+        if cfg.stage_epochs(stage) > 0:
+            outcome = train_classifier(model, labeled, val, cfg.train, num_classes=splits.num_classes,
+                                       epochs=cfg.stage_epochs(stage), lr=stage.lr or cfg.train.lr, ctx=ctx,
+                                       pseudo=pseudo_set, seed=seed, num_workers=cfg.data.num_workers,
+                                       progress=progress, desc=name, on_epoch=on_epoch)
+        else:  # epochs 0: use the (pretrained) model as it is, e.g. a teacher trained elsewhere
+            model.to(ctx.device)
+            outcome = TrainOutcome(state_dict=model.state_dict(), best_epoch=0, best_val_top1=float("nan"),
+                                   epochs=0, steps=0, images_seen=0, seconds=0.0)
         if metrics_file:
             metrics_file.close()
         val_m = evaluate_classifier(model, val, ctx.device, ctx=ctx)
@@ -200,6 +205,35 @@ def select_stage(run: RunDir, name: str, labels: PseudoLabels, cfg: Config, seed
     return sel
 
 
+def evaluate_stage(run: RunDir, name: str, stages: list[StageResult], cfg: Config, splits: DataSplits,
+                   ctx: DistContext, progress: bool) -> dict:
+    """The configured suites on the test split, first teacher and final model side by side."""
+    path = run.path(name) / "robustness.json"
+    if not run.is_done(name):
+        models = {stages[0].metrics["name"]: stages[0].checkpoint, stages[-1].metrics["name"]: stages[-1].checkpoint}
+        with run.stage(name, enabled=ctx.is_main) as out:
+            if ctx.is_main:
+                evaluate_checkpoints(models, splits.test, cfg.evaluate, channels=splits.channels,
+                                     device=ctx.device, out_dir=out, seed=cfg.seed, progress=progress)
+        barrier(ctx)
+    results = json.loads(path.read_text())
+    return {model: dict(kv for suite, res in r.items() for kv in _headlines(suite, res)) for model, r in results.items()}
+
+
+def _headlines(suite: str, res) -> list[tuple[str, float]]:
+    """A few numbers per suite for the summary (details stay in evaluate/robustness.json)."""
+    if not isinstance(res, dict):
+        return []
+    out = []
+    for key in ("top1", "top5", "mce", "relative_mce", "mean_error", "mfr", "mean_flip_prob", "mt5d"):
+        value = res.get(key)
+        if isinstance(value, (int, float)):
+            out.append((f"{suite}.{key}", float(value)))
+        elif isinstance(value, list) and value and "eps" in res:  # attacks: accuracy per eps
+            out += [(f"{suite}.top1@eps{e:g}", float(v)) for e, v in zip(res["eps"], value)]
+    return out
+
+
 def run_pipeline(cfg: Config, run_dir: Path, *, resume: bool = False, progress: bool = True) -> dict:
     """Run (or resume) the whole Noisy Student loop; returns the summary written to summary.json."""
     ctx = init_distributed(cfg.device)
@@ -209,7 +243,7 @@ def run_pipeline(cfg: Config, run_dir: Path, *, resume: bool = False, progress: 
         handler = _attach_log_file(run.root / "run.log") if ctx.is_main else None
         start = time.time()
         banner(f"Data: {cfg.data.source}")
-        splits = build_splits(cfg.data, cfg.seed)
+        splits = build_splits(cfg.data, cfg.seed, require_unlabeled=bool(cfg.students))
         if ctx.is_main:
             write_json_atomic(run.root / "data.json", splits.describe())
         log.info(f"{len(splits.labeled)} labeled, {len(splits.unlabeled)} unlabeled, {len(splits.val)} val, "
@@ -231,9 +265,12 @@ def run_pipeline(cfg: Config, run_dir: Path, *, resume: bool = False, progress: 
             stages.append(student)
             teacher = student
 
+        banner(f"Evaluate: {', '.join(cfg.evaluate.suites)}")
+        robustness = evaluate_stage(run, "evaluate", stages, cfg, splits, ctx, progress)
+
         summary = {"run_dir": str(run.root), "config_fingerprint": cfg.fingerprint(),
                    "seconds": time.time() - start, "stages": [s.metrics for s in stages],
-                   "result": stages[-1].metrics["name"]}
+                   "result": stages[-1].metrics["name"], "robustness": robustness}
         if ctx.is_main:
             write_json_atomic(run.root / "summary.json", summary)
             log.info("\n" + format_summary_table(summary))
@@ -256,6 +293,8 @@ def format_summary_table(summary: dict) -> str:
 
 
 def _attach_log_file(path: Path) -> logging.Handler:
+    if log.getEffectiveLevel() > logging.INFO:
+        log.setLevel(logging.INFO)
     handler = logging.FileHandler(path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     log.addHandler(handler)

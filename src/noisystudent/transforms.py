@@ -37,15 +37,21 @@ def randaugment_spec(ops: int, magnitude: float) -> str:
     return f"rand-n{ops}-m{magnitude:g}-mmax{mmax:g}"
 
 
-def eval_transform(size: int, channels: int, mean: tuple, std: tuple) -> Callable:
-    """Un-augmented: resize (small images) or resize + centre crop (large images), normalise."""
+def pixel_transform(size: int, channels: int) -> Callable:
+    """Un-augmented pixels in [0, 1]: resize (small images) or resize + centre crop (large images).
+    Robustness suites corrupt and attack these before normalising."""
     steps: list = [ToMode(channels)]
     if size < SMALL_IMAGE:
         steps.append(T.Resize((size, size), antialias=True))
     else:
         steps += [T.Resize(int(round(size / CENTER_CROP_FRACTION)), antialias=True), T.CenterCrop(size)]
-    steps += [T.ToTensor(), T.Normalize(mean, std)]
+    steps.append(T.ToTensor())
     return T.Compose(steps)
+
+
+def eval_transform(size: int, channels: int, mean: tuple, std: tuple) -> Callable:
+    """Un-augmented and normalised: what the teacher labels and what evaluation sees."""
+    return T.Compose([pixel_transform(size, channels), T.Normalize(mean, std)])
 
 
 def train_transform(size: int, channels: int, mean: tuple, std: tuple, noise: NoiseConfig,

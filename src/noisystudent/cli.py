@@ -73,6 +73,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         with RunDir(target).stage("evaluate") as scratch:
             results = evaluate_checkpoints(checkpoints, splits.test, cfg.evaluate, out_dir=scratch, **kwargs)
         out = target / "evaluate"
+        from .report import build_report
+
+        print(f"report: {build_report(target)['html']}")
     else:
         out.mkdir(parents=True, exist_ok=True)
         results = evaluate_checkpoints(checkpoints, splits.test, cfg.evaluate, out_dir=out, **kwargs)
@@ -85,6 +88,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             line += "  fgsm top-1 " + " ".join(f"{e:g}:{a:.1f}" for e, a in zip(res["fgsm"]["eps"], res["fgsm"]["top1"]))
         print(line)
     print(f"results: {out / 'robustness.json'}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import build_report
+
+    paths = build_report(Path(args.run_dir))
+    print(f"report: {paths['html']}")
+    print(f"markdown: {paths['md']}")
     return 0
 
 
@@ -146,6 +158,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (default: RUN_DIR/evaluate, or next to the checkpoint)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("report", help="(re)build a run's HTML and Markdown report",
+                       description="Write RUN_DIR/report/report.html (one self-contained file, plots "
+                                   "embedded) and RUN_DIR/report/report.md (plots as PNG files beside it) "
+                                   "from the files in a run directory: finished, still running or crashed.")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("config", help="print the resolved config, or the configuration reference",
                        description="Print the config after defaults and overrides, as YAML; with "

@@ -274,12 +274,23 @@ def run_pipeline(cfg: Config, run_dir: Path, *, resume: bool = False, progress: 
         if ctx.is_main:
             write_json_atomic(run.root / "summary.json", summary)
             log.info("\n" + format_summary_table(summary))
+            _write_report(run.root)
         if handler:
             log.removeHandler(handler)
             handler.close()
         return summary
     finally:
         cleanup(ctx)
+
+
+def _write_report(run_dir: Path) -> None:
+    """The HTML + Markdown report; a failure is logged, never fails a finished run."""
+    from .report import build_report
+
+    try:
+        log.info(f"report: {build_report(run_dir)['html']}")
+    except Exception as e:  # noqa: BLE001 - the run's results are already safe on disk
+        log.warning(f"report not written ({type(e).__name__}: {e}); rebuild it with: noisystudent report {run_dir}")
 
 
 def format_summary_table(summary: dict) -> str:

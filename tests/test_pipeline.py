@@ -45,6 +45,7 @@ def test_end_to_end_writes_every_artifact(tmp_path, tiny_overrides):
     sel = json.loads((run_dir / "select-1" / "selection.json").read_text())
     assert sel["num_selected"] == summary["stages"][1]["num_pseudo"]
     assert not list(run_dir.glob(".partial-*"))
+    assert "student-2" in (run_dir / "report" / "report.html").read_text()
     # the reported test top-1 is reproducible from the saved checkpoint alone
     student, meta = load_model(run_dir / "student-2" / "model.pt")
     assert meta["image_size"] == 16

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 # Two cores: one intra-op thread per test process keeps runs predictable next to other work.
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+torch.set_num_threads(1)
 
 
 @pytest.fixture

@@ -100,6 +100,16 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_models(args: argparse.Namespace) -> int:
+    from .zoo import format_chain_presets, format_model_table
+
+    print(format_model_table())
+    print()
+    print("chain presets (config key `chain`):")
+    print(format_chain_presets())
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     if args.markdown:
         print(config_reference_markdown())
@@ -165,6 +175,13 @@ def build_parser() -> argparse.ArgumentParser:
                                    "from the files in a run directory: finished, still running or crashed.")
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("models", help="list the paper's model family and the chain presets",
+                       description="EfficientNet-B0..B7, L0, L1, L2 and the CPU nets: parameters and "
+                                   "multiply-adds (measured on the meta device), train and test "
+                                   "resolution, dropout and stochastic depth defaults, released Noisy "
+                                   "Student weights; then the chain presets.")
+    p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("config", help="print the resolved config, or the configuration reference",
                        description="Print the config after defaults and overrides, as YAML; with "

@@ -177,6 +177,11 @@ class Config:
     students: list[StageConfig] = _opt(None, "The student chain; each student becomes the next teacher "
                                        "(empty: train the supervised teacher only).",
                                        factory=lambda: [StageConfig()])
+    chain: str | None = _opt(None, "A preset chain that fills teacher and students (paper: B7 -> B7 -> L0 "
+                             "-> L1 -> L2 -> L2; cpu: ns_cnn_s -> ns_cnn_s -> ns_cnn_m -> ns_cnn_l at 16 px; "
+                             "cpu-fixres: the same at 20 px, the last tested at 28 px). The preset sets the "
+                             "number of students and each stage's model, image_size, test_size, dropout and "
+                             "drop_path; other keys written per stage (epochs, lr, pretrained) still apply.")
     finetune: FinetuneConfig = _opt(None, "Fix-res fine-tune at the end of the chain.", factory=FinetuneConfig)
     evaluate: EvaluateConfig = _opt(None, "Final evaluation.", factory=EvaluateConfig)
 
@@ -271,9 +276,33 @@ def config_from_dict(raw: dict) -> Config:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError("config must be a mapping of keys to values")
-    cfg = _build(Config, raw)
+    cfg = _build(Config, expand_chain(raw))
     _check_consistency(cfg)
     return cfg
+
+
+def expand_chain(raw: dict) -> dict:
+    """Apply the ``chain`` preset (noisystudent.zoo.chain_preset): it decides the model, image_size,
+    test_size, dropout and drop_path of the teacher and of every student, and the number of
+    students; other keys written under ``teacher`` / ``students[i]`` (epochs, lr, pretrained) stay."""
+    name = raw.get("chain")
+    if name is None:
+        return raw
+    if not isinstance(name, str):
+        raise ConfigError(f"config key 'chain' must be a string, got {name!r}")
+    from .zoo import chain_preset
+
+    try:
+        stages = chain_preset(name)
+    except ConfigError as e:
+        raise ConfigError(f"config key 'chain': {e}") from None
+    written = [raw.get("teacher") or {}] + list(raw.get("students") or [])
+    for i, w in enumerate(written):
+        if not isinstance(w, dict):
+            key = "teacher" if i == 0 else f"students[{i - 1}]"
+            raise ConfigError(f"config key '{key}' must be a mapping, got {w!r}")
+    merged = [{**(written[i] if i < len(written) else {}), **stage} for i, stage in enumerate(stages)]
+    return {**raw, "teacher": merged[0], "students": merged[1:]}
 
 
 def _check_consistency(cfg: Config) -> None:

@@ -1,20 +1,43 @@
-"""Model factory: any timm model by name, plus small residual CNNs for tiny images on a CPU.
+"""Model factory: any timm model by name, the paper's EfficientNet-L0/L1, and small residual CNNs
+for tiny images on a CPU.
 
-The small nets are registered with timm (``ns_cnn_s``, ``ns_cnn_m``, ``ns_cnn_l``), so every model
-is built by ``timm.create_model`` with the same noise arguments: ``drop_rate`` is dropout before
-the classifier and ``drop_path_rate`` is stochastic depth at the last block, decaying linearly
-to zero at the first (the paper's survival schedule).
+Our models are registered with timm (``efficientnet_l0``, ``efficientnet_l1``, ``ns_cnn_s``,
+``ns_cnn_m``, ``ns_cnn_l``), so every model is built by ``timm.create_model`` with the same noise
+arguments: ``drop_rate`` is dropout before the classifier and ``drop_path_rate`` is stochastic
+depth at the last block, decaying linearly to zero at the first (the paper's survival schedule).
+
+EfficientNet-L0 and L1 exist only in the Noisy Student paper (Table: width 2.8 / 3.9, depth 3.7);
+they are built with timm's own EfficientNet generator (``_gen_efficientnet``) from those
+multipliers, exactly as timm builds B0-B8 and L2, so their layers (and weight names) are timm's.
 """
 
 from __future__ import annotations
 
+import re
+
 import timm
 import torch
 import torch.nn as nn
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath
-from timm.models import register_model
+from timm.models import generate_default_cfgs, register_model
+from timm.models.efficientnet import _gen_efficientnet
 
 from .errors import ConfigError
+
+# Pretrained-config entries for our registered models (no weights: ``url`` is empty). timm's
+# ``register_model`` reads this module-level ``default_cfgs`` when the entrypoints below register.
+# Resolutions are the paper's: train at ``input_size``, test at ``test_input_size``.
+default_cfgs = generate_default_cfgs({
+    "efficientnet_l0.untrained": dict(
+        url="", num_classes=1000, input_size=(3, 380, 380), test_input_size=(3, 600, 600),
+        pool_size=(12, 12), crop_pct=0.934, interpolation="bicubic", mean=IMAGENET_DEFAULT_MEAN,
+        std=IMAGENET_DEFAULT_STD, first_conv="conv_stem", classifier="classifier"),
+    "efficientnet_l1.untrained": dict(
+        url="", num_classes=1000, input_size=(3, 380, 380), test_input_size=(3, 600, 600),
+        pool_size=(12, 12), crop_pct=0.934, interpolation="bicubic", mean=IMAGENET_DEFAULT_MEAN,
+        std=IMAGENET_DEFAULT_STD, first_conv="conv_stem", classifier="classifier"),
+})
 
 
 class ResidualBlock(nn.Module):
@@ -45,6 +68,7 @@ class SmallResNet(nn.Module):
         super().__init__()
         self.num_classes = num_classes
         self.drop_rate = drop_rate
+        self.stage_depths = tuple(depths)  # blocks per stage, used by the fix-res freezing
         self.stem = nn.Sequential(nn.Conv2d(in_chans, widths[0], 3, 1, 1, bias=False),
                                   nn.BatchNorm2d(widths[0]), nn.ReLU(inplace=True))
         total = sum(depths)
@@ -88,7 +112,12 @@ def _small(name: str, pretrained: bool, kwargs: dict) -> SmallResNet:
         raise ConfigError(f"{name} has no pretrained weights")
     kwargs.pop("pretrained_cfg", None)
     kwargs.pop("pretrained_cfg_overlay", None)
-    return SmallResNet(**SMALL_NETS[name], **kwargs)
+    kwargs.pop("cache_dir", None)
+    net = SmallResNet(**SMALL_NETS[name], **kwargs)
+    # The keys timm models carry, so checkpoint tools treat both kinds alike.
+    net.pretrained_cfg = {"architecture": name, "first_conv": "stem.0", "classifier": "fc",
+                          "num_classes": net.num_classes}
+    return net
 
 
 @register_model
@@ -99,7 +128,7 @@ def ns_cnn_s(pretrained: bool = False, **kwargs) -> SmallResNet:
 
 @register_model
 def ns_cnn_m(pretrained: bool = False, **kwargs) -> SmallResNet:
-    """Medium residual CNN (~1.2M params), a larger student for ns_cnn_s."""
+    """Medium residual CNN (~1.5M params), a larger student for ns_cnn_s."""
     return _small("ns_cnn_m", pretrained, kwargs)
 
 
@@ -109,13 +138,59 @@ def ns_cnn_l(pretrained: bool = False, **kwargs) -> SmallResNet:
     return _small("ns_cnn_l", pretrained, kwargs)
 
 
+@register_model
+def efficientnet_l0(pretrained: bool = False, **kwargs) -> nn.Module:
+    """EfficientNet-L0 (Noisy Student paper): width 2.8, depth 3.7 of B0; ~140M params."""
+    return _gen_efficientnet("efficientnet_l0", channel_multiplier=2.8, depth_multiplier=3.7,
+                             pretrained=pretrained, **kwargs)
+
+
+@register_model
+def efficientnet_l1(pretrained: bool = False, **kwargs) -> nn.Module:
+    """EfficientNet-L1 (Noisy Student paper): width 3.9, depth 3.7 of B0; ~273M params."""
+    return _gen_efficientnet("efficientnet_l1", channel_multiplier=3.9, depth_multiplier=3.7,
+                             pretrained=pretrained, **kwargs)
+
+
+_ALIAS = re.compile(r"^(?:efficientnet[-_ ]?)?([bl])([0-9])$")
+
+
+def resolve_model_name(name: str) -> str:
+    """Paper-style names to registered ones: ``B7``, ``EfficientNet-L0``, ``efficientnet-l2`` ->
+    ``efficientnet_b7``, ``efficientnet_l0``, ``efficientnet_l2``. Other names pass unchanged."""
+    m = _ALIAS.match(name.strip().lower())
+    if m and not timm.is_model(name):
+        candidate = f"efficientnet_{m.group(1)}{m.group(2)}"
+        if timm.is_model(candidate):
+            return candidate
+    return name
+
+
+def model_architecture(model: nn.Module) -> str:
+    """The registered name a model was built from (timm's ``pretrained_cfg['architecture']``)."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    return cfg.get("architecture") or type(model).__name__
+
+
 def create_model(name: str, num_classes: int, in_chans: int, dropout: float = 0.0,
-                 drop_path: float = 0.0, pretrained: bool = False) -> nn.Module:
-    """Build a model by name with the paper's noise knobs (dropout, stochastic depth)."""
+                 drop_path: float = 0.0, pretrained: bool | str | None = False) -> nn.Module:
+    """Build a model by name with the paper's noise knobs (dropout, stochastic depth).
+
+    ``pretrained``: ``True`` downloads timm's default weights for ``name``; a string is a weight
+    source for :func:`noisystudent.pretrained.load_pretrained` (a timm tag such as
+    ``tf_efficientnet_b0.ns_jft_in1k``, or a local .pt/.pth/.safetensors file): the head is
+    replaced when the class count differs, and weights of another architecture are an error.
+    """
+    name = resolve_model_name(name)
     if not timm.is_model(name):
         raise ConfigError(f"unknown model {name!r} (see `noisystudent models` or timm.list_models())")
-    return timm.create_model(name, pretrained=pretrained, num_classes=num_classes, in_chans=in_chans,
-                             drop_rate=dropout, drop_path_rate=drop_path)
+    model = timm.create_model(name, pretrained=pretrained is True, num_classes=num_classes,
+                              in_chans=in_chans, drop_rate=dropout, drop_path_rate=drop_path)
+    if isinstance(pretrained, str) and pretrained:
+        from .pretrained import load_pretrained
+
+        load_pretrained(model, pretrained, num_classes)
+    return model
 
 
 def count_parameters(model: nn.Module) -> int:

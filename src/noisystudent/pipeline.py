@@ -30,6 +30,7 @@ from .config import Config, StageConfig
 from .data import DataSplits, ImageSet, TransformedSet, build_splits
 from .distributed import DistContext, barrier, cleanup, init_distributed
 from .evaluate import evaluate_checkpoints, evaluate_classifier
+from .finetune import finetune_fixres, fixres_enabled
 from .label import PseudoLabels, label_images
 from .models import count_parameters, create_model
 from .rundir import RunDir, write_json_atomic
@@ -91,13 +92,20 @@ def train_stage(run: RunDir, name: str, stage: StageConfig, cfg: Config, splits:
         log.info(f"[{name}] finished earlier; skipping (resume)")
         return StageResult(json.loads((run.path(name) / "metrics.json").read_text()), out_ckpt)
     size = stage.image_size or cfg.data.image_size
+    test_size = stage.test_size or size
     dropout, drop_path = _stage_noise(cfg, stage)
     seed_everything(seed)
-    model = create_model(stage.model, splits.num_classes, splits.channels, dropout, drop_path)
+    model = create_model(stage.model, splits.num_classes, splits.channels, dropout, drop_path,
+                         pretrained=stage.pretrained)
     noisy = train_transform(size, splits.channels, splits.mean, splits.std, cfg.noise, cfg.data.flip)
     clean = eval_transform(size, splits.channels, splits.mean, splits.std)
     labeled = TransformedSet(splits.labeled, noisy)
-    val, test = TransformedSet(splits.val, clean), TransformedSet(splits.test, clean)
+    val, test = TransformedSet(splits.val, clean), TransformedSet(splits.test, clean)  # model selection
+    if test_size != size:  # reported numbers: at the stage's test resolution
+        clean_test = eval_transform(test_size, splits.channels, splits.mean, splits.std)
+        val_eval, test_eval = TransformedSet(splits.val, clean_test), TransformedSet(splits.test, clean_test)
+    else:
+        val_eval, test_eval = val, test
     pseudo_set = None
     if pseudo is not None:
         labels, selection = pseudo
@@ -124,21 +132,68 @@ def train_stage(run: RunDir, name: str, stage: StageConfig, cfg: Config, splits:
                                    epochs=0, steps=0, images_seen=0, seconds=0.0)
         if metrics_file:
             metrics_file.close()
-        val_m = evaluate_classifier(model, val, ctx.device, ctx=ctx)
-        test_m = evaluate_classifier(model, test, ctx.device, ctx=ctx)
+        val_m = evaluate_classifier(model, val_eval, ctx.device, ctx=ctx)
+        test_m = evaluate_classifier(model, test_eval, ctx.device, ctx=ctx)
         metrics = {"name": name, "model": stage.model, "val_top1": val_m["top1"], "val_top5": val_m["top5"],
                    "test_top1": test_m["top1"], "test_top5": test_m["top5"], "num_labeled": len(labeled),
                    "num_pseudo": 0 if pseudo_set is None else len(pseudo_set), "seconds": outcome.seconds,
                    "params": count_parameters(model), "best_epoch": outcome.best_epoch,
                    "epochs": outcome.epochs, "steps": outcome.steps, "images_seen": outcome.images_seen,
-                   "image_size": size, "dropout": dropout, "drop_path": drop_path}
+                   "image_size": size, "test_size": test_size, "dropout": dropout, "drop_path": drop_path}
         if ctx.is_main:
             save_model(out / "model.pt", model, name=stage.model, num_classes=splits.num_classes,
                        in_chans=splits.channels, classes=splits.classes, image_size=size,
-                       mean=splits.mean, std=splits.std)
+                       mean=splits.mean, std=splits.std, test_size=test_size)
             write_json_atomic(out / "metrics.json", metrics)
     log.info(f"[{name}] val top-1 {metrics['val_top1']:.2f}  test top-1 {metrics['test_top1']:.2f}  "
              f"best epoch {outcome.best_epoch}/{outcome.epochs}  {outcome.seconds:.1f}s")
+    return StageResult(metrics, out_ckpt)
+
+
+def finetune_stage(run: RunDir, name: str, last: StageResult, stage: StageConfig, cfg: Config,
+                   splits: DataSplits, ctx: DistContext, *, seed: int, progress: bool) -> StageResult | None:
+    """Fix-res: fine-tune the last model at its test resolution on un-augmented labeled images,
+    shallow blocks frozen (noisystudent.finetune). None when disabled (finetune.enabled, or by
+    default when the test resolution is not above the training resolution)."""
+    size = stage.image_size or cfg.data.image_size
+    test_size = stage.test_size or size
+    if not fixres_enabled(cfg.finetune.enabled, size, test_size):
+        return None
+    out_ckpt = run.path(name) / "model.pt"
+    if run.is_done(name):
+        log.info(f"[{name}] finished earlier; skipping (resume)")
+        return StageResult(json.loads((run.path(name) / "metrics.json").read_text()), out_ckpt)
+    dropout, drop_path = _stage_noise(cfg, stage)
+    seed_everything(seed)
+    model, _ = load_model(last.checkpoint, dropout, drop_path)
+    clean = eval_transform(test_size, splits.channels, splits.mean, splits.std)
+    labeled, val, test = (TransformedSet(s, clean) for s in (splits.labeled, splits.val, splits.test))
+    lr = cfg.finetune.lr if cfg.finetune.lr is not None else (stage.lr or cfg.train.lr) / 10
+    batch_size = cfg.finetune.batch_size or cfg.train.batch_size
+    log.info(f"[{name}] {stage.model} trained at {size}px: fine-tune at {test_size}px for "
+             f"{cfg.finetune.epochs:g} epochs on {len(labeled)} un-augmented labeled images, lr {lr:g}")
+    with run.stage(name, enabled=ctx.is_main) as out:
+        outcome = finetune_fixres(model, labeled, val, test=test, frozen_blocks=cfg.finetune.frozen_blocks,
+                                  epochs=cfg.finetune.epochs, lr=lr, batch_size=batch_size, ctx=ctx,
+                                  optimizer=cfg.train.optimizer, momentum=cfg.train.momentum,
+                                  weight_decay=cfg.train.weight_decay, label_smoothing=cfg.train.label_smoothing,
+                                  seed=seed, num_workers=cfg.data.num_workers, progress=progress, desc=name)
+        metrics = {"name": name, "model": stage.model, **outcome.metrics(),
+                   "val_top1": outcome.after["val_top1"], "val_top5": outcome.after["val_top5"],
+                   "test_top1": outcome.after["test_top1"], "test_top5": outcome.after["test_top5"],
+                   "num_labeled": len(labeled), "num_pseudo": 0, "params": count_parameters(model),
+                   "best_epoch": None, "epochs": outcome.epochs, "steps": outcome.steps,
+                   "image_size": test_size, "train_size": size, "test_size": test_size,
+                   "frozen": outcome.frozen}
+        if ctx.is_main:
+            save_model(out / "model.pt", model, name=stage.model, num_classes=splits.num_classes,
+                       in_chans=splits.channels, classes=splits.classes, image_size=test_size,
+                       mean=splits.mean, std=splits.std, train_size=size, test_size=test_size)
+            write_json_atomic(out / "metrics.json", metrics)
+    log.info(f"[{name}] at {test_size}px: test top-1 {outcome.before['test_top1']:.2f} -> "
+             f"{outcome.after['test_top1']:.2f}, val top-1 {outcome.before['val_top1']:.2f} -> "
+             f"{outcome.after['val_top1']:.2f}; {outcome.frozen_blocks}/{outcome.total_blocks} blocks frozen, "
+             f"{outcome.seconds:.1f}s")
     return StageResult(metrics, out_ckpt)
 
 
@@ -265,6 +320,13 @@ def run_pipeline(cfg: Config, run_dir: Path, *, resume: bool = False, progress: 
             stages.append(student)
             teacher = student
 
+        last_cfg = cfg.students[-1] if cfg.students else cfg.teacher
+        last_size = last_cfg.image_size or cfg.data.image_size
+        if fixres_enabled(cfg.finetune.enabled, last_size, last_cfg.test_size or last_size):
+            banner(f"Fix-res: {last_cfg.model} at {last_cfg.test_size or last_size}px")
+            stages.append(finetune_stage(run, "fixres", stages[-1], last_cfg, cfg, splits, ctx,
+                                         seed=cfg.seed + 999_999, progress=progress))
+
         banner(f"Evaluate: {', '.join(cfg.evaluate.suites)}")
         robustness = evaluate_stage(run, "evaluate", stages, cfg, splits, ctx, progress)
 
@@ -300,6 +362,12 @@ def format_summary_table(summary: dict) -> str:
     for s in summary["stages"]:
         lines.append(f"{s['name']:<11} {s['model']:<24} {s['val_top1']:>9.2f} {s['test_top1']:>10.2f} "
                      f"{s['num_labeled']:>8} {s['num_pseudo']:>8} {s['seconds']:>7.1f}s")
+    for s in summary["stages"]:
+        if "test_top1_before" in s:
+            lines.append(f"fix-res at {s['test_size']}px (trained at {s['train_size']}px): test top-1 "
+                         f"{s['test_top1_before']:.2f} before, {s['test_top1_after']:.2f} after "
+                         f"({s['test_top1_after'] - s['test_top1_before']:+.2f}); "
+                         f"{s['frozen_blocks']}/{s['total_blocks']} blocks frozen")
     return "\n".join(lines)
 
 

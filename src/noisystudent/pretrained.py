@@ -1,0 +1,294 @@
+"""Teacher weights from elsewhere: a timm pretrained tag or a local checkpoint / safetensors file.
+
+Accepted sources (``load_pretrained(model, source, num_classes)``):
+
+* a timm pretrained tag, ``architecture.tag`` (e.g. ``tf_efficientnet_b0.ns_jft_in1k``, the
+  released Noisy Student weights); downloaded by timm, so it needs internet (or timm's cache);
+* a local file: ``.safetensors``, or anything ``torch.load`` reads with ``weights_only=True``
+  (``.pt``/``.pth``/``.bin``/``.ckpt``) holding a plain state dict (timm's format), our own
+  checkpoint (:func:`noisystudent.checkpoint.save_model`), or a wrapper ``{"state_dict": ...}``,
+  ``{"model": ...}``, ``{"model_state_dict": ...}``. ``module.`` (DDP) and ``_orig_mod.``
+  (``torch.compile``) prefixes are removed.
+
+Every tensor outside the classifier must fit the model by name and shape; otherwise the file is
+for another architecture and a one-line :class:`~noisystudent.errors.CheckpointError` names the
+file and the mismatch. The classifier is loaded when its class count matches; otherwise it is
+replaced by a new, randomly initialised head for ``num_classes`` and a warning says so. A first
+convolution trained on another number of input channels (RGB weights, grayscale data) is adapted
+with timm's ``adapt_input_conv`` (summed for one channel), also with a warning.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from .errors import CheckpointError
+
+log = logging.getLogger("noisystudent")
+
+LOCAL_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors", ".tar")
+_WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "module", "net")
+_PREFIXES = ("module.", "_orig_mod.")
+_HUB_PREFIXES = ("hf-hub:", "hf_hub:")
+
+
+def is_local_source(source: str) -> bool:
+    """A path (existing, or with a weight-file suffix or a path separator), not a timm tag."""
+    if source.startswith(_HUB_PREFIXES):
+        return False
+    p = Path(source).expanduser()
+    return p.exists() or p.suffix.lower() in LOCAL_SUFFIXES or "/" in source or "\\" in source
+
+
+# ------------------------------------------------------------------------------ reading
+
+
+def _torch_load(path: Path) -> object:
+    # timm's training checkpoints also hold the argparse Namespace of the run: allow that one class.
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], str | None]:
+    """The tensors of a local weight file and, when the file names it, its architecture."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise CheckpointError(f"pretrained weights not found: {path}")
+    try:
+        if path.suffix.lower() == ".safetensors":
+            from safetensors.torch import load_file
+
+            obj: object = load_file(str(path), device="cpu")
+        else:
+            obj = _torch_load(path)
+    except Exception as e:  # torch/safetensors raise many types for corrupt or unsafe files
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"unreadable weight file {path}: {reason}") from None
+    arch = None
+    for _ in range(3):  # unwrap {"state_dict": {...}} and the like, at most a few levels
+        if not isinstance(obj, dict) or _all_tensors(obj):
+            break
+        if isinstance(obj.get("model"), str):
+            arch = obj["model"]  # our own checkpoint format names its architecture
+        elif isinstance(obj.get("arch"), str):
+            arch = obj["arch"]
+        inner = next((obj[k] for k in _WRAPPER_KEYS if isinstance(obj.get(k), dict)), None)
+        if inner is None:
+            break
+        obj = inner
+    if not isinstance(obj, dict) or not obj or not _all_tensors(obj):
+        raise CheckpointError(f"{path} holds no state dict (expected tensors by name, or a "
+                              f"'state_dict'/'model' entry holding them)")
+    return _strip_prefixes(obj), arch
+
+
+def _all_tensors(d: dict) -> bool:
+    return all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in d.items())
+
+
+def _strip_prefixes(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    for prefix in _PREFIXES:
+        if sd and all(k.startswith(prefix) for k in sd):
+            sd = {k[len(prefix):]: v for k, v in sd.items()}
+    return sd
+
+
+def fetch_timm_weights(tag: str) -> dict[str, torch.Tensor]:
+    """Download (or read from timm's cache) the weights of a timm pretrained tag."""
+    from timm.models import get_pretrained_cfg, is_model, load_state_dict_from_hf, split_model_name_tag
+
+    if tag.startswith(_HUB_PREFIXES):  # hf-hub:org/repo, a timm-format repository on the Hub
+        try:
+            return _strip_prefixes(dict(load_state_dict_from_hf(tag.split(":", 1)[1], weights_only=True)))
+        except Exception as e:
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CheckpointError(f"could not fetch pretrained weights {tag!r} ({reason})") from None
+    arch, _ = split_model_name_tag(tag)
+    if not is_model(arch):
+        raise CheckpointError(f"unknown pretrained source {tag!r}: not a file, and {arch!r} is not a timm model")
+    try:
+        cfg = get_pretrained_cfg(tag, allow_unregistered=False)
+    except RuntimeError as e:
+        raise CheckpointError(f"unknown pretrained tag {tag!r}: {e}") from None
+    if cfg is None or not cfg.has_weights:
+        raise CheckpointError(f"timm has no pretrained weights for {tag!r}")
+    try:
+        if cfg.file:
+            return read_state_dict(cfg.file)[0]
+        if cfg.hf_hub_id:
+            sd = load_state_dict_from_hf(cfg.hf_hub_id, weights_only=True) if not cfg.hf_hub_filename \
+                else load_state_dict_from_hf(cfg.hf_hub_id, filename=cfg.hf_hub_filename, weights_only=True)
+        else:
+            sd = torch.hub.load_state_dict_from_url(cfg.url, map_location="cpu", weights_only=True)
+    except CheckpointError:
+        raise
+    except Exception as e:  # network, hub and cache errors
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"could not fetch pretrained weights {tag!r} ({reason}); offline? "
+                              "download once where online, or pass a local file") from None
+    return _strip_prefixes(dict(sd))
+
+
+# ------------------------------------------------------------------------------ loading
+
+
+def _module_name(model: nn.Module, module: nn.Module | None) -> str | None:
+    if module is None:
+        return None
+    for name, m in model.named_modules():
+        if m is module:
+            return name
+    return None
+
+
+def _classifier(model: nn.Module) -> tuple[str | None, nn.Module | None]:
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    if isinstance(head, nn.Module) and any(True for _ in head.parameters()):
+        return _module_name(model, head), head
+    return None, None
+
+
+def _first_conv(model: nn.Module) -> str | None:
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    name = cfg.get("first_conv")
+    if isinstance(name, str):
+        return name
+    for n, m in model.named_modules():
+        if isinstance(m, nn.Conv2d):
+            return n
+    return None
+
+
+def _shape(t: torch.Tensor) -> str:
+    return "x".join(str(s) for s in t.shape) or "scalar"
+
+
+def _num_classes(model: nn.Module, head: nn.Module | None) -> int | None:
+    weight = getattr(head, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.ndim >= 1:
+        return int(weight.shape[0])
+    n = getattr(model, "num_classes", None)
+    return int(n) if isinstance(n, int) else None
+
+
+def apply_state_dict(model: nn.Module, state: dict[str, torch.Tensor], *, source: str,
+                     num_classes: int | None = None, file_arch: str | None = None) -> list[str]:
+    """Load ``state`` into ``model``: strict outside the classifier, head replaced on a class-count
+    change, first conv adapted on an input-channel change. Returns messages (also logged)."""
+    from .models import model_architecture
+
+    arch = model_architecture(model)
+    messages: list[str] = []
+    head_name, head = _classifier(model)
+    if num_classes is not None and head is not None and _num_classes(model, head) != num_classes:
+        model.reset_classifier(num_classes)
+        head_name, head = _classifier(model)
+    model_sd = model.state_dict()
+    head_keys = {f"{head_name}.{k}" if head_name else k for k in head.state_dict()} if head is not None else set()
+    if head is None:  # a headless model (num_classes=0): the file's classifier is not needed
+        cfg_head = (getattr(model, "pretrained_cfg", None) or {}).get("classifier")
+        if isinstance(cfg_head, str) and any(k.startswith(cfg_head + ".") for k in state):
+            state = {k: v for k, v in state.items() if not k.startswith(cfg_head + ".")}
+            messages.append(f"{source}: the model has no classifier; the file's ({cfg_head}) is not used")
+
+    def is_optional(k: str) -> bool:
+        return k.endswith("num_batches_tracked")
+
+    missing = [k for k in model_sd if k not in state and k not in head_keys and not is_optional(k)]
+    unexpected = [k for k in state if k not in model_sd and k not in head_keys]
+    first_conv = _first_conv(model)
+    first_key = f"{first_conv}.weight" if first_conv else None
+    wrong_shape, adapt_input = [], False
+    for k, v in state.items():
+        if k in head_keys or k not in model_sd:
+            continue
+        target = model_sd[k]
+        if v.shape == target.shape:
+            continue
+        if (k == first_key and v.ndim == 4 and target.ndim == 4 and v.shape[0] == target.shape[0]
+                and v.shape[2:] == target.shape[2:]):
+            adapt_input = True
+            continue
+        wrong_shape.append(k)
+    if missing or unexpected or wrong_shape:
+        parts = []
+        if file_arch and file_arch != arch:
+            parts.append(f"the file is for {file_arch}")
+        if wrong_shape:
+            k = wrong_shape[0]
+            parts.append(f"{len(wrong_shape)} tensors differ in shape (first: {k} is {_shape(state[k])} "
+                         f"in the file, {_shape(model_sd[k])} in the model)")
+        if missing:
+            parts.append(f"{len(missing)} model tensors missing from the file (first: {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} file tensors not in the model (first: {unexpected[0]})")
+        raise CheckpointError(f"{source}: weights for another architecture than {arch}: " + "; ".join(parts))
+
+    load = {k: v for k, v in state.items() if k in model_sd and k not in head_keys}
+    if adapt_input and first_key is not None:
+        from timm.models import adapt_input_conv
+
+        old = state[first_key]
+        in_chans = model_sd[first_key].shape[1]
+        load[first_key] = adapt_input_conv(in_chans, old.float()).to(old.dtype)
+        messages.append(f"{source}: first convolution {first_conv} adapted from {old.shape[1]} to "
+                        f"{in_chans} input channels")
+    # The head: load it when it fits, otherwise keep the model's new one and say so.
+    file_head = {k: state[k] for k in head_keys if k in state}
+    model_classes = _num_classes(model, head)
+    if head_keys and len(file_head) == len(head_keys) and all(
+            file_head[k].shape == model_sd[k].shape for k in head_keys):
+        load.update(file_head)
+    elif head_keys and file_head:
+        wkey = f"{head_name}.weight"
+        file_classes = int(file_head[wkey].shape[0]) if wkey in file_head and file_head[wkey].ndim else None
+        if (wkey in file_head and file_head[wkey].ndim == 2 and model_sd[wkey].ndim == 2
+                and file_head[wkey].shape[1] != model_sd[wkey].shape[1]):
+            raise CheckpointError(f"{source}: weights for another architecture than {arch}: classifier "
+                                  f"{head_name} takes {file_head[wkey].shape[1]} features in the file, "
+                                  f"{model_sd[wkey].shape[1]} in the model")
+        messages.append(f"{source}: checkpoint has {file_classes} classes, the model {model_classes}; "
+                        f"replaced the classifier head ({head_name}) with a new, randomly initialised one")
+    elif head_keys:
+        messages.append(f"{source}: no classifier in the file; the head ({head_name}, {model_classes} "
+                        "classes) is randomly initialised")
+    result = model.load_state_dict(load, strict=False)
+    leftover = [k for k in result.missing_keys if k not in head_keys and not is_optional(k)]
+    if leftover or result.unexpected_keys:  # guarded above; a safety net for exotic modules
+        raise CheckpointError(f"{source}: weights do not fit {arch} (missing {leftover[:1]}, "
+                              f"unexpected {result.unexpected_keys[:1]})")
+    for m in messages:
+        log.warning(m)
+    done = f"{source}: loaded {len(load)} tensors into {arch}"
+    log.info(done)
+    return messages + [done]
+
+
+def load_pretrained(model: nn.Module, source: str, num_classes: int | None = None) -> list[str]:
+    """Initialise ``model`` in place from ``source`` (a timm tag or a local weight file).
+
+    ``num_classes``: the classes the model must end with (default: its current head). Returns
+    the messages (head replaced, input conv adapted, tensors loaded); warnings are also logged.
+    Raises :class:`CheckpointError` for a missing/unreadable file or another architecture.
+    """
+    from .models import model_architecture
+
+    if is_local_source(source):
+        state, file_arch = read_state_dict(source)
+        return apply_state_dict(model, state, source=str(source), num_classes=num_classes, file_arch=file_arch)
+    from timm.models import split_model_name_tag
+
+    tag_arch = None if source.startswith(_HUB_PREFIXES) else split_model_name_tag(source)[0]
+    messages = []
+    arch = model_architecture(model)
+    if tag_arch is not None and tag_arch != arch:
+        messages.append(f"{source}: weights of {tag_arch} loaded into {arch}; the shapes must match, "
+                        f"but layer details (padding, BN epsilon) may differ: prefer model {tag_arch}")
+        log.warning(messages[-1])
+    state = fetch_timm_weights(source)
+    return messages + apply_state_dict(model, state, source=source, num_classes=num_classes, file_arch=tag_arch)

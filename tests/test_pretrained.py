@@ -1,0 +1,168 @@
+"""Teachers from pretrained weights: local timm-format, safetensors and our own checkpoints."""
+
+import logging
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import noisystudent.pretrained as pretrained
+from noisystudent.checkpoint import save_model
+from noisystudent.errors import CheckpointError
+from noisystudent.models import create_model
+from noisystudent.pretrained import load_pretrained, read_state_dict
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread: on a shared 2-core machine, two threads contend and run many times slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _timm_b0(num_classes=1000, in_chans=3, seed=0):
+    torch.manual_seed(seed)
+    return create_model("efficientnet_b0", num_classes, in_chans)
+
+
+@pytest.fixture(scope="module")
+def b0_file(tmp_path_factory):
+    """A timm-format state dict of EfficientNet-B0 (1000 classes), as timm's hub files are."""
+    src = _timm_b0()
+    path = tmp_path_factory.mktemp("w") / "b0.pth"
+    torch.save(src.state_dict(), path)
+    return path, src.state_dict()
+
+
+def _same(a, b, skip=()):
+    return all(torch.equal(a[k], b[k]) for k in a if not any(k.startswith(s) for s in skip))
+
+
+def test_timm_checkpoint_same_classes_loads_everything(b0_file):
+    path, ref = b0_file
+    model = _timm_b0(seed=1)
+    messages = load_pretrained(model, str(path), num_classes=1000)
+    assert _same(model.state_dict(), ref)
+    assert not any("replaced" in m for m in messages)
+
+
+def test_timm_checkpoint_with_head_change_warns_with_both_counts(b0_file, caplog):
+    path, ref = b0_file
+    model = _timm_b0(num_classes=10, seed=1)
+    with caplog.at_level(logging.WARNING, logger="noisystudent"):
+        messages = load_pretrained(model, str(path), num_classes=10)
+    assert model.classifier.out_features == 10
+    assert _same(model.state_dict(), ref, skip=("classifier.",))  # the body is the checkpoint's
+    warning = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warning) == 1 and str(path) in warning[0] and "1000" in warning[0] and "10" in warning[0]
+    assert warning[0] in messages and "classifier" in warning[0]
+
+
+def test_safetensors_and_wrappers(tmp_path, b0_file):
+    _, ref = b0_file
+    st = tmp_path / "b0.safetensors"
+    save_file({k: v.contiguous() for k, v in ref.items()}, str(st))
+    ddp = tmp_path / "wrapped.pt"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in ref.items()}, "epoch": 3}, ddp)
+    nested = tmp_path / "nested.pt"
+    torch.save({"model": dict(ref)}, nested)
+    for path in (st, ddp, nested):
+        model = _timm_b0(num_classes=5, seed=2)
+        load_pretrained(model, str(path), num_classes=5)
+        assert _same(model.state_dict(), ref, skip=("classifier.",)), path
+
+
+def test_create_model_with_a_local_pretrained_source(b0_file):
+    path, ref = b0_file
+    model = create_model("efficientnet_b0", 10, 3, pretrained=str(path))
+    assert model.classifier.out_features == 10
+    assert torch.equal(model.conv_stem.weight, ref["conv_stem.weight"])
+
+
+def test_our_checkpoint_format_round_trip(tmp_path):
+    torch.manual_seed(0)
+    src = create_model("ns_cnn_s", 10, 1)
+    path = tmp_path / "model.pt"
+    save_model(path, src, name="ns_cnn_s", num_classes=10, in_chans=1, classes=list("0123456789"),
+               image_size=16, mean=(0.5,), std=(0.2,))
+    state, arch = read_state_dict(path)
+    assert arch == "ns_cnn_s" and set(state) == set(src.state_dict())
+    dst = create_model("ns_cnn_s", 3, 1)
+    messages = load_pretrained(dst, str(path), num_classes=3)
+    assert any("10 classes" in m and "3" in m for m in messages)
+    assert torch.equal(dst.blocks[0].conv1.weight, src.blocks[0].conv1.weight)
+
+
+def test_another_architecture_is_a_one_line_error(tmp_path):
+    src = create_model("ns_cnn_m", 10, 1)
+    path = tmp_path / "m.pt"
+    save_model(path, src, name="ns_cnn_m", num_classes=10, in_chans=1, classes=list("0123456789"),
+               image_size=16, mean=(0.5,), std=(0.2,))
+    with pytest.raises(CheckpointError) as e:
+        load_pretrained(create_model("ns_cnn_s", 10, 1), str(path), num_classes=10)
+    msg = str(e.value)
+    assert "\n" not in msg and str(path) in msg and "ns_cnn_m" in msg and "ns_cnn_s" in msg
+    assert "differ in shape" in msg
+
+
+def test_timm_weights_into_another_timm_architecture_fail(tmp_path, b0_file):
+    path, _ = b0_file
+    with pytest.raises(CheckpointError, match="another architecture than efficientnet_b1"):
+        load_pretrained(create_model("efficientnet_b1", 1000, 3), str(path), num_classes=1000)
+
+
+def test_missing_unreadable_and_non_state_dict_files(tmp_path):
+    model = create_model("ns_cnn_s", 10, 1)
+    with pytest.raises(CheckpointError, match="not found"):
+        load_pretrained(model, str(tmp_path / "nope.pt"), 10)
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="unreadable"):
+        load_pretrained(model, str(bad), 10)
+    odd = tmp_path / "odd.pt"
+    torch.save({"epoch": 3, "note": "no tensors"}, odd)
+    with pytest.raises(CheckpointError, match="no state dict"):
+        load_pretrained(model, str(odd), 10)
+
+
+def test_rgb_weights_adapt_to_grayscale(b0_file, caplog):
+    path, ref = b0_file
+    model = _timm_b0(num_classes=10, in_chans=1)
+    with caplog.at_level(logging.WARNING, logger="noisystudent"):
+        messages = load_pretrained(model, str(path), num_classes=10)
+    assert any("3 to 1 input channels" in m for m in messages)
+    assert torch.allclose(model.conv_stem.weight, ref["conv_stem.weight"].sum(1, keepdim=True))
+
+
+def test_timm_tag_goes_through_timm_and_the_same_checks(monkeypatch, b0_file):
+    _, ref = b0_file
+    fetched = []
+
+    def fake_fetch(tag):  # no download in tests
+        fetched.append(tag)
+        return dict(ref)
+
+    monkeypatch.setattr(pretrained, "fetch_timm_weights", fake_fetch)
+    model = _timm_b0(num_classes=7)
+    messages = load_pretrained(model, "tf_efficientnet_b0.ns_jft_in1k", num_classes=7)
+    assert fetched == ["tf_efficientnet_b0.ns_jft_in1k"]
+    assert any("prefer model tf_efficientnet_b0" in m for m in messages)
+    assert any("1000 classes" in m for m in messages)
+
+
+def test_unknown_tag_is_an_error_without_network():
+    model = create_model("ns_cnn_s", 10, 1)
+    with pytest.raises(CheckpointError, match="not a timm model"):
+        load_pretrained(model, "no_such_net.some_tag", 10)
+    with pytest.raises(CheckpointError, match="Invalid pretrained tag|unknown pretrained tag"):
+        load_pretrained(create_model("efficientnet_b0", 10, 3), "tf_efficientnet_b0.no_such_tag", 10)
+
+
+def test_headless_model_ignores_the_file_classifier(b0_file):
+    path, ref = b0_file
+    model = create_model("efficientnet_b0", 0, 3)
+    messages = load_pretrained(model, str(path))
+    assert any("no classifier" in m for m in messages)
+    assert torch.equal(model.conv_head.weight, ref["conv_head.weight"])

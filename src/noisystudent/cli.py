@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from pathlib import Path
 
 from .config import ABLATIONS, config_reference_markdown, load_config
 from .errors import NoisyStudentError
+from .train_state import TrainingPreempted
 
 
 def _default_run_dir(config: str | None, ablation: str | None) -> Path:
@@ -32,6 +34,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         config = args.config
     cfg = load_config(config, args.set, args.ablation)
     summary = run_pipeline(cfg, run_dir, resume=bool(args.resume), progress=not args.quiet)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 speaks for the job
+        return 0
     if args.quiet:
         print(format_summary_table(summary))
     print(f"run directory: {summary['run_dir']}")
@@ -203,6 +207,9 @@ def main(argv: list[str] | None = None) -> int:
     logger.addHandler(console)
     try:
         return args.func(args)
+    except TrainingPreempted as e:  # SIGTERM: a checkpoint was written; exit as the signal would
+        print(f"noisystudent: {one_line(e)}", file=sys.stderr)
+        return 143
     except NoisyStudentError as e:
         print(f"noisystudent: error: {one_line(e)}", file=sys.stderr)
         return 2

@@ -74,9 +74,11 @@ class NoiseConfig:
 class TrainConfig:
     epochs: float = _opt(30, "Epochs; one epoch is a pass over the larger of the labeled stream and "
                          "the pseudo-labeled stream.", min=0)
-    batch_size: int = _opt(64, "Labeled images per step (global, over all processes).", min=1)
+    batch_size: int = _opt(64, "Labeled images per step (global, over all processes; must divide by the "
+                           "number of processes).", min=1)
     unlabeled_ratio: float = _opt(3, "Pseudo-labeled images per labeled image in each joint batch "
-                                  "(paper: 1 for small models, 3 for B7/L0/L1/L2).", min=0)
+                                  "(paper: 1 for small models, 3 for B7/L0/L1/L2); round(batch_size x ratio) must "
+                                  "also divide by the number of processes.", min=0)
     optimizer: str = _opt("sgd", "Any optimizer timm.optim.create_optimizer_v2 knows "
                           "(paper: rmsproptf).")
     lr: float = _opt(0.05, "Peak learning rate.", min=0)
@@ -98,9 +100,10 @@ class TrainConfig:
     ema: bool = _opt(False, "Keep an exponential moving average of the weights (timm ModelEmaV3); it is "
                      "evaluated and becomes the next teacher.")
     ema_decay: float = _opt(0.9999, "EMA decay per step (paper: 0.9999).", min=0, max=1)
-    sync_bn: bool = _opt(False, "Synchronise BatchNorm statistics across processes.")
-    checkpoint_every: int = _opt(200, "Write a resumable training checkpoint every N steps (0: only at "
-                                 "the end).", min=0)
+    sync_bn: bool = _opt(False, "Synchronise BatchNorm statistics across processes (CUDA only).")
+    checkpoint_every: int = _opt(200, "Write a resumable training checkpoint every N steps to "
+                                 "<run>/checkpoints/<stage>/ (0: only at the end of the stage); an interrupted "
+                                 "stage resumes from its latest one.", min=0)
     keep_checkpoints: int = _opt(2, "Resumable checkpoints kept per stage.", min=1)
 
 

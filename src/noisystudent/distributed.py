@@ -1,6 +1,8 @@
 """Distribution as a thin layer: torchrun environment -> process group, device, rank helpers.
 
-Works unchanged on one process (no torchrun), on many CPU processes (gloo) and on GPUs (NCCL).
+Works unchanged on one process (no torchrun), on many CPU processes (gloo) and on GPUs (NCCL),
+on one node or many. Every helper is a no-op on a single process, so training code calls them
+unconditionally instead of branching on ``ctx.distributed``.
 """
 
 from __future__ import annotations
@@ -10,6 +12,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import torch.nn as nn
+from timm.layers import convert_sync_batchnorm as timm_convert_sync_batchnorm
+
+from .errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -55,14 +61,35 @@ def init_distributed(device_preference: str = "auto") -> DistContext:
 
 
 def barrier(ctx: DistContext) -> None:
+    """Wait until every rank gets here."""
     if ctx.distributed:
         dist.barrier()
 
 
 def all_reduce_sum(t: torch.Tensor, ctx: DistContext) -> torch.Tensor:
+    """Sum ``t`` over ranks, in place."""
     if ctx.distributed:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
+
+
+def any_rank(flag: bool, ctx: DistContext) -> bool:
+    """True on every rank if ``flag`` is true on any rank (so all ranks take the same branch)."""
+    if not ctx.distributed:
+        return flag
+    # NCCL only reduces device tensors; gloo reduces CPU tensors. ctx.device matches the backend.
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=ctx.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def all_gather_object(obj, ctx: DistContext) -> list:
+    """Every rank's ``obj`` (picklable), in rank order, on every rank."""
+    if not ctx.distributed:
+        return [obj]
+    out: list = [None] * ctx.world_size
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def broadcast_object(obj, ctx: DistContext, src: int = 0):
@@ -79,6 +106,41 @@ def shard_indices(n: int, ctx: DistContext) -> range:
     per, extra = divmod(n, ctx.world_size)
     start = ctx.rank * per + min(ctx.rank, extra)
     return range(start, start + per + (1 if ctx.rank < extra else 0))
+
+
+def local_batch_size(global_batch: int, ctx: DistContext, what: str = "train.batch_size") -> int:
+    """This rank's share of a global batch. Shares must be equal: DDP averages gradients over
+    ranks, which equals the mean over the global batch only when every rank holds as many images."""
+    if global_batch % ctx.world_size:
+        raise ConfigError(f"{what}: the global batch of {global_batch} images does not split evenly "
+                          f"over {ctx.world_size} processes; use a multiple of {ctx.world_size}")
+    return global_batch // ctx.world_size
+
+
+def convert_sync_batchnorm(model: nn.Module, ctx: DistContext) -> nn.Module:
+    """BatchNorm layers that compute their batch statistics over all ranks' images (CUDA only).
+
+    Uses timm's converter, which also handles timm's fused BatchNorm+activation layers (torch's
+    own would drop their activation). A no-op on one process, where there is nothing to sync.
+    """
+    if not ctx.distributed:
+        return model
+    if ctx.device.type != "cuda":
+        raise ConfigError("train.sync_bn needs CUDA: torch's SyncBatchNorm does not run on CPU "
+                          "processes; set train.sync_bn=false")
+    return timm_convert_sync_batchnorm(model)
+
+
+def wrap_ddp(model: nn.Module, ctx: DistContext) -> nn.Module:
+    """DistributedDataParallel around ``model`` when there are several processes, else ``model``.
+
+    DDP broadcasts rank 0's weights and buffers at construction (so ranks start identical) and
+    averages gradients in ``backward``.
+    """
+    if not ctx.distributed:
+        return model
+    return nn.parallel.DistributedDataParallel(
+        model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
 
 
 def cleanup(ctx: DistContext) -> None:

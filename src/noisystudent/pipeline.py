@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +29,7 @@ from torch.utils.data import Dataset
 from .checkpoint import load_model, save_model
 from .config import Config, StageConfig
 from .data import DataSplits, ImageSet, TransformedSet, build_splits
-from .distributed import DistContext, barrier, cleanup, init_distributed
+from .distributed import DistContext, barrier, broadcast_object, cleanup, init_distributed
 from .evaluate import evaluate_checkpoints, evaluate_classifier
 from .finetune import finetune_fixres, fixres_enabled
 from .label import PseudoLabels, label_images
@@ -83,12 +84,17 @@ def _stage_noise(cfg: Config, stage: StageConfig) -> tuple[float, float]:
     return dropout, drop_path
 
 
+def _done(run: RunDir, name: str, ctx: DistContext) -> bool:
+    """Whether a stage finished, as rank 0 sees it (all ranks must take the same branch)."""
+    return broadcast_object(run.is_done(name), ctx)
+
+
 def train_stage(run: RunDir, name: str, stage: StageConfig, cfg: Config, splits: DataSplits,
                 ctx: DistContext, *, pseudo: tuple[PseudoLabels, Selection] | None, seed: int,
                 progress: bool) -> StageResult:
     """Train one model (teacher: labeled only; student: labeled + selected pseudo labels)."""
     out_ckpt = run.path(name) / "model.pt"
-    if run.is_done(name):
+    if _done(run, name, ctx):
         log.info(f"[{name}] finished earlier; skipping (resume)")
         return StageResult(json.loads((run.path(name) / "metrics.json").read_text()), out_ckpt)
     size = stage.image_size or cfg.data.image_size
@@ -125,13 +131,16 @@ def train_stage(run: RunDir, name: str, stage: StageConfig, cfg: Config, splits:
             outcome = train_classifier(model, labeled, val, cfg.train, num_classes=splits.num_classes,
                                        epochs=cfg.stage_epochs(stage), lr=stage.lr or cfg.train.lr, ctx=ctx,
                                        pseudo=pseudo_set, seed=seed, num_workers=cfg.data.num_workers,
-                                       progress=progress, desc=name, on_epoch=on_epoch)
+                                       progress=progress, desc=name, on_epoch=on_epoch,
+                                       checkpoint_dir=run.root / "checkpoints" / name)
         else:  # epochs 0: use the (pretrained) model as it is, e.g. a teacher trained elsewhere
             model.to(ctx.device)
             outcome = TrainOutcome(state_dict=model.state_dict(), best_epoch=0, best_val_top1=float("nan"),
                                    epochs=0, steps=0, images_seen=0, seconds=0.0)
         if metrics_file:
             metrics_file.close()
+            # a resumed stage streamed only its last epochs; write the whole history
+            (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in outcome.history))
         val_m = evaluate_classifier(model, val_eval, ctx.device, ctx=ctx)
         test_m = evaluate_classifier(model, test_eval, ctx.device, ctx=ctx)
         metrics = {"name": name, "model": stage.model, "val_top1": val_m["top1"], "val_top5": val_m["top5"],
@@ -145,6 +154,9 @@ def train_stage(run: RunDir, name: str, stage: StageConfig, cfg: Config, splits:
                        in_chans=splits.channels, classes=splits.classes, image_size=size,
                        mean=splits.mean, std=splits.std, test_size=test_size)
             write_json_atomic(out / "metrics.json", metrics)
+    barrier(ctx)  # other ranks read this stage's model.pt next
+    if ctx.is_main:  # the stage is committed; its resumable checkpoints are no longer needed
+        shutil.rmtree(run.root / "checkpoints" / name, ignore_errors=True)
     log.info(f"[{name}] val top-1 {metrics['val_top1']:.2f}  test top-1 {metrics['test_top1']:.2f}  "
              f"best epoch {outcome.best_epoch}/{outcome.epochs}  {outcome.seconds:.1f}s")
     return StageResult(metrics, out_ckpt)
@@ -160,7 +172,7 @@ def finetune_stage(run: RunDir, name: str, last: StageResult, stage: StageConfig
     if not fixres_enabled(cfg.finetune.enabled, size, test_size):
         return None
     out_ckpt = run.path(name) / "model.pt"
-    if run.is_done(name):
+    if _done(run, name, ctx):
         log.info(f"[{name}] finished earlier; skipping (resume)")
         return StageResult(json.loads((run.path(name) / "metrics.json").read_text()), out_ckpt)
     dropout, drop_path = _stage_noise(cfg, stage)
@@ -190,6 +202,7 @@ def finetune_stage(run: RunDir, name: str, last: StageResult, stage: StageConfig
                        in_chans=splits.channels, classes=splits.classes, image_size=test_size,
                        mean=splits.mean, std=splits.std, train_size=size, test_size=test_size)
             write_json_atomic(out / "metrics.json", metrics)
+    barrier(ctx)
     log.info(f"[{name}] at {test_size}px: test top-1 {outcome.before['test_top1']:.2f} -> "
              f"{outcome.after['test_top1']:.2f}, val top-1 {outcome.before['val_top1']:.2f} -> "
              f"{outcome.after['val_top1']:.2f}; {outcome.frozen_blocks}/{outcome.total_blocks} blocks frozen, "
@@ -201,7 +214,7 @@ def label_stage(run: RunDir, name: str, teacher: StageResult, cfg: Config, split
                 ctx: DistContext, progress: bool) -> PseudoLabels:
     """The teacher, in eval mode on clean images, labels the unlabeled pool."""
     path = run.path(name) / "pseudo_labels.parquet"
-    if not run.is_done(name):
+    if not _done(run, name, ctx):
         model, meta = load_model(teacher.checkpoint)
         model.to(ctx.device)
         clean = eval_transform(meta["image_size"], splits.channels, splits.mean, splits.std)
@@ -239,7 +252,7 @@ def select_stage(run: RunDir, name: str, labels: PseudoLabels, cfg: Config, seed
                  ctx: DistContext) -> Selection:
     """Threshold and balance the pseudo labels; the chosen rows are saved as Parquet."""
     path = run.path(name) / "selection.parquet"
-    if not run.is_done(name):
+    if not _done(run, name, ctx):
         selection = select_pseudo_labels(labels.confidence, labels.predicted, labels.num_classes,
                                          threshold=cfg.pseudo.threshold, balance=cfg.pseudo.balance,
                                          per_class=cfg.pseudo.per_class, seed=seed)
@@ -264,7 +277,7 @@ def evaluate_stage(run: RunDir, name: str, stages: list[StageResult], cfg: Confi
                    ctx: DistContext, progress: bool) -> dict:
     """The configured suites on the test split, first teacher and final model side by side."""
     path = run.path(name) / "robustness.json"
-    if not run.is_done(name):
+    if not _done(run, name, ctx):
         models = {stages[0].metrics["name"]: stages[0].checkpoint, stages[-1].metrics["name"]: stages[-1].checkpoint}
         with run.stage(name, enabled=ctx.is_main) as out:
             if ctx.is_main:

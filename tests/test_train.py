@@ -1,0 +1,212 @@
+"""The training loop's building blocks: data streams, checkpoint files, precision, optimizer."""
+
+import random
+import signal
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import Dataset
+
+from noisystudent.config import TrainConfig
+from noisystudent.distributed import DistContext, all_gather_object, any_rank, local_batch_size
+from noisystudent.errors import CheckpointError, ConfigError
+from noisystudent.evaluate import evaluate_classifier
+from noisystudent.train import (SeededSamples, StreamSampler, build_optimizer, build_scheduler,
+                                resolve_precision, train_classifier)
+from noisystudent.train_state import (capture_rng_state, catch_sigterm, list_checkpoints,
+                                      load_checkpoint_file, load_latest_checkpoint, restore_rng_state,
+                                      save_checkpoint)
+from test_train_scenarios import NUM_CLASSES, TinyNet, digits_data, noisy_model, student_config
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread: on shared cores, two threads can be several times slower than one."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def ctx_of(rank: int, world: int) -> DistContext:
+    return DistContext(rank=rank, world_size=world)
+
+
+def take(sampler: StreamSampler, steps: int) -> list[list[tuple[int, int]]]:
+    it = iter(sampler)
+    return [[next(it) for _ in range(sampler.local_batch)] for _ in range(steps)]
+
+
+def test_stream_is_the_same_global_batches_for_any_number_of_processes():
+    size, batch, steps = 13, 8, 7  # batches straddle passes over the data
+    single = take(StreamSampler(size, batch, ctx_of(0, 1), seed=4), steps)
+    for world in (2, 4):
+        per_rank = [take(StreamSampler(size, batch, ctx_of(r, world), seed=4), steps) for r in range(world)]
+        for k in range(steps):
+            assert [item for r in range(world) for item in per_rank[r][k]] == single[k]
+    positions = [p for step in single for p, _ in step]
+    assert positions == list(range(steps * batch))
+    indices = [i for step in single for _, i in step]
+    for start in range(0, len(indices) - size + 1, size):  # every pass is a permutation
+        assert sorted(indices[start:start + size]) == list(range(size))
+    assert take(StreamSampler(size, batch, ctx_of(0, 1), seed=5), 2) != single[:2]
+
+
+def test_stream_resumes_by_arithmetic():
+    full = take(StreamSampler(13, 8, ctx_of(1, 2), seed=0), 9)
+    assert take(StreamSampler(13, 8, ctx_of(1, 2), seed=0, start_step=5), 4) == full[5:]
+
+
+def test_global_batches_must_split_evenly():
+    assert local_batch_size(12, ctx_of(0, 4)) == 3
+    with pytest.raises(ConfigError, match="train.batch_size.*3 processes"):
+        local_batch_size(8, ctx_of(0, 3))
+    labeled, pseudo, val = digits_data(num_pseudo=24)
+    cfg = TrainConfig(batch_size=4, unlabeled_ratio=1.5)  # 6 pseudo-labeled images over 4 ranks
+    with pytest.raises(ConfigError, match="unlabeled_ratio"):
+        train_classifier(TinyNet(), labeled, val, cfg, num_classes=NUM_CLASSES, epochs=1, lr=0.1,
+                         ctx=ctx_of(0, 4), pseudo=pseudo, progress=False)
+
+
+class RandomItems(Dataset):
+    """An 'augmentation' drawing from all three global generators."""
+
+    def __len__(self):
+        return 100
+
+    def __getitem__(self, i):
+        return random.random(), float(np.random.rand()), torch.rand(()).item()
+
+
+def test_augmentation_depends_on_stream_position_only():
+    data = SeededSamples(RandomItems(), seed=9)
+    random.seed(1)
+    before = capture_rng_state()
+    first = data.__getitems__([(0, 5), (1, 7), (2, 5)])
+    after = capture_rng_state()  # the caller's generators are left as they were
+    assert after["python"] == before["python"] and torch.equal(after["torch"], before["torch"])
+    assert torch.equal(after["numpy"][1], before["numpy"][1])
+    torch.rand(10), random.random()  # whatever ran in between, in whichever process, does not matter
+    assert data.__getitems__([(0, 5), (1, 7), (2, 5)]) == first
+    assert first[0] != first[2]  # the same image twice is augmented differently
+    assert data.__getitems__([(3, 5), (4, 7)])[0] != first[0]  # and so is a batch elsewhere in the stream
+
+
+def test_rng_state_survives_a_weights_only_checkpoint(tmp_path):
+    random.seed(3), np.random.seed(3), torch.manual_seed(3)
+    np.random.randn()  # leaves a cached gaussian in NumPy's state
+    state = capture_rng_state()
+    expected = random.random(), np.random.randn(), torch.rand(3)
+    save_checkpoint(tmp_path, 1, {"format": 1, "rng": state}, keep=1)
+    restore_rng_state(load_checkpoint_file(tmp_path / "step-000000001.pt")["rng"])
+    got = random.random(), np.random.randn(), torch.rand(3)
+    assert got[:2] == expected[:2] and torch.equal(got[2], expected[2])
+
+
+def test_checkpoints_are_atomic_pruned_and_skip_unreadable_files(tmp_path):
+    for step in (2, 4, 6, 8):
+        save_checkpoint(tmp_path, step, {"format": 1, "step": step, "w": torch.full((3,), step)}, keep=3)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-000000004.pt", "step-000000006.pt",
+                                                            "step-000000008.pt"]
+    # A write killed half-way leaves only a hidden temporary file: ignored, then removed.
+    (tmp_path / ".step-000000010.pt.tmp").write_bytes(b"\x80\x02torn")
+    # A complete file that cannot be read (disk error) falls back to the one before it.
+    (tmp_path / "step-000000008.pt").write_bytes(b"not a checkpoint")
+    path, payload = load_latest_checkpoint(tmp_path)
+    assert path.name == "step-000000006.pt" and payload["step"] == 6
+    assert not (tmp_path / ".step-000000010.pt.tmp").exists()
+    assert load_latest_checkpoint(tmp_path / "missing") is None
+    with pytest.raises(CheckpointError, match="unreadable"):
+        load_checkpoint_file(tmp_path / "step-000000008.pt")
+
+
+def test_sigterm_handler_is_restored():
+    def mine(signum, frame):
+        pass
+
+    previous = signal.signal(signal.SIGTERM, mine)
+    try:
+        with catch_sigterm() as flag:
+            signal.raise_signal(signal.SIGTERM)
+            assert flag.requested
+        assert signal.getsignal(signal.SIGTERM) is mine
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def test_single_process_collectives_are_identity():
+    ctx = DistContext()
+    assert any_rank(True, ctx) and not any_rank(False, ctx)
+    assert all_gather_object({"a": 1}, ctx) == [{"a": 1}]
+
+
+def test_precision_choices():
+    cpu = torch.device("cpu")
+    assert resolve_precision("auto", cpu) is None  # fp32: see benchmarks/train_throughput.py
+    assert resolve_precision("bf16", cpu) is torch.bfloat16
+    with pytest.raises(ConfigError, match="fp16 needs CUDA"):
+        resolve_precision("fp16", cpu)
+    labeled, _, val = digits_data()
+    with pytest.raises(ConfigError, match="sync_bn needs CUDA"):
+        train_classifier(noisy_model(), labeled, val, TrainConfig(batch_size=8, sync_bn=True),
+                         num_classes=NUM_CLASSES, epochs=1, lr=0.1, ctx=ctx_of(0, 2), progress=False)
+
+
+def test_paper_optimizer_and_staircase_schedule():
+    model = TinyNet()
+    cfg = TrainConfig(optimizer="rmsproptf", weight_decay=1e-5, scheduler="step", decay_epochs=2.4,
+                      decay_rate=0.97, warmup_epochs=0)
+    opt = build_optimizer(model, cfg, lr=0.128)
+    assert type(opt).__name__ == "RMSpropTF"
+    assert opt.param_groups[0]["eps"] == 1e-3 and opt.param_groups[0]["alpha"] == 0.9
+    assert {g["weight_decay"] for g in opt.param_groups} == {0.0, 1e-5}  # none on biases
+    sched = build_scheduler(opt, cfg, 0.128, per_epoch=10, total_steps=100)
+    lrs = {}
+    for step in (0, 23, 24, 47, 48, 99):
+        sched.step_update(num_updates=step)
+        lrs[step] = opt.param_groups[0]["lr"]
+    assert lrs[0] == lrs[23] == pytest.approx(0.128)  # x0.97 every 2.4 epochs = 24 steps
+    assert lrs[24] == lrs[47] == pytest.approx(0.128 * 0.97)
+    assert lrs[48] == pytest.approx(0.128 * 0.97 ** 2) and lrs[99] == pytest.approx(0.128 * 0.97 ** 4)
+
+
+def test_ema_bf16_channels_last_and_final_weights(tmp_path):
+    """The EMA weights are evaluated and returned; bf16 autocast and channels_last run on CPU."""
+    labeled, pseudo, val = digits_data(num_pseudo=24)
+    runs = {}
+    for name, extra in (("plain", {}), ("ema", dict(ema=True, ema_decay=0.5, precision="bf16",
+                                                     channels_last=True))):
+        model = noisy_model()
+        outcome = train_classifier(model, labeled, val, student_config(**extra), num_classes=NUM_CLASSES,
+                                   epochs=1, lr=0.05, ctx=DistContext(), pseudo=pseudo, seed=1,
+                                   progress=False, keep_best=False)
+        assert outcome.steps == 7 and outcome.images_seen == 7 * 32
+        assert evaluate_classifier(model, val, torch.device("cpu"))["top1"] == outcome.history[-1]["val_top1"]
+        assert np.isfinite(outcome.history[-1]["loss"])
+        runs[name] = model.state_dict()
+    assert not torch.equal(runs["plain"]["fc.weight"], runs["ema"]["fc.weight"])
+
+
+def test_dataloader_workers_do_not_change_the_run():
+    labeled, pseudo, val = digits_data(num_pseudo=24)
+    weights = []
+    for workers in (0, 2):
+        model = noisy_model()
+        train_classifier(model, labeled, val, student_config(), num_classes=NUM_CLASSES, epochs=1, lr=0.05,
+                         ctx=DistContext(), pseudo=pseudo, seed=1, progress=False, num_workers=workers)
+        weights.append(model.state_dict())
+    for key, value in weights[0].items():
+        assert torch.equal(weights[1][key], value), key
+
+
+def test_checkpoint_of_another_setup_is_refused(tmp_path):
+    labeled, pseudo, val = digits_data(num_pseudo=24)
+    kwargs = dict(num_classes=NUM_CLASSES, lr=0.05, ctx=DistContext(), seed=1, progress=False,
+                  checkpoint_dir=tmp_path)
+    first = train_classifier(TinyNet(), labeled, val, student_config(), epochs=1, **kwargs)
+    assert first.checkpoint.name == "step-000000007.pt"
+    again = train_classifier(TinyNet(), labeled, val, student_config(), epochs=1, **kwargs)
+    assert again.resumed_from_step == 7 and again.best_val_top1 == first.best_val_top1  # nothing left to do
+    with pytest.raises(CheckpointError, match="another training setup.*total_steps"):
+        train_classifier(TinyNet(), labeled, val, student_config(), epochs=2, **kwargs)

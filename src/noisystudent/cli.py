@@ -95,6 +95,38 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_label(args: argparse.Namespace) -> int:
+    from .checkpoint import load_model
+    from .distributed import cleanup, init_distributed
+    from .label_stream import file_list_source, folder_source, label_to_store, webdataset_source
+    from .transforms import eval_transform
+
+    model, meta = load_model(Path(args.checkpoint))
+    src = args.source
+    if src.endswith(".tar") or "{" in src:
+        source = webdataset_source(src)
+    elif Path(src).is_dir():
+        source = folder_source(src, shard_size=args.shard_size)
+    elif Path(src).is_file():
+        source = file_list_source(src, shard_size=args.shard_size)
+    else:
+        raise NoisyStudentError(f"label: {src} is not a folder, a file list or a .tar shard pattern")
+    ctx = init_distributed(args.device)
+    try:
+        label_to_store(
+            model, source, Path(args.out),
+            transform=eval_transform(meta.get("test_size") or meta["image_size"], meta["in_chans"],
+                                     tuple(meta["mean"]), tuple(meta["std"])),
+            num_classes=meta["num_classes"], teacher=str(args.checkpoint), top_k=args.top_k,
+            temperature=args.temperature, hard=args.hard, batch_size=args.batch_size,
+            num_workers=args.workers, ctx=ctx, precision=args.precision, progress=not args.quiet)
+    finally:
+        cleanup(ctx)
+    if ctx.is_main:
+        print(f"pseudo-label store: {args.out}")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from .report import build_report
 
@@ -172,6 +204,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (default: RUN_DIR/evaluate, or next to the checkpoint)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("label", help="label a large unlabeled pool into a sharded Parquet store",
+                       description="Stream images (a folder searched recursively, a file with one path per "
+                                   "line, or WebDataset .tar shards such as 'pool-{000..099}.tar') through a "
+                                   "teacher checkpoint in eval mode and write top-k pseudo labels as Parquet "
+                                   "shards. Resumable (finished shards are never recomputed); under torchrun "
+                                   "each rank labels its own shards. Unreadable images are skipped and listed.")
+    p.add_argument("checkpoint", help="teacher checkpoint (model.pt from a run directory)")
+    p.add_argument("source", help="folder, file list or .tar shard pattern")
+    p.add_argument("--out", required=True, metavar="STORE_DIR", help="output store folder")
+    p.add_argument("--top-k", type=int, default=5, help="classes kept per image (default 5)")
+    p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature (default 1)")
+    p.add_argument("--hard", action="store_true", help="hard labels (the store keeps confidences)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--workers", type=int, default=None, help="DataLoader workers decoding images")
+    p.add_argument("--shard-size", type=int, default=8192, help="images per shard (folders, file lists)")
+    p.add_argument("--precision", default="auto", help="auto (bf16 only if faster and >= 99.9%% agreement), fp32, bf16")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_label)
 
     p = sub.add_parser("report", help="(re)build a run's HTML and Markdown report",
                        description="Write RUN_DIR/report/report.html (one self-contained file, plots "

@@ -745,8 +745,21 @@ def calibrate_precision(predictor: Predictor, batches: Iterable[torch.Tensor],
 
 def _calibration_batches(source: UnlabeledSource, transform: Callable, batch_size: int,
                          max_shards: int = 8) -> Iterator[torch.Tensor]:
-    """Decoded batches from the first shards, in the main process (read only as far as needed)."""
-    for batch in ShardBatches(source, range(min(max_shards, source.num_shards)), transform, batch_size):
+    """Decoded batches from the first shards, read in the main process only as far as needed.
+
+    Decoding runs on one intra-op thread, as it does in DataLoader workers: per-image tensor ops
+    gain nothing from a thread team, and on a busy machine its barriers cost far more than the ops.
+    """
+    batches = iter(ShardBatches(source, range(min(max_shards, source.num_shards)), transform, batch_size))
+    threads = torch.get_num_threads()
+    while True:
+        torch.set_num_threads(1)
+        try:
+            batch = next(batches, None)
+        finally:
+            torch.set_num_threads(threads)
+        if batch is None:
+            return
         if batch["x"] is not None:
             yield batch["x"]
 

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from timm.layers import convert_sync_batchnorm as timm_convert_sync_batchnorm
 
 from .errors import ConfigError
 
@@ -128,7 +127,9 @@ def convert_sync_batchnorm(model: nn.Module, ctx: DistContext) -> nn.Module:
     if ctx.device.type != "cuda":
         raise ConfigError("train.sync_bn needs CUDA: torch's SyncBatchNorm does not run on CPU "
                           "processes; set train.sync_bn=false")
-    return timm_convert_sync_batchnorm(model)
+    from timm.layers import convert_sync_batchnorm as timm_convert  # lazy: timm costs ~3 s to import
+
+    return timm_convert(model)
 
 
 def wrap_ddp(model: nn.Module, ctx: DistContext) -> nn.Module:

@@ -18,14 +18,6 @@ from noisystudent.train import train_classifier
 from noisystudent.transforms import eval_transform
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine, two threads contend and run many times slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 CPU = DistContext(device=torch.device("cpu"))
 
 

@@ -8,14 +8,6 @@ from noisystudent.errors import ConfigError
 from noisystudent.models import count_parameters, create_model, model_architecture, resolve_model_name
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine, two threads contend and run many times slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 # The Noisy Student paper's table (millions of parameters at 1000 classes).
 PAPER_PARAMS = {"efficientnet_b7": 66e6, "efficientnet_l0": 140e6, "efficientnet_l1": 273e6,
                 "efficientnet_l2": 480e6}

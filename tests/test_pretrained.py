@@ -13,15 +13,6 @@ from noisystudent.models import create_model
 from noisystudent.pretrained import load_pretrained, read_state_dict
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine, two threads contend and run many times slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _timm_b0(num_classes=1000, in_chans=3, seed=0):
     torch.manual_seed(seed)
     return create_model("efficientnet_b0", num_classes, in_chans)

@@ -10,15 +10,6 @@ from noisystudent.robustness import _ops as ops
 from noisystudent.robustness import corruptions as C
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # many small tensor ops: on a busy 2-core machine OpenMP thread hand-offs dominate
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def scene(n: int, c: int, h: int, w: int) -> torch.Tensor:
     """A deterministic test picture: gradients, a disc, a striped square, 1 or 3 channels."""
     yy, xx = torch.meshgrid(torch.linspace(0, 1, h), torch.linspace(0, 1, w), indexing="ij")

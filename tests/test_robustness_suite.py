@@ -12,14 +12,6 @@ from noisystudent.robustness import (NOISE_PERTURBATIONS, PERTURBATIONS, evaluat
                                      perturbation_sequence, plot_robustness, save_results, sequence_length)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny_data(n=10, c=1, size=16, classes=4):
     g = torch.Generator().manual_seed(0)
     x = torch.rand(n, c, size, size, generator=g)

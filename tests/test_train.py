@@ -20,15 +20,6 @@ from noisystudent.train_state import (capture_rng_state, catch_sigterm, list_che
 from test_train_scenarios import NUM_CLASSES, TinyNet, digits_data, noisy_model, student_config
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on shared cores, two threads can be several times slower than one."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def ctx_of(rank: int, world: int) -> DistContext:
     return DistContext(rank=rank, world_size=world)
 

@@ -16,18 +16,14 @@ from test_train_scenarios import run_resumable
 SCRIPT = Path(__file__).with_name("test_train_scenarios.py")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Bitwise comparisons with a subprocess need the same intra-op thread count (1) here."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory, one_thread):
-    return run_resumable(tmp_path_factory.mktemp("uninterrupted"))
+def uninterrupted(tmp_path_factory):
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # the same thread count as the resumed runs, for bit-identical results
+    try:
+        return run_resumable(tmp_path_factory.mktemp("uninterrupted"))
+    finally:
+        torch.set_num_threads(before)
 
 
 def assert_same_run(resumed: dict, reference: dict) -> None:

@@ -3,21 +3,11 @@
 import dataclasses
 
 import pytest
-import torch
 
 from noisystudent.config import StageConfig
 from noisystudent.errors import ConfigError
 from noisystudent.zoo import (CHAIN_PRESETS, chain_preset, format_model_table, model_family, model_spec,
                               stage_defaults)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine, two threads contend and run many times slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_family_lists_b0_to_b7_and_l0_l1_l2_with_paper_defaults():

@@ -87,3 +87,37 @@ def test_resume_refuses_another_config(tmp_path, tiny_overrides):
         pipeline.run_pipeline(other, run_dir, resume=True, progress=False)
     with pytest.raises(ConfigError, match="already holds a run"):
         pipeline.run_pipeline(other, run_dir, resume=False, progress=False)
+
+
+def test_tensorboard_logging(tmp_path, tiny_overrides):
+    cfg = load_config(None, tiny_overrides + ["tensorboard=true", "students=[]"])
+    pipeline.run_pipeline(cfg, tmp_path / "run", progress=False)
+    events = list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0
+
+
+def test_mixed_image_modes_in_a_folder_run_convert(tmp_path):
+    """CMYK, 16-bit, RGBA, palette and grayscale images among RGB ones are converted, not errors."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    modes = ["RGB", "CMYK", "I;16", "RGBA", "P", "L"]
+    for split, n in (("train", 6), ("test", 3), ("pool/x", 6)):
+        for c in ("a", "b") if split != "pool/x" else ("",):
+            d = tmp_path / split / c
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                rgb = Image.fromarray(rng.integers(0, 255, (10, 10, 3), dtype=np.uint8), "RGB")
+                mode = modes[i % len(modes)]
+                img = (Image.fromarray(np.asarray(rgb.convert("L"), dtype=np.uint16) * 257)
+                       if mode == "I;16" else rgb.convert(mode))
+                img.save(d / f"{i}.{'tif' if mode in ('CMYK', 'I;16') else 'png'}")
+    overrides = ["data.source=image-folder", f"data.train_dir={tmp_path / 'train'}",
+                 f"data.test_dir={tmp_path / 'test'}", f"data.unlabeled_dir={tmp_path / 'pool'}",
+                 "data.labels_per_class=null", "data.val_per_class=1", "data.image_size=8", "data.channels=3",
+                 "teacher.epochs=1", "train.epochs=1", "train.batch_size=4", "pseudo.threshold=0.0",
+                 "students=[{model: ns_cnn_s}]"]
+    summary = pipeline.run_pipeline(load_config(None, overrides), tmp_path / "run", progress=False)
+    assert summary["stages"][1]["num_pseudo"] > 0
+    assert (tmp_path / "run" / "label-1" / "bad_images.txt").read_text() == ""

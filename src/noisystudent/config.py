@@ -171,6 +171,8 @@ class EvaluateConfig:
 class Config:
     seed: int = _opt(0, "Random seed for splits, initialisation, augmentation and selection.")
     device: str = _opt("auto", "auto (CUDA if available, else CPU), cpu, cuda, cuda:N.")
+    tensorboard: bool = _opt(False, "Also log per-epoch metrics to TensorBoard in <run>/tensorboard "
+                             "(pip install 'noisystudent[tensorboard]').")
     data: DataConfig = _opt(None, "Data sources and splits.", factory=DataConfig)
     noise: NoiseConfig = _opt(None, "Student (and teacher) noise.", factory=NoiseConfig)
     train: TrainConfig = _opt(None, "Optimisation, shared by all stages.", factory=TrainConfig)

@@ -28,6 +28,7 @@ from torch.utils.data import Dataset
 
 from .checkpoint import load_model, save_model
 from .config import Config, StageConfig
+from .errors import ConfigError
 from .data import DataSplits, ImageSet, TransformedSet, build_splits
 from .distributed import DistContext, barrier, broadcast_object, cleanup, init_distributed
 from .evaluate import evaluate_checkpoints, evaluate_classifier
@@ -84,6 +85,18 @@ def _stage_noise(cfg: Config, stage: StageConfig) -> tuple[float, float]:
     return dropout, drop_path
 
 
+def _tensorboard(run: RunDir, cfg: Config):
+    """A TensorBoard writer when ``tensorboard: true`` (an optional dependency)."""
+    if not cfg.tensorboard:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ConfigError("tensorboard: true needs the tensorboard package "
+                          "(pip install 'noisystudent[tensorboard]')") from None
+    return SummaryWriter(str(run.root / "tensorboard"))
+
+
 def _done(run: RunDir, name: str, ctx: DistContext) -> bool:
     """Whether a stage finished, as rank 0 sees it (all ranks must take the same branch)."""
     return broadcast_object(run.is_done(name), ctx)
@@ -122,10 +135,16 @@ def train_stage(run: RunDir, name: str, stage: StageConfig, cfg: Config, splits:
     with run.stage(name, enabled=ctx.is_main) as out:
         metrics_file = (out / "metrics.jsonl").open("w") if ctx.is_main else None
 
+        board = _tensorboard(run, cfg) if ctx.is_main else None
+
         def on_epoch(record: dict) -> None:
             if metrics_file:
                 metrics_file.write(json.dumps(record) + "\n")
                 metrics_file.flush()
+            if board:
+                for key in ("loss", "val_top1", "val_top5", "lr"):
+                    board.add_scalar(f"{name}/{key}", record[key], record["step"])
+                board.flush()
 
         if cfg.stage_epochs(stage) > 0:
             outcome = train_classifier(model, labeled, val, cfg.train, num_classes=splits.num_classes,
@@ -137,6 +156,8 @@ def train_stage(run: RunDir, name: str, stage: StageConfig, cfg: Config, splits:
             model.to(ctx.device)
             outcome = TrainOutcome(state_dict=model.state_dict(), best_epoch=0, best_val_top1=float("nan"),
                                    epochs=0, steps=0, images_seen=0, seconds=0.0)
+        if board:
+            board.close()
         if metrics_file:
             metrics_file.close()
             # a resumed stage streamed only its last epochs; write the whole history

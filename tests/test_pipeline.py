@@ -121,3 +121,21 @@ def test_mixed_image_modes_in_a_folder_run_convert(tmp_path):
     summary = pipeline.run_pipeline(load_config(None, overrides), tmp_path / "run", progress=False)
     assert summary["stages"][1]["num_pseudo"] > 0
     assert (tmp_path / "run" / "label-1" / "bad_images.txt").read_text() == ""
+
+
+def test_chain_with_fixres_stage_end_to_end(tmp_path, tiny_overrides):
+    """A student trained at 12 px and tested at 16 px gets a fix-res stage; the summary shows
+    top-1 before and after at the test resolution, and evaluation uses the fine-tuned model."""
+    cfg = load_config(None, tiny_overrides + ["students=[{model: ns_cnn_s, image_size: 12, test_size: 16}]",
+                                              "finetune.epochs=1"])
+    summary = pipeline.run_pipeline(cfg, tmp_path / "run", progress=False)
+    names = [s["name"] for s in summary["stages"]]
+    assert names == ["teacher", "student-1", "fixres"]
+    fixres = summary["stages"][-1]
+    assert fixres["train_size"] == 12 and fixres["test_size"] == 16
+    assert {"test_top1_before", "test_top1_after"} <= set(fixres)
+    assert fixres["test_top1"] == fixres["test_top1_after"]
+    assert summary["stages"][1]["test_size"] == 16  # the student itself is reported at 16 px too
+    robustness = json.loads((tmp_path / "run" / "evaluate" / "robustness.json").read_text())
+    assert "fixres" in robustness
+    assert "fix-res at 16px" in pipeline.format_summary_table(summary)

@@ -139,3 +139,21 @@ def test_chain_with_fixres_stage_end_to_end(tmp_path, tiny_overrides):
     robustness = json.loads((tmp_path / "run" / "evaluate" / "robustness.json").read_text())
     assert "fixres" in robustness
     assert "fix-res at 16px" in pipeline.format_summary_table(summary)
+
+
+def test_teacher_with_other_class_names_is_refused(tmp_path, tiny_overrides, capsys):
+    from noisystudent.checkpoint import save_model
+    from noisystudent.models import create_model
+
+    ckpt = tmp_path / "teacher.pt"
+    names = [f"class-{i}" for i in range(10)]
+    save_model(ckpt, create_model("ns_cnn_s", 10, 1), name="ns_cnn_s", num_classes=10, in_chans=1,
+               classes=names, image_size=16, mean=(0.5,), std=(0.25,))
+    args = ["run", "--out", str(tmp_path / "run"), "--quiet", "--set", f"teacher.pretrained={ckpt}",
+            "--set", "teacher.epochs=0"]
+    for o in tiny_overrides:
+        args += ["--set", o]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"teacher checkpoint {ckpt} was trained on classes ['class-0'" in err[0]
+    assert not (tmp_path / "run" / "teacher").exists()

@@ -1,6 +1,6 @@
 """Reproduce the paper's claims at small scale, with seeds and ablations.
 
-    python benchmarks/accuracy.py                       # Fashion-MNIST, 3 seeds (~80 min on 2 cores)
+    python benchmarks/accuracy.py --jobs 2              # Fashion-MNIST, 3 seeds, on 2 cores
     python benchmarks/accuracy.py --quick               # smoke run (< 5 min)
     python benchmarks/accuracy.py --dataset digits      # a second data point
 
@@ -11,20 +11,29 @@ Variants (each over the seeds; the test split is only ever reported, never used 
   hard-labels    the same chain with hard pseudo labels
   no-balancing   the same chain without class balancing
   no-iteration   one student of the final architecture, taught by the teacher directly
-  oracle         the final architecture trained on every training label (supervised)
-Ablations reuse the seed's teacher (``teacher.pretrained`` + ``teacher.epochs=0``), so they differ
-from noisy-student only in what they ablate. The last line printed is a JSON object.
+  oracle         the final architecture trained on every training label (supervised), for the
+                 same number of epochs as that student
+Each seed's teacher is trained once; every other variant of that seed starts from it
+(``teacher.pretrained`` + ``teacher.epochs=0``), so variants differ only in what they ablate.
+
+Work is scheduled per (seed, variant) over ``--jobs`` worker processes with one torch thread
+each, longest tasks first, so all cores stay busy to the end. The last line printed is a JSON
+object.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import multiprocessing as mp
 import os
 import platform
 import statistics
 import sys
 import time
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -40,49 +49,91 @@ QUICK = {
 }
 # The oracle sees every training label; --quick caps it so the smoke run stays short.
 QUICK_ORACLE = {"fashion-mnist": ["data.labels_per_class=400"], "digits": []}
-ABLATIONS = ("no-noise", "hard-labels", "no-balancing")
+CHAINS = ("noisy-student", "no-noise", "hard-labels", "no-balancing")  # full chains from the seed's teacher
+ABLATION_OF = {"no-noise": "no-noise", "hard-labels": "hard-labels", "no-balancing": "no-balancing"}
+ORDER = ("teacher", "noisy-student-iter1", "noisy-student", "no-noise", "hard-labels", "no-balancing",
+         "no-iteration", "oracle")
 
 
-def run_variant(config: str, overrides: list[str], out: Path, ablation: str | None = None) -> dict:
-    cfg = load_config(config, overrides, ablation)
-    return run_pipeline(cfg, out, progress=False)
+@dataclass(order=True)
+class Task:
+    """One pipeline run: a variant of one seed. Lower ``priority`` starts first."""
+
+    priority: tuple
+    variant: str = field(compare=False)
+    seed: int = field(compare=False)
+    overrides: list[str] = field(compare=False)
+    ablation: str | None = field(compare=False, default=None)
 
 
-def benchmark_seed(config: str, seed: int, extra: list[str], out: Path,
-                   oracle_extra: list[str] = ()) -> dict[str, dict]:
-    """All variants for one seed: {variant: {"test_top1", "val_top1", "seconds"}}."""
-    base = [f"seed={seed}", *extra]
-    results: dict[str, dict] = {}
-
-    def record(name: str, summary: dict, stage: int = -1, seconds: float | None = None) -> None:
-        s = summary["stages"][stage]
-        results[name] = {"test_top1": s["test_top1"], "val_top1": s["val_top1"],
-                         "seconds": seconds if seconds is not None else summary["seconds"]}
-        print(f"  seed {seed} {name:<14} test top-1 {s['test_top1']:6.2f}  val {s['val_top1']:6.2f}  "
-              f"({results[name]['seconds']:.0f}s)", file=sys.stderr, flush=True)
-
-    ns = run_variant(config, base, out / "noisy-student")
-    teacher_seconds = ns["stages"][0]["seconds"]
-    record("teacher", ns, 0, teacher_seconds)
-    record("noisy-student-iter1", ns, 1)
-    record("noisy-student", ns)
-    teacher = [f"teacher.pretrained={out / 'noisy-student' / 'teacher' / 'model.pt'}", "teacher.epochs=0"]
-    for ablation in ABLATIONS:
-        record(ablation, run_variant(config, base + teacher, out / ablation, ablation))
-    final_model = load_config(config, base).students[-1]
-    record("no-iteration", run_variant(config, base + teacher + [f"students=[{{model: {final_model.model}}}]"],
-                                       out / "no-iteration"))
-    # Oracle: every training label (minus the validation split), no unlabeled pool to speak of.
-    oracle = base + ["data.labels_per_class=null", f"teacher.model={final_model.model}",
-                     f"teacher.epochs={load_config(config, base).stage_epochs(final_model)}",
-                     "students=[]", *oracle_extra]
-    summary = run_variant(config, oracle, out / "oracle")
-    record("oracle", summary, 0, summary["stages"][0]["seconds"])
-    return results
+def run_task(config: str, task: Task, out: Path) -> dict:
+    """Run one variant in this (worker) process; returns its summary."""
+    torch.set_num_threads(1)
+    cfg = load_config(config, task.overrides, task.ablation)
+    return run_pipeline(cfg, out / f"seed{task.seed}" / task.variant, progress=False)
 
 
-def _seed_job(job: tuple) -> dict[str, dict]:
-    return benchmark_seed(*job)
+def teacher_task(config: str, seed: int, extra: list[str]) -> Task:
+    return Task((0, seed), "teacher", seed, [f"seed={seed}", *extra, "students=[]"])
+
+
+def oracle_task(config: str, seed: int, extra: list[str], oracle_extra: list[str]) -> Task:
+    """The final student architecture on every training label, for as many epochs as that student."""
+    cfg = load_config(config, [f"seed={seed}", *extra])
+    final = cfg.students[-1]
+    return Task((2, seed), "oracle", seed,
+                [f"seed={seed}", *extra, "data.labels_per_class=null", f"teacher.model={final.model}",
+                 f"teacher.epochs={cfg.stage_epochs(final)}", "students=[]", *oracle_extra])
+
+
+def student_tasks(config: str, seed: int, extra: list[str], teacher_ckpt: Path) -> list[Task]:
+    """Every variant that learns from the seed's teacher: the full chains first (the longest)."""
+    base = [f"seed={seed}", *extra, f"teacher.pretrained={teacher_ckpt}", "teacher.epochs=0"]
+    tasks = [Task((1, seed, i), v, seed, base, ABLATION_OF.get(v)) for i, v in enumerate(CHAINS)]
+    final = load_config(config, [f"seed={seed}", *extra]).students[-1]
+    # the final student exactly as the chain trains it (its lr, epochs, ...), taught by the teacher
+    settings = ", ".join(f"{k}: {v}" for k, v in dataclasses.asdict(final).items() if v is not None)
+    tasks.append(Task((2, seed, 9), "no-iteration", seed, base + [f"students=[{{{settings}}}]"]))
+    return tasks
+
+
+def run_benchmark(config: str, seeds: list[int], extra: list[str], oracle_extra: list[str], out: Path,
+                  jobs: int) -> dict[int, dict[str, dict]]:
+    """All variants of all seeds: {seed: {variant: {"test_top1", "val_top1", "seconds"}}}."""
+    results: dict[int, dict[str, dict]] = {s: {} for s in seeds}
+    ready = sorted([teacher_task(config, s, extra) for s in seeds]
+                   + [oracle_task(config, s, extra, oracle_extra) for s in seeds])
+    running: dict[Future, Task] = {}
+
+    def record(seed: int, name: str, stage: dict, seconds: float) -> None:
+        results[seed][name] = {"test_top1": stage["test_top1"], "val_top1": stage["val_top1"], "seconds": seconds}
+        print(f"  seed {seed} {name:<20} test top-1 {stage['test_top1']:6.2f}  val {stage['val_top1']:6.2f}  "
+              f"({seconds:.0f}s)", file=sys.stderr, flush=True)
+
+    ctx = mp.get_context("spawn")  # a fresh interpreter per worker: no forked torch thread pools
+    with ProcessPoolExecutor(jobs, mp_context=ctx) as pool:
+        while ready or running:
+            while ready and len(running) < jobs:  # keep exactly `jobs` tasks in flight
+                task = ready.pop(0)
+                running[pool.submit(run_task, config, task, out)] = task
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                task = running.pop(future)
+                summary = future.result()
+                stages = summary["stages"]
+                if task.variant == "teacher":
+                    record(task.seed, "teacher", stages[0], stages[0]["seconds"])
+                    ckpt = out / f"seed{task.seed}" / "teacher" / "teacher" / "model.pt"
+                    ready = sorted(ready + student_tasks(config, task.seed, extra, ckpt))
+                elif task.variant == "oracle":
+                    record(task.seed, "oracle", stages[0], stages[0]["seconds"])
+                else:
+                    # students only: the teacher's time is the teacher variant's
+                    seconds = sum(s["seconds"] for s in stages[1:])
+                    if task.variant == "noisy-student" and len(stages) > 2:
+                        record(task.seed, "noisy-student-iter1", stages[1], stages[1]["seconds"])
+                    record(task.seed, task.variant, stages[-1], seconds)
+    return {s: {n: r[n] for n in ORDER if n in r} for s, r in results.items()}
 
 
 def aggregate(per_seed: list[dict[str, dict]]) -> dict[str, dict]:
@@ -91,13 +142,23 @@ def aggregate(per_seed: list[dict[str, dict]]) -> dict[str, dict]:
         accs = [r[name]["test_top1"] for r in per_seed]
         secs = [r[name]["seconds"] for r in per_seed]
         table[name] = {"mean": statistics.mean(accs), "std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
-                       "seconds": statistics.mean(secs), "runs": accs}
+                       "seconds": statistics.mean(secs), "runs": accs,
+                       "val_mean": statistics.mean(r[name]["val_top1"] for r in per_seed)}
     return table
 
 
 def gap_closed(table: dict, name: str) -> float:
     t, o = table["teacher"]["mean"], table["oracle"]["mean"]
     return (table[name]["mean"] - t) / (o - t) if o != t else float("nan")
+
+
+def gap_closed_per_seed(per_seed: list[dict[str, dict]], name: str) -> list[float]:
+    """Each seed's own gap closed (its teacher and oracle), for the spread."""
+    out = []
+    for r in per_seed:
+        t, o = r["teacher"]["test_top1"], r["oracle"]["test_top1"]
+        out.append((r[name]["test_top1"] - t) / (o - t) if o != t else float("nan"))
+    return out
 
 
 def plot(table: dict, path: Path, title: str) -> None:
@@ -107,17 +168,19 @@ def plot(table: dict, path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     names = list(table)
-    fig, ax = plt.subplots(figsize=(8, 3.6))
+    fig, ax = plt.subplots(figsize=(8.5, 3.8))
     means = [table[n]["mean"] for n in names]
     ax.bar(names, means, yerr=[table[n]["std"] for n in names], capsize=4,
            color=["#888" if n in ("teacher", "oracle") else "#3a7" if n.startswith("noisy") else "#c84"
                   for n in names])
-    lo = min(means) - 3
-    ax.set_ylim(max(0, lo), min(100, max(means) + 2))
+    for i, n in enumerate(names):  # each seed as a dot: the spread the error bar summarises
+        ax.plot([i] * len(table[n]["runs"]), table[n]["runs"], "k.", ms=4, alpha=0.6)
+    lo = min(min(table[n]["runs"]) for n in names) - 2
+    ax.set_ylim(max(0, lo), min(100, max(max(table[n]["runs"]) for n in names) + 2))
     ax.set_ylabel("test top-1 (%)")
     ax.set_title(title)
     for i, m in enumerate(means):
-        ax.text(i, m + 0.2, f"{m:.1f}", ha="center", va="bottom", fontsize=8)
+        ax.text(i + 0.28, m, f"{m:.1f}", ha="left", va="center", fontsize=8)
     plt.xticks(rotation=20, ha="right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -130,40 +193,38 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a smoke run: fewer epochs and images, 1 seed")
     parser.add_argument("--seeds", type=int, nargs="+", default=None)
     parser.add_argument("--out", type=Path, default=Path("runs/bench-accuracy"))
-    parser.add_argument("--jobs", type=int, default=1,
-                        help="seeds run in parallel processes, one torch thread each (use the core count)")
+    parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
+                        help="worker processes, one torch thread each (default: up to 2; use the core count)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override for every variant (e.g. train.epochs=4); may repeat")
     args = parser.parse_args(argv)
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
-    extra = QUICK[args.dataset] if args.quick else []
+    extra = (QUICK[args.dataset] if args.quick else []) + args.overrides
+    oracle_extra = QUICK_ORACLE[args.dataset] if args.quick else []
     out = args.out / f"{args.dataset}{'-quick' if args.quick else ''}-{time.strftime('%Y%m%d-%H%M%S')}"
     start = time.time()
-    oracle_extra = QUICK_ORACLE[args.dataset] if args.quick else []
-    jobs = [(CONFIGS[args.dataset], s, extra, out / f"seed{s}", oracle_extra) for s in seeds]
-    if args.jobs > 1:
-        import multiprocessing as mp
-        from concurrent.futures import ProcessPoolExecutor
-
-        with ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("spawn"), initializer=torch.set_num_threads,
-                                 initargs=(1,)) as pool:
-            per_seed = list(pool.map(_seed_job, jobs))
-    else:
-        per_seed = [benchmark_seed(*job) for job in jobs]
+    results = run_benchmark(CONFIGS[args.dataset], seeds, extra, oracle_extra, out, args.jobs)
+    per_seed = [results[s] for s in seeds]
     table = aggregate(per_seed)
-    result = {"dataset": args.dataset, "quick": args.quick, "seeds": seeds,
-              "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
-                         f"{args.jobs} parallel seed job(s)",
-              "minutes": (time.time() - start) / 60,
+    ns_gaps = gap_closed_per_seed(per_seed, "noisy-student")
+    nn_gaps = gap_closed_per_seed(per_seed, "no-noise")
+    result = {"dataset": args.dataset, "quick": args.quick, "seeds": seeds, "overrides": extra,
+              "machine": f"{platform.machine()}, {os.cpu_count()} cores, {args.jobs} worker(s) x 1 thread",
+              "minutes": round((time.time() - start) / 60, 1),
               "test_top1": {n: round(v["mean"], 2) for n, v in table.items()},
               "test_top1_std": {n: round(v["std"], 2) for n, v in table.items()},
               "gap_closed": round(gap_closed(table, "noisy-student"), 3),
-              "gap_closed_by_variant": {n: round(gap_closed(table, n), 3) for n in table if n not in ("teacher", "oracle")}}
+              "gap_closed_by_variant": {n: round(gap_closed(table, n), 3) for n in table
+                                        if n not in ("teacher", "oracle")},
+              "gap_closed_per_seed": {"noisy-student": [round(g, 3) for g in ns_gaps],
+                                      "no-noise": [round(g, 3) for g in nn_gaps]}}
     out.mkdir(parents=True, exist_ok=True)
     plot(table, out / "accuracy.png", f"{args.dataset}: test top-1 over {len(seeds)} seed(s)")
     (out / "accuracy.json").write_text(json.dumps({"table": table, **result}, indent=2))
-    print(f"{'variant':<20} {'test top-1':>16} {'gap closed':>11} {'time':>8}")
+    print(f"{'variant':<20} {'test top-1':>16} {'val top-1':>9} {'gap closed':>11} {'time':>8}")
     for n, v in table.items():
         g = "" if n in ("teacher", "oracle") else f"{gap_closed(table, n):.2f}"
-        print(f"{n:<20} {v['mean']:>8.2f} +- {v['std']:<5.2f} {g:>11} {v['seconds']:>7.0f}s")
+        print(f"{n:<20} {v['mean']:>8.2f} +- {v['std']:<5.2f} {v['val_mean']:>9.2f} {g:>11} {v['seconds']:>7.0f}s")
     print(f"plot: {out / 'accuracy.png'}")
     print(json.dumps(result))
     return 0

@@ -80,7 +80,7 @@ _FAMILY: tuple[ModelSpec, ...] = (
 _CPU_NETS: tuple[ModelSpec, ...] = tuple(
     ModelSpec(name=n, label=n, width=None, depth=None, train_size=16, test_size=16, dropout=0.3,
               drop_path=0.1, paper_params=None, pretrained=None, num_classes=10, in_chans=1)
-    for n in ("ns_cnn_s", "ns_cnn_m", "ns_cnn_l"))
+    for n in ("ns_cnn_s", "ns_cnn_s_wide", "ns_cnn_m", "ns_cnn_l"))
 
 
 def measure_model(name: str, size: int, num_classes: int = 1000, in_chans: int = 3) -> tuple[int, int]:

@@ -157,3 +157,26 @@ def test_headless_model_ignores_the_file_classifier(b0_file):
     messages = load_pretrained(model, str(path))
     assert any("no classifier" in m for m in messages)
     assert torch.equal(model.conv_head.weight, ref["conv_head.weight"])
+
+
+def test_our_checkpoint_is_read_once_and_its_class_names_checked(tmp_path, monkeypatch):
+    from noisystudent.errors import DataError
+
+    path = tmp_path / "teacher.pt"
+    torch.manual_seed(0)
+    src = create_model("ns_cnn_s", 3, 1)
+    save_model(path, src, name="ns_cnn_s", num_classes=3, in_chans=1, classes=["a", "b", "c"],
+               image_size=16, mean=(0.5,), std=(0.2,))
+    reads = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: reads.append(a[0]) or real_load(*a, **k))
+    model = create_model("ns_cnn_s", 3, 1, pretrained=str(path), classes=["a", "b", "c"], used_as_is=True)
+    assert len(reads) == 1  # one read of the file, class check included
+    assert torch.equal(model.fc.weight, src.fc.weight)
+    with pytest.raises(DataError, match=r"trained on classes \['a', 'b', 'c'\]"):
+        create_model("ns_cnn_s", 3, 1, pretrained=str(path), classes=["c", "b", "a"])
+    with pytest.raises(DataError, match="needs the same classes"):
+        create_model("ns_cnn_s", 4, 1, pretrained=str(path), classes=list("abcd"), used_as_is=True)
+    # trained further: another class count only gets a new head
+    model = create_model("ns_cnn_s", 4, 1, pretrained=str(path), classes=list("abcd"))
+    assert model.fc.out_features == 4 and torch.equal(model.stem[0].weight, src.stem[0].weight)

@@ -184,13 +184,15 @@ def model_architecture(model: nn.Module) -> str:
 
 
 def create_model(name: str, num_classes: int, in_chans: int, dropout: float = 0.0,
-                 drop_path: float = 0.0, pretrained: bool | str | None = False) -> nn.Module:
+                 drop_path: float = 0.0, pretrained: bool | str | None = False, *,
+                 classes: list[str] | None = None, used_as_is: bool = False) -> nn.Module:
     """Build a model by name with the paper's noise knobs (dropout, stochastic depth).
 
     ``pretrained``: ``True`` downloads timm's default weights for ``name``; a string is a weight
     source for :func:`noisystudent.pretrained.load_pretrained` (a timm tag such as
     ``tf_efficientnet_b0.ns_jft_in1k``, or a local .pt/.pth/.safetensors file): the head is
     replaced when the class count differs, and weights of another architecture are an error.
+    ``classes``/``used_as_is``: checked against a weight file that names its classes.
     """
     name = resolve_model_name(name)
     if not timm.is_model(name):
@@ -200,7 +202,7 @@ def create_model(name: str, num_classes: int, in_chans: int, dropout: float = 0.
     if isinstance(pretrained, str) and pretrained:
         from .pretrained import load_pretrained
 
-        load_pretrained(model, pretrained, num_classes)
+        load_pretrained(model, pretrained, num_classes, classes=classes, used_as_is=used_as_is)
     return model
 
 

@@ -26,9 +26,9 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import Dataset
 
-from .checkpoint import load_checkpoint, load_model, save_model
+from .checkpoint import load_model, save_model
 from .config import Config, StageConfig
-from .errors import CheckpointError, ConfigError, DataError
+from .errors import ConfigError
 from .data import DataSplits, ImageSet, TransformedSet, build_splits
 from .distributed import DistContext, barrier, broadcast_object, cleanup, init_distributed
 from .evaluate import evaluate_checkpoints, evaluate_classifier
@@ -85,27 +85,6 @@ def _stage_noise(cfg: Config, stage: StageConfig) -> tuple[float, float]:
     return dropout, drop_path
 
 
-def _check_teacher_classes(source: str, classes: list[str], used_as_is: bool) -> None:
-    """A teacher checkpoint of ours names its classes: they must be the data's, in order. (Other
-    weights, e.g. ImageNet ones, only get their head replaced when the class count differs.)"""
-    path = Path(source)
-    if not path.is_file() or path.suffix == ".safetensors":
-        return
-    try:
-        payload = load_checkpoint(path)
-    except CheckpointError:
-        return  # not our format; pretrained.load_pretrained reports what it can
-    theirs = payload.get("classes")
-    if theirs is None:
-        return
-    if len(theirs) == len(classes) and list(theirs) != list(classes):
-        raise DataError(f"teacher checkpoint {path} was trained on classes {list(theirs)}, "
-                        f"but the data has {list(classes)}")
-    if used_as_is and len(theirs) != len(classes):
-        raise DataError(f"teacher checkpoint {path} has {len(theirs)} classes and the data {len(classes)}; "
-                        "a teacher used without training (epochs 0) needs the same classes")
-
-
 def _tensorboard(run: RunDir, cfg: Config):
     """A TensorBoard writer when ``tensorboard: true`` (an optional dependency)."""
     if not cfg.tensorboard:
@@ -135,10 +114,9 @@ def train_stage(run: RunDir, name: str, stage: StageConfig, cfg: Config, splits:
     test_size = stage.test_size or size
     dropout, drop_path = _stage_noise(cfg, stage)
     seed_everything(seed)
-    if stage.pretrained:
-        _check_teacher_classes(stage.pretrained, splits.classes, used_as_is=cfg.stage_epochs(stage) == 0)
     model = create_model(stage.model, splits.num_classes, splits.channels, dropout, drop_path,
-                         pretrained=stage.pretrained)
+                         pretrained=stage.pretrained, classes=splits.classes,
+                         used_as_is=cfg.stage_epochs(stage) == 0)
     noisy = train_transform(size, splits.channels, splits.mean, splits.std, cfg.noise, cfg.data.flip)
     clean = eval_transform(size, splits.channels, splits.mean, splits.std)
     labeled = TransformedSet(splits.labeled, noisy)

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .errors import CheckpointError
+from .errors import CheckpointError, DataError
 
 log = logging.getLogger("noisystudent")
 
@@ -56,6 +56,13 @@ def _torch_load(path: Path) -> object:
 
 def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], str | None]:
     """The tensors of a local weight file and, when the file names it, its architecture."""
+    state, arch, _ = read_weight_file(path)
+    return state, arch
+
+
+def read_weight_file(path: str | Path) -> tuple[dict[str, torch.Tensor], str | None, list[str] | None]:
+    """One read of a local weight file: its tensors, its architecture and its class names (the
+    last two when the file names them, as our own checkpoints do)."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise CheckpointError(f"pretrained weights not found: {path}")
@@ -69,7 +76,9 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], str | No
     except Exception as e:  # torch/safetensors raise many types for corrupt or unsafe files
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"unreadable weight file {path}: {reason}") from None
-    arch = None
+    arch, classes = None, None
+    if isinstance(obj, dict) and isinstance(obj.get("classes"), (list, tuple)):
+        classes = [str(c) for c in obj["classes"]]
     for _ in range(3):  # unwrap {"state_dict": {...}} and the like, at most a few levels
         if not isinstance(obj, dict) or _all_tensors(obj):
             break
@@ -84,7 +93,19 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], str | No
     if not isinstance(obj, dict) or not obj or not _all_tensors(obj):
         raise CheckpointError(f"{path} holds no state dict (expected tensors by name, or a "
                               f"'state_dict'/'model' entry holding them)")
-    return _strip_prefixes(obj), arch
+    return _strip_prefixes(obj), arch, classes
+
+
+def check_class_names(source: str, theirs: list[str], ours: list[str], used_as_is: bool) -> None:
+    """Weights that name their classes must name the data's, in order; a model used without
+    training (epochs 0) must also have as many. (Weights that do not name them, e.g. ImageNet
+    ones, only get their head replaced when the class count differs.)"""
+    if len(theirs) == len(ours) and list(theirs) != list(ours):
+        raise DataError(f"teacher checkpoint {source} was trained on classes {list(theirs)}, "
+                        f"but the data has {list(ours)}")
+    if used_as_is and len(theirs) != len(ours):
+        raise DataError(f"teacher checkpoint {source} has {len(theirs)} classes and the data {len(ours)}; "
+                        "a teacher used without training (epochs 0) needs the same classes")
 
 
 def _all_tensors(d: dict) -> bool:
@@ -269,17 +290,22 @@ def apply_state_dict(model: nn.Module, state: dict[str, torch.Tensor], *, source
     return messages + [done]
 
 
-def load_pretrained(model: nn.Module, source: str, num_classes: int | None = None) -> list[str]:
+def load_pretrained(model: nn.Module, source: str, num_classes: int | None = None, *,
+                    classes: list[str] | None = None, used_as_is: bool = False) -> list[str]:
     """Initialise ``model`` in place from ``source`` (a timm tag or a local weight file).
 
-    ``num_classes``: the classes the model must end with (default: its current head). Returns
-    the messages (head replaced, input conv adapted, tensors loaded); warnings are also logged.
-    Raises :class:`CheckpointError` for a missing/unreadable file or another architecture.
+    ``num_classes``: the classes the model must end with (default: its current head). ``classes``:
+    the data's class names, checked against a file that names its own (:func:`check_class_names`;
+    ``used_as_is``: the model will not be trained). Returns the messages (head replaced, input
+    conv adapted, tensors loaded); warnings are also logged. Raises :class:`CheckpointError` for a
+    missing/unreadable file or another architecture, :class:`DataError` for other classes.
     """
     from .models import model_architecture
 
     if is_local_source(source):
-        state, file_arch = read_state_dict(source)
+        state, file_arch, file_classes = read_weight_file(source)  # read once: L2 files are GBs
+        if classes is not None and file_classes is not None:
+            check_class_names(source, file_classes, classes, used_as_is)
         return apply_state_dict(model, state, source=str(source), num_classes=num_classes, file_arch=file_arch)
     from timm.models import split_model_name_tag
 

@@ -96,3 +96,21 @@ def test_natural_adversarial_folder(tmp_path):
         evaluate_robustness(tiny_model(), tiny_data(), suites=["natural-adversarial"], progress=False)
     with pytest.raises(ValueError):
         evaluate_robustness(tiny_model(), tiny_data(), suites=["nope"], progress=False)
+
+
+def test_known_clean_accuracy_is_reused_not_recomputed(monkeypatch):
+    import noisystudent.robustness.suite as suite
+
+    data, model = tiny_data(), tiny_model()
+    measured = evaluate_robustness(model, data, suites=["clean"], progress=False)["clean"]
+    calls = []
+    real = suite._clean
+    monkeypatch.setattr(suite, "_clean", lambda *a, **k: calls.append(1) or real(*a, **k))
+    given = {"top1": measured["top1"], "top5": measured["top5"]}
+    res = evaluate_robustness(model, data, suites=["clean", "corruptions"], corruptions=["gaussian_noise"],
+                              severities=[1], clean=given, progress=False)
+    assert calls == []  # no second pass over the clean images
+    assert res["clean"] == measured
+    assert res["corruptions"]["clean_error"] == pytest.approx(measured["error"])
+    evaluate_robustness(model, data, suites=["clean"], progress=False)
+    assert calls == [1]

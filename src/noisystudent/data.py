@@ -247,14 +247,20 @@ def list_images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
-def scan_class_folder(root: str | Path, what: str) -> tuple[list[Path], np.ndarray, list[str]]:
-    """A labeled image folder: one subfolder per class. Errors name the folder at fault."""
+def class_folders(root: str | Path, what: str) -> list[Path]:
+    """The class subfolders of ``root`` in name order (hidden ones skipped); errors name ``root``."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{what} folder not found: {root}")
     class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not class_dirs:
         raise DataError(f"{what} folder {root} has no class subfolders")
+    return class_dirs
+
+
+def scan_class_folder(root: str | Path, what: str) -> tuple[list[Path], np.ndarray, list[str]]:
+    """A labeled image folder: one subfolder per class. Errors name the folder at fault."""
+    class_dirs = class_folders(root, what)
     paths, targets = [], []
     for idx, d in enumerate(class_dirs):
         files = list_images(d)

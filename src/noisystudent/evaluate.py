@@ -42,10 +42,13 @@ def evaluate_classifier(model: nn.Module, dataset: Dataset, device: torch.device
 
 
 def evaluate_checkpoints(checkpoints: dict[str, Path], images: ImageSet, cfg: EvaluateConfig, *, channels: int,
-                         device: torch.device, out_dir: Path, seed: int = 0, progress: bool = True) -> dict:
+                         device: torch.device, out_dir: Path, seed: int = 0, progress: bool = True,
+                         known_clean: dict[str, dict] | None = None) -> dict:
     """Run the configured robustness suites on each checkpoint (e.g. teacher and final student),
     side by side; writes ``robustness.json`` and plots into ``out_dir``. ``images`` is an
-    :class:`~noisystudent.data.ImageSet` with targets (usually the test split)."""
+    :class:`~noisystudent.data.ImageSet` with targets (usually the test split). ``known_clean``:
+    ``{name: {"top1", "top5"}}`` already measured on all of ``images`` at the checkpoint's test
+    size, reused instead of another clean pass (ignored with ``cfg.max_images``)."""
     results = {}
     for name, path in checkpoints.items():
         model, meta = load_model(path)
@@ -56,7 +59,8 @@ def evaluate_checkpoints(checkpoints: dict[str, Path], images: ImageSet, cfg: Ev
             batch_size=cfg.batch_size, fgsm_eps=cfg.fgsm_eps, pgd_steps=cfg.pgd_steps,
             severities=cfg.severities, max_images=cfg.max_images, seed=seed, progress=progress,
             normalizer=cfg.normalizer, natural_adversarial_root=cfg.natural_adversarial_dir,
-            class_names=meta.get("classes"))
+            class_names=meta.get("classes"),
+            clean=(known_clean or {}).get(name) if cfg.max_images is None else None)
         results[name]["checkpoint"] = str(path)
     out_dir = Path(out_dir)
     write_json_atomic(out_dir / "robustness.json", results)

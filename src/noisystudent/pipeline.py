@@ -300,11 +300,16 @@ def evaluate_stage(run: RunDir, name: str, stages: list[StageResult], cfg: Confi
     """The configured suites on the test split, first teacher and final model side by side."""
     path = run.path(name) / "robustness.json"
     if not _done(run, name, ctx):
-        models = {stages[0].metrics["name"]: stages[0].checkpoint, stages[-1].metrics["name"]: stages[-1].checkpoint}
+        ends = (stages[0], stages[-1])
+        models = {s.metrics["name"]: s.checkpoint for s in ends}
+        # each stage already measured its test top-1/top-5: no second clean pass over the test set
+        known = {s.metrics["name"]: {"top1": s.metrics["test_top1"], "top5": s.metrics["test_top5"]}
+                 for s in ends if "test_top5" in s.metrics}
         with run.stage(name, enabled=ctx.is_main) as out:
             if ctx.is_main:
                 evaluate_checkpoints(models, splits.test, cfg.evaluate, channels=splits.channels,
-                                     device=ctx.device, out_dir=out, seed=cfg.seed, progress=progress)
+                                     device=ctx.device, out_dir=out, seed=cfg.seed, progress=progress,
+                                     known_clean=known)
         barrier(ctx)
     results = json.loads(path.read_text())
     return {model: dict(kv for suite, res in r.items() for kv in _headlines(suite, res)) for model, r in results.items()}

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
+from ..data import class_folders, list_images
 from ..errors import DataError
 from ..progress import progress_bar
 from .attacks import NormalizedModel
@@ -28,7 +29,6 @@ from .corruptions import ALL_CORRUPTIONS, CORRUPTIONS
 from .metrics import (ALEXNET_CORRUPTION_ERRORS, corruption_errors_to_ce, mce, mean_corruption_error,
                       relative_ce, topk_hits)
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 _WNID = re.compile(r"^n\d{8}$")
 
 
@@ -83,16 +83,7 @@ class ImageFiles(Dataset):
 
 
 def _class_folders(root: Path) -> list[Path]:
-    if not root.is_dir():
-        raise DataError(f"not a directory: {root}")
-    folders = sorted(p for p in root.iterdir() if p.is_dir())
-    if not folders:
-        raise DataError(f"no class folders in {root}")
-    return folders
-
-
-def _images_in(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    return class_folders(root, "evaluation")
 
 
 def _limit(items: list, max_images: int | None) -> list:
@@ -140,7 +131,7 @@ def evaluate_imagenet_a(model: nn.Module, root: str | Path, mean=None, std=None,
     folders = _class_folders(root)
     wnids = [f.name for f in folders]
     mask = imagenet_a_mask(wnids)
-    items = [(p, i) for i, f in enumerate(folders) for p in _images_in(f)]
+    items = [(p, i) for i, f in enumerate(folders) for p in list_images(f)]
     dataset = ImageFiles(_limit(items, max_images), resize=resize, crop=image_size)
     device = torch.device(device)
     wrapped, was_training = _prepare(model, mean, std, device)
@@ -180,7 +171,7 @@ def evaluate_image_folder(model: nn.Module, root: str | Path, mean=None, std=Non
     else:
         raise DataError(f"cannot map folder names to classes (pass class_names): {names[:5]}")
     mask = torch.tensor(indices, dtype=torch.long)
-    items = [(p, i) for i, f in enumerate(folders) for p in _images_in(f)]
+    items = [(p, i) for i, f in enumerate(folders) for p in list_images(f)]
     dataset = ImageFiles(_limit(items, max_images), resize=resize, crop=image_size, channels=channels)
     device = torch.device(device)
     wrapped, was_training = _prepare(model, mean, std, device)
@@ -250,7 +241,7 @@ def evaluate_imagenet_c(model: nn.Module, root: str | Path, mean=None, std=None,
                 for f in _class_folders(folder):
                     if f.name not in table:
                         raise DataError(f"not an ImageNet-1k WordNet id: {f}")
-                    items += [(p, table[f.name]) for p in _images_in(f)]
+                    items += [(p, table[f.name]) for p in list_images(f)]
                 dataset = ImageFiles(_limit(items, max_images), crop=image_size)
                 res = _accuracy(wrapped, dataset, device, batch_size, num_workers, None, progress, f"{name} {s}")
                 errors[name].append(res["error"] / 100.0)

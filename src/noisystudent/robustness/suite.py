@@ -50,7 +50,8 @@ def evaluate_robustness(model: nn.Module, dataset: Dataset,
                         normalizer: str | None = None, corruptions: Sequence[str] | None = None,
                         perturbations: Sequence[str] | None = None, pgd_eps: Sequence[float] | None = None,
                         preset: str = "auto", natural_adversarial_root: str | Path | None = None,
-                        class_names: Sequence[str] | None = None, num_workers: int = 0) -> dict:
+                        class_names: Sequence[str] | None = None, num_workers: int = 0,
+                        clean: dict | None = None) -> dict:
     """Evaluate ``model`` under the requested robustness suites.
 
     Args:
@@ -71,6 +72,8 @@ def evaluate_robustness(model: nn.Module, dataset: Dataset,
         natural_adversarial_root: folder for "natural-adversarial": ImageNet-A (WordNet id
             folders, 1000-class model) or a labelled folder of hard images (``class_names`` maps
             folder names to model outputs).
+        clean: this model's clean ``{"top1", "top5"}`` on the same images, already measured (the
+            pipeline's test evaluation): reused instead of a second pass over the data.
 
     Returns:
         A JSON-serialisable dict with one entry per suite; accuracies, errors, CE and flip rates
@@ -97,7 +100,11 @@ def evaluate_robustness(model: nn.Module, dataset: Dataset,
     results: dict = {"n_images": len(dataset), "seed": seed}
     try:
         needs_clean = any(s in suites for s in ("clean", "corruptions"))
-        clean = _clean(wrapped, loader, device, progress) if needs_clean else None
+        if clean is not None:
+            clean = {"top1": float(clean["top1"]), "top5": float(clean["top5"]),
+                     "error": 100.0 - float(clean["top1"]), "n": len(dataset)}
+        elif needs_clean:
+            clean = _clean(wrapped, loader, device, progress)
         if "clean" in suites:
             results["clean"] = clean
         if "corruptions" in suites:

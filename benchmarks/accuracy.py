@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import multiprocessing as mp
 import os
 import platform
@@ -147,18 +148,23 @@ def aggregate(per_seed: list[dict[str, dict]]) -> dict[str, dict]:
     return table
 
 
+def _gap(student: float, teacher: float, oracle: float) -> float:
+    # undefined (nan) unless the oracle beats the teacher: e.g. --quick's capped oracle
+    return (student - teacher) / (oracle - teacher) if oracle > teacher else float("nan")
+
+
 def gap_closed(table: dict, name: str) -> float:
-    t, o = table["teacher"]["mean"], table["oracle"]["mean"]
-    return (table[name]["mean"] - t) / (o - t) if o != t else float("nan")
+    """(student - teacher) / (oracle - teacher), on the means over seeds."""
+    return _gap(table[name]["mean"], table["teacher"]["mean"], table["oracle"]["mean"])
 
 
 def gap_closed_per_seed(per_seed: list[dict[str, dict]], name: str) -> list[float]:
     """Each seed's own gap closed (its teacher and oracle), for the spread."""
-    out = []
-    for r in per_seed:
-        t, o = r["teacher"]["test_top1"], r["oracle"]["test_top1"]
-        out.append((r[name]["test_top1"] - t) / (o - t) if o != t else float("nan"))
-    return out
+    return [_gap(r[name]["test_top1"], r["teacher"]["test_top1"], r["oracle"]["test_top1"]) for r in per_seed]
+
+
+def _rounded(x: float) -> float | None:
+    return None if math.isnan(x) else round(x, 3)  # JSON has no NaN
 
 
 def plot(table: dict, path: Path, title: str) -> None:
@@ -213,14 +219,14 @@ def main(argv: list[str] | None = None) -> int:
               "minutes": round((time.time() - start) / 60, 1),
               "test_top1": {n: round(v["mean"], 2) for n, v in table.items()},
               "test_top1_std": {n: round(v["std"], 2) for n, v in table.items()},
-              "gap_closed": round(gap_closed(table, "noisy-student"), 3),
-              "gap_closed_by_variant": {n: round(gap_closed(table, n), 3) for n in table
+              "gap_closed": _rounded(gap_closed(table, "noisy-student")),
+              "gap_closed_by_variant": {n: _rounded(gap_closed(table, n)) for n in table
                                         if n not in ("teacher", "oracle")},
-              "gap_closed_per_seed": {"noisy-student": [round(g, 3) for g in ns_gaps],
-                                      "no-noise": [round(g, 3) for g in nn_gaps]}}
+              "gap_closed_per_seed": {"noisy-student": [_rounded(g) for g in ns_gaps],
+                                      "no-noise": [_rounded(g) for g in nn_gaps]}}
     out.mkdir(parents=True, exist_ok=True)
     plot(table, out / "accuracy.png", f"{args.dataset}: test top-1 over {len(seeds)} seed(s)")
-    (out / "accuracy.json").write_text(json.dumps({"table": table, **result}, indent=2))
+    (out / "accuracy.json").write_text(json.dumps({"table": table, **result}, indent=2, allow_nan=False))
     print(f"{'variant':<20} {'test top-1':>16} {'val top-1':>9} {'gap closed':>11} {'time':>8}")
     for n, v in table.items():
         g = "" if n in ("teacher", "oracle") else f"{gap_closed(table, n):.2f}"

@@ -57,6 +57,8 @@ def test_gap_closed_uses_the_teacher_and_oracle_means():
     assert table["teacher"]["mean"] == 81.0 and table["teacher"]["std"] == pytest.approx(math.sqrt(2))
     assert accuracy.gap_closed(table, "noisy-student") == pytest.approx(5 / 10)
     assert accuracy.gap_closed_per_seed(per_seed, "noisy-student") == pytest.approx([0.6, 0.4])
+    per_seed[1]["oracle"]["test_top1"] = 81.0  # an oracle below its teacher: no gap to close
+    assert math.isnan(accuracy.gap_closed_per_seed(per_seed, "noisy-student")[1])
 
 
 def test_benchmark_runs_every_variant_and_prints_json_last(tmp_path, tiny_overrides, capsys):

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-from noisystudent.config import load_config
+from noisystudent.config import ABLATIONS, load_config
 from noisystudent.pipeline import run_pipeline
 
 CONFIGS = {"fashion-mnist": "configs/fashion-mnist.yaml", "digits": "configs/digits.yaml"}
@@ -51,7 +51,6 @@ QUICK = {
 # The oracle sees every training label; --quick caps it so the smoke run stays short.
 QUICK_ORACLE = {"fashion-mnist": ["data.labels_per_class=400"], "digits": []}
 CHAINS = ("noisy-student", "no-noise", "hard-labels", "no-balancing")  # full chains from the seed's teacher
-ABLATION_OF = {"no-noise": "no-noise", "hard-labels": "hard-labels", "no-balancing": "no-balancing"}
 ORDER = ("teacher", "noisy-student-iter1", "noisy-student", "no-noise", "hard-labels", "no-balancing",
          "no-iteration", "oracle")
 
@@ -90,7 +89,8 @@ def oracle_task(config: str, seed: int, extra: list[str], oracle_extra: list[str
 def student_tasks(config: str, seed: int, extra: list[str], teacher_ckpt: Path) -> list[Task]:
     """Every variant that learns from the seed's teacher: the full chains first (the longest)."""
     base = [f"seed={seed}", *extra, f"teacher.pretrained={teacher_ckpt}", "teacher.epochs=0"]
-    tasks = [Task((1, seed, i), v, seed, base, ABLATION_OF.get(v)) for i, v in enumerate(CHAINS)]
+    # an ablation variant is named after the config ablation it applies
+    tasks = [Task((1, seed, i), v, seed, base, v if v in ABLATIONS else None) for i, v in enumerate(CHAINS)]
     final = load_config(config, [f"seed={seed}", *extra]).students[-1]
     # the final student exactly as the chain trains it (its lr, epochs, ...), taught by the teacher
     settings = ", ".join(f"{k}: {v}" for k, v in dataclasses.asdict(final).items() if v is not None)
@@ -122,12 +122,11 @@ def run_benchmark(config: str, seeds: list[int], extra: list[str], oracle_extra:
                 task = running.pop(future)
                 summary = future.result()
                 stages = summary["stages"]
-                if task.variant == "teacher":
-                    record(task.seed, "teacher", stages[0], stages[0]["seconds"])
-                    ckpt = out / f"seed{task.seed}" / "teacher" / "teacher" / "model.pt"
-                    ready = sorted(ready + student_tasks(config, task.seed, extra, ckpt))
-                elif task.variant == "oracle":
-                    record(task.seed, "oracle", stages[0], stages[0]["seconds"])
+                if task.variant in ("teacher", "oracle"):  # one supervised stage
+                    record(task.seed, task.variant, stages[0], stages[0]["seconds"])
+                    if task.variant == "teacher":
+                        ckpt = out / f"seed{task.seed}" / "teacher" / "teacher" / "model.pt"
+                        ready = sorted(ready + student_tasks(config, task.seed, extra, ckpt))
                 else:
                     # students only: the teacher's time is the teacher variant's
                     seconds = sum(s["seconds"] for s in stages[1:])

@@ -2,9 +2,10 @@
 for tiny images on a CPU.
 
 Our models are registered with timm (``efficientnet_l0``, ``efficientnet_l1``, ``ns_cnn_s``,
-``ns_cnn_s_wide``, ``ns_cnn_m``, ``ns_cnn_l``), so every model is built by ``timm.create_model`` with the same noise
-arguments: ``drop_rate`` is dropout before the classifier and ``drop_path_rate`` is stochastic
-depth at the last block, decaying linearly to zero at the first (the paper's survival schedule).
+``ns_cnn_s_wide``, ``ns_cnn_m``, ``ns_cnn_l``), so every model is built by ``timm.create_model``
+with the same noise arguments: ``drop_rate`` is dropout before the classifier and
+``drop_path_rate`` is stochastic depth at the last block, decaying linearly to zero at the first
+(the paper's survival schedule).
 
 EfficientNet-L0 and L1 exist only in the Noisy Student paper (Table: width 2.8 / 3.9, depth 3.7);
 they are built with timm's own EfficientNet generator (``_gen_efficientnet``) from those

@@ -82,10 +82,6 @@ class ImageFiles(Dataset):
         return img.float() / 255, label
 
 
-def _class_folders(root: Path) -> list[Path]:
-    return class_folders(root, "evaluation")
-
-
 def _limit(items: list, max_images: int | None) -> list:
     if max_images is None or len(items) <= max_images:
         return items
@@ -128,7 +124,7 @@ def evaluate_imagenet_a(model: nn.Module, root: str | Path, mean=None, std=None,
     Images are resized (shorter side ``resize``) and centre-cropped to ``image_size``.
     """
     root = Path(root)
-    folders = _class_folders(root)
+    folders = class_folders(root, "evaluation")
     wnids = [f.name for f in folders]
     mask = imagenet_a_mask(wnids)
     items = [(p, i) for i, f in enumerate(folders) for p in list_images(f)]
@@ -155,7 +151,7 @@ def evaluate_image_folder(model: nn.Module, root: str | Path, mean=None, std=Non
     the logits are restricted to those classes (the ImageNet-A protocol).
     """
     root = Path(root)
-    folders = _class_folders(root)
+    folders = class_folders(root, "evaluation")
     names = [f.name for f in folders]
     if class_names is None and all(_WNID.match(n) for n in names):
         return evaluate_imagenet_a(model, root, mean, std, device, batch_size, image_size or 224,
@@ -238,7 +234,7 @@ def evaluate_imagenet_c(model: nn.Module, root: str | Path, mean=None, std=None,
             for s in severities:
                 folder = root / name / str(s)
                 items = []
-                for f in _class_folders(folder):
+                for f in class_folders(folder, "evaluation"):
                     if f.name not in table:
                         raise DataError(f"not an ImageNet-1k WordNet id: {f}")
                     items += [(p, table[f.name]) for p in list_images(f)]

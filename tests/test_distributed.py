@@ -71,3 +71,25 @@ def test_two_processes_match_one_and_stop_together_on_sigterm(tmp_path):
     w2 = torch.load(tmp_path / "two" / "student-weights.pt")
     for key, value in resumed.state_dict().items():
         torch.testing.assert_close(value, w2[key], rtol=1e-5, atol=1e-6)
+
+
+def test_missing_cuda_devices_are_a_one_line_config_error(monkeypatch):
+    import pytest
+
+    from noisystudent.distributed import select_device
+    from noisystudent.errors import ConfigError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert select_device("auto", 0) == torch.device("cuda:0")
+    assert select_device("cuda", 0) == torch.device("cuda:0")
+    with pytest.raises(ConfigError, match="local rank 1.*--nproc-per-node 1"):
+        select_device("auto", 1)
+    with pytest.raises(ConfigError, match="cuda:3"):
+        select_device("cuda:3", 0)
+    assert select_device("cpu", 5) == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    assert select_device("auto", 1) == torch.device("cpu")
+    with pytest.raises(ConfigError, match="no CUDA device"):
+        select_device("cuda", 0)

@@ -36,12 +36,25 @@ class DistContext:
 
 
 def select_device(preference: str = "auto", local_rank: int = 0) -> torch.device:
-    """``auto``: this process's CUDA device if there is one, else the CPU."""
+    """``auto``: this process's CUDA device if there is one, else the CPU.
+
+    A CUDA device that does not exist is a one-line :class:`ConfigError` rather than CUDA's
+    "invalid device ordinal" at the first allocation (the usual cause: torchrun started more
+    processes per node than the node has GPUs).
+    """
     if preference == "auto":
-        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    device = torch.device(preference)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device(f"cuda:{local_rank}")
+        device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    else:
+        device = torch.device(preference)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device(f"cuda:{local_rank}")
+    if device.type == "cuda":
+        count = torch.cuda.device_count()
+        if count == 0:
+            raise ConfigError(f"device={preference!r} but no CUDA device is available; use device=cpu or auto")
+        if device.index >= count:
+            raise ConfigError(f"this process needs {device} (local rank {local_rank}) but the node has {count} "
+                              f"CUDA device(s); start torchrun with --nproc-per-node {count} or use device=cpu")
     return device
 
 

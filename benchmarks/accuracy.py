@@ -5,16 +5,20 @@
     python benchmarks/accuracy.py --dataset digits      # a second data point
 
 Variants (each over the seeds; the test split is only ever reported, never used for selection):
-  teacher        supervised on the labeled images only, with noise
-  noisy-student  the config's chain (equal, then larger student)
-  no-noise       the same chain, students without augmentation, dropout or stochastic depth
-  hard-labels    the same chain with hard pseudo labels
-  no-balancing   the same chain without class balancing
-  no-iteration   one student of the final architecture, taught by the teacher directly
-  oracle         the final architecture trained on every training label (supervised), for the
-                 same number of epochs as that student
+  teacher              supervised on the labeled images only, with noise
+  noisy-student-iterK  the chain's K-th student (each one but the last is reported too)
+  noisy-student        the config's whole chain (equal, then larger student, ...)
+  no-noise             the same chain, students without augmentation, dropout or stochastic depth
+  hard-labels          the first student of the chain with hard pseudo labels
+  no-balancing         the first student of the chain without class balancing
+  no-iteration         one student of the final architecture, taught by the teacher directly
+  oracle               the final architecture trained on every training label (supervised), for
+                       the same number of epochs as that student
 Each seed's teacher is trained once; every other variant of that seed starts from it
 (``teacher.pretrained`` + ``teacher.epochs=0``), so variants differ only in what they ablate.
+The label ablations train one iteration and compare with noisy-student-iter1, as the paper
+studies them (one B0 student from a B0 teacher); a whole chain per ablation would not fit the
+90-minute budget. ``COMPARE_WITH`` names each ablation's reference.
 
 Work is scheduled per (seed, variant) over ``--jobs`` worker processes with one torch thread
 each, longest tasks first, so all cores stay busy to the end. The last line printed is a JSON
@@ -50,9 +54,10 @@ QUICK = {
 }
 # The oracle sees every training label; --quick caps it so the smoke run stays short.
 QUICK_ORACLE = {"fashion-mnist": ["data.labels_per_class=400"], "digits": []}
-CHAINS = ("noisy-student", "no-noise", "hard-labels", "no-balancing")  # full chains from the seed's teacher
-ORDER = ("teacher", "noisy-student-iter1", "noisy-student", "no-noise", "hard-labels", "no-balancing",
-         "no-iteration", "oracle")
+CHAINS = ("noisy-student", "no-noise")  # whole chains from the seed's teacher
+FIRST_STUDENT = ("hard-labels", "no-balancing")  # the chain's first student, with the ablation
+COMPARE_WITH = {"no-noise": "noisy-student", "no-iteration": "noisy-student",
+                "hard-labels": "noisy-student-iter1", "no-balancing": "noisy-student-iter1"}
 
 
 @dataclass(order=True)
@@ -86,16 +91,29 @@ def oracle_task(config: str, seed: int, extra: list[str], oracle_extra: list[str
                  f"teacher.epochs={cfg.stage_epochs(final)}", "students=[]", *oracle_extra])
 
 
+def _only_student(stage) -> str:
+    """A ``students=[...]`` override for one student exactly as the chain trains it (its lr, epochs...)."""
+    settings = ", ".join(f"{k}: {v}" for k, v in dataclasses.asdict(stage).items() if v is not None)
+    return f"students=[{{{settings}}}]"
+
+
 def student_tasks(config: str, seed: int, extra: list[str], teacher_ckpt: Path) -> list[Task]:
-    """Every variant that learns from the seed's teacher: the full chains first (the longest)."""
+    """Every variant that learns from the seed's teacher, longest first: the whole chains, the final
+    architecture taught directly, then the one-iteration label ablations."""
     base = [f"seed={seed}", *extra, f"teacher.pretrained={teacher_ckpt}", "teacher.epochs=0"]
+    students = load_config(config, [f"seed={seed}", *extra]).students
     # an ablation variant is named after the config ablation it applies
     tasks = [Task((1, seed, i), v, seed, base, v if v in ABLATIONS else None) for i, v in enumerate(CHAINS)]
-    final = load_config(config, [f"seed={seed}", *extra]).students[-1]
-    # the final student exactly as the chain trains it (its lr, epochs, ...), taught by the teacher
-    settings = ", ".join(f"{k}: {v}" for k, v in dataclasses.asdict(final).items() if v is not None)
-    tasks.append(Task((2, seed, 9), "no-iteration", seed, base + [f"students=[{{{settings}}}]"]))
+    tasks.append(Task((2, seed, 0), "no-iteration", seed, base + [_only_student(students[-1])]))
+    tasks += [Task((2, seed, 1 + i), v, seed, base + [_only_student(students[0])], v)
+              for i, v in enumerate(FIRST_STUDENT)]
     return tasks
+
+
+def variant_order(num_students: int) -> list[str]:
+    """The table's rows: teacher, each iteration of the chain, the ablations, the oracle."""
+    iterations = [f"noisy-student-iter{k}" for k in range(1, num_students)]
+    return ["teacher", *iterations, "noisy-student", "no-noise", *FIRST_STUDENT, "no-iteration", "oracle"]
 
 
 def run_benchmark(config: str, seeds: list[int], extra: list[str], oracle_extra: list[str], out: Path,
@@ -130,10 +148,13 @@ def run_benchmark(config: str, seeds: list[int], extra: list[str], oracle_extra:
                 else:
                     # students only: the teacher's time is the teacher variant's
                     seconds = sum(s["seconds"] for s in stages[1:])
-                    if task.variant == "noisy-student" and len(stages) > 2:
-                        record(task.seed, "noisy-student-iter1", stages[1], stages[1]["seconds"])
+                    if task.variant == "noisy-student":  # each iteration before the last, cumulative time
+                        for k in range(1, len(stages) - 1):
+                            record(task.seed, f"noisy-student-iter{k}", stages[k],
+                                   sum(s["seconds"] for s in stages[1:k + 1]))
                     record(task.seed, task.variant, stages[-1], seconds)
-    return {s: {n: r[n] for n in ORDER if n in r} for s, r in results.items()}
+    order = variant_order(len(load_config(config, extra).students))
+    return {s: {n: r[n] for n in order if n in r} for s, r in results.items()}
 
 
 def aggregate(per_seed: list[dict[str, dict]]) -> dict[str, dict]:
@@ -221,15 +242,20 @@ def main(argv: list[str] | None = None) -> int:
               "gap_closed": _rounded(gap_closed(table, "noisy-student")),
               "gap_closed_by_variant": {n: _rounded(gap_closed(table, n)) for n in table
                                         if n not in ("teacher", "oracle")},
+              # each ablation minus what it ablates (mean test top-1 points; negative: the ablation hurts)
+              "ablation_delta": {n: {"vs": ref, "points": round(table[n]["mean"] - table[ref]["mean"], 2)}
+                                 for n, ref in COMPARE_WITH.items() if n in table and ref in table},
               "gap_closed_per_seed": {"noisy-student": [_rounded(g) for g in ns_gaps],
                                       "no-noise": [_rounded(g) for g in nn_gaps]}}
     out.mkdir(parents=True, exist_ok=True)
     plot(table, out / "accuracy.png", f"{args.dataset}: test top-1 over {len(seeds)} seed(s)")
     (out / "accuracy.json").write_text(json.dumps({"table": table, **result}, indent=2, allow_nan=False))
-    print(f"{'variant':<20} {'test top-1':>16} {'val top-1':>9} {'gap closed':>11} {'time':>8}")
+    print(f"{'variant':<20} {'test top-1':>16} {'val top-1':>9} {'gap closed':>11} {'time':>8}  vs")
     for n, v in table.items():
         g = "" if n in ("teacher", "oracle") else f"{gap_closed(table, n):.2f}"
-        print(f"{n:<20} {v['mean']:>8.2f} +- {v['std']:<5.2f} {v['val_mean']:>9.2f} {g:>11} {v['seconds']:>7.0f}s")
+        d = result["ablation_delta"].get(n)
+        vs = f"  {d['points']:+.2f} vs {d['vs']}" if d else ""
+        print(f"{n:<20} {v['mean']:>8.2f} +- {v['std']:<5.2f} {v['val_mean']:>9.2f} {g:>11} {v['seconds']:>7.0f}s{vs}")
     print(f"plot: {out / 'accuracy.png'}")
     print(json.dumps(result))
     return 0

@@ -19,23 +19,32 @@ DIGITS = str(ROOT / "configs" / "digits.yaml")
 def test_every_student_variant_starts_from_the_seeds_teacher(tmp_path):
     ckpt = tmp_path / "teacher.pt"
     tasks = accuracy.student_tasks(DIGITS, 3, ["train.epochs=2"], ckpt)
-    assert [t.variant for t in tasks] == ["noisy-student", "no-noise", "hard-labels", "no-balancing", "no-iteration"]
+    assert [t.variant for t in tasks] == ["noisy-student", "no-noise", "no-iteration", "hard-labels", "no-balancing"]
     for t in tasks:
         assert f"teacher.pretrained={ckpt}" in t.overrides and "teacher.epochs=0" in t.overrides
         assert "seed=3" in t.overrides
-    assert {t.variant: t.ablation for t in tasks}["no-noise"] == "no-noise"
-    assert tasks[0].ablation is None and tasks[-1].ablation is None
-    # full chains start before the single-student run, and every student task after the teachers
-    assert sorted(tasks)[-1].variant == "no-iteration"
+    ablation = {t.variant: t.ablation for t in tasks}
+    assert ablation == {"noisy-student": None, "no-noise": "no-noise", "no-iteration": None,
+                        "hard-labels": "hard-labels", "no-balancing": "no-balancing"}
+    # whole chains start first, the one-student runs after them, every student task after the teachers
+    assert [t.variant for t in sorted(tasks)][:2] == ["noisy-student", "no-noise"]
     assert all(accuracy.teacher_task(DIGITS, 9, []) < t for t in tasks)
 
 
-def test_no_iteration_trains_the_final_student_with_its_own_settings(tmp_path):
+def test_single_student_variants_train_the_chain_student_they_stand_for(tmp_path):
     fashion = str(ROOT / "configs" / "fashion-mnist.yaml")
-    task = accuracy.student_tasks(fashion, 0, [], tmp_path / "t.pt")[-1]
-    cfg = accuracy.load_config(fashion, task.overrides)
-    final = accuracy.load_config(fashion).students[-1]
-    assert task.variant == "no-iteration" and cfg.students == [final]
+    chain = accuracy.load_config(fashion).students
+    assert len(chain) >= 3  # equal, larger, equal
+    tasks = {t.variant: t for t in accuracy.student_tasks(fashion, 0, [], tmp_path / "t.pt")}
+    cfg = accuracy.load_config(fashion, tasks["no-iteration"].overrides)
+    assert cfg.students == [chain[-1]]  # the final architecture with its own lr and epochs
+    for variant in accuracy.FIRST_STUDENT:  # the first iteration, with the ablation applied
+        cfg = accuracy.load_config(fashion, tasks[variant].overrides, tasks[variant].ablation)
+        assert [s.model for s in cfg.students] == [chain[0].model]
+    assert accuracy.load_config(fashion, tasks["hard-labels"].overrides, "hard-labels").pseudo.hard
+    assert not accuracy.load_config(fashion, tasks["no-balancing"].overrides, "no-balancing").pseudo.balance
+    assert accuracy.variant_order(3)[:4] == ["teacher", "noisy-student-iter1", "noisy-student-iter2",
+                                             "noisy-student"]
 
 
 def test_oracle_is_the_final_student_on_every_label_for_its_epochs():
@@ -68,8 +77,11 @@ def test_benchmark_runs_every_variant_and_prints_json_last(tmp_path, tiny_overri
         argv += ["--set", o]
     assert accuracy.main(argv) == 0
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert set(last["test_top1"]) == set(accuracy.ORDER)
+    assert list(last["test_top1"]) == accuracy.variant_order(2)  # digits: two students
     assert last["seeds"] == [0] and "gap_closed" in last
+    assert last["ablation_delta"]["hard-labels"]["vs"] == "noisy-student-iter1"
+    assert last["ablation_delta"]["no-noise"]["points"] == pytest.approx(
+        last["test_top1"]["no-noise"] - last["test_top1"]["noisy-student"], abs=0.011)
     run = next(tmp_path.iterdir())
     assert (run / "accuracy.png").stat().st_size > 0
     # one teacher per seed, reused (not retrained) by every student variant
@@ -77,6 +89,6 @@ def test_benchmark_runs_every_variant_and_prints_json_last(tmp_path, tiny_overri
     for variant in ("noisy-student", "no-noise", "hard-labels", "no-balancing", "no-iteration"):
         stages = json.loads((run / "seed0" / variant / "summary.json").read_text())["stages"]
         assert stages[0]["epochs"] == 0 and stages[0]["test_top1"] == teacher["test_top1"]
-    assert len(json.loads((run / "seed0" / "noisy-student" / "summary.json").read_text())["stages"]) == 3
+        assert len(stages) == (3 if variant in accuracy.CHAINS else 2)
     oracle = json.loads((run / "seed0" / "oracle" / "summary.json").read_text())["stages"]
     assert len(oracle) == 1 and oracle[0]["num_labeled"] > teacher["num_labeled"]

@@ -194,7 +194,7 @@ def plot(table: dict, path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     names = list(table)
-    fig, ax = plt.subplots(figsize=(8.5, 3.8))
+    fig, ax = plt.subplots(figsize=(10.5, 4.4))
     means = [table[n]["mean"] for n in names]
     ax.bar(names, means, yerr=[table[n]["std"] for n in names], capsize=4,
            color=["#888" if n in ("teacher", "oracle") else "#3a7" if n.startswith("noisy") else "#c84"
@@ -207,7 +207,16 @@ def plot(table: dict, path: Path, title: str) -> None:
     ax.set_title(title)
     for i, m in enumerate(means):
         ax.text(i + 0.28, m, f"{m:.1f}", ha="left", va="center", fontsize=8)
-    plt.xticks(rotation=20, ha="right")
+    # each ablation against the run it removes one thing from (a dashed line at that run's mean)
+    refs = [(i, COMPARE_WITH[n]) for i, n in enumerate(names) if COMPARE_WITH.get(n) in table]
+    for k, (i, ref) in enumerate(refs):
+        ax.hlines(table[ref]["mean"], i - 0.4, i + 0.4, colors="#3a7", linestyles="dashed",
+                  label="the Noisy Student run it ablates" if k == 0 else None)
+    if refs:
+        ax.legend(loc="upper left", fontsize=8, frameon=False)
+    ax.set_xticks(range(len(names)), [f"{n}\n(vs {COMPARE_WITH[n].replace('noisy-student', 'NS')})"
+                                      if n in COMPARE_WITH else n for n in names])
+    plt.xticks(rotation=30, ha="right", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -36,7 +36,7 @@ from noisystudent.config import TrainConfig
 from noisystudent.distributed import DistContext, select_device
 from noisystudent.label_stream import folder_source, label_to_store
 from noisystudent.models import create_model
-from noisystudent.train import train_classifier
+from noisystudent.train import resolve_precision, train_classifier
 from noisystudent.transforms import eval_transform
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -107,7 +107,7 @@ def time_ceiling(model_name: str, size: int, precision: str, steps: int, batch: 
     opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
     x = torch.randn(batch, 3, size, size, device=device).to(memory_format=torch.channels_last)
     y = torch.randint(0, 1000, (batch,), device=device)
-    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    dtype = resolve_precision(precision, device)  # the same autocast dtype our loop uses
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     net.train()
     for i in range(steps + 5):

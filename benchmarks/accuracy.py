@@ -43,7 +43,7 @@ from pathlib import Path
 
 import torch
 
-from noisystudent.config import ABLATIONS, load_config
+from noisystudent.config.schema import ABLATIONS, load_config
 from noisystudent.pipeline import run_pipeline
 
 CONFIGS = {"fashion-mnist": "configs/fashion-mnist.yaml", "digits": "configs/digits.yaml"}

@@ -32,12 +32,13 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
 
-from noisystudent.config import TrainConfig
-from noisystudent.distributed import DistContext, select_device
-from noisystudent.label_stream import folder_source, label_to_store
-from noisystudent.models import create_model
-from noisystudent.train import resolve_precision, train_classifier
-from noisystudent.transforms import eval_transform
+from noisystudent.config.schema import TrainConfig
+from noisystudent.runtime.distributed import DistContext, select_device
+from noisystudent.data.pool import folder_source
+from noisystudent.label.inference import label_to_store
+from noisystudent.models.factory import create_model
+from noisystudent.train.loop import resolve_precision, train_classifier
+from noisystudent.data.transforms import eval_transform
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 

@@ -21,14 +21,14 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
-from noisystudent.config import DataConfig, NoiseConfig, TrainConfig
-from noisystudent.data import TransformedSet, build_splits
-from noisystudent.distributed import DistContext
-from noisystudent.evaluate import evaluate_classifier
-from noisystudent.finetune import default_frozen_blocks, finetune_fixres
-from noisystudent.models import count_parameters, create_model
-from noisystudent.train import train_classifier
-from noisystudent.transforms import eval_transform, train_transform
+from noisystudent.config.schema import DataConfig, NoiseConfig, TrainConfig
+from noisystudent.data.datasets import TransformedSet, build_splits
+from noisystudent.runtime.distributed import DistContext
+from noisystudent.evaluate.classifier import evaluate_classifier
+from noisystudent.train.fixres import default_frozen_blocks, finetune_fixres
+from noisystudent.models.factory import count_parameters, create_model
+from noisystudent.train.loop import train_classifier
+from noisystudent.data.transforms import eval_transform, train_transform
 
 
 def materialize(images, transform) -> TensorDataset:

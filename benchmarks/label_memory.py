@@ -48,7 +48,8 @@ def to_tensor(img) -> torch.Tensor:
 
 
 def child(n: int, store: Path, batch_size: int, shard_size: int) -> dict:
-    from noisystudent.label_stream import SyntheticSource, label_to_store
+    from noisystudent.data.pool import SyntheticSource
+    from noisystudent.label.inference import label_to_store
 
     torch.manual_seed(0)
     t = time.perf_counter()

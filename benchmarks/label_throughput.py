@@ -38,11 +38,12 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from noisystudent.data import list_images, read_image
-from noisystudent.label_store import load_pseudo_labels
-from noisystudent.label_stream import default_num_workers, folder_source, label_to_store
-from noisystudent.models import create_model
-from noisystudent.transforms import eval_transform
+from noisystudent.data.datasets import list_images, read_image
+from noisystudent.label.store import load_pseudo_labels
+from noisystudent.data.pool import folder_source
+from noisystudent.label.inference import default_num_workers, label_to_store
+from noisystudent.models.factory import create_model
+from noisystudent.data.transforms import eval_transform
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 

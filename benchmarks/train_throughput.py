@@ -28,13 +28,13 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from noisystudent.config import load_config
-from noisystudent.data import TransformedSet, build_splits
-from noisystudent.distributed import DistContext
-from noisystudent.evaluate import evaluate_classifier
-from noisystudent.models import create_model
-from noisystudent.train import steps_per_epoch, train_classifier
-from noisystudent.transforms import eval_transform, train_transform
+from noisystudent.config.schema import load_config
+from noisystudent.data.datasets import TransformedSet, build_splits
+from noisystudent.runtime.distributed import DistContext
+from noisystudent.evaluate.classifier import evaluate_classifier
+from noisystudent.models.factory import create_model
+from noisystudent.train.loop import steps_per_epoch, train_classifier
+from noisystudent.data.transforms import eval_transform, train_transform
 
 
 class SoftTargets(Dataset):

@@ -14,8 +14,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from noisystudent.label_store import StoreHeader, write_header, write_shard
-from noisystudent.transforms import eval_transform
+from noisystudent.label.store import StoreHeader, write_header, write_shard
+from noisystudent.data.transforms import eval_transform
 
 SIZE = 8
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
@@ -98,13 +98,13 @@ SHARD_SIZE, BATCH_SIZE = 64, 16
 
 
 def source():
-    from noisystudent.label_stream import SyntheticSource
+    from noisystudent.data.pool import SyntheticSource
 
     return SyntheticSource(NUM_IMAGES, shard_size=SHARD_SIZE, size=SIZE, bad_every=29)
 
 
 def label(store: Path, model: nn.Module, ctx=None, num_workers: int = 2):
-    from noisystudent.label_stream import label_to_store
+    from noisystudent.label.inference import label_to_store
 
     return label_to_store(model, source(), store, transform=transform(), num_classes=NUM_CLASSES, teacher="tiny",
                           top_k=3, batch_size=BATCH_SIZE, num_workers=num_workers, precision="fp32",
@@ -118,8 +118,8 @@ def main(argv: list[str]) -> None:
     if mode == "kill":
         label(store, KillAfter(TinyNet(NUM_CLASSES), int(argv[2])))
     elif mode == "dist":
-        from noisystudent.distributed import cleanup, init_distributed
-        from noisystudent.select_sharded import select_from_store
+        from noisystudent.runtime.distributed import cleanup, init_distributed
+        from noisystudent.label.select_sharded import select_from_store
 
         ctx = init_distributed("cpu")
         label(store, TinyNet(NUM_CLASSES), ctx=ctx, num_workers=1)

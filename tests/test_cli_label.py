@@ -1,10 +1,10 @@
 import numpy as np
 from PIL import Image
 
-from noisystudent.checkpoint import save_model
+from noisystudent.models.checkpoint import save_model
 from noisystudent.cli import main
-from noisystudent.label_store import LabelStore
-from noisystudent.models import create_model
+from noisystudent.label.store import LabelStore
+from noisystudent.models.factory import create_model
 
 
 def test_label_command_streams_a_folder_into_a_store(tmp_path, capsys):

@@ -2,7 +2,7 @@ import pytest
 import yaml
 
 from noisystudent.cli import main
-from noisystudent.config import (ConfigError, apply_ablation, config_from_dict, config_reference_markdown,
+from noisystudent.config.schema import (ConfigError, apply_ablation, config_from_dict, config_reference_markdown,
                                  default_config_dict, load_config)
 
 

@@ -6,9 +6,9 @@ import pytest
 from PIL import Image
 
 from noisystudent.cli import main
-from noisystudent.config import DataConfig
-from noisystudent.data import build_splits, convert_image, load_fashion_mnist, read_idx
-from noisystudent.errors import DataError
+from noisystudent.config.schema import DataConfig
+from noisystudent.data.datasets import build_splits, convert_image, load_fashion_mnist, read_idx
+from noisystudent.runtime.errors import DataError
 
 
 def make_folder(root, classes=("cat", "dog"), n=12, size=12, mode="RGB"):

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-from noisystudent.distributed import DistContext
-from noisystudent.train_state import load_checkpoint_file
+from noisystudent.runtime.distributed import DistContext
+from noisystudent.train.state import load_checkpoint_file
 from test_train_scenarios import digits_data, run_distributed, tiny_stage
 
 SCRIPT = Path(__file__).with_name("test_train_scenarios.py")
@@ -76,8 +76,8 @@ def test_two_processes_match_one_and_stop_together_on_sigterm(tmp_path):
 def test_missing_cuda_devices_are_a_one_line_config_error(monkeypatch):
     import pytest
 
-    from noisystudent.distributed import select_device
-    from noisystudent.errors import ConfigError
+    from noisystudent.runtime.distributed import select_device
+    from noisystudent.runtime.errors import ConfigError
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)

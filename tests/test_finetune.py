@@ -7,15 +7,15 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from noisystudent.config import load_config
-from noisystudent.data import TransformedSet, build_splits
-from noisystudent.distributed import DistContext
-from noisystudent.errors import ConfigError
-from noisystudent.finetune import (block_layout, default_frozen_blocks, finetune_fixres, fixres_enabled,
+from noisystudent.config.schema import load_config
+from noisystudent.data.datasets import TransformedSet, build_splits
+from noisystudent.runtime.distributed import DistContext
+from noisystudent.runtime.errors import ConfigError
+from noisystudent.train.fixres import (block_layout, default_frozen_blocks, finetune_fixres, fixres_enabled,
                                    freeze_shallow_blocks, unfreeze)
-from noisystudent.models import create_model
-from noisystudent.train import train_classifier
-from noisystudent.transforms import eval_transform
+from noisystudent.models.factory import create_model
+from noisystudent.train.loop import train_classifier
+from noisystudent.data.transforms import eval_transform
 
 
 CPU = DistContext(device=torch.device("cpu"))

@@ -3,7 +3,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import TensorDataset
 
-from noisystudent.label import PseudoLabels, label_images
+from noisystudent.label.pseudo_labels import PseudoLabels, label_images
 
 
 class FixedLogits(nn.Module):
@@ -58,8 +58,8 @@ def test_parquet_round_trip(tmp_path):
 def test_unreadable_unlabeled_images_are_skipped_and_listed(tmp_path):
     from PIL import Image
 
-    from noisystudent.data import FileImageSet, TransformedSet
-    from noisystudent.transforms import eval_transform
+    from noisystudent.data.datasets import FileImageSet, TransformedSet
+    from noisystudent.data.transforms import eval_transform
 
     paths = []
     for i in range(4):

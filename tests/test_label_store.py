@@ -8,9 +8,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from _label_helpers import random_store
-from noisystudent.errors import DataError
-from noisystudent.label import PseudoLabels
-from noisystudent.label_store import (LabelStore, StoreHeader, consolidate, load_pseudo_labels, read_manifest,
+from noisystudent.runtime.errors import DataError
+from noisystudent.label.pseudo_labels import PseudoLabels
+from noisystudent.label.store import (LabelStore, StoreHeader, consolidate, load_pseudo_labels, read_manifest,
                                       soft_targets, write_header, write_shard)
 
 

@@ -14,14 +14,14 @@ import torch
 from PIL import Image
 
 import _label_helpers as H
-from noisystudent.data import ArrayImageSet
-from noisystudent.errors import DataError
-from noisystudent.label import label_images
-from noisystudent.label_store import LabelStore, load_pseudo_labels
-from noisystudent.label_stream import (Predictor, calibrate_precision, file_list_source, folder_source,
-                                       imageset_source, label_to_store, prepare_model, webdataset_source)
-from noisystudent.select import select_pseudo_labels
-from noisystudent.select_sharded import select_from_store, selection_rows
+from noisystudent.data.datasets import ArrayImageSet
+from noisystudent.runtime.errors import DataError
+from noisystudent.label.pseudo_labels import label_images
+from noisystudent.label.store import LabelStore, load_pseudo_labels
+from noisystudent.data.pool import file_list_source, folder_source, imageset_source, webdataset_source
+from noisystudent.label.inference import Predictor, calibrate_precision, label_to_store, prepare_model
+from noisystudent.label.select import select_pseudo_labels
+from noisystudent.label.select_sharded import select_from_store, selection_rows
 
 HELPERS = Path(__file__).with_name("_label_helpers.py")
 
@@ -135,7 +135,7 @@ def test_bf16_is_kept_only_when_it_agrees_with_fp32():
 
 
 def test_bf16_is_chosen_when_it_agrees_and_is_fast_enough(monkeypatch):
-    import noisystudent.label_stream as ls
+    import noisystudent.label.inference as ls
 
     monkeypatch.setattr(ls, "BF16_MIN_SPEEDUP", 0.0)  # speed is the machine's business; test the rule
     cpu = torch.device("cpu")

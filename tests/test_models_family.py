@@ -4,8 +4,8 @@ import pytest
 import timm
 import torch
 
-from noisystudent.errors import ConfigError
-from noisystudent.models import count_parameters, create_model, model_architecture, resolve_model_name
+from noisystudent.runtime.errors import ConfigError
+from noisystudent.models.factory import count_parameters, create_model, model_architecture, resolve_model_name
 
 
 # The Noisy Student paper's table (millions of parameters at 1000 classes).

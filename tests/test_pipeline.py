@@ -4,11 +4,11 @@ import pytest
 import torch
 
 import noisystudent.pipeline as pipeline
-from noisystudent.checkpoint import load_model
+from noisystudent.models.checkpoint import load_model
 from noisystudent.cli import main
-from noisystudent.config import load_config
-from noisystudent.errors import ConfigError
-from noisystudent.label import PseudoLabels
+from noisystudent.config.schema import load_config
+from noisystudent.runtime.errors import ConfigError
+from noisystudent.label.pseudo_labels import PseudoLabels
 
 SUMMARY_FIELDS = {"name", "model", "val_top1", "test_top1", "num_labeled", "num_pseudo", "seconds"}
 
@@ -142,8 +142,8 @@ def test_chain_with_fixres_stage_end_to_end(tmp_path, tiny_overrides):
 
 
 def test_teacher_with_other_class_names_is_refused(tmp_path, tiny_overrides, capsys):
-    from noisystudent.checkpoint import save_model
-    from noisystudent.models import create_model
+    from noisystudent.models.checkpoint import save_model
+    from noisystudent.models.factory import create_model
 
     ckpt = tmp_path / "teacher.pt"
     names = [f"class-{i}" for i in range(10)]

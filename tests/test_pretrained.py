@@ -6,11 +6,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import noisystudent.pretrained as pretrained
-from noisystudent.checkpoint import save_model
-from noisystudent.errors import CheckpointError
-from noisystudent.models import create_model
-from noisystudent.pretrained import load_pretrained, read_state_dict
+import noisystudent.models.pretrained as pretrained
+from noisystudent.models.checkpoint import save_model
+from noisystudent.runtime.errors import CheckpointError
+from noisystudent.models.factory import create_model
+from noisystudent.models.pretrained import load_pretrained, read_state_dict
 
 
 def _timm_b0(num_classes=1000, in_chans=3, seed=0):
@@ -160,7 +160,7 @@ def test_headless_model_ignores_the_file_classifier(b0_file):
 
 
 def test_our_checkpoint_is_read_once_and_its_class_names_checked(tmp_path, monkeypatch):
-    from noisystudent.errors import DataError
+    from noisystudent.runtime.errors import DataError
 
     path = tmp_path / "teacher.pt"
     torch.manual_seed(0)

@@ -20,12 +20,12 @@ import pytest
 import yaml
 from PIL import Image
 
-from noisystudent.config import load_config
-from noisystudent.errors import NoisyStudentError
-from noisystudent.label import PseudoLabels
-from noisystudent.report import build_report, iter_report_images
-from noisystudent.report_plots import calibration
-from noisystudent.select import select_pseudo_labels
+from noisystudent.config.schema import load_config
+from noisystudent.runtime.errors import NoisyStudentError
+from noisystudent.label.pseudo_labels import PseudoLabels
+from noisystudent.report.build import build_report, iter_report_images
+from noisystudent.report.plots import calibration
+from noisystudent.label.select import select_pseudo_labels
 
 CLASSES = [str(i) for i in range(10)]
 TINY = ["teacher.epochs=3", "train.epochs=1", "train.batch_size=16", "data.val_per_class=5",
@@ -122,7 +122,7 @@ def make_run(root: Path, *, probe=True, robustness=True, finetune=True, complete
                                             "seconds": 95.0, "stages": stages, "result": "student-2",
                                             "an_unknown_key": [1, 2, 3]})
     if finetune:
-        # the flat layout of noisystudent.finetune.FinetuneResult.metrics()
+        # the flat layout of noisystudent.train.fixres.FinetuneResult.metrics()
         _write_json(root / "finetune" / "metrics.json", {
             "val_top1_before": 82.0, "val_top5_before": 97.0, "test_top1_before": 80.25, "test_top5_before": 96.0,
             "val_top1_after": 83.0, "val_top5_after": 97.0, "test_top1_after": 81.5, "test_top5_after": 96.5,
@@ -390,7 +390,7 @@ def test_many_classes_are_summarised(tmp_path):
     {"name": "finetune", "test_top1": 81.5, "test_top5": 96.5, "val_top1": 83.0},
 ])
 def test_finetune_layouts(layout):
-    from noisystudent.report import _ft_numbers
+    from noisystudent.report.build import _ft_numbers
 
     ft = _ft_numbers(layout)
     assert ft["top1"] == 81.5 and ft["top5"] == 96.5 and ft["val_top1"] == 83.0

@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-from noisystudent.errors import DataError
+from noisystudent.runtime.errors import DataError
 from noisystudent.robustness import (evaluate_cifar10_c, evaluate_image_folder, evaluate_imagenet_a,
                                      evaluate_imagenet_c, imagenet_a_mask)
 from noisystudent.robustness.released import imagenet_wnid_to_index

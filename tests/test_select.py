@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from noisystudent.select import balance_class, default_per_class, select_pseudo_labels
+from noisystudent.label.select import balance_class, default_per_class, select_pseudo_labels
 
 
 def test_threshold_drops_low_confidence_images():

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 
 from _label_helpers import random_store
-from noisystudent.label_store import StoreHeader, write_header, write_shard
-from noisystudent.select import select_pseudo_labels
-from noisystudent.select_sharded import iter_selection, read_selection_metadata, select_from_store, selection_rows
+from noisystudent.label.store import StoreHeader, write_header, write_shard
+from noisystudent.label.select import select_pseudo_labels
+from noisystudent.label.select_sharded import iter_selection, read_selection_metadata, select_from_store, selection_rows
 
 SHARDS = [60, 0, 85, 33, 120]  # an empty shard too
 

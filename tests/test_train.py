@@ -8,13 +8,13 @@ import pytest
 import torch
 from torch.utils.data import Dataset
 
-from noisystudent.config import TrainConfig
-from noisystudent.distributed import DistContext, all_gather_object, any_rank, local_batch_size
-from noisystudent.errors import CheckpointError, ConfigError
-from noisystudent.evaluate import evaluate_classifier
-from noisystudent.train import (SeededSamples, StreamSampler, build_optimizer, build_scheduler,
+from noisystudent.config.schema import TrainConfig
+from noisystudent.runtime.distributed import DistContext, all_gather_object, any_rank, local_batch_size
+from noisystudent.runtime.errors import CheckpointError, ConfigError
+from noisystudent.evaluate.classifier import evaluate_classifier
+from noisystudent.train.loop import (SeededSamples, StreamSampler, build_optimizer, build_scheduler,
                                 resolve_precision, train_classifier)
-from noisystudent.train_state import (capture_rng_state, catch_sigterm, list_checkpoints,
+from noisystudent.train.state import (capture_rng_state, catch_sigterm, list_checkpoints,
                                       load_checkpoint_file, load_latest_checkpoint, restore_rng_state,
                                       save_checkpoint)
 from test_train_scenarios import NUM_CLASSES, TinyNet, digits_data, noisy_model, student_config

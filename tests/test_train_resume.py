@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from noisystudent.train import TrainingPreempted
-from noisystudent.train_state import list_checkpoints, load_checkpoint_file
+from noisystudent.train.loop import TrainingPreempted
+from noisystudent.train.state import list_checkpoints, load_checkpoint_file
 from test_train_scenarios import run_resumable
 
 SCRIPT = Path(__file__).with_name("test_train_scenarios.py")

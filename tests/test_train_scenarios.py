@@ -14,12 +14,12 @@ import torch
 import torch.nn as nn
 from torch.utils.data import Dataset
 
-from noisystudent.config import DataConfig, NoiseConfig, TrainConfig
-from noisystudent.data import TransformedSet, build_splits
-from noisystudent.distributed import DistContext
-from noisystudent.models import create_model
-from noisystudent.train import train_classifier
-from noisystudent.transforms import eval_transform, train_transform
+from noisystudent.config.schema import DataConfig, NoiseConfig, TrainConfig
+from noisystudent.data.datasets import TransformedSet, build_splits
+from noisystudent.runtime.distributed import DistContext
+from noisystudent.models.factory import create_model
+from noisystudent.train.loop import train_classifier
+from noisystudent.data.transforms import eval_transform, train_transform
 
 NUM_CLASSES = 10
 
@@ -120,8 +120,8 @@ def run_distributed(out: Path) -> None:
     """Teacher then student with TinyNet under torchrun (or one plain process); then the student
     again, pre-empted by a SIGTERM that only the last rank receives. Without input noise: random
     augmentation is drawn per rank's batch, so it depends on the number of processes."""
-    from noisystudent.distributed import cleanup, init_distributed
-    from noisystudent.train import TrainingPreempted
+    from noisystudent.runtime.distributed import cleanup, init_distributed
+    from noisystudent.train.loop import TrainingPreempted
 
     ctx = init_distributed("cpu")
     data = digits_data(num_pseudo=64, augment=False)

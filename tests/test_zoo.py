@@ -4,9 +4,9 @@ import dataclasses
 
 import pytest
 
-from noisystudent.config import StageConfig
-from noisystudent.errors import ConfigError
-from noisystudent.zoo import (CHAIN_PRESETS, chain_preset, format_model_table, model_family, model_spec,
+from noisystudent.config.schema import StageConfig
+from noisystudent.runtime.errors import ConfigError
+from noisystudent.models.zoo import (CHAIN_PRESETS, chain_preset, format_model_table, model_family, model_spec,
                               stage_defaults)
 
 

@@ -1,7 +1,7 @@
 """Noisy Student self-training for image classifiers (Xie et al., CVPR 2020)."""
 
-from .config import Config, load_config
-from .errors import CheckpointError, ConfigError, DataError, NoisyStudentError
+from .config.schema import Config, load_config
+from .runtime.errors import CheckpointError, ConfigError, DataError, NoisyStudentError
 
 __version__ = "0.1.0"
 

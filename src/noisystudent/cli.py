@@ -9,9 +9,9 @@ import sys
 import time
 from pathlib import Path
 
-from .config import ABLATIONS, config_reference_markdown, load_config
-from .errors import NoisyStudentError
-from .train_state import TrainingPreempted
+from .config.schema import ABLATIONS, config_reference_markdown, load_config
+from .runtime.errors import NoisyStudentError
+from .train.state import TrainingPreempted
 
 
 def _default_run_dir(config: str | None, ablation: str | None) -> Path:
@@ -45,10 +45,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     import json
 
-    from .data import build_splits
-    from .distributed import select_device
-    from .evaluate import evaluate_checkpoints
-    from .rundir import RunDir
+    from .data.datasets import build_splits
+    from .runtime.distributed import select_device
+    from .evaluate.classifier import evaluate_checkpoints
+    from .runtime.rundir import RunDir
 
     target = Path(args.target)
     overrides = list(args.set)
@@ -77,7 +77,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         with RunDir(target).stage("evaluate") as scratch:
             results = evaluate_checkpoints(checkpoints, splits.test, cfg.evaluate, out_dir=scratch, **kwargs)
         out = target / "evaluate"
-        from .report import build_report
+        from .report.build import build_report
 
         print(f"report: {build_report(target)['html']}")
     else:
@@ -96,10 +96,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_label(args: argparse.Namespace) -> int:
-    from .checkpoint import load_model
-    from .distributed import cleanup, init_distributed
-    from .label_stream import file_list_source, folder_source, label_to_store, webdataset_source
-    from .transforms import eval_transform
+    from .models.checkpoint import load_model
+    from .runtime.distributed import cleanup, init_distributed
+    from .data.pool import file_list_source, folder_source, webdataset_source
+    from .label.inference import label_to_store
+    from .data.transforms import eval_transform
 
     model, meta = load_model(Path(args.checkpoint))
     src = args.source
@@ -128,7 +129,7 @@ def cmd_label(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .report import build_report
+    from .report.build import build_report
 
     paths = build_report(Path(args.run_dir))
     print(f"report: {paths['html']}")
@@ -137,7 +138,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from .zoo import format_chain_presets, format_model_table
+    from .models.zoo import format_chain_presets, format_model_table
 
     print(format_model_table())
     print()

@@ -26,19 +26,19 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import Dataset
 
-from .checkpoint import load_model, save_model
-from .config import Config, StageConfig
-from .errors import ConfigError
-from .data import DataSplits, ImageSet, TransformedSet, build_splits
-from .distributed import DistContext, barrier, broadcast_object, cleanup, init_distributed
-from .evaluate import evaluate_checkpoints, evaluate_classifier
-from .finetune import finetune_fixres, fixres_enabled
-from .label import PseudoLabels, label_images
-from .models import count_parameters, create_model
-from .rundir import RunDir, write_json_atomic
-from .select import Selection, select_pseudo_labels
-from .train import TrainOutcome, train_classifier
-from .transforms import eval_transform, train_transform
+from .models.checkpoint import load_model, save_model
+from .config.schema import Config, StageConfig
+from .runtime.errors import ConfigError
+from .data.datasets import DataSplits, ImageSet, TransformedSet, build_splits
+from .runtime.distributed import DistContext, barrier, broadcast_object, cleanup, init_distributed
+from .evaluate.classifier import evaluate_checkpoints, evaluate_classifier
+from .train.fixres import finetune_fixres, fixres_enabled
+from .label.pseudo_labels import PseudoLabels, label_images
+from .models.factory import count_parameters, create_model
+from .runtime.rundir import RunDir, write_json_atomic
+from .label.select import Selection, select_pseudo_labels
+from .train.loop import TrainOutcome, train_classifier
+from .data.transforms import eval_transform, train_transform
 
 log = logging.getLogger("noisystudent")
 
@@ -187,7 +187,7 @@ def train_stage(run: RunDir, name: str, stage: StageConfig, cfg: Config, splits:
 def finetune_stage(run: RunDir, name: str, last: StageResult, stage: StageConfig, cfg: Config,
                    splits: DataSplits, ctx: DistContext, *, seed: int, progress: bool) -> StageResult | None:
     """Fix-res: fine-tune the last model at its test resolution on un-augmented labeled images,
-    shallow blocks frozen (noisystudent.finetune). None when disabled (finetune.enabled, or by
+    shallow blocks frozen (noisystudent.train.fixres). None when disabled (finetune.enabled, or by
     default when the test resolution is not above the training resolution)."""
     size = stage.image_size or cfg.data.image_size
     test_size = stage.test_size or size
@@ -387,7 +387,7 @@ def run_pipeline(cfg: Config, run_dir: Path, *, resume: bool = False, progress: 
 
 def _write_report(run_dir: Path) -> None:
     """The HTML + Markdown report; a failure is logged, never fails a finished run."""
-    from .report import build_report
+    from .report.build import build_report
 
     try:
         log.info(f"report: {build_report(run_dir)['html']}")

@@ -21,9 +21,9 @@ from torch.utils.data import DataLoader, Dataset
 from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
-from ..data import class_folders, list_images
-from ..errors import DataError
-from ..progress import progress_bar
+from ..data.datasets import class_folders, list_images
+from ..runtime.errors import DataError
+from ..runtime.progress import progress_bar
 from .attacks import NormalizedModel
 from .corruptions import ALL_CORRUPTIONS, CORRUPTIONS
 from .metrics import (ALEXNET_CORRUPTION_ERRORS, corruption_errors_to_ce, mce, mean_corruption_error,

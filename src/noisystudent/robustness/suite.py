@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from ..progress import progress_bar
+from ..runtime.progress import progress_bar
 from . import _ops as ops
 from .attacks import NormalizedModel, fgsm, pgd
 from .corruptions import ALL_CORRUPTIONS, corrupt, resolve_preset

@@ -34,10 +34,10 @@ import torch.nn.functional as F
 from timm.optim import create_optimizer_v2
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
 
-from .distributed import DistContext
-from .errors import ConfigError
-from .evaluate import evaluate_classifier
-from .progress import progress_bar
+from ..runtime.distributed import DistContext
+from ..runtime.errors import ConfigError
+from ..evaluate.classifier import evaluate_classifier
+from ..runtime.progress import progress_bar
 
 
 # ------------------------------------------------------------------------------ blocks
@@ -151,7 +151,7 @@ def unfreeze(model: nn.Module, names: list[str]) -> None:
 
 
 def model_name(model: nn.Module) -> str:
-    from .models import model_architecture
+    from ..models.factory import model_architecture
 
     return model_architecture(model)
 

@@ -8,14 +8,14 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from .checkpoint import load_model
-from .config import EvaluateConfig
-from .data import ImageSet, TransformedSet
-from .distributed import DistContext, all_reduce_sum, shard_indices
-from .progress import progress_bar
-from .robustness import evaluate_robustness, plot_robustness
-from .rundir import write_json_atomic
-from .transforms import pixel_transform
+from ..models.checkpoint import load_model
+from ..config.schema import EvaluateConfig
+from ..data.datasets import ImageSet, TransformedSet
+from ..runtime.distributed import DistContext, all_reduce_sum, shard_indices
+from ..runtime.progress import progress_bar
+from ..robustness import evaluate_robustness, plot_robustness
+from ..runtime.rundir import write_json_atomic
+from ..data.transforms import pixel_transform
 
 
 @torch.inference_mode()
@@ -46,7 +46,7 @@ def evaluate_checkpoints(checkpoints: dict[str, Path], images: ImageSet, cfg: Ev
                          known_clean: dict[str, dict] | None = None) -> dict:
     """Run the configured robustness suites on each checkpoint (e.g. teacher and final student),
     side by side; writes ``robustness.json`` and plots into ``out_dir``. ``images`` is an
-    :class:`~noisystudent.data.ImageSet` with targets (usually the test split). ``known_clean``:
+    :class:`~noisystudent.data.datasets.ImageSet` with targets (usually the test split). ``known_clean``:
     ``{name: {"top1", "top5"}}`` already measured on all of ``images`` at the checkpoint's test
     size, reused instead of another clean pass (ignored with ``cfg.max_images``)."""
     results = {}

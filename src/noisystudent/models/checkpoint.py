@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .errors import CheckpointError
-from .models import create_model
+from ..runtime.errors import CheckpointError
+from .factory import create_model
 
 
 def save_model(path: Path, model: nn.Module, *, name: str, num_classes: int, in_chans: int,

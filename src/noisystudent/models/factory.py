@@ -24,7 +24,7 @@ from timm.layers import DropPath
 from timm.models import generate_default_cfgs, register_model
 from timm.models.efficientnet import _gen_efficientnet
 
-from .errors import ConfigError
+from ..runtime.errors import ConfigError
 
 # Pretrained-config entries for our registered models (no weights: ``url`` is empty). timm's
 # ``register_model`` reads this module-level ``default_cfgs`` when the entrypoints below register.
@@ -190,7 +190,7 @@ def create_model(name: str, num_classes: int, in_chans: int, dropout: float = 0.
     """Build a model by name with the paper's noise knobs (dropout, stochastic depth).
 
     ``pretrained``: ``True`` downloads timm's default weights for ``name``; a string is a weight
-    source for :func:`noisystudent.pretrained.load_pretrained` (a timm tag such as
+    source for :func:`noisystudent.models.pretrained.load_pretrained` (a timm tag such as
     ``tf_efficientnet_b0.ns_jft_in1k``, or a local .pt/.pth/.safetensors file): the head is
     replaced when the class count differs, and weights of another architecture are an error.
     ``classes``/``used_as_is``: checked against a weight file that names its classes.

@@ -34,8 +34,8 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from . import report_plots as plots
-from .errors import NoisyStudentError
+from . import plots
+from ..runtime.errors import NoisyStudentError
 
 REPORT_DIR = "report"
 HTML_NAME = "report.html"
@@ -541,7 +541,7 @@ def build_document(run: RunData) -> Document:
                 for p in b.plots:
                     nums.fig += 1
                     p.number = nums.fig
-    from . import __version__
+    from .. import __version__
 
     now = _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     source = run.cfg("data.source") or "?"
@@ -1068,7 +1068,7 @@ def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
 def _schema_defaults(raw: dict) -> dict[str, Any] | None:
     """Flattened schema defaults for the keys of ``raw`` (students compared to a default stage)."""
     try:
-        from .config import Config, StageConfig
+        from ..config.schema import Config, StageConfig
 
         defaults = Config().to_dict()
         n = len(raw.get("students") or []) if isinstance(raw.get("students"), list) else 0
@@ -1413,7 +1413,7 @@ def build_report(run_dir: str | Path) -> dict[str, Path]:
     """Write ``RUN/report/report.html`` (self-contained) and ``RUN/report/report.md`` (with its PNG
     plots beside it) for a run directory, finished or not. Returns ``{"html": path, "md": path}``.
 
-    Raises :class:`~noisystudent.errors.NoisyStudentError` if ``run_dir`` is not a run directory
+    Raises :class:`~noisystudent.runtime.errors.NoisyStudentError` if ``run_dir`` is not a run directory
     or the report cannot be written; unreadable optional files are listed in the report instead.
     """
     run = collect_run(run_dir)

@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from .errors import ConfigError
+from ..runtime.errors import ConfigError
 
 
 def _opt(default: Any, help: str, *, min: float | None = None, max: float | None = None,
@@ -287,7 +287,7 @@ def config_from_dict(raw: dict) -> Config:
 
 
 def expand_chain(raw: dict) -> dict:
-    """Apply the ``chain`` preset (noisystudent.zoo.chain_preset): it decides the model, image_size,
+    """Apply the ``chain`` preset (noisystudent.models.zoo.chain_preset): it decides the model, image_size,
     test_size, dropout and drop_path of the teacher and of every student, and the number of
     students; other keys written under ``teacher`` / ``students[i]`` (epochs, lr, pretrained) stay."""
     name = raw.get("chain")
@@ -295,7 +295,7 @@ def expand_chain(raw: dict) -> dict:
         return raw
     if not isinstance(name, str):
         raise ConfigError(f"config key 'chain' must be a string, got {name!r}")
-    from .zoo import chain_preset
+    from ..models.zoo import chain_preset
 
     try:
         stages = chain_preset(name)
@@ -428,7 +428,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 def default_config_dict() -> dict:
     """The built-in experiment: digits, used by ``noisystudent run`` with no arguments."""
-    here = Path(__file__).parent / "configs" / "digits.yaml"
+    here = Path(__file__).parent.parent / "configs" / "digits.yaml"
     return yaml.safe_load(here.read_text())
 
 
@@ -439,7 +439,7 @@ def save_config(cfg: Config, path: Path) -> None:
 def config_reference_markdown() -> str:
     """The configuration reference, generated from the schema's types, defaults and help lines."""
     lines = ["# Configuration reference", "",
-             "Generated from `noisystudent.config` by `noisystudent config --markdown`; do not edit.",
+             "Generated from `noisystudent.config.schema` by `noisystudent config --markdown`; do not edit.",
              "Override any key on the command line with `--set section.key=value`.", ""]
 
     def walk(cls: type, prefix: str) -> None:

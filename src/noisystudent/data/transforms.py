@@ -12,8 +12,8 @@ import torchvision.transforms as T
 from PIL import Image
 from timm.data.auto_augment import rand_augment_transform
 
-from .config import NoiseConfig
-from .data import convert_image
+from ..config.schema import NoiseConfig
+from .datasets import convert_image
 
 # Below this size images are small (digits, MNIST-like): resize whole and pad-crop, since a
 # random-resized crop of a 16-px image throws away most of the digit.

@@ -29,7 +29,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from .errors import CheckpointError, NoisyStudentError
+from ..runtime.errors import CheckpointError, NoisyStudentError
 
 log = logging.getLogger("noisystudent")
 

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from .errors import ConfigError
-from .models import create_model, resolve_model_name
+from ..runtime.errors import ConfigError
+from .factory import create_model, resolve_model_name
 
 
 @dataclass(frozen=True)

@@ -6,12 +6,12 @@ Accepted sources (``load_pretrained(model, source, num_classes)``):
   released Noisy Student weights); downloaded by timm, so it needs internet (or timm's cache);
 * a local file: ``.safetensors``, or anything ``torch.load`` reads with ``weights_only=True``
   (``.pt``/``.pth``/``.bin``/``.ckpt``) holding a plain state dict (timm's format), our own
-  checkpoint (:func:`noisystudent.checkpoint.save_model`), or a wrapper ``{"state_dict": ...}``,
+  checkpoint (:func:`noisystudent.models.checkpoint.save_model`), or a wrapper ``{"state_dict": ...}``,
   ``{"model": ...}``, ``{"model_state_dict": ...}``. ``module.`` (DDP) and ``_orig_mod.``
   (``torch.compile``) prefixes are removed.
 
 Every tensor outside the classifier must fit the model by name and shape; otherwise the file is
-for another architecture and a one-line :class:`~noisystudent.errors.CheckpointError` names the
+for another architecture and a one-line :class:`~noisystudent.runtime.errors.CheckpointError` names the
 file and the mismatch. The classifier is loaded when its class count matches; otherwise it is
 replaced by a new, randomly initialised head for ``num_classes`` and a warning says so. A first
 convolution trained on another number of input channels (RGB weights, grayscale data) is adapted
@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .errors import CheckpointError, DataError
+from ..runtime.errors import CheckpointError, DataError
 
 log = logging.getLogger("noisystudent")
 
@@ -201,7 +201,7 @@ def apply_state_dict(model: nn.Module, state: dict[str, torch.Tensor], *, source
                      num_classes: int | None = None, file_arch: str | None = None) -> list[str]:
     """Load ``state`` into ``model``: strict outside the classifier, head replaced on a class-count
     change, first conv adapted on an input-channel change. Returns messages (also logged)."""
-    from .models import model_architecture
+    from .factory import model_architecture
 
     arch = model_architecture(model)
     messages: list[str] = []
@@ -300,7 +300,7 @@ def load_pretrained(model: nn.Module, source: str, num_classes: int | None = Non
     conv adapted, tensors loaded); warnings are also logged. Raises :class:`CheckpointError` for a
     missing/unreadable file or another architecture, :class:`DataError` for other classes.
     """
-    from .models import model_architecture
+    from .factory import model_architecture
 
     if is_local_source(source):
         state, file_arch, file_classes = read_weight_file(source)  # read once: L2 files are GBs

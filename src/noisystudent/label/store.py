@@ -15,7 +15,7 @@ Parquet file has been renamed into place, so a run killed at any point leaves ei
 shard or nothing that counts, and a resumed run recomputes only shards without a record. Each shard
 is written by exactly one process, so many ranks (on a shared filesystem) never contend for a file.
 
-Shard schema (a superset of :meth:`noisystudent.label.PseudoLabels.save`, so
+Shard schema (a superset of :meth:`noisystudent.label.pseudo_labels.PseudoLabels.save`, so
 ``PseudoLabels.load`` reads any single shard)::
 
     key         string                     stable image key (relative path, tar/sample key, ...)
@@ -49,8 +49,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .errors import DataError
-from .label import PseudoLabels
+from ..runtime.errors import DataError
+from .pseudo_labels import PseudoLabels
 
 FORMAT_VERSION = 1
 HEADER_FILE = "store.json"
@@ -436,5 +436,5 @@ class LabelStore:
 
 
 def load_pseudo_labels(store_dir: Path | str) -> PseudoLabels:
-    """A complete store as :class:`~noisystudent.label.PseudoLabels` (rows in shard order)."""
+    """A complete store as :class:`~noisystudent.label.pseudo_labels.PseudoLabels` (rows in shard order)."""
     return LabelStore.open(store_dir, require_complete=True).to_pseudo_labels()

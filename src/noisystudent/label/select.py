@@ -17,7 +17,7 @@ import numpy as np
 
 @dataclass
 class Selection:
-    """Rows of a :class:`~noisystudent.label.PseudoLabels` chosen for training (with repeats)."""
+    """Rows of a :class:`~noisystudent.label.pseudo_labels.PseudoLabels` chosen for training (with repeats)."""
 
     rows: np.ndarray  # int64 row indices into the pseudo labels; duplicated rows repeat
     per_class: int | None  # K, or None without balancing

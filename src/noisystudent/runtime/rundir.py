@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from .config import Config, save_config
+from ..config.schema import Config, save_config
 from .errors import ConfigError
 
 MANIFEST = "manifest.json"

@@ -12,7 +12,7 @@ images of step k do not depend on W (their random augmentation does). Rank 0 alo
 writes checkpoints.
 
 Crash safety (``checkpoint_dir``): a checkpoint every ``train.checkpoint_every`` steps and at the
-end (see :mod:`noisystudent.train_state`); a stage finds its latest checkpoint and continues from
+end (see :mod:`noisystudent.train.state`); a stage finds its latest checkpoint and continues from
 it. SIGTERM finishes the current step, writes a checkpoint and raises :class:`TrainingPreempted`.
 
 Exact resume: on CPU, a resumed run ends with the same weights and metrics, bit for bit, as an
@@ -47,13 +47,13 @@ from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .config import TrainConfig
-from .distributed import (DistContext, all_gather_object, all_reduce_sum, any_rank, barrier, broadcast_object,
+from ..config.schema import TrainConfig
+from ..runtime.distributed import (DistContext, all_gather_object, all_reduce_sum, any_rank, barrier, broadcast_object,
                           convert_sync_batchnorm, local_batch_size, wrap_ddp)
-from .errors import CheckpointError, ConfigError
-from .evaluate import evaluate_classifier
-from .progress import progress_bar
-from .train_state import (CHECKPOINT_FORMAT, TrainingPreempted, capture_rng_state, catch_sigterm,
+from ..runtime.errors import CheckpointError, ConfigError
+from ..evaluate.classifier import evaluate_classifier
+from ..runtime.progress import progress_bar
+from .state import (CHECKPOINT_FORMAT, TrainingPreempted, capture_rng_state, catch_sigterm,
                           checkpoint_path, ignore_sigterm_in_worker, load_checkpoint_file,
                           load_latest_checkpoint, restore_rng_state, save_checkpoint)
 

@@ -21,8 +21,8 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 
-from .errors import DataError
-from .progress import progress_bar
+from ..runtime.errors import DataError
+from ..runtime.progress import progress_bar
 
 
 @dataclass

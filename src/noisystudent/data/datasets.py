@@ -18,8 +18,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from .config import DataConfig
-from .errors import DataError
+from ..config.schema import DataConfig
+from ..runtime.errors import DataError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 FASHION_MNIST_DEBIAN = "/usr/share/datasets/fashion-mnist"

@@ -1,6 +1,6 @@
 """Stage 3 at scale: select pseudo labels from a sharded store without loading it.
 
-Gives exactly the rows of :func:`noisystudent.select.select_pseudo_labels` on the same data (same
+Gives exactly the rows of :func:`noisystudent.label.select.select_pseudo_labels` on the same data (same
 threshold rule, same per-class top-K with ties broken by row order, same duplication draws for a
 given seed), while holding at most a histogram per class and one group of selected rows in memory.
 
@@ -16,7 +16,7 @@ the ranks before it hold.
 
 The emission pass writes the selected rows of each rank, bucketed into groups of classes, to spill
 files; rank 0 then takes one group at a time, orders each class most-confident-first and applies
-:func:`noisystudent.select.balance_class` (the very function the in-memory selection uses, with
+:func:`noisystudent.label.select.balance_class` (the very function the in-memory selection uses, with
 the same random generator advanced class by class), and appends the result to the output.
 
 The output is a Parquet file with one row per selected image and its copy count, in the order of
@@ -38,9 +38,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from .distributed import DistContext, all_reduce_sum, barrier, broadcast_object, shard_indices
-from .errors import ConfigError, DataError
-from .label_store import LabelStore
+from ..runtime.distributed import DistContext, all_reduce_sum, barrier, broadcast_object, shard_indices
+from ..runtime.errors import ConfigError, DataError
+from .store import LabelStore
 from .select import balance_class, default_per_class
 
 SELECTION_METADATA_KEY = b"noisystudent_selection"

@@ -1,0 +1,506 @@
+"""The unlabeled pool as a stream of shards: image folders, file lists, WebDataset tars, image sets.
+
+Used by the streaming labeler (:mod:`noisystudent.label.inference`) and by the students' pseudo-labeled
+dataset, so the pool is read one way everywhere.
+
+The unlabeled pool is a :class:`UnlabeledSource`: a fixed, ordered list of shards, each an
+iterable of ``(key, payload)`` items. Sources never materialise the pool: an image folder is
+walked once into an on-disk listing (``<store>/source/``, which also freezes the pool so a resumed
+run sees the same shards), a file list is indexed by byte offsets, WebDataset tar shards are read
+as streams with :mod:`tarfile`.
+
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import io
+import json
+import os
+import re
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+from PIL import Image
+
+from ..runtime.distributed import DistContext, broadcast_object
+from ..runtime.errors import ConfigError, DataError
+from .datasets import IMAGE_EXTENSIONS, ImageSet
+
+DEFAULT_SHARD_SIZE = 8192
+
+# --------------------------------------------------------------------------------- payloads
+
+
+@dataclass(frozen=True)
+class Unreadable:
+    """A payload standing for an item the source could not read (recorded as a bad image)."""
+
+    reason: str
+
+
+def decode_image(payload) -> Image.Image:
+    """Turn a source payload into a loaded PIL image.
+
+    Payloads: a PIL image, a uint8 array (H, W) or (H, W, C), encoded bytes, a file path, a
+    zero-argument callable returning one of these, or :class:`Unreadable`.
+    """
+    if isinstance(payload, Unreadable):
+        raise DataError(payload.reason)
+    if callable(payload) and not isinstance(payload, Image.Image):
+        payload = payload()
+    if isinstance(payload, Image.Image):
+        return payload
+    if isinstance(payload, np.ndarray):
+        arr = payload[..., 0] if payload.ndim == 3 and payload.shape[-1] == 1 else payload
+        return Image.fromarray(np.ascontiguousarray(arr, dtype=np.uint8))
+    if isinstance(payload, (bytes, bytearray, memoryview)):
+        if len(payload) == 0:
+            raise DataError("empty file")
+        img = Image.open(io.BytesIO(payload))
+    elif isinstance(payload, (str, os.PathLike)):
+        if os.path.getsize(payload) == 0:
+            raise DataError("empty file")
+        img = Image.open(payload)
+    else:
+        raise DataError(f"unsupported payload type {type(payload).__name__}")
+    img.load()  # decode now, in the worker, so errors surface here rather than in the transform
+    return img
+
+
+# ---------------------------------------------------------------------------------- sources
+
+
+class UnlabeledSource:
+    """An unlabeled pool as a fixed, ordered list of shards of ``(key, payload)`` items.
+
+    Subclasses implement :meth:`iter_shard`, :attr:`num_shards` and :meth:`fingerprint`; those
+    that need an on-disk index build it in :meth:`prepare`. Sources are pickled into DataLoader
+    workers, so they hold only small state (paths, offsets), never the pool.
+    """
+
+    kind = "source"
+
+    def prepare(self, work_dir: Path, ctx: DistContext | None = None) -> None:
+        """Build whatever index the source needs under ``work_dir`` (once, on rank 0)."""
+
+    @property
+    def num_shards(self) -> int:
+        raise NotImplementedError
+
+    def shard_name(self, index: int) -> str:
+        return f"{index:06d}"
+
+    def shard_length(self, index: int) -> int | None:
+        """Items in a shard when known without reading it (for progress and ETA)."""
+        return None
+
+    def iter_shard(self, index: int) -> Iterator[tuple[str, object]]:
+        raise NotImplementedError
+
+    def fingerprint(self) -> dict:
+        """What identifies the pool and its sharding (stored in the store header)."""
+        return {"kind": self.kind, "num_shards": self.num_shards}
+
+
+def _check_shard_size(shard_size: int) -> int:
+    if int(shard_size) < 1:
+        raise ConfigError(f"shard_size must be >= 1, got {shard_size}")
+    return int(shard_size)
+
+
+class _LineIndexSource(UnlabeledSource):
+    """A pool listed one item per line in a text file, sharded by byte offsets of shard starts.
+
+    Only the offsets (one integer per shard) are kept in memory; a shard is read by seeking to
+    its offset and reading ``shard_size`` lines.
+    """
+
+    def __init__(self, shard_size: int):
+        self.shard_size = _check_shard_size(shard_size)
+        self._index: dict | None = None
+
+    # -- the index: {"list": path, "num_items": n, "offsets": [...], ...}
+    def _build_index(self, work_dir: Path) -> dict:
+        raise NotImplementedError
+
+    def _index_matches(self, index: dict) -> str | None:
+        """Why an existing index does not fit this source (None when it does)."""
+        if index.get("shard_size") != self.shard_size:
+            return f"shard_size {index.get('shard_size')} != {self.shard_size}"
+        return None
+
+    def prepare(self, work_dir: Path, ctx: DistContext | None = None) -> None:
+        ctx = ctx or DistContext()
+        work_dir = Path(work_dir)
+        result: dict | str | None = None
+        if ctx.is_main:
+            try:
+                path = work_dir / "index.json"
+                if path.is_file():  # resume: keep the frozen listing
+                    result = json.loads(path.read_text())
+                    why = self._index_matches(result)
+                    if why:
+                        result = f"the store's source index {path} does not match this source ({why})"
+                else:
+                    work_dir.mkdir(parents=True, exist_ok=True)
+                    result = self._build_index(work_dir)
+                    tmp = path.with_name(".index.json.tmp")
+                    tmp.write_text(json.dumps(result))
+                    os.replace(tmp, path)
+            except (OSError, ValueError, DataError) as e:
+                result = str(e)
+        result = broadcast_object(result, ctx)
+        if isinstance(result, str):
+            raise DataError(result)
+        self._index = result
+
+    def _need_index(self) -> dict:
+        if self._index is None:
+            raise DataError(f"{self.kind} source used before prepare(work_dir)")
+        return self._index
+
+    @property
+    def num_shards(self) -> int:
+        return len(self._need_index()["offsets"])
+
+    @property
+    def num_items(self) -> int:
+        return int(self._need_index()["num_items"])
+
+    def shard_length(self, index: int) -> int:
+        return min(self.shard_size, self.num_items - index * self.shard_size)
+
+    def shard_name(self, index: int) -> str:
+        start = index * self.shard_size
+        return f"items-{start}-{start + self.shard_length(index)}"
+
+    def _lines(self, index: int) -> Iterator[str]:
+        idx = self._need_index()
+        n = self.shard_length(index)
+        with open(idx["list"], "rb") as f:
+            f.seek(idx["offsets"][index])
+            while n > 0:
+                raw = f.readline()
+                if not raw:
+                    break
+                line = raw.decode("utf-8", "surrogateescape").rstrip("\r\n")
+                if line.strip():
+                    n -= 1
+                    yield line
+
+    def fingerprint(self) -> dict:
+        idx = self._need_index()
+        return {"kind": self.kind, "num_shards": self.num_shards, "num_items": self.num_items,
+                "shard_size": self.shard_size, "list_bytes": idx["list_bytes"]}
+
+
+def _index_lines(list_path: Path, shard_size: int) -> dict:
+    """Byte offset of the first line of every shard of non-blank lines (streaming)."""
+    offsets, n, pos = [], 0, 0
+    with open(list_path, "rb") as f:
+        for raw in f:
+            if raw.strip():
+                if n % shard_size == 0:
+                    offsets.append(pos)
+                n += 1
+            pos += len(raw)
+    return {"list": str(list_path), "num_items": n, "offsets": offsets, "shard_size": shard_size,
+            "list_bytes": pos}
+
+
+def _walk_images(root: Path, extensions: tuple[str, ...]) -> Iterator[str]:
+    """Image files under ``root`` as relative POSIX paths, depth first with names sorted at every
+    level: a stable order that needs only the directories on the current path in memory."""
+    stack: list[tuple[str, Iterator[os.DirEntry]]] = []
+
+    def open_dir(rel: str) -> Iterator[os.DirEntry]:
+        with os.scandir(root / rel if rel else root) as it:
+            entries = sorted(it, key=lambda e: e.name)
+        return iter(entries)
+
+    stack.append(("", open_dir("")))
+    while stack:
+        rel, it = stack[-1]
+        entry = next(it, None)
+        if entry is None:
+            stack.pop()
+            continue
+        child = f"{rel}/{entry.name}" if rel else entry.name
+        try:
+            is_dir = entry.is_dir(follow_symlinks=False)  # like Path.rglob: no symlink loops
+        except OSError:
+            continue
+        if is_dir:
+            try:
+                stack.append((child, open_dir(child)))
+            except OSError:
+                pass  # an unreadable directory contributes no images
+        elif os.path.splitext(entry.name)[1].lower() in extensions and "\n" not in child:
+            yield child
+
+
+class FolderSource(_LineIndexSource):
+    """Image files under ``root`` (recursive), keyed by their path relative to ``root``."""
+
+    kind = "folder"
+
+    def __init__(self, root: Path | str, shard_size: int = DEFAULT_SHARD_SIZE,
+                 extensions: Sequence[str] = IMAGE_EXTENSIONS):
+        super().__init__(shard_size)
+        self.root = Path(root)
+        self.extensions = tuple(e.lower() for e in extensions)
+
+    def _build_index(self, work_dir: Path) -> dict:
+        if not self.root.is_dir():
+            raise DataError(f"unlabeled folder not found: {self.root}")
+        list_path = work_dir / "files.txt"
+        tmp = work_dir / ".files.txt.tmp"
+        with open(tmp, "w", encoding="utf-8", errors="surrogateescape") as f:
+            for rel in _walk_images(self.root, self.extensions):
+                f.write(rel + "\n")
+        os.replace(tmp, list_path)
+        index = _index_lines(list_path, self.shard_size)
+        if index["num_items"] == 0:
+            raise DataError(f"unlabeled folder {self.root} contains no images")
+        return index | {"root": str(self.root.resolve())}
+
+    def _index_matches(self, index: dict) -> str | None:
+        if index.get("root") != str(self.root.resolve()):
+            return f"root {index.get('root')} != {self.root.resolve()}"
+        return super()._index_matches(index)
+
+    def iter_shard(self, index: int) -> Iterator[tuple[str, object]]:
+        for rel in self._lines(index):
+            yield rel, self.root / rel
+
+    def fingerprint(self) -> dict:
+        return super().fingerprint() | {"root": str(self.root.resolve())}
+
+
+class FileListSource(_LineIndexSource):
+    """Images named one per line in a text file (absolute, or relative to ``root``, which defaults
+    to the list file's folder); the key is the line as written."""
+
+    kind = "file-list"
+
+    def __init__(self, list_path: Path | str, shard_size: int = DEFAULT_SHARD_SIZE, root: Path | str | None = None):
+        super().__init__(shard_size)
+        self.list_path = Path(list_path)
+        self.root = Path(root) if root is not None else self.list_path.resolve().parent
+
+    def _build_index(self, work_dir: Path) -> dict:
+        if not self.list_path.is_file():
+            raise DataError(f"file list not found: {self.list_path}")
+        index = _index_lines(self.list_path.resolve(), self.shard_size)
+        if index["num_items"] == 0:
+            raise DataError(f"file list {self.list_path} names no images")
+        return index
+
+    def _index_matches(self, index: dict) -> str | None:
+        if index.get("list") != str(self.list_path.resolve()):
+            return f"list {index.get('list')} != {self.list_path.resolve()}"
+        if self.list_path.stat().st_size != index.get("list_bytes"):
+            return "the file list changed since the store was started"
+        return super()._index_matches(index)
+
+    def iter_shard(self, index: int) -> Iterator[tuple[str, object]]:
+        for line in self._lines(index):
+            yield line, self.root / line  # an absolute line replaces root
+
+
+_BRACE = re.compile(r"\{(\d+)\.\.(\d+)\}")
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """WebDataset-style numeric ranges: ``shard-{000..099}.tar`` (zero padding kept)."""
+    m = _BRACE.search(pattern)
+    if not m:
+        return [pattern]
+    lo, hi = m.group(1), m.group(2)
+    width = len(lo) if lo.startswith("0") else 0
+    return [x for i in range(int(lo), int(hi) + 1)
+            for x in expand_braces(pattern[:m.start()] + str(i).zfill(width) + pattern[m.end():])]
+
+
+def _split_member(name: str) -> tuple[str, str]:
+    """WebDataset's grouping rule: the key is the path up to the first dot of the file name."""
+    folder, _, base = name.rpartition("/")
+    stem, dot, ext = base.partition(".")
+    return (f"{folder}/{stem}" if folder else stem), ext.lower()
+
+
+def _has_end_marker(path: Path, offset: int) -> bool:
+    """A complete uncompressed tar has (at least) two zero blocks after its last member."""
+    with open(path, "rb") as f:
+        f.seek(offset)
+        tail = f.read(1024)
+    return len(tail) == 1024 and not any(tail)
+
+
+class WebDatasetSource(UnlabeledSource):
+    """WebDataset tar shards (local files, optionally gzipped), one store shard per tar file.
+
+    A sample is the run of consecutive members sharing a key; its first member with an image
+    extension is the image. The store key is ``<tar name>/<sample key>``. A truncated or corrupt
+    tar ends its shard early and is listed among the bad images.
+    """
+
+    kind = "webdataset"
+    image_exts = tuple(e.lstrip(".") for e in IMAGE_EXTENSIONS)
+
+    def __init__(self, paths: str | Sequence[str | Path]):
+        patterns = [paths] if isinstance(paths, (str, Path)) else list(paths)
+        self.paths = [Path(p) for pat in patterns for p in expand_braces(str(pat))]
+        if not self.paths:
+            raise DataError("no WebDataset shards given")
+
+    def prepare(self, work_dir: Path, ctx: DistContext | None = None) -> None:
+        missing = [str(p) for p in self.paths if not p.is_file()]
+        if missing:
+            raise DataError(f"WebDataset shard(s) not found: {', '.join(missing[:5])}"
+                            + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
+
+    @property
+    def num_shards(self) -> int:
+        return len(self.paths)
+
+    def shard_name(self, index: int) -> str:
+        name = self.paths[index].name
+        for suffix in (".tar.gz", ".tgz", ".tar"):
+            if name.endswith(suffix):
+                return name[: -len(suffix)]
+        return name
+
+    def iter_shard(self, index: int) -> Iterator[tuple[str, object]]:
+        prefix = self.shard_name(index)
+        current, image = None, None
+        try:
+            with tarfile.open(self.paths[index], mode="r|*") as tar:  # streaming: no member table
+                for member in tar:
+                    if not member.isfile():
+                        continue
+                    key, ext = _split_member(member.name)
+                    if key != current:
+                        if current is not None:
+                            yield f"{prefix}/{current}", image or Unreadable("no image in sample")
+                        current, image = key, None
+                    if image is None and ext.rsplit(".", 1)[-1] in self.image_exts:
+                        f = tar.extractfile(member)
+                        image = f.read() if f is not None else Unreadable("unreadable tar member")
+                end, plain = tar.offset, getattr(tar.fileobj, "comptype", "tar") == "tar"
+            if current is not None:
+                yield f"{prefix}/{current}", image or Unreadable("no image in sample")
+            if plain and not _has_end_marker(self.paths[index], end):
+                # tarfile reads a tar cut inside a header as a normal end: check the end marker.
+                yield f"{prefix}/<rest of shard>", Unreadable(f"truncated tar {self.paths[index]}: "
+                                                              "no end-of-archive marker")
+        except (tarfile.TarError, OSError, EOFError, ValueError) as e:
+            # The rest of this tar is lost; say so under the shard's name, keep what was read.
+            yield f"{prefix}/<rest of shard>", Unreadable(f"corrupt tar {self.paths[index]}: {e}")
+
+    def fingerprint(self) -> dict:
+        digest = hashlib.sha1()
+        for p in self.paths:
+            digest.update(f"{p.name}\0{p.stat().st_size}\0".encode())
+        return {"kind": self.kind, "num_shards": self.num_shards, "digest": digest.hexdigest()}
+
+
+class ImageSetSource(UnlabeledSource):
+    """An in-memory or lazy :class:`~noisystudent.data.datasets.ImageSet`, cut into shards of indices."""
+
+    kind = "image-set"
+
+    def __init__(self, images: ImageSet, shard_size: int = DEFAULT_SHARD_SIZE):
+        self.images = images
+        self.shard_size = _check_shard_size(shard_size)
+
+    @property
+    def num_shards(self) -> int:
+        return -(-len(self.images) // self.shard_size)
+
+    def shard_length(self, index: int) -> int:
+        return min(self.shard_size, len(self.images) - index * self.shard_size)
+
+    def iter_shard(self, index: int) -> Iterator[tuple[str, object]]:
+        start = index * self.shard_size
+        for i in range(start, start + self.shard_length(index)):
+            yield self.images.key(i), functools.partial(self.images.load, i)
+
+    def fingerprint(self) -> dict:
+        return {"kind": self.kind, "num_shards": self.num_shards, "num_items": len(self.images),
+                "shard_size": self.shard_size}
+
+
+class SyntheticSource(UnlabeledSource):
+    """``num_images`` images synthesised from their index (for tests and benchmarks): a fixed bank
+    of random uint8 patterns, picked by a hash of the index. Every ``bad_every``-th item (if set)
+    is corrupt bytes, to exercise the bad-image path."""
+
+    kind = "synthetic"
+
+    def __init__(self, num_images: int, shard_size: int = DEFAULT_SHARD_SIZE, size: int = 8,
+                 channels: int = 3, seed: int = 0, bank_size: int = 256, bad_every: int = 0):
+        self.num_images = int(num_images)
+        self.shard_size = _check_shard_size(shard_size)
+        self.size, self.channels, self.seed = size, channels, seed
+        self.bank_size, self.bad_every = bank_size, bad_every
+        self._bank: np.ndarray | None = None
+
+    def __getstate__(self) -> dict:
+        return self.__dict__ | {"_bank": None}  # workers rebuild the bank instead of receiving it
+
+    def _patterns(self) -> np.ndarray:
+        if self._bank is None:
+            shape = (self.bank_size, self.size, self.size) + ((self.channels,) if self.channels > 1 else ())
+            self._bank = np.random.default_rng(self.seed).integers(0, 256, shape, dtype=np.uint8)
+        return self._bank
+
+    @property
+    def num_shards(self) -> int:
+        return -(-self.num_images // self.shard_size)
+
+    def shard_length(self, index: int) -> int:
+        return min(self.shard_size, self.num_images - index * self.shard_size)
+
+    def iter_shard(self, index: int) -> Iterator[tuple[str, object]]:
+        bank = self._patterns()
+        start = index * self.shard_size
+        for i in range(start, start + self.shard_length(index)):
+            key = f"syn/{i:010d}"
+            if self.bad_every and i % self.bad_every == self.bad_every - 1:
+                yield key, b"this is not an image"
+            else:
+                yield key, bank[(i * 2654435761 + self.seed) % self.bank_size]
+
+    def fingerprint(self) -> dict:
+        return {"kind": self.kind, "num_shards": self.num_shards, "num_items": self.num_images,
+                "shard_size": self.shard_size, "size": self.size, "channels": self.channels,
+                "seed": self.seed, "bank_size": self.bank_size, "bad_every": self.bad_every}
+
+
+def folder_source(root: Path | str, shard_size: int = DEFAULT_SHARD_SIZE) -> FolderSource:
+    """Every image file under ``root`` (recursive; millions are fine: the listing streams to disk)."""
+    return FolderSource(root, shard_size)
+
+
+def file_list_source(path: Path | str, shard_size: int = DEFAULT_SHARD_SIZE,
+                     root: Path | str | None = None) -> FileListSource:
+    """Images named one per line in ``path`` (relative lines resolve against ``root``)."""
+    return FileListSource(path, shard_size, root)
+
+
+def webdataset_source(urls_or_paths: str | Sequence[str | Path]) -> WebDatasetSource:
+    """Local WebDataset tar shards: a list of paths or a brace pattern (``data-{0000..0099}.tar``)."""
+    return WebDatasetSource(urls_or_paths)
+
+
+def imageset_source(images: ImageSet, shard_size: int = DEFAULT_SHARD_SIZE) -> ImageSetSource:
+    """The pipeline's unlabeled :class:`~noisystudent.data.datasets.ImageSet` as a sharded source."""
+    return ImageSetSource(images, shard_size)
+
+

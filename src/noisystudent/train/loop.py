@@ -199,6 +199,8 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
     """timm's optimizer factory; no weight decay on biases and norm layers (as the official code).
+    Only parameters that require gradients are optimized (timm's parameter groups skip the rest:
+    the frozen blocks of fix-res).
 
     For ``rmsproptf`` (the paper's optimizer) the official epsilon 1e-3 is used; timm's default
     (1e-10) would make the first steps enormous where the squared-gradient average is tiny.
@@ -351,7 +353,8 @@ def train_classifier(model: nn.Module, labeled: Dataset, val: Dataset, cfg: Trai
     # What must match for a checkpoint to continue this run (the number of processes may change).
     setup = {"stage": desc, "streams": streams, "total_steps": total_steps, "per_epoch": per_epoch,
              "num_classes": num_classes, "optimizer": cfg.optimizer, "ema": cfg.ema,
-             "params": sum(p.numel() for p in net.parameters())}
+             "params": sum(p.numel() for p in net.parameters()),
+             "trainable": sum(p.numel() for p in net.parameters() if p.requires_grad)}  # fix-res freezes some
     parts = {"model": net, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler}
     if ema is not None:
         parts["ema"] = ema

@@ -92,16 +92,16 @@ def main() -> None:
     for n in [int(v) for v in args.also_frozen.split(",") if v.strip()]:
         model.load_state_dict(trained)
         torch.manual_seed(args.seed)
-        v = finetune_fixres(model, labeled_high, val_high, test=test_high, frozen_blocks=n, epochs=args.ft_epochs,
-                            lr=ft_lr, batch_size=args.batch_size, ctx=ctx, weight_decay=train_cfg.weight_decay,
-                            label_smoothing=0.1, seed=args.seed)
+        v = finetune_fixres(model, labeled_high, val_high, train_cfg, num_classes=splits.num_classes,
+                            test=test_high, frozen_blocks=n, epochs=args.ft_epochs, lr=ft_lr,
+                            batch_size=args.batch_size, ctx=ctx, seed=args.seed)
         variants[str(n)] = {"top1_at_test_size_after": round(v.after["test_top1"], 2),
                             "val_top1_after": round(v.after["val_top1"], 2)}
     model.load_state_dict(trained)
     torch.manual_seed(args.seed)  # the same dropout draws whatever variants ran before
-    ft = finetune_fixres(model, labeled_high, val_high, test=test_high, frozen_blocks=frozen,
-                         epochs=args.ft_epochs, lr=ft_lr, batch_size=args.batch_size, ctx=ctx,
-                         weight_decay=train_cfg.weight_decay, label_smoothing=0.1, seed=args.seed)
+    ft = finetune_fixres(model, labeled_high, val_high, train_cfg, num_classes=splits.num_classes,
+                         test=test_high, frozen_blocks=frozen, epochs=args.ft_epochs, lr=ft_lr,
+                         batch_size=args.batch_size, ctx=ctx, seed=args.seed)
     result = {
         "benchmark": "fixres_fashion", "model": args.model, "params": count_parameters(model),
         "train_size": args.train_size, "test_size": args.test_size, "labeled": len(splits.labeled),

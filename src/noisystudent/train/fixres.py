@@ -19,25 +19,32 @@ code makes the count a flag (``fix_layer_num``) and publishes no value. Freezing
 stage keeps FixRes's choice at the granularity of blocks while letting the deepest stage's BN
 statistics re-adapt. Measured on Fashion-MNIST with a 3-block CNN (benchmarks/fixres_fashion.py),
 freezing fewer blocks did better there; set ``finetune.frozen_blocks`` to choose.
+
+The fine-tune itself is :func:`noisystudent.train.loop.train_classifier` on the labeled images
+(un-augmented, at the test resolution), with the fine-tune's own lr, epochs and batch size: it
+has the same optimizer, mixed precision, deterministic data order, DDP and resumable
+checkpoints as every other training stage. Only the trainable parameters reach the optimizer
+(timm's parameter groups skip the others), and the frozen modules' BatchNorm stays in eval mode
+through the loop's ``model.train()`` calls.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
 
-import torch
 import torch.nn as nn
-import torch.nn.functional as F
-from timm.optim import create_optimizer_v2
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
+from torch.utils.data import Dataset
 
+from ..config.schema import TrainConfig
+from ..evaluate.classifier import evaluate_classifier
 from ..runtime.distributed import DistContext
 from ..runtime.errors import ConfigError
-from ..evaluate.classifier import evaluate_classifier
-from ..runtime.progress import progress_bar
+from .loop import TrainOutcome, steps_per_epoch, train_classifier
 
 
 # ------------------------------------------------------------------------------ blocks
@@ -176,6 +183,7 @@ class FinetuneOutcome:
     lr: float
     seconds: float
     history: list[dict] = field(default_factory=list)
+    train: TrainOutcome | None = None  # the training loop's outcome; None when epochs == 0
 
     def metrics(self) -> dict:
         """Flat numbers for metrics.json / the summary: ``val_top1_before``, ``test_top1_after``..."""
@@ -184,8 +192,18 @@ class FinetuneOutcome:
         out.update(frozen_blocks=self.frozen_blocks, total_blocks=self.total_blocks,
                    trainable_params=self.trainable_params, frozen_params=self.frozen_params,
                    finetune_epochs=self.epochs, finetune_steps=self.steps, finetune_lr=self.lr,
-                   images_seen=self.images_seen, seconds=self.seconds)
+                   images_seen=self.images_seen, seconds=self.seconds,
+                   resumed_from_step=self.train.resumed_from_step if self.train else 0)
         return out
+
+
+def fixres_train_config(cfg: TrainConfig, batch_size: int | None = None) -> TrainConfig:
+    """The training settings of the fine-tune: the run's optimizer, weight decay, label smoothing,
+    precision and checkpointing, with its own batch size (None: ``cfg.batch_size``) and a short
+    schedule of its own: cosine from the lr to 0 without warm-up, no EMA. ``sync_bn`` is off: it
+    would replace the frozen BatchNorm layers by new ones that no longer stay in eval mode."""
+    return dataclasses.replace(cfg, batch_size=batch_size or cfg.batch_size, scheduler="cosine",
+                               warmup_epochs=0.0, ema=False, sync_bn=False)
 
 
 def _evaluate(model: nn.Module, val: Dataset, test: Dataset | None, ctx: DistContext) -> dict:
@@ -198,95 +216,61 @@ def _evaluate(model: nn.Module, val: Dataset, test: Dataset | None, ctx: DistCon
     return out
 
 
-def _batches(dataset: Dataset, batch_size: int, ctx: DistContext, seed: int, num_workers: int):
-    if ctx.distributed:
-        sampler = DistributedSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True,
-                                     seed=seed, drop_last=False)
-    else:
-        sampler = RandomSampler(dataset, replacement=len(dataset) < batch_size,
-                                num_samples=max(len(dataset), batch_size),
-                                generator=torch.Generator().manual_seed(seed))
-    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True,
-                        num_workers=num_workers, pin_memory=ctx.device.type == "cuda")
-    epoch = 0
-    while True:
-        if hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(epoch)
-        yield from loader
-        epoch += 1
-
-
-def finetune_fixres(model: nn.Module, labeled: Dataset, val: Dataset, *, frozen_blocks: int | None = None,
-                    epochs: float = 1.5, lr: float, batch_size: int, ctx: DistContext | None = None,
-                    test: Dataset | None = None, optimizer: str = "sgd", momentum: float = 0.9,
-                    weight_decay: float = 1e-5, label_smoothing: float = 0.1, seed: int = 0,
-                    num_workers: int = 0, progress: bool = False, desc: str = "fix-res",
+def finetune_fixres(model: nn.Module, labeled: Dataset, val: Dataset, cfg: TrainConfig, *, num_classes: int,
+                    epochs: float, lr: float, ctx: DistContext, test: Dataset | None = None,
+                    frozen_blocks: int | None = None, batch_size: int | None = None, seed: int = 0,
+                    num_workers: int = 0, progress: bool = False, desc: str = "fixres",
+                    on_epoch: Callable[[dict], None] | None = None, checkpoint_dir: Path | None = None,
                     keep_frozen: bool = False) -> FinetuneOutcome:
     """Fine-tune ``model`` in place at the test resolution; ``labeled``/``val``/``test`` must yield
     images already transformed at that resolution without augmentation.
 
     The stem and the first ``frozen_blocks`` blocks are frozen (weights and BN statistics; see
-    :func:`freeze_shallow_blocks`), the rest trains for ``epochs`` passes over ``labeled``
-    (``batch_size`` images per step, over all processes) with cross-entropy and label smoothing,
-    learning rate ``lr`` decayed to 0 by a cosine. Top-1/top-5 on ``val`` (and ``test``) are
-    measured before and after. The model ends with the fine-tuned weights, unfrozen unless
-    ``keep_frozen``.
+    :func:`freeze_shallow_blocks`); the rest trains with :func:`train_classifier` for ``epochs``
+    passes over ``labeled`` (fractions allowed) at learning rate ``lr``, with the settings of
+    :func:`fixres_train_config` (``cfg``: the run's ``train`` section; ``batch_size`` images per
+    step over all processes, None: ``cfg.batch_size``). The final weights are kept (no best-epoch
+    selection: the validation split is what the before/after numbers are measured on).
+    ``checkpoint_dir``: resumable checkpoints, as for any training stage; a killed fine-tune
+    called again with the same model, data and settings continues from the latest one. Top-1 and
+    top-5 on ``val`` (and ``test``) are measured before and after. The model ends with the
+    fine-tuned weights, unfrozen unless ``keep_frozen``. ``epochs == 0`` trains nothing.
     """
-    ctx = ctx or DistContext(device=next(model.parameters()).device)
-    device = ctx.device
-    model.to(device)
+    model.to(ctx.device)
     layout = block_layout(model)
     frozen = freeze_shallow_blocks(model, frozen_blocks)
     n_frozen = sum(1 for name in frozen if name in set(layout.blocks))
+    train_cfg = fixres_train_config(cfg, batch_size)
     start = time.time()
     try:
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        if not trainable:
+        n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        if n_train == 0:
             raise ConfigError("fix-res: every parameter is frozen; lower finetune.frozen_blocks")
-        n_train = sum(p.numel() for p in trainable)
         n_all = sum(p.numel() for p in model.parameters())
         before = _evaluate(model, val, test, ctx)
-
-        world = ctx.world_size
-        per_rank = max(1, batch_size // world)
-        per_epoch = max(1, math.ceil(len(labeled) / batch_size))
-        total = math.ceil(epochs * per_epoch) if epochs > 0 else 0
-        train_model: nn.Module = model
-        if ctx.distributed and total:
-            train_model = nn.parallel.DistributedDataParallel(
-                model, device_ids=[device.index] if device.type == "cuda" else None)
-        opt = create_optimizer_v2(model, opt=optimizer, lr=lr, weight_decay=weight_decay, momentum=momentum)
-        for group in opt.param_groups:
-            group["initial_lr"] = group["lr"]
-        batches = _batches(labeled, per_rank, ctx, seed, num_workers) if total else None
-        history: list[dict] = []
-        running, seen = 0.0, 0
-        bar = progress_bar(range(total), desc=desc, unit="step", enabled=progress and ctx.is_main)
-        for step in bar:
-            scale = 0.5 * (1.0 + math.cos(math.pi * step / total))  # cosine from lr to 0
-            for group in opt.param_groups:
-                group["lr"] = group["initial_lr"] * scale
-            train_model.train()  # frozen modules stay in eval mode (see freeze_shallow_blocks)
-            x, y = next(batches)
-            x, y = x.to(device, non_blocking=True), torch.as_tensor(y).to(device, non_blocking=True)
-            loss = F.cross_entropy(train_model(x), y, label_smoothing=label_smoothing)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            seen += len(x) * world
-            running = 0.9 * running + 0.1 * loss.item() if step else loss.item()
-            if (step + 1) % per_epoch == 0 or step + 1 == total:
-                history.append({"epoch": (step + 1) / per_epoch, "step": step + 1, "loss": running,
-                                "lr": opt.param_groups[0]["lr"], "seconds": time.time() - start})
-        model.eval()
-        after = _evaluate(model, val, test, ctx)
+        outcome, earlier = None, 0.0
+        if epochs > 0:
+            t0 = time.time()
+            outcome = train_classifier(model, labeled, val, train_cfg, num_classes=num_classes, epochs=epochs,
+                                       lr=lr, ctx=ctx, seed=seed, num_workers=num_workers, progress=progress,
+                                       desc=desc, on_epoch=on_epoch, checkpoint_dir=checkpoint_dir,
+                                       keep_best=False)
+            earlier = outcome.seconds - (time.time() - t0)  # training time before a resume
+            after = _evaluate(model, val, test, ctx)
+        else:
+            after = dict(before)
     finally:
         if not keep_frozen:
             unfreeze(model, frozen)
+    model.eval()
+    per_epoch = steps_per_epoch(len(labeled), 0, train_cfg.batch_size, 0)
+    steps = outcome.steps if outcome else 0
     return FinetuneOutcome(frozen=frozen, frozen_blocks=n_frozen, total_blocks=layout.num_blocks,
                            trainable_params=n_train, frozen_params=n_all - n_train, before=before,
-                           after=after, epochs=total / per_epoch, steps=total, images_seen=seen, lr=lr,
-                           seconds=time.time() - start, history=history)
+                           after=after, epochs=steps / per_epoch, steps=steps,
+                           images_seen=outcome.images_seen if outcome else 0, lr=lr,
+                           seconds=time.time() - start + earlier,
+                           history=outcome.history if outcome else [], train=outcome)
 
 
 def fixres_enabled(enabled: bool | None, train_size: int, test_size: int | None) -> bool:

@@ -9,9 +9,11 @@ import sys
 import time
 from pathlib import Path
 
-from .config.schema import ABLATIONS, config_reference_markdown, load_config
+from .config.schema import ABLATIONS, PseudoLabelConfig, config_reference_markdown, load_config
 from .runtime.errors import NoisyStudentError
 from .train.state import TrainingPreempted
+
+LABEL_DEFAULTS = PseudoLabelConfig()  # `noisystudent label` labels as the pipeline's label stage does
 
 
 def _default_run_dir(config: str | None, ablation: str | None) -> Path:
@@ -178,8 +180,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("config", nargs="?", help="YAML config (default: the built-in digits experiment)")
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config key, e.g. --set train.epochs=5 --set students.0.model=ns_cnn_m")
+    from .config.stages import format_stages, resolve_stages
+
         p.add_argument("--ablation", choices=sorted(ABLATIONS),
                        help="one of the paper's ablations: " +
+    # as YAML comments, so that the output still loads as a config
+    table = format_stages(resolve_stages(cfg)).splitlines()
+    print("\n# resolved stages (chain preset, then ablation, then per-stage overrides and defaults):")
+    print("\n".join("# " + line for line in table))
                             "; ".join(f"{k}: {v}" for k, v in ABLATIONS.items()))
 
     p = sub.add_parser("run", help="run the whole Noisy Student loop",
@@ -215,10 +223,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="teacher checkpoint (model.pt from a run directory)")
     p.add_argument("source", help="folder, file list or .tar shard pattern")
     p.add_argument("--out", required=True, metavar="STORE_DIR", help="output store folder")
-    p.add_argument("--top-k", type=int, default=5, help="classes kept per image (default 5)")
-    p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature (default 1)")
+    p.add_argument("--top-k", type=int, default=LABEL_DEFAULTS.top_k,
+                   help=f"classes kept per image (default: pseudo.top_k's, {LABEL_DEFAULTS.top_k})")
+    p.add_argument("--temperature", type=float, default=LABEL_DEFAULTS.temperature,
+                   help=f"softmax temperature (default: pseudo.temperature's, {LABEL_DEFAULTS.temperature:g})")
     p.add_argument("--hard", action="store_true", help="hard labels (the store keeps confidences)")
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=LABEL_DEFAULTS.batch_size,
+                   help=f"default: pseudo.batch_size's, {LABEL_DEFAULTS.batch_size}")
     p.add_argument("--workers", type=int, default=None, help="DataLoader workers decoding images")
     p.add_argument("--shard-size", type=int, default=8192, help="images per shard (folders, file lists)")
     p.add_argument("--precision", default="auto", help="auto (bf16 only if faster and >= 99.9%% agreement), fp32, bf16")

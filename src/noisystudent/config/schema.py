@@ -33,6 +33,15 @@ def _opt(default: Any, help: str, *, min: float | None = None, max: float | None
 DATA_SOURCES = ("digits", "fashion-mnist", "image-folder", "torchvision")
 
 
+# The paper's ablations (``--ablation`` / config key ``ablation``), applied by apply_ablation.
+ABLATIONS = {
+    "no-noise": "students without noise: no augmentation, no dropout, no stochastic depth",
+    "no-augmentation": "students without input noise (RandAugment, crop, flip)",
+    "hard-labels": "hard (argmax) pseudo labels instead of soft",
+    "no-balancing": "no class balancing (threshold only)",
+    "no-iteration": "a single student (the first of the chain)",
+}
+
 @dataclass
 class DataConfig:
     source: str = _opt("digits", "Where images come from.", choices=DATA_SOURCES)
@@ -140,9 +149,10 @@ class StageConfig:
 @dataclass
 class FinetuneConfig:
     enabled: bool | None = _opt(None, "Fix-res fine-tune of the last student at its test resolution on "
+    augment: bool | None = _opt(None, "Override noise.augment for this stage (input noise).")
                                 "un-augmented labeled images (null: on when test_size > image_size).")
     epochs: float = _opt(1.5, "Fine-tune epochs over the labeled images (paper: 1.5 on ImageNet).", min=0)
-    lr: float | None = _opt(None, "Fine-tune learning rate (null: train.lr / 10).", min=0)
+    lr: float | None = _opt(None, "Fine-tune learning rate (null: the last stage's lr / 10).", min=0)
     frozen_blocks: int | None = _opt(None, "Shallow blocks kept frozen (null: the paper's recipe, all "
                                      "but the last stage's blocks and the head).", min=0)
     batch_size: int | None = _opt(None, "Fine-tune batch size (null: train.batch_size).", min=1)
@@ -174,7 +184,8 @@ class Config:
     tensorboard: bool = _opt(False, "Also log per-epoch metrics to TensorBoard in <run>/tensorboard "
                              "(pip install 'noisystudent[tensorboard]').")
     data: DataConfig = _opt(None, "Data sources and splits.", factory=DataConfig)
-    noise: NoiseConfig = _opt(None, "Student (and teacher) noise.", factory=NoiseConfig)
+    noise: NoiseConfig = _opt(None, "Input and model noise of every training stage "
+                               "(per-stage overrides under teacher / students[i]).", factory=NoiseConfig)
     train: TrainConfig = _opt(None, "Optimisation, shared by all stages.", factory=TrainConfig)
     pseudo: PseudoLabelConfig = _opt(None, "Pseudo labeling and selection.", factory=PseudoLabelConfig)
     teacher: StageConfig = _opt(None, "The first teacher, trained on labeled images only.",
@@ -198,6 +209,10 @@ class Config:
         blob = json.dumps(self.to_dict(), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
+    ablation: str | None = _opt(None, "One of the paper's ablations (`--ablation`), applied after the chain "
+                                "preset; the noise ablations change the students only: " +
+                                "; ".join(f"{k}: {v}" for k, v in ABLATIONS.items()) + ".",
+                                choices=(None, *ABLATIONS))
     def stage_epochs(self, stage: StageConfig) -> float:
         return self.train.epochs if stage.epochs is None else stage.epochs
 
@@ -276,12 +291,16 @@ def _build(cls: type, raw: dict, prefix: str = "") -> Any:
 
 
 def config_from_dict(raw: dict) -> Config:
-    """Build a validated :class:`Config` from a plain dict (e.g. parsed YAML)."""
+    """Build a validated :class:`Config` from a plain dict (e.g. parsed YAML): the ``chain`` preset
+    first, then the ``ablation``."""
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError("config must be a mapping of keys to values")
-    cfg = _build(Config, expand_chain(raw))
+    raw = expand_chain(raw)
+    if raw.get("ablation") is not None:  # after the preset, which would undo the noise ablations
+        raw = apply_ablation(raw, raw["ablation"])
+    cfg = _build(Config, raw)
     _check_consistency(cfg)
     return cfg
 
@@ -373,40 +392,38 @@ def _list_item(node: list, part: str, dotted: str) -> Any:
     return node[_list_index(node, part, dotted)]
 
 
-ABLATIONS = {
-    "no-noise": "student without noise: no augmentation, no dropout, no stochastic depth",
-    "no-augmentation": "student without input noise (RandAugment, crop, flip)",
-    "hard-labels": "hard (argmax) pseudo labels instead of soft",
-    "no-balancing": "no class balancing (threshold only)",
-    "no-iteration": "a single student (the first of the chain)",
-}
-
-
 def apply_ablation(raw: dict, name: str) -> dict:
-    """Return the raw config changed for one of the paper's ablations (see ``ABLATIONS``)."""
-    if name not in ABLATIONS:
-        raise ConfigError(f"unknown ablation {name!r}; known: {', '.join(ABLATIONS)}")
-    changes = {
-        "no-noise": ["noise.augment=false", "noise.dropout=0", "noise.drop_path=0"],
-        "no-augmentation": ["noise.augment=false"],
-        "hard-labels": ["pseudo.hard=true"],
-        "no-balancing": ["pseudo.balance=false"],
-        "no-iteration": [],
-    }[name]
-    raw = apply_overrides(raw, changes)
-    if name == "no-noise":
-        for s in raw.get("students", []):  # per-stage overrides would re-enable model noise
-            s.pop("dropout", None)
-            s.pop("drop_path", None)
+    """A copy of the raw config changed for one of the paper's ablations (see ``ABLATIONS``).
+
+    :func:`config_from_dict` applies the config key ``ablation`` with it *after* the chain preset
+    (the preset sets each stage's dropout and drop path, so the other order would undo no-noise).
+    The noise ablations write the students' own keys (``students[i].augment``, ``dropout``,
+    ``drop_path``): the teacher and the ``noise`` section keep the config's noise. Applying an
+    ablation twice changes nothing more, so a saved ``config.yaml`` loads back to the same config.
+    """
+    if not isinstance(name, str) or name not in ABLATIONS:
+        raise ConfigError(f"config key 'ablation': unknown ablation {name!r}; known: {', '.join(ABLATIONS)}")
+    raw = json.loads(json.dumps(raw))  # deep copy of plain data
+    if name == "hard-labels":
+        return apply_overrides(raw, ["pseudo.hard=true"])
+    if name == "no-balancing":
+        return apply_overrides(raw, ["pseudo.balance=false"])
+    students = raw["students"] if "students" in raw else [dataclasses.asdict(s) for s in Config().students]
+    if not isinstance(students, list):
+        return raw  # _build names the bad key
     if name == "no-iteration":
-        students = raw.get("students") or [dataclasses.asdict(s) for s in Config().students]
-        raw["students"] = students[:1]
+        students = students[:1]
+    quiet = {"no-noise": {"augment": False, "dropout": 0.0, "drop_path": 0.0},
+             "no-augmentation": {"augment": False}}.get(name, {})
+    raw["students"] = [{**s, **quiet} if isinstance(s, dict) else s for s in students]
     return raw
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
                 ablation: str | None = None) -> Config:
-    """Load a YAML config (``None``: the built-in digits default), apply overrides, validate."""
+    """Load a YAML config (``None``: the built-in digits default), apply ``--set`` overrides, record
+    ``ablation`` (the config key of the same name), then build: chain preset first, then the
+    ablation (:func:`config_from_dict`), then validation."""
     raw: dict = {}
     if path is not None:
         p = Path(path)
@@ -422,7 +439,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         raw = default_config_dict()
     raw = apply_overrides(raw, overrides or [])
     if ablation:
-        raw = apply_ablation(raw, ablation)
+        recorded = raw.get("ablation")
+        if recorded is not None and recorded != ablation:
+            raise ConfigError(f"--ablation {ablation}: the config already applies ablation {recorded!r} "
+                              "(config key 'ablation'); one ablation at a time")
+        raw = {**raw, "ablation": ablation}
     return config_from_dict(raw)
 
 

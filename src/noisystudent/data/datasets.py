@@ -8,6 +8,7 @@ applied by :class:`TransformedSet`, so labeling sees clean images and training s
 from __future__ import annotations
 
 import gzip
+import logging
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ from ..runtime.errors import DataError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 FASHION_MNIST_DEBIAN = "/usr/share/datasets/fashion-mnist"
+log = logging.getLogger("noisystudent")
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
                          "Sneaker", "Bag", "Ankle boot"]
 
@@ -157,13 +159,15 @@ class DataSplits:
     """Everything the pipeline needs: the four splits and how to read them."""
 
     labeled: ImageSet
-    unlabeled: ImageSet
+    unlabeled: ImageSet  # the in-dataset part of the pool (see data.pool.build_pool for the whole pool)
     val: ImageSet
     test: ImageSet
     classes: list[str]
     channels: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    # labeled training images moved to the unlabeled pool by data.labels_per_class (None: not set)
+    labels_moved_to_pool: int | None = None
 
     @property
     def num_classes(self) -> int:
@@ -178,6 +182,7 @@ class DataSplits:
         return {"classes": self.classes, "channels": self.channels,
                 "num_labeled": len(self.labeled), "num_unlabeled": len(self.unlabeled),
                 "num_val": len(self.val), "num_test": len(self.test),
+                "num_labels_moved_to_pool": self.labels_moved_to_pool,
                 "labeled_per_class": counts(self.labeled), "val_per_class": counts(self.val),
                 "test_per_class": counts(self.test)}
 
@@ -319,11 +324,19 @@ def split_per_class(targets: np.ndarray, per_class: int, rng: np.random.Generato
     return picked, rest
 
 
+def pool_path(cfg: DataConfig) -> str | None:
+    """The user's unlabeled pool (``data.unlabeled``, or its alias ``data.unlabeled_dir``)."""
+    return cfg.unlabeled or cfg.unlabeled_dir
+
+
 def build_splits(cfg: DataConfig, seed: int, require_unlabeled: bool = True) -> DataSplits:
     """Build labeled / unlabeled / val / test splits for the configured source.
 
     The validation split is held out of the labeled training images (never the test split);
     ``labels_per_class`` keeps N labels per class and moves the rest to the unlabeled pool.
+    ``unlabeled`` holds that in-dataset remainder (and a torchvision dataset's own unlabeled split);
+    a pool named by ``data.unlabeled`` is never listed here: :func:`noisystudent.data.pool.build_pool`
+    streams it.
     """
     rng = np.random.default_rng(seed)
     extra_unlabeled: ImageSet | None = None
@@ -355,14 +368,6 @@ def build_splits(cfg: DataConfig, seed: int, require_unlabeled: bool = True) -> 
                 test = FileImageSet(p, t, mode)
             else:
                 val = FileImageSet(p, t, mode)
-        if cfg.unlabeled_dir is not None:
-            udir = Path(cfg.unlabeled_dir)
-            if not udir.is_dir():
-                raise DataError(f"unlabeled folder not found: {udir}")
-            files = list_images(udir)
-            if not files:
-                raise DataError(f"unlabeled folder {udir} contains no images")
-            extra_unlabeled = FileImageSet(files, None, mode)
     else:  # guarded by config validation
         raise DataError(f"unknown data source {cfg.source!r}")
 
@@ -379,11 +384,17 @@ def build_splits(cfg: DataConfig, seed: int, require_unlabeled: bool = True) -> 
         val = SubsetImageSet(train, pool[val_local])
         pool = pool[pool_local]
     unlabeled_parts: list[ImageSet] = []
+    moved = None
     if cfg.labels_per_class is not None:
         lab_local, rest_local = split_per_class(train.targets[pool], cfg.labels_per_class, rng, "labeled split")
         labeled = SubsetImageSet(train, pool[lab_local])
-        if len(rest_local):
+        moved = len(rest_local)
+        if moved:
             unlabeled_parts.append(SubsetImageSet(train, pool[rest_local], drop_targets=True))
+        # never silent: the user's labels are set aside, however intentionally
+        log.info(f"data.labels_per_class={cfg.labels_per_class}: kept {len(labeled)} labeled training images "
+                 f"and moved {moved} to the unlabeled pool (their labels unused); "
+                 "data.labels_per_class=null keeps every label")
     else:
         labeled = SubsetImageSet(train, pool)
     if extra_unlabeled is not None:
@@ -392,15 +403,16 @@ def build_splits(cfg: DataConfig, seed: int, require_unlabeled: bool = True) -> 
     if cfg.max_unlabeled is not None and len(unlabeled) > cfg.max_unlabeled:
         keep = np.sort(rng.choice(len(unlabeled), size=cfg.max_unlabeled, replace=False))
         unlabeled = SubsetImageSet(unlabeled, keep, drop_targets=True)
-    if len(unlabeled) == 0 and require_unlabeled:
-        raise DataError("the unlabeled pool is empty: set data.labels_per_class or data.unlabeled_dir")
+    if len(unlabeled) == 0 and require_unlabeled and not pool_path(cfg):
+        raise DataError("the unlabeled pool is empty: set data.unlabeled (a folder, file list or WebDataset "
+                        "shards) or data.labels_per_class")
 
     for split, name in ((labeled, "labeled"), (val, "validation"), (test, "test")):
         check_readable(split, full=len(split) <= FULL_CHECK_LIMIT)
     channels = cfg.channels or (1 if train.mode == "L" else 3)
     mean, std = image_stats(labeled, channels)
     return DataSplits(labeled=labeled, unlabeled=unlabeled, val=val, test=test, classes=classes,
-                      channels=channels, mean=mean, std=std)
+                      channels=channels, mean=mean, std=std, labels_moved_to_pool=moved)
 
 
 FULL_CHECK_LIMIT = 20000  # labeled sets up to this size are fully decoded before training starts

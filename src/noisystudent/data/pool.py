@@ -18,18 +18,19 @@ import hashlib
 import io
 import json
 import os
-import re
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
+from braceexpand import braceexpand
 from PIL import Image
 
 from ..runtime.distributed import DistContext, broadcast_object
 from ..runtime.errors import ConfigError, DataError
-from .datasets import IMAGE_EXTENSIONS, ImageSet
+from ..config.schema import DataConfig
+from .datasets import IMAGE_EXTENSIONS, ImageSet, pool_path
 
 DEFAULT_SHARD_SIZE = 8192
 
@@ -106,6 +107,14 @@ class UnlabeledSource:
         """What identifies the pool and its sharding (stored in the store header)."""
         return {"kind": self.kind, "num_shards": self.num_shards}
 
+    #: Whether :meth:`open_item` works: then a student reads its selected images by position
+    #: (folders, file lists, image sets); otherwise it streams the shards (WebDataset tars).
+    random_access = False
+
+    def open_item(self, shard: int, index: int, key: str) -> object:
+        """The payload of item ``index`` of shard ``shard`` (whose key is ``key``), read alone."""
+        raise DataError(f"a {self.kind} pool is read as a stream of shards, not image by image")
+
 
 def _check_shard_size(shard_size: int) -> int:
     if int(shard_size) < 1:
@@ -120,8 +129,11 @@ class _LineIndexSource(UnlabeledSource):
     its offset and reading ``shard_size`` lines.
     """
 
-    def __init__(self, shard_size: int):
+    random_access = True
+
+    def __init__(self, shard_size: int, limit: int | None = None):
         self.shard_size = _check_shard_size(shard_size)
+        self.limit = limit  # keep only the first ``limit`` items of the listing (data.max_unlabeled)
         self._index: dict | None = None
 
     # -- the index: {"list": path, "num_items": n, "offsets": [...], ...}
@@ -132,11 +144,15 @@ class _LineIndexSource(UnlabeledSource):
         """Why an existing index does not fit this source (None when it does)."""
         if index.get("shard_size") != self.shard_size:
             return f"shard_size {index.get('shard_size')} != {self.shard_size}"
+        if index.get("limit") != self.limit:
+            return f"limit {index.get('limit')} != {self.limit}"
         return None
 
     def prepare(self, work_dir: Path, ctx: DistContext | None = None) -> None:
         ctx = ctx or DistContext()
         work_dir = Path(work_dir)
+        if self._index is not None:  # already prepared (the pipeline prepares the pool once per run)
+            return
         result: dict | str | None = None
         if ctx.is_main:
             try:
@@ -196,21 +212,28 @@ class _LineIndexSource(UnlabeledSource):
     def fingerprint(self) -> dict:
         idx = self._need_index()
         return {"kind": self.kind, "num_shards": self.num_shards, "num_items": self.num_items,
-                "shard_size": self.shard_size, "list_bytes": idx["list_bytes"]}
+                "shard_size": self.shard_size, "list_bytes": idx["list_bytes"], "limit": self.limit}
+
+    def open_item(self, shard: int, index: int, key: str) -> object:
+        return self.root / key  # the key is the path relative to root (an absolute one replaces it)
 
 
-def _index_lines(list_path: Path, shard_size: int) -> dict:
-    """Byte offset of the first line of every shard of non-blank lines (streaming)."""
+def _index_lines(list_path: Path, shard_size: int, limit: int | None = None) -> dict:
+    """Byte offset of the first line of every shard of non-blank lines (streaming); only the first
+    ``limit`` lines count when a limit is set."""
     offsets, n, pos = [], 0, 0
     with open(list_path, "rb") as f:
         for raw in f:
             if raw.strip():
+                if limit is not None and n >= limit:
+                    pos += len(raw)
+                    continue
                 if n % shard_size == 0:
                     offsets.append(pos)
                 n += 1
             pos += len(raw)
     return {"list": str(list_path), "num_items": n, "offsets": offsets, "shard_size": shard_size,
-            "list_bytes": pos}
+            "list_bytes": pos, "limit": limit}
 
 
 def _walk_images(root: Path, extensions: tuple[str, ...]) -> Iterator[str]:
@@ -250,8 +273,8 @@ class FolderSource(_LineIndexSource):
     kind = "folder"
 
     def __init__(self, root: Path | str, shard_size: int = DEFAULT_SHARD_SIZE,
-                 extensions: Sequence[str] = IMAGE_EXTENSIONS):
-        super().__init__(shard_size)
+                 extensions: Sequence[str] = IMAGE_EXTENSIONS, limit: int | None = None):
+        super().__init__(shard_size, limit)
         self.root = Path(root)
         self.extensions = tuple(e.lower() for e in extensions)
 
@@ -264,7 +287,7 @@ class FolderSource(_LineIndexSource):
             for rel in _walk_images(self.root, self.extensions):
                 f.write(rel + "\n")
         os.replace(tmp, list_path)
-        index = _index_lines(list_path, self.shard_size)
+        index = _index_lines(list_path, self.shard_size, self.limit)
         if index["num_items"] == 0:
             raise DataError(f"unlabeled folder {self.root} contains no images")
         return index | {"root": str(self.root.resolve())}
@@ -288,15 +311,16 @@ class FileListSource(_LineIndexSource):
 
     kind = "file-list"
 
-    def __init__(self, list_path: Path | str, shard_size: int = DEFAULT_SHARD_SIZE, root: Path | str | None = None):
-        super().__init__(shard_size)
+    def __init__(self, list_path: Path | str, shard_size: int = DEFAULT_SHARD_SIZE, root: Path | str | None = None,
+                 limit: int | None = None):
+        super().__init__(shard_size, limit)
         self.list_path = Path(list_path)
         self.root = Path(root) if root is not None else self.list_path.resolve().parent
 
     def _build_index(self, work_dir: Path) -> dict:
         if not self.list_path.is_file():
             raise DataError(f"file list not found: {self.list_path}")
-        index = _index_lines(self.list_path.resolve(), self.shard_size)
+        index = _index_lines(self.list_path.resolve(), self.shard_size, self.limit)
         if index["num_items"] == 0:
             raise DataError(f"file list {self.list_path} names no images")
         return index
@@ -311,20 +335,6 @@ class FileListSource(_LineIndexSource):
     def iter_shard(self, index: int) -> Iterator[tuple[str, object]]:
         for line in self._lines(index):
             yield line, self.root / line  # an absolute line replaces root
-
-
-_BRACE = re.compile(r"\{(\d+)\.\.(\d+)\}")
-
-
-def expand_braces(pattern: str) -> list[str]:
-    """WebDataset-style numeric ranges: ``shard-{000..099}.tar`` (zero padding kept)."""
-    m = _BRACE.search(pattern)
-    if not m:
-        return [pattern]
-    lo, hi = m.group(1), m.group(2)
-    width = len(lo) if lo.startswith("0") else 0
-    return [x for i in range(int(lo), int(hi) + 1)
-            for x in expand_braces(pattern[:m.start()] + str(i).zfill(width) + pattern[m.end():])]
 
 
 def _split_member(name: str) -> tuple[str, str]:
@@ -355,7 +365,7 @@ class WebDatasetSource(UnlabeledSource):
 
     def __init__(self, paths: str | Sequence[str | Path]):
         patterns = [paths] if isinstance(paths, (str, Path)) else list(paths)
-        self.paths = [Path(p) for pat in patterns for p in expand_braces(str(pat))]
+        self.paths = [Path(p) for pat in patterns for p in braceexpand(str(pat))]
         if not self.paths:
             raise DataError("no WebDataset shards given")
 
@@ -431,6 +441,11 @@ class ImageSetSource(UnlabeledSource):
         for i in range(start, start + self.shard_length(index)):
             yield self.images.key(i), functools.partial(self.images.load, i)
 
+    random_access = True
+
+    def open_item(self, shard: int, index: int, key: str) -> object:
+        return self.images.load(shard * self.shard_size + index)
+
     def fingerprint(self) -> dict:
         return {"kind": self.kind, "num_shards": self.num_shards, "num_items": len(self.images),
                 "shard_size": self.shard_size}
@@ -468,19 +483,120 @@ class SyntheticSource(UnlabeledSource):
         return min(self.shard_size, self.num_images - index * self.shard_size)
 
     def iter_shard(self, index: int) -> Iterator[tuple[str, object]]:
-        bank = self._patterns()
         start = index * self.shard_size
         for i in range(start, start + self.shard_length(index)):
-            key = f"syn/{i:010d}"
-            if self.bad_every and i % self.bad_every == self.bad_every - 1:
-                yield key, b"this is not an image"
-            else:
-                yield key, bank[(i * 2654435761 + self.seed) % self.bank_size]
+            yield f"syn/{i:010d}", self._item(i)
+
+    def _item(self, i: int) -> object:
+        if self.bad_every and i % self.bad_every == self.bad_every - 1:
+            return b"this is not an image"
+        return self._patterns()[(i * 2654435761 + self.seed) % self.bank_size]
+
+    random_access = True
+
+    def open_item(self, shard: int, index: int, key: str) -> object:
+        return self._item(shard * self.shard_size + index)
 
     def fingerprint(self) -> dict:
         return {"kind": self.kind, "num_shards": self.num_shards, "num_items": self.num_images,
                 "shard_size": self.shard_size, "size": self.size, "channels": self.channels,
                 "seed": self.seed, "bank_size": self.bank_size, "bad_every": self.bad_every}
+
+
+class ConcatSource(UnlabeledSource):
+    """Several sources end to end (e.g. a dataset's unlabeled remainder plus a folder of images).
+    Shard ``i`` of the whole is shard ``i - offset`` of the part that holds it; each part keeps its
+    own index under ``work_dir/part-<n>``."""
+
+    kind = "concat"
+
+    def __init__(self, parts: Sequence[UnlabeledSource]):
+        if not parts:
+            raise DataError("an unlabeled pool needs at least one source")
+        self.parts = list(parts)
+
+    def prepare(self, work_dir: Path, ctx: DistContext | None = None) -> None:
+        for n, part in enumerate(self.parts):
+            part.prepare(Path(work_dir) / f"part-{n}", ctx)
+
+    def _offsets(self) -> list[int]:
+        offsets = [0]
+        for part in self.parts:
+            offsets.append(offsets[-1] + part.num_shards)
+        return offsets
+
+    def _locate(self, index: int) -> tuple[UnlabeledSource, int]:
+        offsets = self._offsets()
+        for n, part in enumerate(self.parts):
+            if index < offsets[n + 1]:
+                return part, index - offsets[n]
+        raise IndexError(f"shard {index} out of range ({offsets[-1]} shards)")
+
+    @property
+    def num_shards(self) -> int:
+        return self._offsets()[-1]
+
+    @property
+    def random_access(self) -> bool:  # type: ignore[override]
+        return all(p.random_access for p in self.parts)
+
+    def shard_name(self, index: int) -> str:
+        part, i = self._locate(index)
+        return f"{part.kind}-{part.shard_name(i)}"
+
+    def shard_length(self, index: int) -> int | None:
+        part, i = self._locate(index)
+        return part.shard_length(i)
+
+    def iter_shard(self, index: int) -> Iterator[tuple[str, object]]:
+        part, i = self._locate(index)
+        return part.iter_shard(i)
+
+    def open_item(self, shard: int, index: int, key: str) -> object:
+        part, i = self._locate(shard)
+        return part.open_item(i, index, key)
+
+    def fingerprint(self) -> dict:
+        return {"kind": self.kind, "num_shards": self.num_shards, "parts": [p.fingerprint() for p in self.parts]}
+
+
+def path_source(path: str | Path, shard_size: int = DEFAULT_SHARD_SIZE, limit: int | None = None) -> UnlabeledSource:
+    """The pool a user names with ``data.unlabeled``: a folder (searched recursively), a ``.txt``
+    file list (one path per line) or WebDataset tar shards (a path, or a brace pattern such as
+    ``/data/pool-{000000..009999}.tar``)."""
+    text = str(path)
+    if text.endswith((".tar", ".tar.gz", ".tgz")) or "{" in text:
+        if limit is not None:
+            raise DataError(f"data.max_unlabeled cannot cut a WebDataset pool ({text}); list fewer shards")
+        return WebDatasetSource(text)
+    if text.endswith(".txt"):
+        return FileListSource(text, shard_size, limit=limit)
+    if not Path(text).is_dir():
+        raise DataError(f"unlabeled pool not found: {text} (a folder, a .txt file list or .tar shards)")
+    return FolderSource(text, shard_size, limit=limit)
+
+
+def build_pool(cfg: DataConfig, remainder: ImageSet, shard_size: int = DEFAULT_SHARD_SIZE) -> UnlabeledSource | None:
+    """The whole unlabeled pool of a run: the dataset's own remainder (``DataSplits.unlabeled``)
+    followed by the pool ``data.unlabeled`` names; None when there is neither. ``data.max_unlabeled``
+    caps the whole: the remainder was already subsampled by ``build_splits``, a listed pool keeps
+    the first items of its listing."""
+    parts: list[UnlabeledSource] = []
+    if len(remainder):
+        parts.append(ImageSetSource(remainder, shard_size))
+    path = pool_path(cfg)
+    if path:
+        limit = None if cfg.max_unlabeled is None else max(1, cfg.max_unlabeled - len(remainder))
+        parts.append(path_source(path, shard_size, limit))
+    if not parts:
+        return None
+    return parts[0] if len(parts) == 1 else ConcatSource(parts)
+
+
+def pool_size(pool: UnlabeledSource) -> int | None:
+    """Items in a prepared pool when known without reading it (None for tar shards)."""
+    lengths = [pool.shard_length(i) for i in range(pool.num_shards)]
+    return None if any(n is None for n in lengths) else int(sum(lengths))
 
 
 def folder_source(root: Path | str, shard_size: int = DEFAULT_SHARD_SIZE) -> FolderSource:

@@ -18,6 +18,7 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from ..config.schema import PseudoLabelConfig
 from ..data.pool import UnlabeledSource, decode_image
 from ..runtime.distributed import DistContext, all_reduce_sum, barrier, broadcast_object, shard_indices
 from ..runtime.errors import ConfigError, DataError
@@ -333,7 +334,8 @@ def _setup_store(store_dir: Path, source: UnlabeledSource, predictor: Predictor,
 
 
 def label_to_store(model: nn.Module, source: UnlabeledSource, store_dir: Path | str, *, transform: Callable,
-                   num_classes: int, teacher: str, device: torch.device | str | None = None, top_k: int = 5,
+                   num_classes: int, teacher: str, device: torch.device | str | None = None,
+                   top_k: int = PseudoLabelConfig.top_k,
                    temperature: float = 1.0, hard: bool = False, batch_size: int = 256,
                    num_workers: int | None = None, ctx: DistContext | None = None, precision: str = "auto",
                    channels_last: bool = True, fold_bn: bool = True, progress: bool = True) -> StoreManifest:

@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 
+from ..config.schema import PseudoLabelConfig
 from ..runtime.errors import DataError
 from ..runtime.progress import progress_bar
 
@@ -158,7 +159,8 @@ def _blank_like_first_readable(images: Dataset) -> torch.Tensor:
 
 
 def label_images(model: nn.Module, images: Dataset, keys: list[str], *, num_classes: int, teacher: str,
-                 device: torch.device, temperature: float = 1.0, hard: bool = False, top_k: int = 10,
+                 device: torch.device, temperature: float = 1.0, hard: bool = False,
+                 top_k: int = PseudoLabelConfig.top_k,
                  batch_size: int = 256, num_workers: int = 0,
                  progress: bool = True) -> tuple[PseudoLabels, list[str]]:
     """Label ``images`` (a dataset of clean, normalised ``(tensor, _)`` items) with the teacher.

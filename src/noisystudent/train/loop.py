@@ -53,6 +53,7 @@ from ..runtime.distributed import (DistContext, all_gather_object, all_reduce_su
 from ..runtime.errors import CheckpointError, ConfigError
 from ..evaluate.classifier import evaluate_classifier
 from ..runtime.progress import progress_bar
+from .shuffle import FeistelPermutation
 from .state import (CHECKPOINT_FORMAT, TrainingPreempted, capture_rng_state, catch_sigterm,
                           checkpoint_path, ignore_sigterm_in_worker, load_checkpoint_file,
                           load_latest_checkpoint, restore_rng_state, save_checkpoint)
@@ -112,8 +113,8 @@ def _mix(*values: int) -> int:
 class StreamSampler(Sampler):
     """This rank's share of an endless shuffled stream over a dataset of ``size`` items.
 
-    The stream is a concatenation of permutations of ``range(size)``, one per pass, each drawn
-    from ``(seed, pass)``. Global batch k is stream positions ``[k G, (k+1) G)``; rank r takes
+    The stream is a concatenation of permutations of ``range(size)``, one per pass, each keyed
+    by ``(seed, pass)`` (:class:`~noisystudent.train.shuffle.FeistelPermutation`: no pool-sized array). Global batch k is stream positions ``[k G, (k+1) G)``; rank r takes
     the slice ``[k G + r b, k G + (r+1) b)`` with ``b = G / world_size``. So the union of the
     ranks' batches of step k is the same set of images for any number of processes, and starting
     at step k (a resume) is arithmetic: no image is loaded to get there. Yields
@@ -130,12 +131,15 @@ class StreamSampler(Sampler):
         step = self.start_step
         while True:
             first = step * self.global_batch + self.rank * self.local_batch
-            for position in range(first, first + self.local_batch):
-                pass_, offset = divmod(position, self.size)
-                if pass_ != current_pass:  # positions only grow, so each pass is drawn once
-                    current_pass = pass_
-                    order = np.random.default_rng(_mix(self.seed, 0, pass_)).permutation(self.size)
-                yield position, int(order[offset])
+            positions = np.arange(first, first + self.local_batch, dtype=np.int64)
+            passes, offsets = np.divmod(positions, self.size)
+            indices = np.empty_like(offsets)
+            for pass_ in np.unique(passes):  # a batch spans at most a few passes
+                if pass_ != current_pass:  # each pass's order is keyed once; O(1) memory at any size
+                    current_pass, order = pass_, FeistelPermutation(self.size, _mix(self.seed, 0, int(pass_)))
+                mask = passes == pass_
+                indices[mask] = order[offsets[mask]]
+            yield from zip(positions.tolist(), indices.tolist())
             step += 1
 
 
@@ -173,7 +177,10 @@ class SeededSamples(Dataset):
 
 def _stream(dataset: Dataset, global_batch: int, ctx: DistContext, seed: int, start_step: int,
             num_workers: int) -> Iterator:
-    """Endless batches of this rank's share of ``dataset``, from global step ``start_step`` on."""
+    """Endless batches of this rank's share of ``dataset``, from global step ``start_step`` on.
+    A dataset that can only be streamed (a WebDataset pool's selection) makes its own batches."""
+    if hasattr(dataset, "stream"):
+        return dataset.stream(global_batch, ctx, seed, start_step, num_workers)
     sampler = StreamSampler(len(dataset), global_batch, ctx, seed, start_step)
     loader = DataLoader(SeededSamples(dataset, seed), batch_size=sampler.local_batch, sampler=sampler,
                         num_workers=num_workers, pin_memory=ctx.device.type == "cuda",

@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -32,7 +33,6 @@ def _opt(default: Any, help: str, *, min: float | None = None, max: float | None
 
 DATA_SOURCES = ("digits", "fashion-mnist", "image-folder", "torchvision")
 
-
 # The paper's ablations (``--ablation`` / config key ``ablation``), applied by apply_ablation.
 ABLATIONS = {
     "no-noise": "students without noise: no augmentation, no dropout, no stochastic depth",
@@ -41,6 +41,7 @@ ABLATIONS = {
     "no-balancing": "no class balancing (threshold only)",
     "no-iteration": "a single student (the first of the chain)",
 }
+
 
 @dataclass
 class DataConfig:
@@ -53,9 +54,13 @@ class DataConfig:
     train_dir: str | None = _opt(None, "image-folder: labeled images, one subfolder per class.")
     val_dir: str | None = _opt(None, "image-folder: validation images (default: held out from train_dir).")
     test_dir: str | None = _opt(None, "image-folder: test images, one subfolder per class.")
-    unlabeled_dir: str | None = _opt(None, "Unlabeled images, searched recursively (labels ignored).")
-    labels_per_class: int | None = _opt(5, "Keep N labels per class and move the rest of the labeled "
-                                        "training images to the unlabeled pool (null: keep all).", min=1)
+    unlabeled: str | None = _opt(None, "The unlabeled pool: a folder (searched recursively, streamed), a file "
+                                 "list (.txt, one path per line, relative to the list's folder) or WebDataset "
+                                 "shards (/data/pool-{000000..009999}.tar). Labels in it are ignored.")
+    unlabeled_dir: str | None = _opt(None, "Alias of data.unlabeled (a folder of unlabeled images).")
+    labels_per_class: int | None = _opt(None, "Keep N labels per class and move the rest of the labeled "
+                                        "training images to the unlabeled pool, for a semi-supervised "
+                                        "benchmark from a fully labeled source (null: keep every label).", min=1)
     val_per_class: int = _opt(20, "Validation images per class held out from the training images "
                               "(used for model selection; never the test split).", min=1)
     test_per_class: int | None = _opt(None, "Test images per class held out when the source has no "
@@ -128,6 +133,12 @@ class PseudoLabelConfig:
                                  "number of classes.", min=1)
     top_k: int = _opt(10, "Classes stored per image in the pseudo-label store.", min=1)
     batch_size: int = _opt(256, "Batch size for labeling.", min=1)
+    shard_size: int = _opt(8192, "Images per shard of the pseudo-label store (folder, file-list and "
+                           "in-dataset pools; a WebDataset pool keeps its own tar shards). A killed label "
+                           "stage resumes at the first unfinished shard.", min=1)
+    precision: str = _opt("auto", "Labeling precision: auto (bf16 autocast only where a calibration finds it "
+                          "faster and agreeing with fp32 on >= 99.9% of top-1 labels), fp32 or bf16.",
+                          choices=("auto", "fp32", "bf16"))
 
 
 @dataclass
@@ -138,6 +149,7 @@ class StageConfig:
     image_size: int | None = _opt(None, "Override data.image_size (training resolution).", min=4)
     dropout: float | None = _opt(None, "Override noise.dropout for this stage.", min=0, max=0.95)
     drop_path: float | None = _opt(None, "Override noise.drop_path for this stage.", min=0, max=0.95)
+    augment: bool | None = _opt(None, "Override noise.augment for this stage (input noise).")
     lr: float | None = _opt(None, "Override train.lr for this stage.", min=0)
     test_size: int | None = _opt(None, "Evaluation resolution (default: the training resolution); above "
                                  "it, a fix-res fine-tune runs at the end of the chain.", min=4)
@@ -149,7 +161,6 @@ class StageConfig:
 @dataclass
 class FinetuneConfig:
     enabled: bool | None = _opt(None, "Fix-res fine-tune of the last student at its test resolution on "
-    augment: bool | None = _opt(None, "Override noise.augment for this stage (input noise).")
                                 "un-augmented labeled images (null: on when test_size > image_size).")
     epochs: float = _opt(1.5, "Fine-tune epochs over the labeled images (paper: 1.5 on ImageNet).", min=0)
     lr: float | None = _opt(None, "Fine-tune learning rate (null: the last stage's lr / 10).", min=0)
@@ -198,6 +209,10 @@ class Config:
                              "cpu-fixres: the same at 20 px, the last tested at 28 px). The preset sets the "
                              "number of students and each stage's model, image_size, test_size, dropout and "
                              "drop_path; other keys written per stage (epochs, lr, pretrained) still apply.")
+    ablation: str | None = _opt(None, "One of the paper's ablations (`--ablation`), applied after the chain "
+                                "preset; the noise ablations change the students only: " +
+                                "; ".join(f"{k}: {v}" for k, v in ABLATIONS.items()) + ".",
+                                choices=(None, *ABLATIONS))
     finetune: FinetuneConfig = _opt(None, "Fix-res fine-tune at the end of the chain.", factory=FinetuneConfig)
     evaluate: EvaluateConfig = _opt(None, "Final evaluation.", factory=EvaluateConfig)
 
@@ -205,14 +220,15 @@ class Config:
         return dataclasses.asdict(self)
 
     def fingerprint(self) -> str:
-        """Hash of the resolved config, used to refuse resuming a run made by another config."""
-        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        """Hash of the resolved config, used to refuse resuming a run made by another config.
+
+        Hashed over the values coerced to their schema types (:func:`normalised_dict`), so a
+        config equals itself reloaded from its ``config.yaml`` (a default ``0`` of a float key
+        reads back as ``0.0``).
+        """
+        blob = json.dumps(normalised_dict(self), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
-    ablation: str | None = _opt(None, "One of the paper's ablations (`--ablation`), applied after the chain "
-                                "preset; the noise ablations change the students only: " +
-                                "; ".join(f"{k}: {v}" for k, v in ABLATIONS.items()) + ".",
-                                choices=(None, *ABLATIONS))
     def stage_epochs(self, stage: StageConfig) -> float:
         return self.train.epochs if stage.epochs is None else stage.epochs
 
@@ -260,6 +276,8 @@ def _coerce(value: Any, tp: Any, key: str, meta: dict) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
         value = float(value)
+        if not math.isfinite(value):  # NaN passes every range check (all its comparisons are false)
+            raise ConfigError(f"config key '{key}' must be a finite number, got {value!r}")
     elif base is str:
         if not isinstance(value, str):
             raise ConfigError(f"config key '{key}' must be a string, got {value!r}")
@@ -330,6 +348,9 @@ def expand_chain(raw: dict) -> dict:
 
 
 def _check_consistency(cfg: Config) -> None:
+    if cfg.data.unlabeled and cfg.data.unlabeled_dir and cfg.data.unlabeled != cfg.data.unlabeled_dir:
+        raise ConfigError("config keys 'data.unlabeled' and 'data.unlabeled_dir' (its alias) name different "
+                          f"pools ({cfg.data.unlabeled!r}, {cfg.data.unlabeled_dir!r}); set one")
     if cfg.data.source == "torchvision" and not cfg.data.name:
         raise ConfigError("config key 'data.name' is required when data.source is torchvision")
     if cfg.data.source == "image-folder" and not cfg.data.train_dir:
@@ -454,7 +475,33 @@ def default_config_dict() -> dict:
 
 
 def save_config(cfg: Config, path: Path) -> None:
-    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    """Write the resolved config as YAML (atomically: a full disk is one clear error)."""
+    from ..runtime.files import atomic_write
+
+    atomic_write(path, yaml.safe_dump(normalised_dict(cfg), sort_keys=False))
+
+
+def normalised_dict(obj: Any) -> Any:
+    """A config dataclass as plain data with every value in its schema type: ints given for float
+    keys (the dataclass defaults, or values set in Python) become floats, as loading makes them."""
+    if not dataclasses.is_dataclass(obj):
+        return obj
+    hints = typing.get_type_hints(type(obj))
+    return {f.name: _normalised_value(getattr(obj, f.name), hints[f.name]) for f in dataclasses.fields(obj)}
+
+
+def _normalised_value(value: Any, tp: Any) -> Any:
+    base, _ = _strip_optional(tp)
+    if value is None:
+        return None
+    if dataclasses.is_dataclass(value):
+        return normalised_dict(value)
+    if typing.get_origin(base) is list and isinstance(value, list):
+        (item_tp,) = typing.get_args(base)
+        return [_normalised_value(v, item_tp) for v in value]
+    if base is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
 
 
 def config_reference_markdown() -> str:

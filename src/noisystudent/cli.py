@@ -155,8 +155,14 @@ def cmd_config(args: argparse.Namespace) -> int:
         return 0
     import yaml
 
+    from .config.stages import format_stages, resolve_stages
+
     cfg = load_config(args.config, args.set, args.ablation)
     print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+    # as YAML comments, so that the output still loads as a config
+    table = format_stages(resolve_stages(cfg)).splitlines()
+    print("\n# resolved stages (chain preset, then ablation, then per-stage overrides and defaults):")
+    print("\n".join("# " + line for line in table))
     return 0
 
 
@@ -180,14 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("config", nargs="?", help="YAML config (default: the built-in digits experiment)")
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config key, e.g. --set train.epochs=5 --set students.0.model=ns_cnn_m")
-    from .config.stages import format_stages, resolve_stages
-
         p.add_argument("--ablation", choices=sorted(ABLATIONS),
                        help="one of the paper's ablations: " +
-    # as YAML comments, so that the output still loads as a config
-    table = format_stages(resolve_stages(cfg)).splitlines()
-    print("\n# resolved stages (chain preset, then ablation, then per-stage overrides and defaults):")
-    print("\n".join("# " + line for line in table))
                             "; ".join(f"{k}: {v}" for k, v in ABLATIONS.items()))
 
     p = sub.add_parser("run", help="run the whole Noisy Student loop",

@@ -2,25 +2,24 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
 from ..runtime.errors import CheckpointError
+from ..runtime.files import atomic_write, read_torch_file
 from .factory import create_model
 
 
 def save_model(path: Path, model: nn.Module, *, name: str, num_classes: int, in_chans: int,
                classes: list[str], image_size: int, mean: tuple, std: tuple, **extra) -> None:
-    """Save weights and model metadata (loadable with ``weights_only=True``)."""
+    """Save weights and model metadata (loadable with ``weights_only=True``), atomically; a full
+    disk is one :class:`~noisystudent.runtime.errors.StorageError` line and leaves no temp file."""
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     payload = {"model": name, "num_classes": num_classes, "in_chans": in_chans, "classes": list(classes),
                "image_size": image_size, "mean": list(mean), "std": list(std), "state_dict": state, **extra}
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: torch.save(payload, f))
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -28,12 +27,10 @@ def load_checkpoint(path: Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many types for corrupt files
-        raise CheckpointError(f"unreadable checkpoint {path}: {str(e).splitlines()[0]}") from None
-    if not isinstance(payload, dict) or "state_dict" not in payload or "model" not in payload:
-        raise CheckpointError(f"{path} is not a noisystudent checkpoint (no 'model'/'state_dict')")
+    payload = read_torch_file(path, "noisystudent checkpoint")
+    if not isinstance(payload, dict) or "state_dict" not in payload or not isinstance(payload.get("model"), str):
+        raise CheckpointError(f"not a noisystudent checkpoint: {path} (it lacks the "
+                              "'model' and 'state_dict' entries that save_model writes)")
     return payload
 
 

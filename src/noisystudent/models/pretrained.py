@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 
 from ..runtime.errors import CheckpointError, DataError
+from ..runtime.files import read_torch_file
 
 log = logging.getLogger("noisystudent")
 
@@ -48,10 +49,23 @@ def is_local_source(source: str) -> bool:
 # ------------------------------------------------------------------------------ reading
 
 
-def _torch_load(path: Path) -> object:
+def _torch_load(path: Path, mmap: bool = False) -> object:
     # timm's training checkpoints also hold the argparse Namespace of the run: allow that one class.
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        return torch.load(path, map_location="cpu", weights_only=True)
+    return read_torch_file(path, "weight file", mmap=mmap, allow=[argparse.Namespace])
+
+
+def _safetensors_load(path: Path, meta: bool) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    try:
+        if not meta:
+            return load_file(str(path), device="cpu")
+        with safe_open(str(path), framework="pt") as f:  # the header alone: names, shapes, dtypes
+            return {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own types for foreign files
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"not a safetensors weight file: {path} ({reason})") from None
 
 
 def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], str | None]:
@@ -60,22 +74,19 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], str | No
     return state, arch
 
 
-def read_weight_file(path: str | Path) -> tuple[dict[str, torch.Tensor], str | None, list[str] | None]:
+def read_weight_file(path: str | Path, *, lazy: bool = False
+                     ) -> tuple[dict[str, torch.Tensor], str | None, list[str] | None]:
     """One read of a local weight file: its tensors, its architecture and its class names (the
-    last two when the file names them, as our own checkpoints do)."""
+    last two when the file names them, as our own checkpoints do). ``lazy``: for checks of names
+    and shapes only; tensors are memory-mapped (PyTorch zip files) or meta tensors (safetensors),
+    so even a file of many GB costs little."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise CheckpointError(f"pretrained weights not found: {path}")
-    try:
-        if path.suffix.lower() == ".safetensors":
-            from safetensors.torch import load_file
-
-            obj: object = load_file(str(path), device="cpu")
-        else:
-            obj = _torch_load(path)
-    except Exception as e:  # torch/safetensors raise many types for corrupt or unsafe files
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"unreadable weight file {path}: {reason}") from None
+    if path.suffix.lower() == ".safetensors":
+        obj: object = _safetensors_load(path, meta=lazy)
+    else:
+        obj = _torch_load(path, mmap=lazy)
     arch, classes = None, None
     if isinstance(obj, dict) and isinstance(obj.get("classes"), (list, tuple)):
         classes = [str(c) for c in obj["classes"]]
@@ -119,16 +130,11 @@ def _strip_prefixes(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return sd
 
 
-def fetch_timm_weights(tag: str) -> dict[str, torch.Tensor]:
-    """Download (or read from timm's cache) the weights of a timm pretrained tag."""
-    from timm.models import get_pretrained_cfg, is_model, load_state_dict_from_hf, split_model_name_tag
+def timm_pretrained_cfg(tag: str):
+    """timm's record of a pretrained tag, checked without any download: the architecture exists
+    and timm knows weights for the tag. Raises :class:`CheckpointError` otherwise."""
+    from timm.models import get_pretrained_cfg, is_model, split_model_name_tag
 
-    if tag.startswith(_HUB_PREFIXES):  # hf-hub:org/repo, a timm-format repository on the Hub
-        try:
-            return _strip_prefixes(dict(load_state_dict_from_hf(tag.split(":", 1)[1], weights_only=True)))
-        except Exception as e:
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise CheckpointError(f"could not fetch pretrained weights {tag!r} ({reason})") from None
     arch, _ = split_model_name_tag(tag)
     if not is_model(arch):
         raise CheckpointError(f"unknown pretrained source {tag!r}: not a file, and {arch!r} is not a timm model")
@@ -138,6 +144,20 @@ def fetch_timm_weights(tag: str) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"unknown pretrained tag {tag!r}: {e}") from None
     if cfg is None or not cfg.has_weights:
         raise CheckpointError(f"timm has no pretrained weights for {tag!r}")
+    return cfg
+
+
+def fetch_timm_weights(tag: str) -> dict[str, torch.Tensor]:
+    """Download (or read from timm's cache) the weights of a timm pretrained tag."""
+    from timm.models import load_state_dict_from_hf
+
+    if tag.startswith(_HUB_PREFIXES):  # hf-hub:org/repo, a timm-format repository on the Hub
+        try:
+            return _strip_prefixes(dict(load_state_dict_from_hf(tag.split(":", 1)[1], weights_only=True)))
+        except Exception as e:
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CheckpointError(f"could not fetch pretrained weights {tag!r} ({reason})") from None
+    cfg = timm_pretrained_cfg(tag)
     try:
         if cfg.file:
             return read_state_dict(cfg.file)[0]
@@ -198,9 +218,12 @@ def _num_classes(model: nn.Module, head: nn.Module | None) -> int | None:
 
 
 def apply_state_dict(model: nn.Module, state: dict[str, torch.Tensor], *, source: str,
-                     num_classes: int | None = None, file_arch: str | None = None) -> list[str]:
+                     num_classes: int | None = None, file_arch: str | None = None,
+                     check_only: bool = False) -> list[str]:
     """Load ``state`` into ``model``: strict outside the classifier, head replaced on a class-count
-    change, first conv adapted on an input-channel change. Returns messages (also logged)."""
+    change, first conv adapted on an input-channel change. Returns messages (also logged).
+    ``check_only``: raise the same errors, but load nothing and log nothing (``state`` and
+    ``model`` may then be meta tensors: only names and shapes are compared)."""
     from .factory import model_architecture
 
     arch = model_architecture(model)
@@ -251,7 +274,7 @@ def apply_state_dict(model: nn.Module, state: dict[str, torch.Tensor], *, source
         raise CheckpointError(f"{source}: weights for another architecture than {arch}: " + "; ".join(parts))
 
     load = {k: v for k, v in state.items() if k in model_sd and k not in head_keys}
-    if adapt_input and first_key is not None:
+    if adapt_input and first_key is not None and not check_only:
         from timm.models import adapt_input_conv
 
         old = state[first_key]
@@ -278,6 +301,8 @@ def apply_state_dict(model: nn.Module, state: dict[str, torch.Tensor], *, source
     elif head_keys:
         messages.append(f"{source}: no classifier in the file; the head ({head_name}, {model_classes} "
                         "classes) is randomly initialised")
+    if check_only:
+        return messages
     result = model.load_state_dict(load, strict=False)
     leftover = [k for k in result.missing_keys if k not in head_keys and not is_optional(k)]
     if leftover or result.unexpected_keys:  # guarded above; a safety net for exotic modules
@@ -318,3 +343,42 @@ def load_pretrained(model: nn.Module, source: str, num_classes: int | None = Non
         log.warning(messages[-1])
     state = fetch_timm_weights(source)
     return messages + apply_state_dict(model, state, source=source, num_classes=num_classes, file_arch=tag_arch)
+
+
+# ------------------------------------------------------------------------------ preflight
+
+
+def check_pretrained_files(cfg, *, num_classes: int, channels: int, classes: list[str] | None = None) -> None:
+    """Check every stage's ``pretrained`` source before the first stage trains, so that a
+    student's file for another architecture stops the run in seconds, not after the teacher.
+
+    ``cfg`` is the run's :class:`~noisystudent.config.schema.Config`; ``num_classes``,
+    ``channels`` and ``classes`` are the data's. A local file must exist, be a weight file, fit
+    the stage's model by name and shape (the same rules as :func:`apply_state_dict`) and, when it
+    names its classes, name the data's (:func:`check_class_names`). Files are read lazily
+    (memory-mapped tensors, or safetensors headers) and models are built on the meta device, so
+    the check costs little even for L2. A timm tag is checked to exist in timm's registry; its
+    weights are fetched only when the stage runs. Raises :class:`CheckpointError` or
+    :class:`DataError` prefixed with the config key at fault.
+    """
+    from .factory import create_model
+
+    stages = [("teacher", cfg.teacher)] + [(f"students[{i}]", s) for i, s in enumerate(cfg.students)]
+    for key, stage in stages:
+        source = stage.pretrained
+        if not source:
+            continue
+        try:
+            if not is_local_source(source):
+                if not source.startswith(_HUB_PREFIXES):
+                    timm_pretrained_cfg(source)
+                continue
+            state, file_arch, file_classes = read_weight_file(source, lazy=True)
+            if classes is not None and file_classes is not None:
+                check_class_names(source, file_classes, classes, cfg.stage_epochs(stage) == 0)
+            with torch.device("meta"):
+                model = create_model(stage.model, num_classes, channels)
+            apply_state_dict(model, state, source=str(source), num_classes=num_classes, file_arch=file_arch,
+                             check_only=True)
+        except (CheckpointError, DataError) as e:
+            raise type(e)(f"config key '{key}.pretrained': {e}") from None

@@ -7,6 +7,7 @@ unconditionally instead of branching on ``ctx.distributed``.
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -14,7 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .errors import ConfigError
+from .errors import ConfigError, DistributedError
 
 
 @dataclass(frozen=True)
@@ -72,12 +73,73 @@ def init_distributed(device_preference: str = "auto") -> DistContext:
     return DistContext(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
 
 
+# ------------------------------------------------------------------------------ collectives
+
+RESUME_HINT = "noisystudent run --resume RUN_DIR"
+
+
+class RankFailure(DistributedError):
+    """A collective failed because another process of the job died (killed, out of memory, or
+    stopped by its own error). ``run_dir`` fills in the resume command when the caller knows it."""
+
+    def __init__(self, op: str, rank: int, reason: str, run_dir: str | None = None):
+        super().__init__(op, rank, reason, run_dir)
+        self.op, self.rank, self.reason, self.run_dir = op, rank, reason, run_dir
+
+    def __str__(self) -> str:
+        resume = RESUME_HINT.replace("RUN_DIR", str(self.run_dir)) if self.run_dir else RESUME_HINT
+        return (f"rank {self.rank}: another process of this job died during {self.op} ({self.reason}); "
+                f"see its log for why, then continue with: {resume}")
+
+
+# Words in the errors gloo and NCCL raise when a peer process goes away.
+_PEER_GONE = ("peer", "broken pipe", "timed out", "remote worker", "nccl", "gloo")
+
+
+def collective_failure(e: BaseException, op: str = "a collective operation") -> RankFailure | None:
+    """The one-line :class:`RankFailure` for an error raised by a collective (our helpers, or DDP's
+    gradient all-reduce inside ``backward``), or None if ``e`` is not one."""
+    if isinstance(e, RankFailure):
+        return e
+    is_dist = isinstance(e, getattr(dist, "DistError", ())) or (
+        isinstance(e, RuntimeError) and any(w in str(e).lower() for w in _PEER_GONE))
+    if not is_dist:
+        return None
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    reason = lines[0] if lines else type(e).__name__
+    if reason.startswith("[") and "] " in reason:  # drop gloo's "[/path/to/pair.cc:561] " prefix
+        reason = reason.split("] ", 1)[1]
+    reason = reason.split(". ")[0].rstrip(".")
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else int(os.environ.get("RANK", "0"))
+    return RankFailure(op, rank, reason)
+
+
+def _collective(fn):
+    """Run a collective helper; a peer's death becomes one :class:`RankFailure` line instead of
+    gloo's "Connection reset by peer" traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except RuntimeError as e:
+            failure = collective_failure(e, fn.__name__)
+            if failure is None:  # any RuntimeError out of a collective is a communication failure
+                failure = RankFailure(fn.__name__, dist.get_rank() if dist.is_initialized() else 0,
+                                      str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
+            raise failure from None
+
+    return wrapper
+
+
+@_collective
 def barrier(ctx: DistContext) -> None:
     """Wait until every rank gets here."""
     if ctx.distributed:
         dist.barrier()
 
 
+@_collective
 def all_reduce_sum(t: torch.Tensor, ctx: DistContext) -> torch.Tensor:
     """Sum ``t`` over ranks, in place."""
     if ctx.distributed:
@@ -85,6 +147,7 @@ def all_reduce_sum(t: torch.Tensor, ctx: DistContext) -> torch.Tensor:
     return t
 
 
+@_collective
 def any_rank(flag: bool, ctx: DistContext) -> bool:
     """True on every rank if ``flag`` is true on any rank (so all ranks take the same branch)."""
     if not ctx.distributed:
@@ -95,6 +158,7 @@ def any_rank(flag: bool, ctx: DistContext) -> bool:
     return bool(t.item())
 
 
+@_collective
 def all_gather_object(obj, ctx: DistContext) -> list:
     """Every rank's ``obj`` (picklable), in rank order, on every rank."""
     if not ctx.distributed:
@@ -104,6 +168,7 @@ def all_gather_object(obj, ctx: DistContext) -> list:
     return out
 
 
+@_collective
 def broadcast_object(obj, ctx: DistContext, src: int = 0):
     """Send a picklable object from ``src`` to every rank."""
     if not ctx.distributed:
@@ -158,5 +223,10 @@ def wrap_ddp(model: nn.Module, ctx: DistContext) -> nn.Module:
 
 
 def cleanup(ctx: DistContext) -> None:
+    """Leave the process group. Never raises: it runs in ``finally`` blocks, where an error of
+    its own (the group is broken because a peer died) would hide the error that got there."""
     if ctx.distributed and dist.is_initialized():
-        dist.destroy_process_group()
+        try:
+            dist.destroy_process_group()
+        except Exception:  # noqa: BLE001 - see the docstring
+            pass

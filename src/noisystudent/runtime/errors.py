@@ -15,3 +15,11 @@ class DataError(NoisyStudentError):
 
 class CheckpointError(NoisyStudentError):
     """A checkpoint that cannot be loaded into the requested model."""
+
+
+class StorageError(NoisyStudentError):
+    """A file that could not be written: a full disk, a quota, a read-only or locked folder."""
+
+
+class DistributedError(NoisyStudentError):
+    """A collective operation failed because another process of the job stopped."""

@@ -12,6 +12,7 @@ Layout (everything that writes or reads a run uses the names below)::
     RUN/evaluate/    robustness.json  <suite>/<model>.json  plots
     RUN/report/      report.html  report.md
     RUN/checkpoints/<stage>/   resumable training checkpoints, removed once the stage is committed
+    RUN/pool/        the unlabeled pool's listing, frozen for the run (a folder is walked once)
 
 A stage writes into ``RUN/.partial-<stage>/`` and is renamed to ``RUN/<stage>/`` only when it
 finished, then recorded in ``manifest.json``; so a crash never leaves a stage that looks complete,
@@ -22,10 +23,13 @@ at the first unfinished shard) and the manifest records it once the store is com
 
 from __future__ import annotations
 
+import atexit
 import json
+import logging
 import os
 import re
 import shutil
+import socket
 import tempfile
 import time
 from contextlib import contextmanager
@@ -33,7 +37,10 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ..config.schema import Config, save_config
-from .errors import ConfigError
+from .errors import ConfigError, StorageError
+from .files import atomic_write, write_error
+
+log = logging.getLogger("noisystudent")
 
 # ------------------------------------------------------------------------------ the contract
 
@@ -44,7 +51,9 @@ DATA = "data.json"
 LOG = "run.log"
 SUMMARY = "summary.json"
 CHECKPOINTS = "checkpoints"
+POOL = "pool"  # the frozen listing of the unlabeled pool (folder and file-list pools), made once per run
 TENSORBOARD = "tensorboard"
+LOCK = ".lock"  # host and PID of the process writing the run (RunDir.acquire_lock)
 
 # Stage names.
 TEACHER = "teacher"
@@ -90,16 +99,78 @@ REPORT_MD = "report.md"
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON to a temp file in the same folder, then rename over ``path``."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=_jsonable))
-    os.replace(tmp, path)
+    """Write JSON to a temp file in the same folder, then rename over ``path``; a failed write
+    (a full disk) removes the temp file and raises one :class:`StorageError` line."""
+    atomic_write(path, json.dumps(obj, indent=2, default=_jsonable))
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    """Text version of :func:`write_json_atomic`."""
+    atomic_write(path, text)
+
+
+# Locks this process holds, released at exit (a normal exit, an error, SIGTERM's exit 143).
+_held_locks: set[Path] = set()
+
+
+def _read_lock(path: Path) -> dict | None:
+    """The holder recorded in a lock file; ``{}`` if it cannot be parsed, None if it is gone."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return None
+    except OSError:
+        return {}
+    try:
+        holder = json.loads(text)
+    except json.JSONDecodeError:
+        holder = {}
+    if not isinstance(holder, dict):
+        holder = {}
+    if not holder:  # torn write: a lock is created and written within microseconds; age decides
+        try:
+            age = time.time() - path.stat().st_mtime
+        except OSError:
+            return None
+        holder = {"stale_unreadable": age > 10}
+    return holder
+
+
+def _lock_is_stale(holder: dict, host: str) -> bool:
+    """A lock whose process is known to be gone: same host and no such PID (or an unreadable,
+    old lock file). A lock from another host is never stale: its process cannot be checked."""
+    if "stale_unreadable" in holder:
+        return bool(holder["stale_unreadable"])
+    if holder.get("host") != host:
+        return False
+    pid = holder.get("pid")
+    if not isinstance(pid, int) or pid <= 0:
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, owned by someone else
+        return False
+    return False
+
+
+def _release(path: Path) -> None:
+    if path not in _held_locks:
+        return
+    _held_locks.discard(path)
+    holder = _read_lock(path)
+    if holder and holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
+        path.unlink(missing_ok=True)
+
+
+@atexit.register
+def _release_all() -> None:
+    for path in list(_held_locks):
+        try:
+            _release(path)
+        except OSError:
+            pass
 
 
 def _jsonable(o: Any) -> Any:
@@ -143,23 +214,87 @@ class RunDir:
 
     @classmethod
     def open(cls, root: Path, cfg: Config, resume: bool) -> "RunDir":
-        """Create a new run directory, or reopen one to resume (same config only)."""
+        """Create a new run directory, or reopen one to resume (same config only).
+
+        Takes the run's lock (:meth:`acquire_lock`; call it on rank 0 only): a second process
+        opening the same run is refused while this one lives. The lock is released by
+        :meth:`release_lock`, and at the latest when this process exits.
+        """
         run = cls(root)
-        manifest = run.manifest()
-        if resume:
-            if not run.manifest_path.is_file():
-                raise ConfigError(f"--resume: {root} is not a run directory (no {MANIFEST})")
-            if manifest.get("fingerprint") != cfg.fingerprint():
-                raise ConfigError(f"--resume: {root} was made by a different config; "
-                                  "start a new run directory or resume with its own config.yaml")
-        elif run.manifest_path.is_file() and manifest.get("stages"):
-            raise ConfigError(f"run directory {root} already holds a run; use --resume {root} or another --out")
-        run.root.mkdir(parents=True, exist_ok=True)
-        if not run.manifest_path.is_file() or not resume:
-            save_config(cfg, run.root / CONFIG)
-            write_json_atomic(run.manifest_path, {"fingerprint": cfg.fingerprint(), "created": time.time(),
-                                                  "stages": {}})
+        if resume and not run.manifest_path.is_file():
+            raise ConfigError(f"--resume: {root} is not a run directory (no {MANIFEST})")
+        try:
+            run.root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise write_error(e, run.root) from None
+        run.acquire_lock()
+        try:
+            manifest = run.manifest()
+            if resume:
+                if manifest.get("fingerprint") != cfg.fingerprint():
+                    raise ConfigError(f"--resume: {root} was made by a different config; "
+                                      "start a new run directory or resume with its own config.yaml")
+            elif run.manifest_path.is_file() and manifest.get("stages"):
+                raise ConfigError(f"run directory {root} already holds a run; use --resume {root} or another --out")
+            if not run.manifest_path.is_file() or not resume:
+                save_config(cfg, run.root / CONFIG)
+                write_json_atomic(run.manifest_path, {"fingerprint": cfg.fingerprint(), "created": time.time(),
+                                                      "stages": {}})
+        except BaseException:
+            run.release_lock()
+            raise
         return run
+
+    # -------------------------------------------------------------------------- the lock
+
+    @property
+    def lock_path(self) -> Path:
+        return self.root / LOCK
+
+    def acquire_lock(self) -> None:
+        """Create ``RUN/.lock`` holding this host and PID, or refuse with one line naming the
+        process that holds it. A lock left by a process that no longer exists on this host (a
+        ``kill -9``) is stale: it is replaced, with a warning. This process may take its own lock
+        again (a resume in the same Python session). Released at exit at the latest."""
+        me = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}
+        for _ in range(3):  # a stale lock removed by us, or by a racing process, is retried
+            try:
+                fd = os.open(self.lock_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = _read_lock(self.lock_path)
+                if holder is None:
+                    continue  # removed meanwhile
+                if holder.get("host") == me["host"] and holder.get("pid") == me["pid"]:
+                    _held_locks.add(self.lock_path)
+                    return
+                if not _lock_is_stale(holder, me["host"]):
+                    if "pid" not in holder:
+                        raise StorageError(f"run directory {self.root} is being opened by another process "
+                                           f"({self.lock_path} was just created); try again in a moment")
+                    since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("since") or 0))
+                    raise StorageError(
+                        f"run directory {self.root} is in use by PID {holder.get('pid')} on "
+                        f"{holder.get('host')} (since {since}); wait for it to finish, or delete "
+                        f"{self.lock_path} if that process no longer exists")
+                log.warning(f"{self.lock_path}: removing the stale lock of PID {holder.get('pid')} "
+                            f"on {holder.get('host')}, which no longer runs")
+                self.lock_path.unlink(missing_ok=True)
+                continue
+            except OSError as e:
+                raise write_error(e, self.lock_path) from None
+            try:
+                with os.fdopen(fd, "w") as f:
+                    f.write(json.dumps(me))
+            except OSError as e:
+                self.lock_path.unlink(missing_ok=True)
+                raise write_error(e, self.lock_path) from None
+            _held_locks.add(self.lock_path)
+            return
+        raise StorageError(f"could not take the lock {self.lock_path}: other processes keep replacing it")
+
+    def release_lock(self) -> None:
+        """Remove ``RUN/.lock`` if this process holds it (a no-op otherwise)."""
+        _release(self.lock_path)
 
     def is_done(self, stage: str) -> bool:
         return stage in self.manifest()["stages"] and (self.root / stage).is_dir()
@@ -168,11 +303,23 @@ class RunDir:
         return self.root / stage
 
     @contextmanager
-    def stage(self, name: str, enabled: bool = True) -> Iterator[Path]:
+    def stage(self, name: str, enabled: bool = True, in_place: bool = False) -> Iterator[Path]:
         """Yield a scratch folder for stage ``name``; commit it only if the block succeeds.
 
         With ``enabled=False`` (ranks other than 0) the block runs against a throw-away folder.
+        ``in_place``: the block writes into ``RUN/<name>/`` itself, whose contents survive a crash
+        (the label stage's store resumes shard by shard); it is committed the same way, and every
+        rank gets that folder (a store is written by all ranks).
         """
+        start = time.time()
+        if in_place:
+            final = self.root / name
+            if enabled:
+                final.mkdir(parents=True, exist_ok=True)
+            yield final
+            if enabled:
+                self._commit(name, start)
+            return
         if not enabled:
             with tempfile.TemporaryDirectory() as scratch:
                 yield Path(scratch)
@@ -181,12 +328,15 @@ class RunDir:
         if partial.exists():
             shutil.rmtree(partial)
         partial.mkdir(parents=True)
-        start = time.time()
         yield partial
         final = self.root / name
         if final.exists():
             shutil.rmtree(final)
         os.replace(partial, final)
+        self._commit(name, start)
+
+    def _commit(self, name: str, start: float) -> None:
+        final = self.root / name
         manifest = self.manifest()
         manifest["stages"][name] = {"finished": time.time(), "seconds": time.time() - start,
                                     "files": sorted(p.name for p in final.iterdir())}

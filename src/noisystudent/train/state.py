@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from ..runtime.errors import CheckpointError, NoisyStudentError
+from ..runtime.files import atomic_write, read_torch_file, write_error
 
 log = logging.getLogger("noisystudent")
 
@@ -92,14 +93,14 @@ def list_checkpoints(directory: Path | None) -> list[Path]:
 def save_checkpoint(directory: Path, step: int, payload: dict, keep: int) -> Path:
     """Write ``payload`` atomically as the checkpoint of ``step``; keep the newest ``keep``."""
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise write_error(e, directory) from None
     path = checkpoint_path(directory, step)
-    tmp = directory / f".{path.name}.tmp"
-    with open(tmp, "wb") as f:
-        torch.save(payload, f)
-        f.flush()
-        os.fsync(f.fileno())  # the data must be on disk before the rename makes it visible
-    os.replace(tmp, path)
+    # fsync: the data must be on disk before the rename makes it visible; a full disk is one
+    # StorageError line and removes the partial file
+    atomic_write(path, lambda f: torch.save(payload, f), fsync=True)
     _fsync_dir(directory)  # and the rename itself must survive a power cut
     for old in list_checkpoints(directory)[:-keep]:
         old.unlink(missing_ok=True)
@@ -121,10 +122,7 @@ def _fsync_dir(directory: Path) -> None:
 
 def load_checkpoint_file(path: Path) -> dict:
     """Read one training checkpoint (tensors and plain data only; memory-mapped, on the CPU)."""
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # torch raises many types for truncated or foreign files
-        raise CheckpointError(f"unreadable training checkpoint {path}: {str(e).splitlines()[0]}") from None
+    payload = read_torch_file(path, "noisystudent training checkpoint", mmap=True)
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a noisystudent training checkpoint (format "
                               f"{CHECKPOINT_FORMAT})")

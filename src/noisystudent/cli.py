@@ -26,16 +26,28 @@ def _default_run_dir(config: str | None, ablation: str | None) -> Path:
 def cmd_run(args: argparse.Namespace) -> int:
     from .pipeline import format_summary_table, run_pipeline
 
+    from .runtime.distributed import RankFailure
+    from .runtime.rundir import CONFIG
+
     if args.resume:
         run_dir = Path(args.resume)
-        config = args.config or (run_dir / "config.yaml")
-        if not Path(config).is_file():
-            raise NoisyStudentError(f"--resume: {run_dir} has no config.yaml; is it a run directory?")
+        if args.config is None:  # the documented form: the run's own resolved config
+            if not run_dir.is_dir():
+                raise NoisyStudentError(f"--resume: run directory not found: {run_dir}")
+            config = run_dir / CONFIG
+            if not config.is_file():
+                raise NoisyStudentError(f"--resume: {run_dir} has no {CONFIG}; is it a run directory?")
+        else:  # a config passed again must exist (load_config names it) and match the run's
+            config = args.config
     else:
         run_dir = Path(args.out) if args.out else _default_run_dir(args.config, args.ablation)
         config = args.config
     cfg = load_config(config, args.set, args.ablation)
-    summary = run_pipeline(cfg, run_dir, resume=bool(args.resume), progress=not args.quiet)
+    try:
+        summary = run_pipeline(cfg, run_dir, resume=bool(args.resume), progress=not args.quiet)
+    except RankFailure as e:  # the one place that knows the run directory to resume
+        e.run_dir = run_dir
+        raise
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 speaks for the job
         return 0
     if args.quiet:
@@ -76,9 +88,22 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     device = select_device(cfg.device)
     kwargs = dict(channels=splits.channels, device=device, seed=cfg.seed, progress=not args.quiet)
     if out is None:  # into the run directory, as its "evaluate" stage
-        with RunDir(target).stage("evaluate") as scratch:
-            results = evaluate_checkpoints(checkpoints, splits.test, cfg.evaluate, out_dir=scratch, **kwargs)
-        out = target / "evaluate"
+        import shutil
+
+        from .runtime.rundir import EVALUATE
+
+        run = RunDir(target)
+        run.acquire_lock()
+        try:
+            # finished (suite, model) results survive a kill in the run's checkpoints folder
+            progress_dir = run.checkpoint_dir(EVALUATE)
+            with run.stage(EVALUATE) as scratch:
+                results = evaluate_checkpoints(checkpoints, splits.test, cfg.evaluate, out_dir=scratch,
+                                               progress_dir=progress_dir, **kwargs)
+            shutil.rmtree(progress_dir, ignore_errors=True)
+        finally:
+            run.release_lock()
+        out = target / EVALUATE
         from .report.build import build_report
 
         print(f"report: {build_report(target)['html']}")
@@ -286,3 +311,20 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+    except OSError as e:  # a full disk outside the atomic writers (a log line, a library's file)
+        from .runtime.files import is_storage_error, write_error
+
+        if not is_storage_error(e):
+            raise
+        print(f"noisystudent: error: {write_error(e, e.filename)}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:  # under torchrun: DDP's all-reduce in backward when a peer died
+        from .runtime.distributed import collective_failure
+
+        failure = collective_failure(e) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
+        if failure is None:
+            raise
+        if getattr(args, "resume", None) or getattr(args, "out", None):
+            failure.run_dir = args.resume or args.out
+        print(f"noisystudent: error: {failure}", file=sys.stderr)
+        return 2

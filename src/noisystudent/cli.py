@@ -164,6 +164,16 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from .models.export import export_model
+
+    result = export_model(Path(args.run_dir), Path(args.out), onnx=args.onnx)
+    print(f"exported {result['stage']} ({result['architecture']}, {result['num_classes']} classes):")
+    for path in result["files"].values():
+        print(f"  {path}")
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from .models.zoo import format_chain_presets, format_model_table
 
@@ -268,6 +278,18 @@ def build_parser() -> argparse.ArgumentParser:
                                    "from the files in a run directory: finished, still running or crashed.")
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("export", help="write a run's final model as safetensors + timm config.json (+ ONNX)",
+                       description="Write the run's final model (fix-res if it ran, else the last student, "
+                                   "else the teacher) to DIR: model.safetensors and a timm-style config.json "
+                                   "(architecture, classes, input size, mean/std), loadable with "
+                                   "timm.create_model('local-dir:DIR', pretrained=True) for timm architectures "
+                                   "and with noisystudent.models.export.load_exported for all; --onnx adds "
+                                   "model.onnx.")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    p.add_argument("--onnx", action="store_true", help="also write model.onnx (torch.onnx.export)")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("models", help="list the paper's model family and the chain presets",
                        description="EfficientNet-B0..B7, L0, L1, L2 and the CPU nets: parameters and "

@@ -2,20 +2,26 @@
 
     teacher  = train(labeled, noise)                          # stage "teacher"
     for each student in the chain:
-        labels    = teacher(unlabeled, no noise)              # stage "label-i"
-        selection = threshold + balance(labels)               # stage "select-i"
+        store     = teacher(pool, no noise)                   # stage "label-i": a sharded store
+        selection = threshold + balance(store)                # stage "select-i": out of core
         student   = train(labeled + selection, noise)         # stage "student-i"
         teacher   = student
+    fixres   = fine-tune(last, test resolution, no noise)     # stage "fixres", when it runs
+    evaluate(teacher, final)                                   # stage "evaluate"
 
-Every stage writes a folder in the run directory and is skipped on ``--resume`` once finished.
+Each stage is a plain function of its inputs and an output folder; the
+:class:`~noisystudent.runtime.runner.StageRunner` skips finished stages, commits each one and
+does the ranks' bookkeeping. Every stage's settings come from :func:`resolve_stages` (one place).
+The pool is never held in memory: it is labeled shard by shard into a store, selected by a query
+over the store, and read back by position or as a stream (noisystudent.data.pseudo_labeled).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import random
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,26 +30,30 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from torch.utils.data import Dataset
 
-from .models.checkpoint import load_model, save_model
-from .config.schema import Config, StageConfig
-from .runtime.errors import ConfigError
-from .data.datasets import DataSplits, ImageSet, TransformedSet, build_splits
-from .runtime.distributed import DistContext, barrier, broadcast_object, cleanup, init_distributed
-from .evaluate.classifier import evaluate_checkpoints, evaluate_classifier
-from .train.fixres import finetune_fixres, fixres_enabled
-from .label.pseudo_labels import PseudoLabels, label_images
-from .models.factory import count_parameters, create_model
-from .runtime.rundir import RunDir, write_json_atomic
-from .label.select import Selection, select_pseudo_labels
-from .train.loop import TrainOutcome, train_classifier
+from .config.schema import Config
+from .config.stages import ResolvedLabeling, ResolvedStage, resolve_stages
+from .data.datasets import DataSplits, TransformedSet, build_splits
+from .data.pool import ImageSetSource, UnlabeledSource, build_pool, pool_size
+from .data.pseudo_labeled import pseudo_labeled_set
 from .data.transforms import eval_transform, train_transform
+from .evaluate.classifier import evaluate_checkpoints, evaluate_classifier
+from .label.inference import label_to_store, model_fingerprint
+from .label.select import Selection, select_from_store
+from .label.store import LabelStore
+from .models.checkpoint import load_model, save_model
+from .models.factory import count_parameters, create_model
+from .runtime import rundir as layout
+from .runtime.distributed import DistContext, cleanup, init_distributed
+from .runtime.errors import ConfigError, DataError
+from .runtime.rundir import RunDir, write_json_atomic
+from .runtime.runner import StageRunner
+from .train.fixres import finetune_fixres
+from .train.loop import TrainOutcome, train_classifier
 
 log = logging.getLogger("noisystudent")
 
-SUMMARY_KEYS = ("name", "model", "val_top1", "test_top1", "val_top5", "test_top5", "num_labeled",
-                "num_pseudo", "seconds", "params", "best_epoch", "image_size")
+STAGE_KINDS = ("train", "label", "select")  # what each per-stage CLI command runs
 
 
 def seed_everything(seed: int) -> None:
@@ -56,262 +66,336 @@ def banner(text: str) -> None:
     log.info("=" * 8 + f" {text} " + "=" * max(0, 70 - len(text)))
 
 
-class PseudoLabeledSet(Dataset):
-    """Selected unlabeled images (duplicates repeat) with their soft targets, noisy transform."""
-
-    def __init__(self, images: ImageSet, labels: PseudoLabels, rows: np.ndarray, transform):
-        self.images, self.labels, self.rows, self.transform = images, labels, rows, transform
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, i: int):
-        row = np.array([self.rows[i]])
-        target = torch.from_numpy(self.labels.soft_targets(row)[0])
-        return self.transform(self.images.load(int(self.labels.image_index(row)[0]))), target
-
-
 @dataclass
-class StageResult:
-    """One row of the summary table."""
+class Env:
+    """What every stage may need besides its inputs: where the job runs and how it reports."""
 
-    metrics: dict
-    checkpoint: Path
+    ctx: DistContext
+    run: RunDir
+    cfg: Config
+    splits: DataSplits
+    progress: bool
 
-
-def _stage_noise(cfg: Config, stage: StageConfig) -> tuple[float, float]:
-    dropout = cfg.noise.dropout if stage.dropout is None else stage.dropout
-    drop_path = cfg.noise.drop_path if stage.drop_path is None else stage.drop_path
-    return dropout, drop_path
-
-
-def _tensorboard(run: RunDir, cfg: Config):
-    """A TensorBoard writer when ``tensorboard: true`` (an optional dependency)."""
-    if not cfg.tensorboard:
-        return None
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        raise ConfigError("tensorboard: true needs the tensorboard package "
-                          "(pip install 'noisystudent[tensorboard]')") from None
-    return SummaryWriter(str(run.root / "tensorboard"))
+    @property
+    def num_workers(self) -> int:
+        return self.cfg.data.num_workers
 
 
-def _done(run: RunDir, name: str, ctx: DistContext) -> bool:
-    """Whether a stage finished, as rank 0 sees it (all ranks must take the same branch)."""
-    return broadcast_object(run.is_done(name), ctx)
+# ------------------------------------------------------------------------------ the stages
 
 
-def train_stage(run: RunDir, name: str, stage: StageConfig, cfg: Config, splits: DataSplits,
-                ctx: DistContext, *, pseudo: tuple[PseudoLabels, Selection] | None, seed: int,
-                progress: bool) -> StageResult:
-    """Train one model (teacher: labeled only; student: labeled + selected pseudo labels)."""
-    out_ckpt = run.path(name) / "model.pt"
-    if _done(run, name, ctx):
-        log.info(f"[{name}] finished earlier; skipping (resume)")
-        return StageResult(json.loads((run.path(name) / "metrics.json").read_text()), out_ckpt)
-    size = stage.image_size or cfg.data.image_size
-    test_size = stage.test_size or size
-    dropout, drop_path = _stage_noise(cfg, stage)
-    seed_everything(seed)
-    model = create_model(stage.model, splits.num_classes, splits.channels, dropout, drop_path,
-                         pretrained=stage.pretrained, classes=splits.classes,
-                         used_as_is=cfg.stage_epochs(stage) == 0)
-    noisy = train_transform(size, splits.channels, splits.mean, splits.std, cfg.noise, cfg.data.flip)
-    clean = eval_transform(size, splits.channels, splits.mean, splits.std)
+def train_stage(out: Path, stage: ResolvedStage, env: Env, pseudo=None) -> dict:
+    """Train one model (teacher: labeled only; student: labeled + its selection); returns its
+    summary row, and writes model.pt, metrics.json and metrics.jsonl into ``out``."""
+    cfg, splits = env.cfg, env.splits
+    seed_everything(stage.seed)
+    model = create_model(stage.model, splits.num_classes, splits.channels, stage.dropout, stage.drop_path,
+                         pretrained=stage.pretrained, classes=splits.classes, used_as_is=stage.epochs == 0)
+    noisy = train_transform(stage.image_size, splits.channels, splits.mean, splits.std, stage.noise, cfg.data.flip)
     labeled = TransformedSet(splits.labeled, noisy)
-    val, test = TransformedSet(splits.val, clean), TransformedSet(splits.test, clean)  # model selection
-    if test_size != size:  # reported numbers: at the stage's test resolution
-        clean_test = eval_transform(test_size, splits.channels, splits.mean, splits.std)
-        val_eval, test_eval = TransformedSet(splits.val, clean_test), TransformedSet(splits.test, clean_test)
-    else:
-        val_eval, test_eval = val, test
-    pseudo_set = None
-    if pseudo is not None:
-        labels, selection = pseudo
-        pseudo_set = PseudoLabeledSet(splits.unlabeled, labels, selection.rows, noisy)
-    log.info(f"[{name}] {stage.model} ({count_parameters(model) / 1e6:.2f}M params) at {size}px, "
+    val = _clean(splits.val, stage.image_size, splits)  # model selection, at the training size
+    pseudo_set = None if pseudo is None else pseudo(noisy)
+    log.info(f"[{stage.name}] {stage.model} ({count_parameters(model) / 1e6:.2f}M params) at {stage.image_size}px, "
              f"{len(labeled)} labeled + {0 if pseudo_set is None else len(pseudo_set)} pseudo-labeled, "
-             f"dropout {dropout}, drop path {drop_path}, augment {cfg.noise.augment}")
-    with run.stage(name, enabled=ctx.is_main) as out:
-        metrics_file = (out / "metrics.jsonl").open("w") if ctx.is_main else None
-
-        board = _tensorboard(run, cfg) if ctx.is_main else None
-
-        def on_epoch(record: dict) -> None:
-            if metrics_file:
-                metrics_file.write(json.dumps(record) + "\n")
-                metrics_file.flush()
-            if board:
-                for key in ("loss", "val_top1", "val_top5", "lr"):
-                    board.add_scalar(f"{name}/{key}", record[key], record["step"])
-                board.flush()
-
-        if cfg.stage_epochs(stage) > 0:
-            outcome = train_classifier(model, labeled, val, cfg.train, num_classes=splits.num_classes,
-                                       epochs=cfg.stage_epochs(stage), lr=stage.lr or cfg.train.lr, ctx=ctx,
-                                       pseudo=pseudo_set, seed=seed, num_workers=cfg.data.num_workers,
-                                       progress=progress, desc=name, on_epoch=on_epoch,
-                                       checkpoint_dir=run.root / "checkpoints" / name)
+             f"dropout {stage.dropout}, drop path {stage.drop_path}, augment {stage.noise.augment}")
+    train_cfg = _stage_train_config(cfg, stage)
+    with _History(out, env, stage.name) as history:
+        if stage.epochs > 0:
+            outcome = train_classifier(model, labeled, val, train_cfg, num_classes=splits.num_classes,
+                                       epochs=stage.epochs, lr=stage.lr, ctx=env.ctx, pseudo=pseudo_set,
+                                       seed=stage.seed, num_workers=env.num_workers, progress=env.progress,
+                                       desc=stage.name, on_epoch=history.add,
+                                       checkpoint_dir=env.run.checkpoint_dir(stage.name))
         else:  # epochs 0: use the (pretrained) model as it is, e.g. a teacher trained elsewhere
-            model.to(ctx.device)
+            model.to(env.ctx.device)
             outcome = TrainOutcome(state_dict=model.state_dict(), best_epoch=0, best_val_top1=float("nan"),
                                    epochs=0, steps=0, images_seen=0, seconds=0.0)
-        if board:
-            board.close()
-        if metrics_file:
-            metrics_file.close()
-            # a resumed stage streamed only its last epochs; write the whole history
-            (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in outcome.history))
-        val_m = evaluate_classifier(model, val_eval, ctx.device, ctx=ctx)
-        test_m = evaluate_classifier(model, test_eval, ctx.device, ctx=ctx)
-        metrics = {"name": name, "model": stage.model, "val_top1": val_m["top1"], "val_top5": val_m["top5"],
-                   "test_top1": test_m["top1"], "test_top5": test_m["top5"], "num_labeled": len(labeled),
-                   "num_pseudo": 0 if pseudo_set is None else len(pseudo_set), "seconds": outcome.seconds,
-                   "params": count_parameters(model), "best_epoch": outcome.best_epoch,
-                   "epochs": outcome.epochs, "steps": outcome.steps, "images_seen": outcome.images_seen,
-                   "image_size": size, "test_size": test_size, "dropout": dropout, "drop_path": drop_path}
-        if ctx.is_main:
-            save_model(out / "model.pt", model, name=stage.model, num_classes=splits.num_classes,
-                       in_chans=splits.channels, classes=splits.classes, image_size=size,
-                       mean=splits.mean, std=splits.std, test_size=test_size)
-            write_json_atomic(out / "metrics.json", metrics)
-    barrier(ctx)  # other ranks read this stage's model.pt next
-    if ctx.is_main:  # the stage is committed; its resumable checkpoints are no longer needed
-        shutil.rmtree(run.root / "checkpoints" / name, ignore_errors=True)
-    log.info(f"[{name}] val top-1 {metrics['val_top1']:.2f}  test top-1 {metrics['test_top1']:.2f}  "
-             f"best epoch {outcome.best_epoch}/{outcome.epochs}  {outcome.seconds:.1f}s")
-    return StageResult(metrics, out_ckpt)
+        history.write_all(outcome.history)
+    metrics = {"name": stage.name, "model": stage.model, **_measure(model, stage.test_size, env),
+               "num_labeled": len(labeled), "num_pseudo": 0 if pseudo_set is None else len(pseudo_set),
+               "seconds": outcome.seconds, "params": count_parameters(model), "best_epoch": outcome.best_epoch,
+               "epochs": outcome.epochs, "steps": outcome.steps, "images_seen": outcome.images_seen,
+               "image_size": stage.image_size, "test_size": stage.test_size, "dropout": stage.dropout,
+               "drop_path": stage.drop_path, "seed": stage.seed, "precision": outcome.precision,
+               "precision_info": outcome.precision_info}
+    _save(out, model, stage, env, stage.image_size, metrics)
+    log.info(f"[{stage.name}] val top-1 {metrics['val_top1']:.2f}  test top-1 {metrics['test_top1']:.2f}  "
+             f"best epoch {outcome.best_epoch}/{outcome.epochs}  {outcome.seconds:.1f}s  ({outcome.precision})")
+    return metrics
 
 
-def finetune_stage(run: RunDir, name: str, last: StageResult, stage: StageConfig, cfg: Config,
-                   splits: DataSplits, ctx: DistContext, *, seed: int, progress: bool) -> StageResult | None:
+def label_stage(out: Path, name: str, teacher: dict, pool: UnlabeledSource, labeling: ResolvedLabeling,
+                env: Env) -> LabelStore:
+    """The teacher, in eval mode on clean images at its test resolution, labels the pool into a
+    sharded store in ``out`` (resumable shard by shard), and the labeled validation split into
+    ``probe.parquet`` (pseudo-label accuracy against confidence, for the report)."""
+    cfg, splits, ctx = env.cfg, env.splits, env.ctx
+    model, meta = load_model(env.run.file(teacher["name"], layout.MODEL))
+    size = meta.get("test_size") or meta["image_size"]
+    clean = eval_transform(size, splits.channels, splits.mean, splits.std)
+    identity = f"{teacher['name']}:{teacher['model']}:{model_fingerprint(model)}"
+    log.info(f"[{name}] {teacher['name']} labels the pool at {size}px "
+             f"({'hard' if labeling.hard else f'soft, T={labeling.temperature}'}, top-{labeling.top_k})")
+    common = dict(transform=clean, num_classes=splits.num_classes, teacher=identity, device=ctx.device,
+                  top_k=labeling.top_k, temperature=labeling.temperature, hard=labeling.hard,
+                  batch_size=labeling.batch_size, ctx=ctx)
+    manifest = label_to_store(model, pool, out, num_workers=env.num_workers, precision=cfg.pseudo.precision,
+                              progress=env.progress, **common)
+    if manifest.num_bad:
+        log.warning(f"[{name}] skipped {manifest.num_bad} unreadable unlabeled image(s); "
+                    f"listed in {out / 'bad_images.tsv'}")
+    log.info(f"[{name}] {manifest.num_rows} images labeled ({manifest.header.precision}), "
+             f"{manifest.bytes_per_image:.1f} bytes/image")
+    probe_dir = out / "probe-store"
+    probe = label_to_store(model, ImageSetSource(splits.val, shard_size=max(1, len(splits.val))), probe_dir,
+                           num_workers=0, precision=manifest.header.precision, progress=False, **common)
+    labels = LabelStore(probe_dir, probe).to_pseudo_labels()
+    table = pa.table({"confidence": pa.array(labels.confidence, pa.float32()),
+                      "predicted": pa.array(labels.predicted, pa.int32()),
+                      "target": pa.array(splits.val.targets, pa.int32())})
+    tmp = out / f".{layout.PROBE}.{ctx.rank}.tmp"  # every rank writes the same table; the rename is atomic
+    pq.write_table(table, tmp)
+    tmp.replace(out / layout.PROBE)
+    return LabelStore.open(out, require_complete=True)
+
+
+def select_stage(out: Path, name: str, store: LabelStore, labeling: ResolvedLabeling, cfg: Config) -> Selection:
+    """Threshold and balance the store's pseudo labels (one DuckDB query over its shards)."""
+    p = cfg.pseudo
+    selection = select_from_store(store.store_dir, out / layout.SELECTION, threshold=p.threshold,
+                                  balance=p.balance, per_class=p.per_class, seed=labeling.select_seed)
+    write_json_atomic(out / layout.SELECTION_SUMMARY, selection.summary())
+    log.info(f"[{name}] kept {sum(selection.kept_per_class)}/{store.num_rows} above threshold {p.threshold}; "
+             f"{selection.num_selected} images ({selection.num_unique} unique) "
+             f"{'balanced to K=' + str(selection.per_class) if selection.per_class else 'unbalanced'}")
+    return selection
+
+
+def fixres_stage(out: Path, stage: ResolvedStage, last: dict, env: Env) -> dict:
     """Fix-res: fine-tune the last model at its test resolution on un-augmented labeled images,
-    shallow blocks frozen (noisystudent.train.fixres). None when disabled (finetune.enabled, or by
-    default when the test resolution is not above the training resolution)."""
-    size = stage.image_size or cfg.data.image_size
-    test_size = stage.test_size or size
-    if not fixres_enabled(cfg.finetune.enabled, size, test_size):
-        return None
-    out_ckpt = run.path(name) / "model.pt"
-    if _done(run, name, ctx):
-        log.info(f"[{name}] finished earlier; skipping (resume)")
-        return StageResult(json.loads((run.path(name) / "metrics.json").read_text()), out_ckpt)
-    dropout, drop_path = _stage_noise(cfg, stage)
-    seed_everything(seed)
-    model, _ = load_model(last.checkpoint, dropout, drop_path)
-    clean = eval_transform(test_size, splits.channels, splits.mean, splits.std)
-    labeled, val, test = (TransformedSet(s, clean) for s in (splits.labeled, splits.val, splits.test))
-    lr = cfg.finetune.lr if cfg.finetune.lr is not None else (stage.lr or cfg.train.lr) / 10
-    batch_size = cfg.finetune.batch_size or cfg.train.batch_size
-    log.info(f"[{name}] {stage.model} trained at {size}px: fine-tune at {test_size}px for "
-             f"{cfg.finetune.epochs:g} epochs on {len(labeled)} un-augmented labeled images, lr {lr:g}")
-    with run.stage(name, enabled=ctx.is_main) as out:
-        outcome = finetune_fixres(model, labeled, val, test=test, frozen_blocks=cfg.finetune.frozen_blocks,
-                                  epochs=cfg.finetune.epochs, lr=lr, batch_size=batch_size, ctx=ctx,
-                                  optimizer=cfg.train.optimizer, momentum=cfg.train.momentum,
-                                  weight_decay=cfg.train.weight_decay, label_smoothing=cfg.train.label_smoothing,
-                                  seed=seed, num_workers=cfg.data.num_workers, progress=progress, desc=name)
-        metrics = {"name": name, "model": stage.model, **outcome.metrics(),
-                   "val_top1": outcome.after["val_top1"], "val_top5": outcome.after["val_top5"],
-                   "test_top1": outcome.after["test_top1"], "test_top5": outcome.after["test_top5"],
-                   "num_labeled": len(labeled), "num_pseudo": 0, "params": count_parameters(model),
-                   "best_epoch": None, "epochs": outcome.epochs, "steps": outcome.steps,
-                   "image_size": test_size, "train_size": size, "test_size": test_size,
-                   "frozen": outcome.frozen}
-        if ctx.is_main:
-            save_model(out / "model.pt", model, name=stage.model, num_classes=splits.num_classes,
-                       in_chans=splits.channels, classes=splits.classes, image_size=test_size,
-                       mean=splits.mean, std=splits.std, train_size=size, test_size=test_size)
-            write_json_atomic(out / "metrics.json", metrics)
-    barrier(ctx)
-    log.info(f"[{name}] at {test_size}px: test top-1 {outcome.before['test_top1']:.2f} -> "
-             f"{outcome.after['test_top1']:.2f}, val top-1 {outcome.before['val_top1']:.2f} -> "
-             f"{outcome.after['val_top1']:.2f}; {outcome.frozen_blocks}/{outcome.total_blocks} blocks frozen, "
-             f"{outcome.seconds:.1f}s")
-    return StageResult(metrics, out_ckpt)
+    shallow blocks frozen, with the one training loop (checkpoints, resume, precision)."""
+    cfg, splits = env.cfg, env.splits
+    seed_everything(stage.seed)
+    model, _ = load_model(env.run.file(last["name"], layout.MODEL), stage.dropout, stage.drop_path)
+    labeled, val, test = (_clean(s, stage.test_size, splits) for s in (splits.labeled, splits.val, splits.test))
+    log.info(f"[{stage.name}] {stage.model} trained at {last['image_size']}px: fine-tune at {stage.test_size}px for "
+             f"{stage.epochs:g} epochs on {len(labeled)} un-augmented labeled images, lr {stage.lr:g}")
+    with _History(out, env, stage.name) as history:
+        outcome = finetune_fixres(model, labeled, val, _stage_train_config(cfg, stage), num_classes=splits.num_classes,
+                                  epochs=stage.epochs, lr=stage.lr, ctx=env.ctx, test=test,
+                                  frozen_blocks=stage.frozen_blocks, batch_size=stage.batch_size, seed=stage.seed,
+                                  num_workers=env.num_workers, progress=env.progress, desc=stage.name,
+                                  on_epoch=history.add, checkpoint_dir=env.run.checkpoint_dir(stage.name))
+        history.write_all(outcome.history)
+    metrics = {"name": stage.name, "model": stage.model, **outcome.metrics(),
+               "val_top1": outcome.after["val_top1"], "val_top5": outcome.after["val_top5"],
+               "test_top1": outcome.after["test_top1"], "test_top5": outcome.after["test_top5"],
+               "num_labeled": len(labeled), "num_pseudo": 0, "params": count_parameters(model),
+               "best_epoch": None, "epochs": outcome.epochs, "steps": outcome.steps,
+               "image_size": stage.test_size, "train_size": last["image_size"], "test_size": stage.test_size,
+               "frozen": outcome.frozen, "seed": stage.seed}
+    _save(out, model, stage, env, stage.test_size, metrics, train_size=last["image_size"])
+    log.info(f"[{stage.name}] at {stage.test_size}px: test top-1 {outcome.before['test_top1']:.2f} -> "
+             f"{outcome.after['test_top1']:.2f}; {outcome.frozen_blocks}/{outcome.total_blocks} blocks frozen")
+    return metrics
 
 
-def label_stage(run: RunDir, name: str, teacher: StageResult, cfg: Config, splits: DataSplits,
-                ctx: DistContext, progress: bool) -> PseudoLabels:
-    """The teacher, in eval mode on clean images, labels the unlabeled pool."""
-    path = run.path(name) / "pseudo_labels.parquet"
-    if not _done(run, name, ctx):
-        model, meta = load_model(teacher.checkpoint)
-        model.to(ctx.device)
-        clean = eval_transform(meta["image_size"], splits.channels, splits.mean, splits.std)
-        pool = TransformedSet(splits.unlabeled, clean)
-        log.info(f"[{name}] labeling {len(pool)} images with {teacher.metrics['name']} "
-                 f"({'hard' if cfg.pseudo.hard else f'soft, T={cfg.pseudo.temperature}'})")
-        with run.stage(name, enabled=ctx.is_main) as out:
-            if ctx.is_main:
-                labels, bad = label_images(
-                    model, pool, [splits.unlabeled.key(i) for i in range(len(pool))],
-                    num_classes=splits.num_classes, teacher=teacher.metrics["name"], device=ctx.device,
-                    temperature=cfg.pseudo.temperature, hard=cfg.pseudo.hard, top_k=cfg.pseudo.top_k,
-                    batch_size=cfg.pseudo.batch_size, num_workers=cfg.data.num_workers, progress=progress)
-                labels.save(out / path.name)
-                if bad:
-                    log.warning(f"[{name}] skipped {len(bad)} unreadable unlabeled image(s); "
-                                f"listed in {run.path(name) / 'bad_images.txt'}")
-                (out / "bad_images.txt").write_text("".join(k + "\n" for k in bad))
-                # The same teacher on the labeled validation split: a probe of pseudo-label accuracy
-                # against confidence (the report's reliability diagram).
-                probe, _ = label_images(model, TransformedSet(splits.val, clean),
-                                        [splits.val.key(i) for i in range(len(splits.val))],
-                                        num_classes=splits.num_classes, teacher=teacher.metrics["name"],
-                                        device=ctx.device, temperature=cfg.pseudo.temperature, top_k=1,
-                                        batch_size=cfg.pseudo.batch_size, progress=False)
-                pq.write_table(pa.table({"confidence": pa.array(probe.confidence, pa.float32()),
-                                         "predicted": pa.array(probe.predicted, pa.int32()),
-                                         "target": pa.array(splits.val.targets, pa.int32())}),
-                               out / "probe.parquet")
-        barrier(ctx)
-    return PseudoLabels.load(path)
-
-
-def select_stage(run: RunDir, name: str, labels: PseudoLabels, cfg: Config, seed: int,
-                 ctx: DistContext) -> Selection:
-    """Threshold and balance the pseudo labels; the chosen rows are saved as Parquet."""
-    path = run.path(name) / "selection.parquet"
-    if not _done(run, name, ctx):
-        selection = select_pseudo_labels(labels.confidence, labels.predicted, labels.num_classes,
-                                         threshold=cfg.pseudo.threshold, balance=cfg.pseudo.balance,
-                                         per_class=cfg.pseudo.per_class, seed=seed)
-        with run.stage(name, enabled=ctx.is_main) as out:
-            if ctx.is_main:
-                pq.write_table(pa.table({"row": pa.array(selection.rows, pa.int64())}), out / path.name)
-                write_json_atomic(out / "selection.json", selection.summary())
-        barrier(ctx)
-    summary = json.loads((run.path(name) / "selection.json").read_text())
-    rows = pq.read_table(path).column("row").to_numpy()
-    sel = Selection(rows=rows, per_class=summary["per_class"],
-                    kept_per_class=np.asarray(summary["kept_per_class"]),
-                    selected_per_class=np.asarray(summary["selected_per_class"]),
-                    num_below_threshold=summary["num_below_threshold"])
-    log.info(f"[{name}] kept {int(sel.kept_per_class.sum())}/{len(labels)} above threshold "
-             f"{cfg.pseudo.threshold}; {len(sel.rows)} rows ({sel.num_unique} unique) "
-             f"{'balanced to K=' + str(sel.per_class) if sel.per_class else 'unbalanced'}")
-    return sel
-
-
-def evaluate_stage(run: RunDir, name: str, stages: list[StageResult], cfg: Config, splits: DataSplits,
-                   ctx: DistContext, progress: bool) -> dict:
+def evaluate_stage(out: Path, ends: list[dict], env: Env) -> dict:
     """The configured suites on the test split, first teacher and final model side by side."""
-    path = run.path(name) / "robustness.json"
-    if not _done(run, name, ctx):
-        ends = (stages[0], stages[-1])
-        models = {s.metrics["name"]: s.checkpoint for s in ends}
-        # each stage already measured its test top-1/top-5: no second clean pass over the test set
-        known = {s.metrics["name"]: {"top1": s.metrics["test_top1"], "top5": s.metrics["test_top5"]}
-                 for s in ends if "test_top5" in s.metrics}
-        with run.stage(name, enabled=ctx.is_main) as out:
-            if ctx.is_main:
-                evaluate_checkpoints(models, splits.test, cfg.evaluate, channels=splits.channels,
-                                     device=ctx.device, out_dir=out, seed=cfg.seed, progress=progress,
-                                     known_clean=known)
-        barrier(ctx)
-    results = json.loads(path.read_text())
+    models = {m["name"]: env.run.file(m["name"], layout.MODEL) for m in ends}
+    known = {m["name"]: {"top1": m["test_top1"], "top5": m["test_top5"]} for m in ends if "test_top5" in m}
+    return evaluate_checkpoints(models, env.splits.test, env.cfg.evaluate, channels=env.splits.channels,
+                                device=env.ctx.device, out_dir=out, seed=env.cfg.seed, progress=env.progress,
+                                known_clean=known, progress_dir=env.run.checkpoint_dir(layout.EVALUATE))
+
+
+# ------------------------------------------------------------------------------ the loop
+
+
+def run_pipeline(cfg: Config, run_dir: Path, *, resume: bool = False, progress: bool = True,
+                 only: str | None = None) -> dict:
+    """Run (or resume) the whole Noisy Student loop; returns the summary written to summary.json.
+
+    ``only`` (one of :data:`STAGE_KINDS`) runs just the next unfinished stage, which must be of
+    that kind: the per-stage commands (``noisystudent train | label | select``), so each stage can
+    have its own job and allocation. Returns ``{"ran": stage}`` then.
+    """
+    if only is not None and only not in STAGE_KINDS:
+        raise ConfigError(f"unknown stage kind {only!r}; one of {', '.join(STAGE_KINDS)}")
+    stages = resolve_stages(cfg)
+    ctx = init_distributed(cfg.device)
+    run = None
+    try:
+        runner = StageRunner.open(run_dir, cfg, resume, ctx)
+        run = runner.run
+        handler = _attach_log_file(run.root / layout.LOG) if ctx.is_main else None
+        try:
+            return _loop(cfg, stages, run, runner, ctx, progress, only)
+        finally:
+            if handler:
+                log.removeHandler(handler)
+                handler.close()
+    finally:
+        if run is not None and ctx.is_main:
+            run.release_lock()
+        cleanup(ctx)
+
+
+class _Stop(Exception):
+    """The per-stage command's stage is done."""
+
+
+def _loop(cfg: Config, stages: list[ResolvedStage], run: RunDir, runner: StageRunner, ctx: DistContext,
+          progress: bool, only: str | None) -> dict:
+    start = time.time()
+    banner(f"Data: {cfg.data.source}")
+    splits = build_splits(cfg.data, cfg.seed, require_unlabeled=len(stages) > 1 and stages[1].role == "student")
+    env = Env(ctx=ctx, run=run, cfg=cfg, splits=splits, progress=progress)
+    students = [s for s in stages if s.role == "student"]
+    pool = build_pool(cfg.data, splits.unlabeled, cfg.pseudo.shard_size) if students else None
+    if pool is not None:
+        pool.prepare(run.root / layout.POOL, ctx)  # a folder is walked once per run, on rank 0
+    data = splits.describe() | {"num_unlabeled": None if pool is None else pool_size(pool)}
+    if not run.is_done(layout.label_stage(1)):
+        runner.write_json(run.root / layout.DATA, data)
+    log.info(f"{len(splits.labeled)} labeled, {data['num_unlabeled'] if pool else 0} unlabeled "
+             f"{'(' + pool.kind + ')' if pool else ''}, {len(splits.val)} val, {len(splits.test)} test images; "
+             f"{splits.num_classes} classes; device {ctx.device}, {ctx.world_size} process(es)")
+
+    ran: list[str] = []
+
+    def step(name: str, kind: str, work, load, **how):
+        """One stage through the runner; with ``only``, the first unfinished stage ends the run."""
+        if only is not None and not runner.done(name):
+            if ran:
+                raise _Stop()
+            if kind != only:
+                command = f"run --resume {run.root}" if kind == "finish" else f"{kind} {run.root}"
+                raise ConfigError(f"the next unfinished stage of {run.root} is {name} ('{kind}'): "
+                                  f"run `noisystudent {command}`")
+        result = runner.stage(name, work, load, **how)
+        if only is not None and name not in ran and kind == only:
+            ran.append(name)
+        return result
+
+    read_metrics = lambda d: json.loads((d / layout.METRICS).read_text())  # noqa: E731
+    try:
+        banner(f"Teacher: {stages[0].model} on labeled images")
+        teacher = step(stages[0].name, "train", lambda out: train_stage(out, stages[0], env), read_metrics)
+        results = [teacher]
+        for i, st in enumerate(students, start=1):
+            banner(f"Iteration {i}: {teacher['model']} teaches {st.model}")
+            label_name = layout.label_stage(i)
+            store = step(label_name, "label", lambda out: label_stage(out, label_name, teacher, pool, st.labeling, env),
+                         lambda d: LabelStore.open(d, require_complete=True), in_place=True)
+            if i == 1 and ctx.is_main:  # readable and unreadable counts are known now
+                write_json_atomic(run.root / layout.DATA, data | {"num_unlabeled": store.num_rows,
+                                                                   "num_unlabeled_unreadable": store.manifest.num_bad})
+            select_name = layout.select_stage(i)
+            selection = step(select_name, "select", lambda out: select_stage(out, select_name, store, st.labeling, cfg),
+                             lambda d: Selection.open(d / layout.SELECTION), every_rank=False)
+            _check_selection(selection, store)
+            pseudo = lambda noisy: pseudo_labeled_set(selection, pool, noisy)  # noqa: E731
+            student = step(st.name, "train", lambda out: train_stage(out, st, env, pseudo), read_metrics)
+            if student["params"] < teacher["params"]:
+                log.warning(f"[{st.name}] is smaller than its teacher; the paper uses equal-or-larger students")
+            results.append(student)
+            teacher = student
+        fixres = next((s for s in stages if s.role == "fixres"), None)
+        if fixres is not None:
+            banner(f"Fix-res: {fixres.model} at {fixres.test_size}px")
+            last = results[-1]
+            results.append(step(fixres.name, "train", lambda out: fixres_stage(out, fixres, last, env), read_metrics))
+        banner(f"Evaluate: {', '.join(cfg.evaluate.suites)}")
+        ends = [results[0], results[-1]]
+        robustness = step(layout.EVALUATE, "finish", lambda out: evaluate_stage(out, ends, env),
+                          lambda d: json.loads((d / layout.ROBUSTNESS).read_text()), every_rank=False)
+    except _Stop:
+        return {"ran": ran}
+    if only is not None:
+        return {"ran": ran}
+
+    summary = {"run_dir": str(run.root), "config_fingerprint": cfg.fingerprint(), "seconds": time.time() - start,
+               "stages": results, "result": results[-1]["name"], "robustness": _headlines_of(robustness),
+               "pool": None if pool is None else {"kind": pool.kind, "listed": data["num_unlabeled"]}}
+    runner.write_json(run.root / layout.SUMMARY, summary)
+    if ctx.is_main:
+        log.info("\n" + format_summary_table(summary))
+        _write_report(run.root)
+    return summary
+
+
+# ------------------------------------------------------------------------------ helpers
+
+
+def _check_selection(selection: Selection, store: LabelStore) -> None:
+    if selection.store.get("teacher") != store.header.teacher or selection.store.get("num_rows") != store.num_rows:
+        raise DataError(f"selection {selection.path} was made from another pseudo-label store than "
+                        f"{store.store_dir} (teacher {selection.store.get('teacher')}); select again")
+
+
+def _stage_train_config(cfg: Config, stage: ResolvedStage):
+    """The run's ``train`` section with this stage's batch size and unlabeled ratio."""
+    return dataclasses.replace(cfg.train, batch_size=stage.batch_size, unlabeled_ratio=stage.unlabeled_ratio)
+
+
+def _clean(images, size: int, splits: DataSplits) -> TransformedSet:
+    return TransformedSet(images, eval_transform(size, splits.channels, splits.mean, splits.std))
+
+
+def _measure(model, test_size: int, env: Env) -> dict:
+    """Val and test top-1/top-5 at the stage's test resolution (the reported numbers)."""
+    val = evaluate_classifier(model, _clean(env.splits.val, test_size, env.splits), env.ctx.device, ctx=env.ctx)
+    test = evaluate_classifier(model, _clean(env.splits.test, test_size, env.splits), env.ctx.device, ctx=env.ctx)
+    return {"val_top1": val["top1"], "val_top5": val["top5"], "test_top1": test["top1"], "test_top5": test["top5"]}
+
+
+def _save(out: Path, model, stage: ResolvedStage, env: Env, image_size: int, metrics: dict, **extra) -> None:
+    s = env.splits
+    save_model(out / layout.MODEL, model, name=stage.model, num_classes=s.num_classes, in_chans=s.channels,
+               classes=s.classes, image_size=image_size, mean=s.mean, std=s.std, test_size=stage.test_size, **extra)
+    write_json_atomic(out / layout.METRICS, metrics)
+
+
+class _History:
+    """Per-epoch records streamed to ``metrics.jsonl`` (and TensorBoard when configured)."""
+
+    def __init__(self, out: Path, env: Env, name: str):
+        self.out, self.env, self.name = out, env, name
+        self.file, self.board = None, None
+
+    def __enter__(self) -> "_History":
+        self.file = (self.out / layout.HISTORY).open("w")
+        if self.env.cfg.tensorboard and self.env.ctx.is_main:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise ConfigError("tensorboard: true needs the tensorboard package "
+                                  "(pip install 'noisystudent[tensorboard]')") from None
+            self.board = SummaryWriter(str(self.env.run.root / layout.TENSORBOARD))
+        return self
+
+    def add(self, record: dict) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.board:
+            for key in ("loss", "val_top1", "val_top5", "lr"):
+                self.board.add_scalar(f"{self.name}/{key}", record[key], record["step"])
+            self.board.flush()
+
+    def write_all(self, history: list[dict]) -> None:
+        """A resumed stage streamed only its last epochs; write the whole history."""
+        self.file.close()
+        (self.out / layout.HISTORY).write_text("".join(json.dumps(r) + "\n" for r in history))
+
+    def __exit__(self, *exc) -> None:
+        if not self.file.closed:
+            self.file.close()
+        if self.board:
+            self.board.close()
+
+
+def _headlines_of(results: dict) -> dict:
     return {model: dict(kv for suite, res in r.items() for kv in _headlines(suite, res)) for model, r in results.items()}
 
 
@@ -327,62 +411,6 @@ def _headlines(suite: str, res) -> list[tuple[str, float]]:
         elif isinstance(value, list) and value and "eps" in res:  # attacks: accuracy per eps
             out += [(f"{suite}.top1@eps{e:g}", float(v)) for e, v in zip(res["eps"], value)]
     return out
-
-
-def run_pipeline(cfg: Config, run_dir: Path, *, resume: bool = False, progress: bool = True) -> dict:
-    """Run (or resume) the whole Noisy Student loop; returns the summary written to summary.json."""
-    ctx = init_distributed(cfg.device)
-    try:
-        run = RunDir.open(run_dir, cfg, resume) if ctx.is_main else RunDir(run_dir)
-        barrier(ctx)
-        handler = _attach_log_file(run.root / "run.log") if ctx.is_main else None
-        start = time.time()
-        banner(f"Data: {cfg.data.source}")
-        splits = build_splits(cfg.data, cfg.seed, require_unlabeled=bool(cfg.students))
-        if ctx.is_main:
-            write_json_atomic(run.root / "data.json", splits.describe())
-        log.info(f"{len(splits.labeled)} labeled, {len(splits.unlabeled)} unlabeled, {len(splits.val)} val, "
-                 f"{len(splits.test)} test images; {splits.num_classes} classes; device {ctx.device}, "
-                 f"{ctx.world_size} process(es)")
-
-        banner(f"Teacher: {cfg.teacher.model} on labeled images")
-        teacher = train_stage(run, "teacher", cfg.teacher, cfg, splits, ctx, pseudo=None,
-                              seed=cfg.seed, progress=progress)
-        stages = [teacher]
-        for i, student_cfg in enumerate(cfg.students, start=1):
-            banner(f"Iteration {i}: {teacher.metrics['model']} teaches {student_cfg.model}")
-            labels = label_stage(run, f"label-{i}", teacher, cfg, splits, ctx, progress)
-            selection = select_stage(run, f"select-{i}", labels, cfg, cfg.seed + i, ctx)
-            student = train_stage(run, f"student-{i}", student_cfg, cfg, splits, ctx,
-                                  pseudo=(labels, selection), seed=cfg.seed + 1000 * i, progress=progress)
-            if student.metrics["params"] < teacher.metrics["params"]:
-                log.warning(f"[student-{i}] is smaller than its teacher; the paper uses equal-or-larger students")
-            stages.append(student)
-            teacher = student
-
-        last_cfg = cfg.students[-1] if cfg.students else cfg.teacher
-        last_size = last_cfg.image_size or cfg.data.image_size
-        if fixres_enabled(cfg.finetune.enabled, last_size, last_cfg.test_size or last_size):
-            banner(f"Fix-res: {last_cfg.model} at {last_cfg.test_size or last_size}px")
-            stages.append(finetune_stage(run, "fixres", stages[-1], last_cfg, cfg, splits, ctx,
-                                         seed=cfg.seed + 999_999, progress=progress))
-
-        banner(f"Evaluate: {', '.join(cfg.evaluate.suites)}")
-        robustness = evaluate_stage(run, "evaluate", stages, cfg, splits, ctx, progress)
-
-        summary = {"run_dir": str(run.root), "config_fingerprint": cfg.fingerprint(),
-                   "seconds": time.time() - start, "stages": [s.metrics for s in stages],
-                   "result": stages[-1].metrics["name"], "robustness": robustness}
-        if ctx.is_main:
-            write_json_atomic(run.root / "summary.json", summary)
-            log.info("\n" + format_summary_table(summary))
-            _write_report(run.root)
-        if handler:
-            log.removeHandler(handler)
-            handler.close()
-        return summary
-    finally:
-        cleanup(ctx)
 
 
 def _write_report(run_dir: Path) -> None:

@@ -290,7 +290,7 @@ def model_fingerprint(model: nn.Module) -> str:
     digest = hashlib.sha256()
     for name, t in sorted(model.state_dict().items()):
         digest.update(name.encode())
-        digest.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
+        digest.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
                       if t.numel() else b"")
     return digest.hexdigest()[:16]
 

@@ -255,7 +255,7 @@ def finetune_fixres(model: nn.Module, labeled: Dataset, val: Dataset, cfg: Train
                                        lr=lr, ctx=ctx, seed=seed, num_workers=num_workers, progress=progress,
                                        desc=desc, on_epoch=on_epoch, checkpoint_dir=checkpoint_dir,
                                        keep_best=False)
-            earlier = outcome.seconds - (time.time() - t0)  # training time before a resume
+            earlier = max(0.0, outcome.seconds - (time.time() - t0))  # training time before a resume
             after = _evaluate(model, val, test, ctx)
         else:
             after = dict(before)

@@ -51,8 +51,10 @@ def test_end_to_end_writes_every_artifact(tmp_path, tiny_overrides):
     assert meta["image_size"] == 16
 
 
-def test_resume_skips_finished_stages(tmp_path, tiny_overrides, monkeypatch):
-    cfg = load_config(None, tiny_overrides)
+def test_resume_skips_finished_stages(tmp_path, tiny_overrides, monkeypatch, capsys):
+    """The documented form: `noisystudent run --resume RUN_DIR`, config not passed again. The run's
+    config.yaml must reload to the same fingerprint (a default int 0 of a float key once read back
+    as 0.0 and refused every default run), and the finished stages are skipped."""
     run_dir = tmp_path / "run"
     real_train = pipeline.train_classifier
     calls = []
@@ -65,16 +67,18 @@ def test_resume_skips_finished_stages(tmp_path, tiny_overrides, monkeypatch):
 
     monkeypatch.setattr(pipeline, "train_classifier", crash_on_second_student)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        pipeline.run_pipeline(cfg, run_dir, progress=False)
+        main(["run", "--out", str(run_dir), "--quiet", *sum([["--set", o] for o in tiny_overrides], [])])
     assert calls == ["teacher", "student-1", "student-2"]
     assert not (run_dir / "student-2").exists() and not (run_dir / "summary.json").exists()
     teacher_bytes = (run_dir / "teacher" / "model.pt").read_bytes()
 
     calls.clear()
     monkeypatch.setattr(pipeline, "train_classifier", lambda *a, desc="", **k: (calls.append(desc), real_train(*a, desc=desc, **k))[1])
-    summary = pipeline.run_pipeline(cfg, run_dir, resume=True, progress=False)
+    capsys.readouterr()
+    assert main(["run", "--resume", str(run_dir), "--quiet"]) == 0, capsys.readouterr().err
     assert calls == ["student-2"]
     assert (run_dir / "teacher" / "model.pt").read_bytes() == teacher_bytes
+    summary = json.loads((run_dir / "summary.json").read_text())
     assert [s["name"] for s in summary["stages"]] == ["teacher", "student-1", "student-2"]
 
 

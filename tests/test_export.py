@@ -21,10 +21,12 @@ from noisystudent.runtime.rundir import FIXRES, MANIFEST, MODEL, SUMMARY, TEACHE
 
 # One epoch of a digits teacher and nothing else: a real run directory in seconds.
 TINY = ["teacher.epochs=1", "train.batch_size=16", "data.val_per_class=5", "data.test_per_class=10", "students=[]"]
+# ... trained at 12 px and tested at 16 px: a fix-res stage follows, the run's final model.
+FIXRES_RUN = ["teacher.image_size=12", "teacher.test_size=16", "finetune.epochs=0.5"]
 
 
-def _run(root, arch):
-    cfg = load_config(None, TINY + [f"teacher.model={arch}"])
+def _run(root, arch, extra=()):
+    cfg = load_config(None, TINY + [f"teacher.model={arch}", *extra])
     before = torch.get_num_threads()
     torch.set_num_threads(1)  # module fixtures run before conftest's per-test one-thread fixture
     try:
@@ -36,7 +38,7 @@ def _run(root, arch):
 
 @pytest.fixture(scope="module")
 def cnn_run(tmp_path_factory):
-    return _run(tmp_path_factory.mktemp("cnn") / "run", "ns_cnn_s")
+    return _run(tmp_path_factory.mktemp("cnn") / "run", "ns_cnn_s", FIXRES_RUN)
 
 
 @pytest.fixture(scope="module")
@@ -59,13 +61,15 @@ def _original(run_dir, stage=TEACHER):
 
 def test_cli_export_of_a_cpu_net_loads_back_and_predicts_the_same(cnn_run, tmp_path, capsys):
     run_dir, cfg = cnn_run
+    summary = json.loads((run_dir / SUMMARY).read_text())
+    assert [s["name"] for s in summary["stages"]] == [TEACHER, FIXRES] and final_stage(run_dir) == FIXRES
     out = tmp_path / "export"
     assert main(["export", str(run_dir), "--out", str(out), "--onnx"]) == 0
     printed = capsys.readouterr().out
-    assert "teacher" in printed and str(out / "model.safetensors") in printed
+    assert "exported fixres" in printed and str(out / "model.safetensors") in printed
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.onnx", "model.safetensors"]
 
-    original, meta = _original(run_dir)
+    original, meta = _original(run_dir, FIXRES)
     x = _batch(cfg, meta)
     with torch.no_grad():
         expected = original(x)
@@ -74,13 +78,12 @@ def test_cli_export_of_a_cpu_net_loads_back_and_predicts_the_same(cnn_run, tmp_p
         assert torch.allclose(model(x), expected, atol=1e-6)
     assert config["architecture"] == "ns_cnn_s" and config["num_classes"] == 10
     assert config["label_names"] == meta["classes"]
-    assert config["pretrained_cfg"]["input_size"] == [1, 16, 16]
+    assert config["pretrained_cfg"]["input_size"] == [1, 16, 16]  # fix-res: the test resolution
     assert config["pretrained_cfg"]["mean"] == pytest.approx(meta["mean"])
     assert config["pretrained_cfg"]["std"] == pytest.approx(meta["std"])
     ns = config["noisystudent"]
-    assert ns["stage"] == TEACHER and ns["create_model"] == "noisystudent.models.factory.create_model"
-    assert not ns["timm_native"]
-    summary = json.loads((run_dir / SUMMARY).read_text())
+    assert ns["stage"] == FIXRES and ns["create_model"] == "noisystudent.models.factory.create_model"
+    assert (ns["train_size"], ns["test_size"]) == (12, 16) and not ns["timm_native"]
     assert ns["test_top1"] == summary["stages"][-1]["test_top1"]
 
     import onnxruntime as ort
@@ -117,39 +120,17 @@ def test_timm_architecture_loads_through_timm_alone(timm_run, tmp_path):
     assert "tag" not in from_dir.pretrained_cfg or from_dir.pretrained_cfg["tag"] != "a1_in1k"
 
 
-def test_the_last_stage_of_the_summary_is_exported(cnn_run, tmp_path):
-    """fix-res, when it ran, is the run's final model (its model.pt at the test resolution)."""
-    run_dir = tmp_path / "run"
-    shutil.copytree(cnn_run[0], run_dir)
-    shutil.copytree(run_dir / TEACHER, run_dir / FIXRES)
-    model, meta = load_model(run_dir / FIXRES / MODEL)
-    with torch.no_grad():
-        model.fc.bias.add_(1.0)  # a different model than the teacher's
-    from noisystudent.models.checkpoint import save_model
-
-    save_model(run_dir / FIXRES / MODEL, model, name=meta["model"], num_classes=10, in_chans=1,
-               classes=meta["classes"], image_size=20, mean=meta["mean"], std=meta["std"], train_size=16,
-               test_size=20)
-    summary = json.loads((run_dir / SUMMARY).read_text())
-    summary["stages"].append({**summary["stages"][0], "name": FIXRES})
-    (run_dir / SUMMARY).write_text(json.dumps(summary))
-    assert final_stage(run_dir) == FIXRES
-    out = tmp_path / "export"
-    assert export_model(run_dir, out)["stage"] == FIXRES
-    config = json.loads((out / "config.json").read_text())
-    assert config["noisystudent"]["stage"] == FIXRES
-    assert config["noisystudent"]["train_size"] == 16 and config["pretrained_cfg"]["input_size"] == [1, 20, 20]
-    loaded, _ = load_exported(out)
-    assert torch.equal(loaded.fc.bias, model.fc.bias)
-
-
 def test_an_unfinished_run_exports_its_latest_finished_stage(cnn_run, tmp_path, caplog):
+    """Killed during fix-res: no summary.json, fix-res still a .partial folder; the teacher is exported."""
     run_dir = tmp_path / "run"
     shutil.copytree(cnn_run[0], run_dir)
     (run_dir / SUMMARY).unlink()
+    (run_dir / FIXRES).rename(run_dir / f".partial-{FIXRES}")
     with caplog.at_level("WARNING", logger="noisystudent"):
         assert export_model(run_dir, tmp_path / "export")["stage"] == TEACHER
     assert "no summary.json" in caplog.text
+    pretrained_cfg = json.loads((tmp_path / "export" / "config.json").read_text())["pretrained_cfg"]
+    assert pretrained_cfg["input_size"] == [1, 12, 12] and pretrained_cfg["test_input_size"] == [1, 16, 16]
 
 
 def test_bad_run_dirs_are_one_line_errors(cnn_run, tmp_path, capsys):
@@ -160,7 +141,7 @@ def test_bad_run_dirs_are_one_line_errors(cnn_run, tmp_path, capsys):
     (started / MANIFEST).write_text(json.dumps({"stages": {}}))
     broken = tmp_path / "broken"  # summary.json names a stage whose model.pt is gone
     shutil.copytree(cnn_run[0], broken)
-    (broken / TEACHER / MODEL).unlink()
+    (broken / FIXRES / MODEL).unlink()
     for bad, message in ((tmp_path / "missing", "is not a run directory"), (empty, "has no finished model"),
                          (started, "has no finished model"), (broken, "is missing")):
         with pytest.raises(CheckpointError, match=message):

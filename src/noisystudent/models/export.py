@@ -19,8 +19,9 @@ Loading it back:
       timm.create_model(arch, pretrained=True, num_classes=K, in_chans=C,
                         pretrained_cfg_overlay=dict(file="OUT/model.safetensors", num_classes=K))
 
-* every model, including the CPU nets ``ns_cnn_*`` (registered with timm only once
-  ``noisystudent.models.factory`` is imported, and without weights of their own):
+* every model, including noisystudent's own architectures (the CPU nets ``ns_cnn_*``, which
+  take no pretrained weights, and EfficientNet-L0/L1, known to timm once
+  ``noisystudent.models.factory`` is imported; ``config.json`` says ``timm_native: false``):
   :func:`load_exported`, which calls ``noisystudent.models.factory.create_model`` and loads the
   safetensors file strictly.
 """
@@ -34,6 +35,7 @@ import tempfile
 from pathlib import Path
 
 import safetensors.torch
+import timm
 import torch
 import torch.nn as nn
 
@@ -107,11 +109,12 @@ def _write_config(model: nn.Module, meta: dict, stage: str, metrics: dict, path:
     config = json.loads(path.read_text())
     config["pretrained_cfg"] = {k: v for k, v in config["pretrained_cfg"].items() if k in _CFG_FIELDS}
     architecture = config["architecture"]
+    ours = timm.models.model_entrypoint(architecture).__module__ == create_model.__module__
     config["noisystudent"] = {
         "stage": stage,
         "create_model": "noisystudent.models.factory.create_model",
         "load": "noisystudent.models.export.load_exported",
-        "timm_native": not architecture.startswith("ns_cnn"),  # ns_cnn_*: registered by noisystudent
+        "timm_native": not ours,  # ns_cnn_*, efficientnet_l0/l1: known to timm once noisystudent is imported
         "in_chans": meta["in_chans"], "train_size": meta.get("train_size") or meta["image_size"],
         "test_size": meta.get("test_size") or meta["image_size"],
         **{k: metrics[k] for k in ("val_top1", "val_top5", "test_top1", "test_top5") if k in metrics},
@@ -128,14 +131,14 @@ def _write_onnx(model: nn.Module, meta: dict, path: Path) -> None:
         torch.onnx.export(model, (example,), str(path), input_names=["image"], output_names=["logits"],
                           dynamic_shapes=({0: torch.export.Dim("batch")},), external_data=big, verbose=False)
     except Exception as e:  # noqa: BLE001 - the exporter raises many types; one line for the user
-        raise NoisyStudentError(f"export: ONNX export of {meta['model']} failed: "
-                                f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise NoisyStudentError(f"export: ONNX export of {meta['model']} failed: {first}") from None
 
 
 def export_model(run_dir: Path, out_dir: Path, onnx: bool = False) -> dict:
     """Write a run's final model to ``out_dir`` as ``model.safetensors`` + ``config.json`` (and
     ``model.onnx`` with ``onnx``); see the module docstring for how to load them. The files are
-    written to a temporary folder beside ``out_dir`` and moved in when all of them are complete.
+    written to a temporary folder inside ``out_dir`` and moved in when all of them are complete.
     Returns ``{"stage", "architecture", "num_classes", "files": {"weights", "config"[, "onnx"]}}``.
     Raises :class:`CheckpointError` (one line) when the run has no finished model."""
     run = RunDir(run_dir)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 import io
 import math
-import re
 from typing import Mapping, Sequence
 
 import matplotlib
@@ -19,8 +18,11 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from ..runtime.rundir import FIXRES, TEACHER, iteration_of, student_stage
+
 DPI = 110
 TEACHER_COLOUR = "#6e7781"
+FIXRES_COLOUR = "#8250df"
 GOOD, BAD = "#1a7f37", "#cf222e"
 BLUE, ORANGE, GREY = "#0969da", "#d4a72c", "#afb8c1"
 RC = {"font.size": 9, "axes.titlesize": 10, "axes.labelsize": 9, "legend.fontsize": 8,
@@ -28,12 +30,14 @@ RC = {"font.size": 9, "axes.titlesize": 10, "axes.labelsize": 9, "legend.fontsiz
 
 
 def colour_for(name: str, i: int = 0) -> str:
-    """One colour per stage in every plot: the teacher grey, student-N the N-th tab10 colour;
-    other names (e.g. ``student-2+finetune``) their ``i``-th."""
-    if name == "teacher":
+    """One colour per stage in every plot: the teacher grey, student-N the N-th tab10 colour, the
+    fix-res fine-tune purple; other names their ``i``-th."""
+    if name == TEACHER:
         return TEACHER_COLOUR
-    m = re.match(r"student-(\d+)$", name)
-    return f"C{(int(m.group(1)) - 1) % 10}" if m else f"C{i % 10}"
+    if name == FIXRES:
+        return FIXRES_COLOUR
+    n = iteration_of(name)
+    return f"C{(n - 1) % 10}" if n is not None and name == student_stage(n) else f"C{i % 10}"
 
 
 def _styled(fn):
@@ -101,27 +105,49 @@ def accuracy_by_iteration(labels: Sequence[str], val_top1: Sequence, test_top1: 
     return _png(fig)
 
 
+def stage_fraction(records: Sequence[dict], epochs: float | None = None) -> np.ndarray:
+    """Where each epoch record of a stage falls in the stage, in (0, 1]: its epoch divided by the
+    stage's length (``epochs``, or the last record's epoch when that is missing or smaller)."""
+    ep = np.asarray(_finite([r.get("epoch") for r in records]), dtype=np.float64)
+    length = _finite([epochs])[0]
+    last = float(np.nanmax(ep)) if ep.size and np.isfinite(ep).any() else math.nan
+    if not (math.isfinite(length) and length > 0 and length >= last):
+        length = last
+    return ep / length
+
+
 @_styled
-def training_curves(curves: Mapping[str, Sequence[dict]]) -> bytes | None:
-    """Validation top-1 and training loss per epoch, one line per stage."""
-    curves = {k: [r for r in v if isinstance(r, dict) and "epoch" in r] for k, v in curves.items()}
+def training_curves(curves: Mapping[str, Sequence[dict]], epochs: Mapping[str, float] | None = None) -> bytes | None:
+    """Validation top-1 and training loss of each stage against the fraction of the stage done.
+
+    Stages differ by orders of magnitude in length (a teacher's 100 epochs, a student's 3, a
+    fix-res fine-tune's 1.5), so each curve runs over (0, 1] (:func:`stage_fraction`, with
+    ``epochs[name]`` the stage's length); the legend gives each stage's length in epochs.
+    """
+    curves = {k: [r for r in v if isinstance(r, dict) and _finite([r.get("epoch")])[0] > 0]
+              for k, v in curves.items()}
     curves = {k: v for k, v in curves.items() if v}
     if not curves:
         return None
     fig, (acc, loss) = _figure(9, 3.2, ncols=2)
     for i, (name, recs) in enumerate(curves.items()):
         colour = colour_for(name, i)
-        ep = _finite([r.get("epoch") for r in recs])
-        acc.plot(ep, _finite([r.get("val_top1") for r in recs]), color=colour, label=name,
-                 marker="." if len(recs) < 40 else None)
-        loss.plot(ep, _finite([r.get("loss") for r in recs]), color=colour, label=name)
-    acc.set_xlabel("epoch")
+        x = stage_fraction(recs, (epochs or {}).get(name))
+        length = float(np.nanmax(_finite([r.get("epoch") for r in recs])) / np.nanmax(x))
+        label = f"{name} ({length:g} epoch{'s' if length != 1 else ''})"
+        marker = "." if len(recs) < 40 else None
+        val = _finite([r.get("val_top1") for r in recs])
+        if any(math.isfinite(v) for v in val):
+            acc.plot(x, val, color=colour, label=label, marker=marker)
+        loss.plot(x, _finite([r.get("loss") for r in recs]), color=colour, label=label, marker=marker)
+    for ax in (acc, loss):
+        ax.set_xlim(0, 1.02)
+        ax.set_xlabel("fraction of the stage's epochs")
     acc.set_ylabel("val top-1 (%)")
     acc.set_title("validation top-1")
-    loss.set_xlabel("epoch")
     loss.set_ylabel("training loss (smoothed)")
     loss.set_title("training loss")
-    acc.legend(frameon=False, loc="lower right")
+    loss.legend(frameon=False, loc="upper right")  # every stage has a loss; fix-res has no val top-1
     return _png(fig)
 
 
@@ -243,6 +269,47 @@ def reliability_diagram(confidence: np.ndarray, correct: np.ndarray, bins: int =
     ax.set_ylabel("pseudo-label accuracy")
     ax.set_title(title or f"reliability ({stats['n']:,} probe images, ECE {100 * stats['ece']:.1f}%)")
     ax.legend(frameon=False, loc="upper left", fontsize=7)
+    return _png(fig)
+
+
+def confusion_counts(target: np.ndarray, predicted: np.ndarray, num_classes: int) -> np.ndarray:
+    """``counts[t, p]``: images of true class t the teacher labeled p."""
+    t, p = np.asarray(target, np.int64), np.asarray(predicted, np.int64)
+    ok = (t >= 0) & (t < num_classes) & (p >= 0) & (p < num_classes)
+    return np.bincount(t[ok] * num_classes + p[ok], minlength=num_classes ** 2).reshape(num_classes, num_classes)
+
+
+@_styled
+def confusion_matrix(counts: np.ndarray, classes: Sequence[str], title: str = "") -> bytes | None:
+    """The teacher's confusion matrix on the probe, each row normalised to the true class's images
+    (a perfect teacher is the diagonal); counts are written in the cells when there are few classes."""
+    counts = np.asarray(counts, dtype=np.int64)
+    n = counts.shape[0]
+    if n == 0 or counts.sum() == 0:
+        return None
+    rows = counts.sum(1, keepdims=True)
+    share = np.where(rows > 0, counts / np.maximum(rows, 1), np.nan)
+    side = min(6.0, max(3.2, 0.26 * n + 1.5))
+    fig = Figure(figsize=(side + 0.8, side), dpi=DPI, layout="constrained")
+    ax = fig.subplots()
+    im = ax.imshow(share, cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
+    fig.colorbar(im, ax=ax, shrink=0.8, label="share of the true class")
+    names = [s if len(s) <= 8 else s[:7] + "…" for s in (list(classes)[:n] + [str(i) for i in range(len(classes), n)])]
+    if n <= 40:
+        ax.set_xticks(np.arange(n), names, rotation=90 if n > 12 or max(map(len, names)) > 3 else 0)
+        ax.set_yticks(np.arange(n), names)
+    else:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    if n <= 15:
+        for t in range(n):
+            for p in range(n):
+                if counts[t, p]:
+                    ax.text(p, t, str(counts[t, p]), ha="center", va="center", fontsize=7,
+                            color="white" if share[t, p] > 0.6 else "#1f2328")
+    ax.set_xlabel("pseudo label (teacher's prediction)")
+    ax.set_ylabel("true class")
+    ax.set_title(title or f"confusion on {int(counts.sum()):,} probe images")
     return _png(fig)
 
 

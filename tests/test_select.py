@@ -1,67 +1,106 @@
+"""Selection from a store (one DuckDB query) equals the reference rule: threshold, top-K per class
+with ties broken by store order, duplication of under-full classes with md5 draws."""
+
+import hashlib
+
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
-from noisystudent.label.select import balance_class, default_per_class, select_pseudo_labels
+from _label_helpers import random_store
+from _selection_reference import reference_selection
+from noisystudent.label.select import Selection, select_from_store
+from noisystudent.label.store import StoreHeader, write_header, write_shard
+from noisystudent.runtime.errors import DataError
+
+SHARDS = [60, 0, 85, 33, 120]  # an empty shard too
+KEYS = [f"img/{i}/{j}" for i, n in enumerate(SHARDS) for j in range(n)]
 
 
-def test_threshold_drops_low_confidence_images():
-    conf = np.array([0.9, 0.2, 0.31, 0.3, 0.1], dtype=np.float32)
-    pred = np.array([0, 0, 1, 1, 1])
-    sel = select_pseudo_labels(conf, pred, 2, threshold=0.3, balance=False)
-    assert sorted(sel.rows.tolist()) == [0, 2, 3]
-    assert sel.num_below_threshold == 2
-    assert sel.kept_per_class.tolist() == [1, 2]
+def _rows_and_copies(sel: Selection) -> list[tuple[int, int]]:
+    t = pq.read_table(sel.path)
+    offsets = np.cumsum([0] + SHARDS)
+    rows = offsets[t.column("shard").to_numpy()] + t.column("index").to_numpy()
+    return list(zip(rows.tolist(), t.column("copies").to_pylist()))
 
 
-def test_top_k_keeps_most_confident_per_class():
-    conf = np.array([0.5, 0.9, 0.7, 0.95, 0.6, 0.8], dtype=np.float32)
-    pred = np.array([0, 0, 0, 1, 1, 1])
-    sel = select_pseudo_labels(conf, pred, 2, threshold=0.0, balance=True, per_class=2)
-    assert sorted(sel.rows.tolist()) == [1, 2, 3, 5]
-    assert sel.selected_per_class.tolist() == [2, 2]
+@pytest.mark.parametrize("quantize", [None, 16, 2], ids=["distinct", "ties", "massive-ties"])
+@pytest.mark.parametrize("case", [
+    dict(threshold=0.3, balance=True, per_class=None),  # K from the data: some classes over, some under
+    dict(threshold=0.0, balance=True, per_class=25),
+    dict(threshold=0.5, balance=True, per_class=200),  # every class duplicated
+    dict(threshold=0.3, balance=False, per_class=None),
+], ids=["default-k", "k25", "all-under", "no-balance"])
+def test_selection_equals_the_reference_rule(tmp_path, quantize, case):
+    num_classes = 9
+    conf, pred = random_store(tmp_path / "store", SHARDS, num_classes, seed=7, quantize=quantize)
+    ref = reference_selection(KEYS, conf, pred, num_classes, seed=11, **case)
+    sel = select_from_store(tmp_path / "store", tmp_path / "sel" / "selection.parquet", seed=11, **case)
+
+    # The same rows with the same copies (the file is in store order; the reference in class order).
+    assert sorted(_rows_and_copies(sel)) == sorted(ref["rows"])
+    assert sel.kept_per_class == ref["kept_per_class"] and sel.per_class == ref["per_class"]
+    assert sel.num_below_threshold == int((conf < np.float32(case["threshold"])).sum())
+    if case["balance"]:  # every class that kept an image lands on exactly K stream items
+        assert all(n in (0, ref["per_class"]) for n in sel.selected_per_class)
+    assert Selection.open(sel.path).summary() == sel.summary()
+    # The expanded file is the student's stream: one row per copy, labels carried along.
+    expanded = pa.ipc.open_file(pa.memory_map(str(sel.expanded_path))).read_all()
+    assert expanded.num_rows == sel.num_selected == sum(c for _, c in ref["rows"])
+    t = pq.read_table(sel.path)
+    row_of = dict(zip(zip(t.column("shard").to_pylist(), t.column("index").to_pylist()), range(t.num_rows)))
+    counts = {}
+    for s, i in zip(expanded.column("shard").to_pylist(), expanded.column("index").to_pylist()):
+        counts[(s, i)] = counts.get((s, i), 0) + 1
+    assert counts == {k: t.column("copies")[r].as_py() for k, r in row_of.items()}
+    keys = t.column("key").to_pylist()
+    offsets = np.cumsum([0] + SHARDS)
+    rows = offsets[t.column("shard").to_numpy()] + t.column("index").to_numpy()
+    assert keys == [KEYS[r] for r in rows]
+    np.testing.assert_array_equal(t.column("confidence").to_numpy(), conf[rows])
 
 
-def test_underfull_class_is_duplicated_to_exactly_k():
-    # class 0 has 3 images, K = 8: each gets 2 copies and 8 mod 3 = 2 distinct images get a third
-    conf = np.array([0.9, 0.8, 0.7] + [0.99] * 10, dtype=np.float32)
-    pred = np.array([0, 0, 0] + [1] * 10)
-    sel = select_pseudo_labels(conf, pred, 2, threshold=0.0, per_class=8, seed=3)
-    counts = np.bincount(sel.rows, minlength=13)
-    assert counts[:3].sum() == 8
-    assert sorted(counts[:3].tolist()) == [2, 3, 3]
-    assert counts[3:].sum() == 8  # over-full class keeps its top 8
-    assert sel.selected_per_class.tolist() == [8, 8]
+def test_ties_at_the_cutoff_go_to_earlier_rows_and_draws_follow_md5(tmp_path):
+    # Every image has the same confidence: a class's top K are its first K rows, across shards.
+    rng = np.random.default_rng(1)
+    header = StoreHeader(num_classes=3, teacher="t", top_k=1, temperature=1.0, hard=False, precision="fp32",
+                         source={"kind": "test", "num_shards": 3})
+    write_header(tmp_path / "s", header)
+    pred = rng.integers(0, 3, 120).astype(np.int32)
+    pred[:5] = 2  # class 2 is the under-full one below
+    pred[5:] = rng.integers(0, 2, 115)
+    keys = [f"k{r}" for r in range(120)]
+    for i in range(3):
+        rows = slice(40 * i, 40 * (i + 1))
+        write_shard(tmp_path / "s", header, i, str(i), keys[rows], pred[rows, None], np.full((40, 1), 0.75, np.float32))
+    sel = select_from_store(tmp_path / "s", tmp_path / "out" / "selection.parquet", threshold=0.0, per_class=30, seed=4)
+    t = pq.read_table(sel.path)
+    rows = (40 * t.column("shard").to_numpy() + t.column("index").to_numpy())
+    for c in (0, 1):
+        np.testing.assert_array_equal(np.sort(rows[pred[rows] == c]), np.flatnonzero(pred == c)[:30])
+    # Class 2 has 5 images for K = 30: 6 copies each, no remainder; K = 32 gives 2 extra by md5 order.
+    sel32 = select_from_store(tmp_path / "s", tmp_path / "o32" / "selection.parquet", threshold=0.0, per_class=32, seed=4)
+    t = pq.read_table(sel32.path).to_pylist()
+    copies = {r["key"]: r["copies"] for r in t if r["predicted"] == 2}
+    first_two = sorted(copies, key=lambda k: hashlib.md5(f"4:{k}".encode()).hexdigest())[:2]
+    assert copies == {k: 7 if k in first_two else 6 for k in copies}
 
 
-def test_duplication_draw_depends_on_seed_but_not_totals():
-    conf = np.linspace(0.5, 0.9, 7).astype(np.float32)
-    pred = np.zeros(7, dtype=np.int64)
-    a = select_pseudo_labels(conf, pred, 1, threshold=0.0, per_class=17, seed=0)
-    b = select_pseudo_labels(conf, pred, 1, threshold=0.0, per_class=17, seed=0)
-    assert np.array_equal(a.rows, b.rows)
-    counts = [np.bincount(select_pseudo_labels(conf, pred, 1, threshold=0.0, per_class=17, seed=s).rows,
-                          minlength=7) for s in range(10)]
-    assert all(c.sum() == 17 and set(c.tolist()) <= {2, 3} for c in counts)
-    assert len({tuple(c) for c in counts}) > 1
+def test_the_draw_depends_on_the_seed_and_only_on_it(tmp_path):
+    conf, pred = random_store(tmp_path / "store", SHARDS, 9, seed=3)
+    a = select_from_store(tmp_path / "store", tmp_path / "a" / "selection.parquet", threshold=0.5, per_class=50, seed=1)
+    b = select_from_store(tmp_path / "store", tmp_path / "b" / "selection.parquet", threshold=0.5, per_class=50, seed=1)
+    c = select_from_store(tmp_path / "store", tmp_path / "c" / "selection.parquet", threshold=0.5, per_class=50, seed=2)
+    assert _rows_and_copies(a) == _rows_and_copies(b) != _rows_and_copies(c)
 
 
-def test_default_k_is_mean_kept_per_class():
-    conf = np.ones(10, dtype=np.float32)
-    pred = np.array([0] * 7 + [1] * 3)
-    sel = select_pseudo_labels(conf, pred, 2, threshold=0.5)
-    assert sel.per_class == default_per_class(10, 2) == 5
-    assert sel.selected_per_class.tolist() == [5, 5]
-
-
-def test_empty_class_stays_empty():
-    conf = np.array([0.9, 0.8], dtype=np.float32)
-    pred = np.array([0, 0])
-    sel = select_pseudo_labels(conf, pred, 3, threshold=0.0, per_class=4)
-    assert sel.selected_per_class.tolist() == [4, 0, 0]
-
-
-@pytest.mark.parametrize("n,k", [(1, 5), (4, 4), (5, 3)])
-def test_balance_class_size(n, k):
-    rows = np.arange(n)
-    out = balance_class(rows, np.linspace(0.1, 0.9, n).astype(np.float32), k, np.random.default_rng(0))
-    assert len(out) == k
+def test_an_incomplete_store_is_refused(tmp_path):
+    header = StoreHeader(num_classes=3, teacher="t", top_k=1, temperature=1.0, hard=False, precision="fp32",
+                         source={"kind": "test", "num_shards": 2})
+    write_header(tmp_path / "s", header)
+    write_shard(tmp_path / "s", header, 0, "0", ["a"], np.zeros((1, 1), np.int32), np.ones((1, 1), np.float32))
+    with pytest.raises(DataError, match="incomplete: 1 of 2 shards"):
+        select_from_store(tmp_path / "s", tmp_path / "o" / "selection.parquet")
+    with pytest.raises(DataError, match="not a selection file"):
+        Selection.open(tmp_path / "s" / "shards" / "part-000000.parquet")

@@ -29,7 +29,6 @@ from ..runtime.rundir import (CONFIG, DATA, EVALUATE, FIXRES, HISTORY, MANIFEST,
                               student_stage, teacher_of)
 
 HIST_BINS = 40  # confidence histogram bins on [0, 1]
-GALLERY_KINDS = ("most", "least", "dropped")
 
 
 class GalleryItem(NamedTuple):
@@ -267,6 +266,7 @@ def _scan_store(run: RunData, path: Path, threshold: float | None, gallery_size:
         store = LabelStore.open(path)
         h = store.header
         per_class = np.zeros(h.num_classes, np.int64)
+        # the gallery's three kinds: most and least confident of those kept, most confident of those dropped
         picks = ({"most": _Extremes(gallery_size, True), "least": _Extremes(gallery_size, False),
                   "dropped": _Extremes(gallery_size, True)} if gallery_size else None)
         columns = ["confidence", "predicted"] + (["key", "index"] if picks else [])

@@ -2,8 +2,8 @@
 
 The report is assembled once as a tree of plain blocks (text, tables, figures, thumbnail
 galleries, code) grouped in sections, and rendered twice: to HTML (:mod:`.html`) and to Markdown
-(:mod:`.markdown`). Sections are built by :mod:`.sections`, :mod:`.pseudo` and :mod:`.robustness`
-from what :mod:`.collect` read; nothing here does I/O.
+(:mod:`.markdown`). Sections are built by :mod:`.sections`, :mod:`.pseudo`, :mod:`.robustness` and
+:mod:`.appendix` from what :mod:`.collect` read; nothing here does I/O.
 """
 
 from __future__ import annotations

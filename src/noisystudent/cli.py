@@ -23,6 +23,37 @@ def _default_run_dir(config: str | None, ablation: str | None) -> Path:
     return Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
+def _stage_command(args: argparse.Namespace, kind: str) -> int:
+    """``noisystudent train | label | select RUN_DIR``: the next unfinished stage of a run, which
+    must be of this kind; a RUN_DIR without a run is created from the config (as ``run --out``)."""
+    from .pipeline import run_pipeline
+    from .runtime.distributed import RankFailure
+    from .runtime.rundir import CONFIG, MANIFEST
+
+    run_dir = Path(args.run_dir)
+    resume = (run_dir / MANIFEST).is_file()
+    if resume and args.config is None and not args.set and not args.ablation:
+        cfg = load_config(run_dir / CONFIG)
+    else:
+        cfg = load_config(args.config, args.set, args.ablation)
+    try:
+        result = run_pipeline(cfg, run_dir, resume=resume, progress=not args.quiet, only=kind)
+    except RankFailure as e:
+        e.run_dir = run_dir
+        raise
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"{', '.join(result['ran']) or 'nothing to do'}: {run_dir}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    return _stage_command(args, "train")
+
+
+def cmd_select(args: argparse.Namespace) -> int:
+    return _stage_command(args, "select")
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from .pipeline import format_summary_table, run_pipeline
 
@@ -123,6 +154,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_label(args: argparse.Namespace) -> int:
+    if args.source is None:  # `noisystudent label RUN_DIR`: the label stage of a run
+        args.run_dir, args.config = args.checkpoint, None
+        return _stage_command(args, "label")
+    if args.out is None:
+        raise NoisyStudentError("label CHECKPOINT POOL needs --out STORE_DIR")
     from .models.checkpoint import load_model
     from .runtime.distributed import cleanup, init_distributed
     from .data.pool import file_list_source, folder_source, webdataset_source
@@ -249,15 +285,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("label", help="label a large unlabeled pool into a sharded Parquet store",
+    for name, kind, what in (("train", cmd_train, "train the next model of a run: the teacher, a student from "
+                                                   "its selection, or the fix-res fine-tune"),
+                             ("select", cmd_select, "select a run's next pseudo labels (threshold, balance) "
+                                                    "from its label store")):
+        p = sub.add_parser(name, help=what, description=f"{what[0].upper()}{what[1:]}. Runs one stage of "
+                           "`noisystudent run` alone, so each stage can be its own job (and allocation): "
+                           "train -> label -> select -> train -> ... -> `run --resume` for evaluation and "
+                           "the report. RUN_DIR is created from the config if it holds no run yet.")
+        p.add_argument("run_dir", metavar="RUN_DIR")
+        add_config_args(p)
+        p.add_argument("--quiet", action="store_true", help="no progress bars or stage logs")
+        p.set_defaults(func=kind)
+
+    p = sub.add_parser("label", help="label a run's pool (label RUN_DIR), or any pool into a store",
                        description="Stream images (a folder searched recursively, a file with one path per "
                                    "line, or WebDataset .tar shards such as 'pool-{000..099}.tar') through a "
                                    "teacher checkpoint in eval mode and write top-k pseudo labels as Parquet "
                                    "shards. Resumable (finished shards are never recomputed); under torchrun "
                                    "each rank labels its own shards. Unreadable images are skipped and listed.")
-    p.add_argument("checkpoint", help="teacher checkpoint (model.pt from a run directory)")
-    p.add_argument("source", help="folder, file list or .tar shard pattern")
-    p.add_argument("--out", required=True, metavar="STORE_DIR", help="output store folder")
+    p.add_argument("checkpoint", metavar="RUN_DIR_OR_CHECKPOINT",
+                   help="a run directory (its next stage, label-i), or a teacher checkpoint (model.pt)")
+    p.add_argument("source", nargs="?", help="with a checkpoint: folder, file list or .tar shard pattern")
+    p.add_argument("--out", metavar="STORE_DIR", help="with a checkpoint: output store folder")
+    p.add_argument("--set", action="append", default=[], help=argparse.SUPPRESS)
+    p.add_argument("--ablation", default=None, help=argparse.SUPPRESS)
     p.add_argument("--top-k", type=int, default=LABEL_DEFAULTS.top_k,
                    help=f"classes kept per image (default: pseudo.top_k's, {LABEL_DEFAULTS.top_k})")
     p.add_argument("--temperature", type=float, default=LABEL_DEFAULTS.temperature,
@@ -266,8 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=LABEL_DEFAULTS.batch_size,
                    help=f"default: pseudo.batch_size's, {LABEL_DEFAULTS.batch_size}")
     p.add_argument("--workers", type=int, default=None, help="DataLoader workers decoding images")
-    p.add_argument("--shard-size", type=int, default=8192, help="images per shard (folders, file lists)")
-    p.add_argument("--precision", default="auto", help="auto (bf16 only if faster and >= 99.9%% agreement), fp32, bf16")
+    p.add_argument("--shard-size", type=int, default=LABEL_DEFAULTS.shard_size, help="images per shard (folders, file lists)")
+    p.add_argument("--precision", default=LABEL_DEFAULTS.precision, choices=("auto", "fp32", "bf16"), help="auto (bf16 only if faster and >= 99.9%% agreement), fp32, bf16")
     p.add_argument("--device", default="auto")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_label)
@@ -324,15 +376,6 @@ def main(argv: list[str] | None = None) -> int:
     except NoisyStudentError as e:
         print(f"noisystudent: error: {one_line(e)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("noisystudent: interrupted", file=sys.stderr)
-        return 130
-    finally:
-        logger.removeHandler(console)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
     except OSError as e:  # a full disk outside the atomic writers (a log line, a library's file)
         from .runtime.files import is_storage_error, write_error
 
@@ -350,3 +393,12 @@ if __name__ == "__main__":
             failure.run_dir = args.resume or args.out
         print(f"noisystudent: error: {failure}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("noisystudent: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        logger.removeHandler(console)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -273,10 +273,8 @@ def _loop(cfg: Config, stages: list[ResolvedStage], run: RunDir, runner: StageRu
                 command = f"run --resume {run.root}" if kind == "finish" else f"{kind} {run.root}"
                 raise ConfigError(f"the next unfinished stage of {run.root} is {name} ('{kind}'): "
                                   f"run `noisystudent {command}`")
-        result = runner.stage(name, work, load, **how)
-        if only is not None and name not in ran and kind == only:
             ran.append(name)
-        return result
+        return runner.stage(name, work, load, **how)
 
     read_metrics = lambda d: json.loads((d / layout.METRICS).read_text())  # noqa: E731
     try:

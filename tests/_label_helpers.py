@@ -113,18 +113,15 @@ def label(store: Path, model: nn.Module, ctx=None, num_workers: int = 2):
 
 def main(argv: list[str]) -> None:
     """``kill STORE N``: label, SIGKILLed at forward call N + 1.
-    ``dist STORE SELECTION``: label and select under torchrun."""
+    ``dist STORE``: label under torchrun."""
     mode, store = argv[0], Path(argv[1])
     if mode == "kill":
         label(store, KillAfter(TinyNet(NUM_CLASSES), int(argv[2])))
     elif mode == "dist":
         from noisystudent.runtime.distributed import cleanup, init_distributed
-        from noisystudent.label.select_sharded import select_from_store
 
         ctx = init_distributed("cpu")
         label(store, TinyNet(NUM_CLASSES), ctx=ctx, num_workers=1)
-        select_from_store(store, NUM_CLASSES, threshold=0.2, per_class=40, seed=3, out_path=Path(argv[2]),
-                          ctx=ctx, bins=4)
         cleanup(ctx)
     else:
         raise SystemExit(f"unknown mode {mode}")

@@ -8,7 +8,7 @@ from noisystudent.models.checkpoint import load_model
 from noisystudent.cli import main
 from noisystudent.config.schema import load_config
 from noisystudent.runtime.errors import ConfigError
-from noisystudent.label.pseudo_labels import PseudoLabels
+from noisystudent.label.store import LabelStore
 
 SUMMARY_FIELDS = {"name", "model", "val_top1", "test_top1", "num_labeled", "num_pseudo", "seconds"}
 
@@ -32,15 +32,15 @@ def test_end_to_end_writes_every_artifact(tmp_path, tiny_overrides):
     assert set(robustness) == {"teacher", "student-2"}
     assert robustness["student-2"]["clean"]["top1"] == pytest.approx(summary["stages"][-1]["test_top1"])
     assert (run_dir / "label-1" / "probe.parquet").is_file()
-    assert (run_dir / "label-1" / "bad_images.txt").read_text() == ""
+    assert (run_dir / "label-1" / "bad_images.tsv").read_text() == "key\treason\n"
     for f in ("config.yaml", "data.json", "run.log"):
         assert (run_dir / f).is_file()
     for stage in ("teacher", "student-1", "student-2"):
         model, meta = load_model(run_dir / stage / "model.pt")
         assert meta["num_classes"] == 10 and meta["in_chans"] == 1
         assert (run_dir / stage / "metrics.jsonl").read_text().strip()
-    labels = PseudoLabels.load(run_dir / "label-1" / "pseudo_labels.parquet")
-    assert len(labels) == 200 and labels.teacher == "teacher"
+    store = LabelStore.open(run_dir / "label-1", require_complete=True)
+    assert store.num_rows == 200 and store.header.teacher.startswith("teacher:ns_cnn_s:")
     assert (run_dir / "select-1" / "selection.parquet").is_file()
     sel = json.loads((run_dir / "select-1" / "selection.json").read_text())
     assert sel["num_selected"] == summary["stages"][1]["num_pseudo"]
@@ -124,7 +124,7 @@ def test_mixed_image_modes_in_a_folder_run_convert(tmp_path):
                  "students=[{model: ns_cnn_s}]"]
     summary = pipeline.run_pipeline(load_config(None, overrides), tmp_path / "run", progress=False)
     assert summary["stages"][1]["num_pseudo"] > 0
-    assert (tmp_path / "run" / "label-1" / "bad_images.txt").read_text() == ""
+    assert (tmp_path / "run" / "label-1" / "bad_images.tsv").read_text() == "key\treason\n"
 
 
 def test_chain_with_fixres_stage_end_to_end(tmp_path, tiny_overrides):

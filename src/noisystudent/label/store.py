@@ -15,8 +15,8 @@ Parquet file has been renamed into place, so a run killed at any point leaves ei
 shard or nothing that counts, and a resumed run recomputes only shards without a record. Each shard
 is written by exactly one process, so many ranks (on a shared filesystem) never contend for a file.
 
-Shard schema (a superset of :meth:`noisystudent.label.pseudo_labels.PseudoLabels.save`, so
-``PseudoLabels.load`` reads any single shard)::
+Shard schema (the one Parquet schema of pseudo labels; :func:`load_pseudo_labels` reads a small
+store whole as :class:`PseudoLabels`)::
 
     key         string                     stable image key (relative path, tar/sample key, ...)
     topk_class  fixed_size_list<int32>[k]  the teacher's k most probable classes, best first
@@ -26,9 +26,9 @@ Shard schema (a superset of :meth:`noisystudent.label.pseudo_labels.PseudoLabels
     teacher     dictionary<int32, string>  the teacher's identity (one dictionary entry per file)
     index       int64                      position of the image among its shard's items, counting
                                            unreadable ones (so the pool position is the shard's
-                                           first item + index; ``PseudoLabels.indices``)
+                                           first item + index)
 
-Top-k rebuild rule (:func:`soft_targets`, same as ``PseudoLabels.soft_targets``): the stored
+Top-k rebuild rule (:func:`soft_targets`, the only one): the stored
 probabilities go to their classes and the remaining mass ``max(0, 1 - sum(topk_prob))`` is spread
 uniformly over the ``num_classes - k`` classes not stored; hard labels rebuild as one-hot top-1.
 
@@ -50,7 +50,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..runtime.errors import DataError
-from .pseudo_labels import PseudoLabels
 
 FORMAT_VERSION = 1
 HEADER_FILE = "store.json"
@@ -72,6 +71,40 @@ _WRITE_OPTIONS = dict(
 
 
 # ------------------------------------------------------------------------------ records
+
+
+@dataclass
+class PseudoLabels:
+    """A small store in memory (the probe of the labeled validation split; tests): row ``i`` is
+    the ``i``-th readable image, ``indices`` its position in the pool (None: row i is image i)."""
+
+    keys: list[str]
+    topk_index: np.ndarray  # (N, k) int32, most probable first
+    topk_prob: np.ndarray  # (N, k) float32
+    num_classes: int
+    teacher: str
+    temperature: float
+    hard: bool
+    indices: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    @property
+    def confidence(self) -> np.ndarray:
+        """Top-1 probability of each image."""
+        return self.topk_prob[:, 0]
+
+    @property
+    def predicted(self) -> np.ndarray:
+        """Top-1 class of each image."""
+        return self.topk_index[:, 0]
+
+    def soft_targets(self, rows: np.ndarray | None = None) -> np.ndarray:
+        """Target distributions (len(rows), num_classes) by the store's top-k rebuild rule."""
+        rows = np.arange(len(self)) if rows is None else np.asarray(rows)
+        return soft_targets(self.topk_index[rows], self.topk_prob[rows], self.num_classes, self.hard)
+
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from noisystudent.cli import main
 from noisystudent.config.schema import DataConfig
 from noisystudent.data.datasets import build_splits, convert_image, load_fashion_mnist, read_idx
 from noisystudent.runtime.errors import DataError
@@ -77,46 +76,3 @@ def test_sixteen_bit_grayscale_is_scaled_not_clipped():
     arr = np.full((4, 4), 65535 // 2, dtype=np.uint16)
     out = np.asarray(convert_image(Image.fromarray(arr), "L"))
     assert 120 <= out.mean() <= 135
-
-
-def _run_cli(tmp_path, cfg_lines, capsys):
-    cfg = tmp_path / "cfg.yaml"
-    cfg.write_text(cfg_lines)
-    out = tmp_path / "run"
-    code = main(["run", str(cfg), "--out", str(out), "--quiet"])
-    err = capsys.readouterr().err.strip().splitlines()
-    return code, err, out
-
-
-def _folder_yaml(tmp_path, **over):
-    d = dict(train_dir=tmp_path / "train", test_dir=tmp_path / "test", unlabeled_dir=tmp_path / "pool")
-    d.update(over)
-    lines = "\n".join(f"  {k}: {v}" for k, v in d.items())
-    return f"data:\n  source: image-folder\n  labels_per_class: null\n  val_per_class: 2\n  image_size: 12\n{lines}\n"
-
-
-@pytest.mark.parametrize("breakage,expected", [
-    (lambda r: __import__("shutil").rmtree(r / "train"), "train folder not found: {r}/train"),
-    (lambda r: [p.unlink() for p in (r / "train" / "dog").iterdir()], "train class folder {r}/train/dog contains no images"),
-    (lambda r: (r / "train" / "cat" / "0.png").write_bytes(b""), "unreadable image {r}/train/cat/0.png: empty file"),
-    (lambda r: (r / "train" / "cat" / "1.png").write_text("not an image"), "unreadable image {r}/train/cat/1.png"),
-    (lambda r: (r / "test" / "dog").rename(r / "test" / "wolf"), "test folder {r}/test has classes ['cat', 'wolf']"),
-    (lambda r: __import__("shutil").rmtree(r / "train" / "dog"), "has only one class (cat)"),
-    (lambda r: [p.unlink() for p in (r / "pool").rglob("*.png")], "unlabeled folder {r}/pool contains no images"),
-])
-def test_bad_folders_fail_in_one_line_with_nothing_left(folders, capsys, breakage, expected):
-    breakage(folders)
-    code, err, out = _run_cli(folders, _folder_yaml(folders), capsys)
-    assert code == 2
-    assert len(err) == 1 and err[0].startswith("noisystudent: error: ")
-    assert expected.format(r=folders) in err[0]
-    assert not (out / "summary.json").exists()
-    assert not [p for p in out.glob("*") if p.is_dir()] if out.exists() else True
-
-
-def test_truncated_labeled_image_names_the_file(folders, capsys):
-    good = (folders / "train" / "cat" / "2.png").read_bytes()
-    (folders / "train" / "cat" / "2.png").write_bytes(good[: len(good) // 2])
-    code, err, _ = _run_cli(folders, _folder_yaml(folders), capsys)
-    assert code == 2 and len(err) == 1
-    assert f"{folders}/train/cat/2.png" in err[0]

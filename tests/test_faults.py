@@ -1,0 +1,301 @@
+"""Faults as users meet them: the CLI killed with SIGKILL in the middle of a stage and resumed, a
+full disk, a second process on the same run directory, a torchrun peer that died.
+
+The SIGKILL table runs the real command in a subprocess (``python -m noisystudent run``), kills it
+with ``kill -9`` once the stage has left something to continue from, then runs
+``noisystudent run --resume RUN_DIR`` and checks that the finished stages were skipped, that the
+interrupted one continued from what it left, and that ``summary.json`` equals an uninterrupted
+run's. A stage joins the table with one row (what to wait for; what the resumed log says).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import torch
+
+from noisystudent.cli import main
+from noisystudent.runtime import files
+from noisystudent.runtime.errors import StorageError
+from noisystudent.runtime.rundir import CHECKPOINTS, LOCK, LOG, MANIFEST, SUMMARY, RunDir, write_json_atomic
+
+# A digits run of a few seconds of compute: a teacher and one student, checkpoints every 2 steps,
+# and an evaluation long enough (corruptions) to be killed in the middle.
+TINY = ["teacher.epochs=4", "train.epochs=2", "train.batch_size=16", "train.checkpoint_every=2",
+        "data.val_per_class=5", "data.test_per_class=10", "data.max_unlabeled=200", "pseudo.threshold=0.0",
+        "students=[{model: ns_cnn_s}]", "evaluate.suites=[clean, corruptions]", "evaluate.max_images=40",
+        "evaluate.severities=[1, 3]"]
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "noisystudent", *args]
+
+
+def _sets(overrides: list[str]) -> list[str]:
+    return [a for o in overrides for a in ("--set", o)]
+
+
+def _results(run: Path) -> dict:
+    """What must not depend on a kill: every stage's accuracies and the robustness numbers."""
+    summary = json.loads((run / SUMMARY).read_text())
+    return {"stages": [(s["name"], s["val_top1"], s["test_top1"], s.get("val_top5"), s.get("test_top5"))
+                       for s in summary["stages"]],
+            "robustness": summary.get("robustness")}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> dict:
+    """The same run, never interrupted."""
+    run = tmp_path_factory.mktemp("reference") / "run"
+    proc = subprocess.run(_cli("run", "--out", str(run), "--quiet", *_sets(TINY)), env=ENV,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return _results(run)
+
+
+def _files(run: Path, pattern: str) -> list[Path]:
+    return sorted(run.glob(pattern))
+
+
+@dataclass
+class Kill:
+    stage: str
+    ready: Callable[[Path], bool]  # the stage has left something to continue from: kill now
+    continued: str  # in the resumed run's log: it continued from there ({run}: the run directory)
+
+
+KILLS = [
+    Kill("teacher", lambda run: bool(_files(run, f"{CHECKPOINTS}/teacher/step-*.pt")),
+         "[teacher] resuming from"),
+    Kill("student-1", lambda run: bool(_files(run, f"{CHECKPOINTS}/student-1/step-*.pt")),
+         "[student-1] resuming from"),
+    Kill("evaluate", lambda run: bool(_files(run, f"{CHECKPOINTS}/evaluate/*/*.json")),
+         "finished earlier ({run}/" + f"{CHECKPOINTS}/evaluate/"),
+]
+
+
+@pytest.mark.parametrize("kill", KILLS, ids=[k.stage for k in KILLS])
+def test_sigkill_during_a_stage_then_resume_equals_an_uninterrupted_run(tmp_path, reference, kill):
+    run = tmp_path / "run"
+    proc = subprocess.Popen(_cli("run", "--out", str(run), "--quiet", *_sets(TINY)), env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 600
+    try:
+        while not kill.ready(run):
+            assert proc.poll() is None, (f"the run ended before {kill.stage} could be killed:\n"
+                                         + proc.stderr.read()[-3000:])
+            assert time.time() < deadline
+            time.sleep(0.01)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    manifest = json.loads((run / MANIFEST).read_text())
+    finished = dict(manifest["stages"])
+    assert kill.stage not in finished
+    assert json.loads((run / LOCK).read_text())["pid"] == proc.pid  # left behind by kill -9: stale
+
+    resumed = subprocess.run(_cli("run", "--resume", str(run), "--quiet"), env=ENV, capture_output=True,
+                             text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    after = json.loads((run / MANIFEST).read_text())["stages"]
+    for name, record in finished.items():  # skipped: not run again
+        assert after[name]["finished"] == record["finished"], name
+    assert kill.stage in after
+    assert kill.continued.format(run=run) in (run / LOG).read_text()
+    assert not (run / LOCK).exists()
+    assert _results(run) == reference
+
+
+# ------------------------------------------------------------------------------ a full disk
+
+
+def _full_disk_after(nbytes: int, when: Callable[[str], bool] = lambda name: True):
+    """An ``open`` for runtime.files whose files take ``nbytes`` and then raise ENOSPC."""
+    real_open = open
+
+    class Full:
+        def __init__(self, f):
+            self.f, self.left = f, nbytes
+
+        def write(self, data):
+            if len(data) > self.left:
+                self.f.write(bytes(data[: self.left]))
+                self.left = 0
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            self.left -= len(data)
+            return self.f.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    def fake_open(path, mode="r", *args, **kwargs):
+        f = real_open(path, mode, *args, **kwargs)
+        return Full(f) if "w" in mode and when(Path(path).name) else f
+
+    return fake_open
+
+
+def test_full_disk_is_one_line_and_leaves_no_temp_file(tmp_path, monkeypatch):
+    from noisystudent.models.checkpoint import save_model
+    from noisystudent.models.factory import create_model
+    from noisystudent.train.state import save_checkpoint
+
+    monkeypatch.setattr(files, "open", _full_disk_after(100), raising=False)
+    writes = [
+        ("checkpoints", lambda: save_checkpoint(tmp_path / "ck", 7, {"format": 1, "w": torch.zeros(1000)}, keep=2),
+         tmp_path / "ck", "step-000000007.pt"),
+        ("model", lambda: save_model(tmp_path / "model.pt", create_model("ns_cnn_s", 10, 1), name="ns_cnn_s",
+                                     num_classes=10, in_chans=1, classes=list("0123456789"), image_size=16,
+                                     mean=(0.5,), std=(0.2,)), tmp_path, "model.pt"),
+        ("json", lambda: write_json_atomic(tmp_path / "metrics.json", {"x": list(range(1000))}), tmp_path,
+         "metrics.json"),
+    ]
+    for what, write, folder, name in writes:
+        with pytest.raises(StorageError) as e:
+            write()
+        message = str(e.value)
+        assert message.startswith(f"disk full: no space left on the device holding {folder} "
+                                  f"(while writing {name})"), what
+        assert "\n" not in message and "--resume" in message
+        assert not list(folder.glob(".*.tmp")) and not (folder / name).exists(), what
+
+
+def test_full_disk_during_a_run_is_one_line_on_the_cli(tmp_path, tiny_overrides, monkeypatch, capsys):
+    monkeypatch.setattr(files, "open", _full_disk_after(64, when=lambda name: name.startswith(".step-")),
+                        raising=False)
+    run = tmp_path / "run"
+    code = main(["run", "--out", str(run), "--quiet", *_sets(tiny_overrides + ["students=[]",
+                                                                               "train.checkpoint_every=1"])])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith("noisystudent: error: disk full: no space left on the device holding "
+                             f"{run / CHECKPOINTS / 'teacher'} (while writing step-000000001.pt)")
+    assert not list(run.rglob("*.tmp"))
+    assert not (run / LOCK).exists()  # released on the way out
+
+
+# ------------------------------------------------------------------------------ the run's lock
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_a_live_lock_refuses_a_second_process_in_one_line(tmp_path, tiny_overrides, capsys):
+    from noisystudent.config.schema import load_config
+
+    run = tmp_path / "run"
+    RunDir.open(run, load_config(None, tiny_overrides), resume=False).release_lock()
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (run / LOCK).write_text(json.dumps({"host": socket.gethostname(), "pid": holder.pid, "since": time.time()}))
+        code = main(["run", "--resume", str(run), "--quiet"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1
+        assert err[0].startswith(f"noisystudent: error: run directory {run} is in use by PID {holder.pid} on "
+                                 f"{socket.gethostname()} (since ")
+        assert json.loads((run / LOCK).read_text())["pid"] == holder.pid  # untouched
+        # another host's lock cannot be checked: it holds too
+        (run / LOCK).write_text(json.dumps({"host": "elsewhere", "pid": _dead_pid(), "since": time.time()}))
+        with pytest.raises(StorageError, match="in use by PID .* on elsewhere"):
+            RunDir(run).acquire_lock()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_stale_lock_is_replaced_and_released_at_the_end(tmp_path, caplog):
+    from noisystudent.config.schema import load_config
+
+    run = tmp_path / "run"
+    run.mkdir()
+    dead = _dead_pid()
+    (run / LOCK).write_text(json.dumps({"host": socket.gethostname(), "pid": dead, "since": 0}))
+    opened = RunDir.open(run, load_config(None), resume=False)
+    assert json.loads((run / LOCK).read_text())["pid"] == os.getpid()
+    assert f"removing the stale lock of PID {dead}" in caplog.text
+    opened.release_lock()
+    assert not (run / LOCK).exists()
+
+
+# ------------------------------------------------------------------------------ torchrun peers
+
+
+PEER = """
+import os, signal, sys
+import torch
+from noisystudent.runtime.distributed import DistContext, barrier
+from noisystudent.runtime.errors import NoisyStudentError
+import torch.distributed as dist
+dist.init_process_group("gloo")
+ctx = DistContext(rank=dist.get_rank(), world_size=2)
+barrier(ctx)
+if ctx.rank == 1:
+    os.kill(os.getpid(), signal.SIGKILL)
+try:
+    barrier(ctx)
+except NoisyStudentError as e:
+    print(type(e).__name__ + ": " + str(e))
+    sys.exit(2)
+"""
+
+
+def test_a_killed_rank_is_one_line_on_the_others(tmp_path):
+    """Two gloo processes started by hand (torchrun would SIGTERM the survivor at once): rank 1 is
+    killed with SIGKILL; rank 0's barrier reports it in one line with the resume command."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [subprocess.Popen([sys.executable, "-c", PEER], env=dict(
+        ENV, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(r), LOCAL_RANK=str(r)),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    out, err = procs[0].communicate(timeout=120)
+    procs[1].wait(timeout=120)
+    assert procs[1].returncode == -signal.SIGKILL
+    assert procs[0].returncode == 2, err[-2000:]
+    assert out.startswith("RankFailure: rank 0: another process of this job died during barrier (")
+    assert out.strip().endswith("then continue with: noisystudent run --resume RUN_DIR")
+    assert "Traceback" not in err
+
+
+def test_a_dead_peer_in_ddp_backward_is_one_line_naming_the_run(tmp_path, monkeypatch, capsys):
+    """DDP's gradient all-reduce fails inside backward, outside the collective helpers: the CLI
+    turns gloo's error into the same line, with the run directory filled in."""
+    import noisystudent.pipeline as pipeline
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer "
+                           "[127.0.0.1]:12345. This is typically caused by a remote worker crashing.")
+
+    monkeypatch.setattr(pipeline, "run_pipeline", broken)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    code = main(["run", "--out", str(tmp_path / "run"), "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert "another process of this job died during a collective operation (Connection closed by peer " in err[0]
+    assert err[0].endswith(f"then continue with: noisystudent run --resume {tmp_path / 'run'}")
+    monkeypatch.setenv("WORLD_SIZE", "1")  # one process: a RuntimeError is a bug, never hidden
+    with pytest.raises(RuntimeError, match="Connection closed"):
+        main(["run", "--out", str(tmp_path / "run2"), "--quiet"])

@@ -214,3 +214,21 @@ def test_cli_reports_config_errors_in_one_line(tmp_path, capsys):
 def test_cli_missing_config_file(tmp_path, capsys):
     assert main(["run", str(tmp_path / "nope.yaml")]) == 2
     assert "config file not found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("ablation", [None, *ABLATIONS])
+@pytest.mark.parametrize("source", [None, "configs/fashion-mnist.yaml", "configs/image-folder.yaml", "chain=cpu-fixres"])
+def test_a_config_reloaded_from_its_config_yaml_has_the_same_fingerprint(tmp_path, source, ablation):
+    """`noisystudent run --resume RUN_DIR` reloads RUN_DIR/config.yaml: it must fingerprint as the
+    config that wrote it (a schema default of 0 for a float key once read back as 0.0, and every
+    default run was refused as "made by a different config")."""
+    from pathlib import Path
+
+    root = Path(__file__).parent.parent
+    path, overrides = (None, [source]) if source and "=" in source else (source and root / source, [])
+    cfg = load_config(path, overrides, ablation)
+    save_config(cfg, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml").fingerprint() == cfg.fingerprint()
+    # and values set from Python with ints for float keys hash as the loaded floats do
+    cfg.train.warmup_epochs, cfg.train.epochs = int(cfg.train.warmup_epochs), int(cfg.train.epochs)
+    assert cfg.fingerprint() == load_config(tmp_path / "config.yaml").fingerprint()

@@ -76,3 +76,19 @@ def test_sixteen_bit_grayscale_is_scaled_not_clipped():
     arr = np.full((4, 4), 65535 // 2, dtype=np.uint16)
     out = np.asarray(convert_image(Image.fromarray(arr), "L"))
     assert 120 <= out.mean() <= 135
+
+
+def test_labels_per_class_keeps_every_label_by_default_and_says_what_it_moves(caplog):
+    """The schema default keeps every label; a number moves the rest of the labeled images to the
+    pool, and both the log and data.json (DataSplits.describe) say how many."""
+    import logging
+
+    assert DataConfig().labels_per_class is None
+    with caplog.at_level(logging.INFO, logger="noisystudent"):
+        kept = build_splits(DataConfig(val_per_class=10, test_per_class=40), seed=0, require_unlabeled=False)
+    assert len(kept.labeled) == 1797 - 100 - 400 and len(kept.unlabeled) == 0
+    assert kept.describe()["num_labels_moved_to_pool"] is None and "moved" not in caplog.text
+    with caplog.at_level(logging.INFO, logger="noisystudent"):
+        moved = build_splits(DataConfig(labels_per_class=5, val_per_class=10, test_per_class=40), seed=0)
+    assert moved.describe()["num_labels_moved_to_pool"] == len(moved.unlabeled) == 1797 - 100 - 400 - 50
+    assert "kept 50 labeled training images and moved 1247 to the unlabeled pool" in caplog.text

@@ -197,3 +197,55 @@ def test_two_processes_label_every_shard_once_and_match_one(tmp_path):
     summary = json.loads((tmp_path / "two" / "summary.json").read_text())
     assert summary["stages"][1]["num_pseudo"] == Selection.open(tmp_path / "two" / "select-1" /
                                                                 "selection.parquet").num_selected > 0
+
+
+def _wds_selection(tmp_path):
+    from noisystudent.data.pool import WebDatasetSource
+    from noisystudent.data.transforms import eval_transform
+    from noisystudent.label.inference import label_to_store
+    from noisystudent.label.select import select_from_store
+    import torch
+    import torch.nn as nn
+
+    images = make_dataset(tmp_path, pool_images=60)
+    pattern = write_pool(tmp_path, images, "webdataset")
+    pool = WebDatasetSource(pattern)
+    transform = eval_transform(8, 3, (0.5,) * 3, (0.25,) * 3)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(192, 3))
+    label_to_store(model, pool, tmp_path / "store", transform=transform, num_classes=3, teacher="t", device="cpu",
+                   num_workers=0, precision="fp32", progress=False)
+    selection = select_from_store(tmp_path / "store", tmp_path / "sel" / "selection.parquet", threshold=0.0,
+                                  per_class=30, seed=0)
+    return selection, pool
+
+
+def test_a_streamed_selection_resumes_where_it_stopped(tmp_path):
+    """WebDataset pools stream: every selected copy once per pass, and a stream started at step k
+    yields exactly what an uninterrupted one yields from step k on (same ranks and workers)."""
+    import torch
+
+    from noisystudent.data.pseudo_labeled import StreamedSelection, pseudo_labeled_set
+    from noisystudent.data.transforms import train_transform
+    from noisystudent.config.schema import NoiseConfig
+    from noisystudent.runtime.distributed import DistContext
+
+    selection, pool = _wds_selection(tmp_path)
+    noisy = train_transform(8, 3, (0.5,) * 3, (0.25,) * 3, NoiseConfig(), False)
+    data = pseudo_labeled_set(selection, pool, noisy)
+    classes = sum(1 for n in selection.kept_per_class if n)
+    assert isinstance(data, StreamedSelection) and len(data) == selection.num_selected == 30 * classes
+    ctx = DistContext()
+    for workers in (0, 2):
+        full = data.stream(6, ctx, seed=5, start_step=0, num_workers=workers)
+        batches = [next(full) for _ in range(20)]  # 120 items: more than one pass
+        resumed = data.stream(6, ctx, seed=5, start_step=7, num_workers=workers)
+        for k in range(7, 20):
+            x, t = next(resumed)
+            assert torch.equal(x, batches[k][0]) and torch.equal(t, batches[k][1])
+    # One pass emits every copy: the targets of the first pass are the selection's, with copies.
+    full = data.stream(6, ctx, seed=5, start_step=0, num_workers=0)
+    first_pass = torch.cat([next(full)[1] for _ in range(5 * classes)])
+    assert first_pass.shape == (len(data), 3) and torch.allclose(first_pass.sum(1), torch.ones(len(data)))
+    per_class = torch.bincount(first_pass.argmax(1), minlength=3).tolist()
+    assert per_class == [n for n in selection.selected_per_class]

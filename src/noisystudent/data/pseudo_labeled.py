@@ -140,6 +140,9 @@ class _ShardStream(IterableDataset):
     def __iter__(self):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        # DataLoader takes batches from workers 0, 1, ... in turn from its first batch on, so on a
+        # resumed stream its worker i plays the part of worker (i + start_step) mod W.
+        worker = (worker + self.start_step) % workers
         shard_ids = list(range(self.owner.pool.num_shards))
         # DataLoader takes whole batches from its workers in turn: the steps before start_step
         # consumed this many of this worker's items.
@@ -187,8 +190,16 @@ class _ShardStream(IterableDataset):
 
     def _load(self, item, sel: Selection, worker: int, n: int):
         payload, cls, prob = item
-        # Augmentation drawn from (seed, reader, item number): the same noise on a resumed run.
-        random.seed(f"{self.seed}:{self.rank}:{worker}:{n}")
-        torch.manual_seed(random.getrandbits(63))
-        image = decode_image(payload)
-        return self.owner.transform(image), _targets(cls[None], prob[None], sel)[0]
+        # Augmentation drawn from (seed, reader, item number): the same noise on a resumed run. The
+        # caller's generators are restored, so loading in the main process leaves dropout alone.
+        saved = random.getstate(), np.random.get_state(), torch.get_rng_state()
+        try:
+            random.seed(f"{self.seed}:{self.rank}:{worker}:{n}")
+            np.random.seed(random.getrandbits(32))
+            torch.manual_seed(random.getrandbits(63))
+            image = decode_image(payload)
+            return self.owner.transform(image), _targets(cls[None], prob[None], sel)[0]
+        finally:
+            random.setstate(saved[0])
+            np.random.set_state(saved[1])
+            torch.set_rng_state(saved[2])

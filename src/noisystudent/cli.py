@@ -192,9 +192,15 @@ def cmd_label(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    from .pipeline import open_pool
     from .report.build import build_report
 
-    paths = build_report(Path(args.run_dir))
+    try:  # thumbnails of the pseudo labels need the run's pool; the report is useful without
+        pool = open_pool(Path(args.run_dir))
+    except (NoisyStudentError, OSError) as e:
+        logging.getLogger("noisystudent").warning(f"report: no pseudo-label thumbnails ({e})")
+        pool = None
+    paths = build_report(Path(args.run_dir), pool=pool)
     print(f"report: {paths['html']}")
     print(f"markdown: {paths['md']}")
     return 0

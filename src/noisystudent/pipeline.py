@@ -319,7 +319,7 @@ def _loop(cfg: Config, stages: list[ResolvedStage], run: RunDir, runner: StageRu
     runner.write_json(run.root / layout.SUMMARY, summary)
     if ctx.is_main:
         log.info("\n" + format_summary_table(summary))
-        _write_report(run.root)
+        _write_report(run.root, pool)
     return summary
 
 
@@ -411,12 +411,24 @@ def _headlines(suite: str, res) -> list[tuple[str, float]]:
     return out
 
 
-def _write_report(run_dir: Path) -> None:
+def open_pool(run_dir: Path) -> UnlabeledSource | None:
+    """The unlabeled pool of a run, as its label stages read it (for the report's thumbnails)."""
+    from .config.schema import load_config
+
+    cfg = load_config(Path(run_dir) / layout.CONFIG)
+    splits = build_splits(cfg.data, cfg.seed, require_unlabeled=False)
+    pool = build_pool(cfg.data, splits.unlabeled, cfg.pseudo.shard_size)
+    if pool is not None:
+        pool.prepare(Path(run_dir) / layout.POOL)
+    return pool
+
+
+def _write_report(run_dir: Path, pool: UnlabeledSource | None = None) -> None:
     """The HTML + Markdown report; a failure is logged, never fails a finished run."""
     from .report.build import build_report
 
     try:
-        log.info(f"report: {build_report(run_dir)['html']}")
+        log.info(f"report: {build_report(run_dir, pool=pool)['html']}")
     except Exception as e:  # noqa: BLE001 - the run's results are already safe on disk
         log.warning(f"report not written ({type(e).__name__}: {e}); rebuild it with: noisystudent report {run_dir}")
 

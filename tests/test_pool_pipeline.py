@@ -249,3 +249,16 @@ def test_a_streamed_selection_resumes_where_it_stopped(tmp_path):
     assert first_pass.shape == (len(data), 3) and torch.allclose(first_pass.sum(1), torch.ones(len(data)))
     per_class = torch.bincount(first_pass.argmax(1), minlength=3).tolist()
     assert per_class == [n for n in selection.selected_per_class]
+
+
+def test_pool_mistakes_are_one_line_errors_naming_the_path(tmp_path, capsys):
+    images = make_dataset(tmp_path)
+    listing = Path(write_pool(tmp_path, images, "file-list"))
+    listing.write_text(listing.read_text() + "pool/d0/missing.png\n")
+    wds = str(tmp_path / "nowhere" / "pool-{000..002}.tar")
+    for pool, message in ((str(listing), "names 1 file(s) that do not exist"),
+                          (wds, "WebDataset shard(s) not found"), (str(tmp_path / "nope"), "unlabeled pool not found")):
+        sets = sum((["--set", o] for o in _overrides(tmp_path, pool)), [])
+        assert cli.main(["run", "--out", str(tmp_path / f"run-{len(pool)}"), *sets, "--quiet"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0] and "Traceback" not in err[0], err

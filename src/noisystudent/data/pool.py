@@ -320,7 +320,25 @@ class FileListSource(_LineIndexSource):
         index = _index_lines(self.list_path.resolve(), self.shard_size, self.limit)
         if index["num_items"] == 0:
             raise DataError(f"file list {self.list_path} names no images")
+        self._check_files_exist(index["num_items"])
         return index
+
+    def _check_files_exist(self, num_items: int) -> None:
+        """A listed file that does not exist is a mistake in the list, not an unreadable image:
+        refuse the list (one streaming pass of stat calls), naming the first missing files."""
+        missing, count = [], 0
+        with open(self.list_path, encoding="utf-8", errors="surrogateescape") as f:
+            lines = (line.rstrip("\r\n") for line in f if line.strip())
+            for n, line in enumerate(lines):
+                if n >= num_items:
+                    break
+                if not (self.root / line).exists():
+                    count += 1
+                    if len(missing) < 3:
+                        missing.append(line)
+        if count:
+            raise DataError(f"file list {self.list_path} names {count} file(s) that do not exist (relative lines "
+                            f"resolve against {self.root}): {', '.join(missing)}{' ...' if count > 3 else ''}")
 
     def _index_matches(self, index: dict) -> str | None:
         if index.get("list") != str(self.list_path.resolve()):

@@ -31,8 +31,9 @@ from noisystudent.runtime.errors import StorageError
 from noisystudent.runtime.rundir import CHECKPOINTS, LOCK, LOG, MANIFEST, SUMMARY, RunDir, write_json_atomic
 
 # A digits run of a few seconds of compute: a teacher and one student, checkpoints every 2 steps,
-# and an evaluation long enough (corruptions) to be killed in the middle.
-TINY = ["teacher.epochs=4", "train.epochs=2", "train.batch_size=16", "train.checkpoint_every=2",
+# and an evaluation long enough (corruptions) to be killed in the middle. fp32: `auto` precision
+# is chosen by timing, which could differ between the reference and the killed run.
+TINY = ["teacher.epochs=4", "train.epochs=2", "train.batch_size=16", "train.checkpoint_every=2", "train.precision=fp32",
         "data.val_per_class=5", "data.test_per_class=10", "data.max_unlabeled=200", "pseudo.threshold=0.0",
         "students=[{model: ns_cnn_s}]", "evaluate.suites=[clean, corruptions]", "evaluate.max_images=40",
         "evaluate.severities=[1, 3]"]
@@ -299,3 +300,38 @@ def test_a_dead_peer_in_ddp_backward_is_one_line_naming_the_run(tmp_path, monkey
     monkeypatch.setenv("WORLD_SIZE", "1")  # one process: a RuntimeError is a bug, never hidden
     with pytest.raises(RuntimeError, match="Connection closed"):
         main(["run", "--out", str(tmp_path / "run2"), "--quiet"])
+
+
+# ------------------------------------------------------------------------------ evaluate
+
+
+def test_evaluate_into_a_run_continues_after_a_crash(tmp_path, tiny_overrides, monkeypatch, capsys):
+    """`noisystudent evaluate RUN` keeps each finished (suite, model) in RUN/checkpoints/evaluate:
+    after a crash the rerun computes only what was missing, and the lock is released either way."""
+    import noisystudent.evaluate.classifier as classifier
+
+    run = tmp_path / "run"
+    assert main(["run", "--out", str(run), "--quiet", *_sets(tiny_overrides + ["students=[]", "teacher.epochs=1"])]) == 0
+    real, calls, crashed = classifier.evaluate_robustness, [], []
+
+    def crash_once_in_fgsm(model, dataset, *, suites, **kwargs):
+        calls.append(suites)
+        if suites == ["fgsm"] and not crashed:
+            crashed.append(True)
+            raise RuntimeError("simulated crash")
+        return real(model, dataset, suites=suites, **kwargs)
+
+    monkeypatch.setattr(classifier, "evaluate_robustness", crash_once_in_fgsm)
+    argv = ["evaluate", str(run), "--suite", "clean,fgsm", "--max-images", "20", "--quiet"]
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        main(argv)
+    assert calls == [["clean"], ["fgsm"]]
+    assert (run / CHECKPOINTS / "evaluate" / "clean" / "teacher.json").is_file()
+    assert not (run / LOCK).exists()
+    calls.clear()
+    assert main(argv) == 0, capsys.readouterr().err
+    assert calls == [["fgsm"]]  # clean was not evaluated again
+    results = json.loads((run / "evaluate" / "robustness.json").read_text())
+    assert {"clean", "fgsm"} <= set(results["teacher"]) and results["teacher"]["clean"]["n"] == 20
+    assert (run / "evaluate" / "fgsm" / "teacher.json").is_file()  # the committed stage keeps them too
+    assert not (run / CHECKPOINTS / "evaluate").exists() and not (run / LOCK).exists()

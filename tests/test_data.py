@@ -47,9 +47,19 @@ def test_digits_splits_are_disjoint_and_sized():
 
 
 def test_image_folder_splits(folders):
-    s = build_splits(folder_cfg(folders), seed=0)
+    from noisystudent.data.pool import FolderSource, build_pool, pool_size
+
+    cfg = folder_cfg(folders)
+    s = build_splits(cfg, seed=0)
     assert s.classes == ["cat", "dog"] and s.channels == 3
-    assert len(s.labeled) == 20 and len(s.val) == 4 and len(s.test) == 6 and len(s.unlabeled) == 5
+    # The folder pool is never listed by build_splits: the pool streams it (recursively).
+    assert len(s.labeled) == 20 and len(s.val) == 4 and len(s.test) == 6 and len(s.unlabeled) == 0
+    pool = build_pool(cfg, s.unlabeled, shard_size=2)
+    assert isinstance(pool, FolderSource)
+    pool.prepare(folders / "listing")
+    assert pool_size(pool) == 5 and pool.num_shards == 3
+    keys = [k for shard in range(pool.num_shards) for k, _ in pool.iter_shard(shard)]
+    assert keys == [f"deep/er/x/{i}.png" for i in range(5)]
 
 
 def test_fashion_mnist_idx_reader(tmp_path):

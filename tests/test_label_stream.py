@@ -54,11 +54,15 @@ def test_folder_and_file_list_sources_skip_bad_images(tmp_path):
     assert bad[0] == "key\treason" and [line.split("\t")[0] for line in bad[1:]] == ["a/broken.png", "b/empty.jpg"]
     assert "empty file" in bad[2]
 
-    # The same images through a file list (one missing file): same labels for the same keys.
+    # The same images through a file list: same labels for the same keys; a listed file that does
+    # not exist is a mistake in the list, refused up front (an unreadable one is skipped).
     (tmp_path / "list.txt").write_text("\n".join(["a/0.png", "gone.png", "", "c.png"]) + "\n")
-    m2 = _label(file_list_source(tmp_path / "list.txt", shard_size=2, root=root), tmp_path / "store2")
-    listed = load_pseudo_labels(tmp_path / "store2")
-    assert listed.keys == ["a/0.png", "c.png"] and m2.num_bad == 1
+    with pytest.raises(DataError, match="names 1 file\\(s\\) that do not exist.*gone.png"):
+        _label(file_list_source(tmp_path / "list.txt", shard_size=2, root=root), tmp_path / "store2")
+    (tmp_path / "list.txt").write_text("\n".join(["a/0.png", "", "c.png"]) + "\n")
+    m2 = _label(file_list_source(tmp_path / "list.txt", shard_size=2, root=root), tmp_path / "store3")
+    listed = load_pseudo_labels(tmp_path / "store3")
+    assert listed.keys == ["a/0.png", "c.png"] and m2.num_bad == 0
     np.testing.assert_array_equal(listed.topk_index, labels.topk_index[[0, 4]])
 
     # A resumed run must be the same labeling run: another teacher is refused.

@@ -104,3 +104,17 @@ def test_an_incomplete_store_is_refused(tmp_path):
         select_from_store(tmp_path / "s", tmp_path / "o" / "selection.parquet")
     with pytest.raises(DataError, match="not a selection file"):
         Selection.open(tmp_path / "s" / "shards" / "part-000000.parquet")
+
+
+def test_expanded_batches_are_whole_so_row_i_is_in_batch_i_div_size(tmp_path, monkeypatch):
+    """The student finds stream item i in record batch i // EXPANDED_BATCH_ROWS: every batch but the
+    last must be full, however DuckDB cuts its own batches."""
+    import noisystudent.label.select as select
+
+    monkeypatch.setattr(select, "EXPANDED_BATCH_ROWS", 7)
+    monkeypatch.setattr(select, "BATCH_ROWS", 5)
+    random_store(tmp_path / "store", SHARDS, 9, seed=2)
+    sel = select_from_store(tmp_path / "store", tmp_path / "sel" / "selection.parquet", threshold=0.0, per_class=40)
+    reader = pa.ipc.open_file(pa.memory_map(str(sel.expanded_path)))
+    sizes = [reader.get_batch(i).num_rows for i in range(reader.num_record_batches)]
+    assert sizes[:-1] == [7] * (len(sizes) - 1) and 1 <= sizes[-1] <= 7 and sum(sizes) == sel.num_selected == 360

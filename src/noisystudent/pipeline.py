@@ -43,9 +43,11 @@ from .label.select import Selection, select_from_store
 from .label.store import LabelStore
 from .models.checkpoint import load_model, save_model
 from .models.factory import count_parameters, create_model
+from .models.pretrained import check_pretrained_files
 from .runtime import rundir as layout
 from .runtime.distributed import DistContext, cleanup, init_distributed
 from .runtime.errors import ConfigError, DataError
+from .runtime.files import atomic_write
 from .runtime.rundir import RunDir, write_json_atomic
 from .runtime.runner import StageRunner
 from .train.fixres import finetune_fixres
@@ -153,9 +155,7 @@ def label_stage(out: Path, name: str, teacher: dict, pool: UnlabeledSource, labe
     table = pa.table({"confidence": pa.array(labels.confidence, pa.float32()),
                       "predicted": pa.array(labels.predicted, pa.int32()),
                       "target": pa.array(splits.val.targets, pa.int32())})
-    tmp = out / f".{layout.PROBE}.{ctx.rank}.tmp"  # every rank writes the same table; the rename is atomic
-    pq.write_table(table, tmp)
-    tmp.replace(out / layout.PROBE)
+    atomic_write(out / layout.PROBE, lambda f: pq.write_table(table, f))  # every rank writes the same table
     return LabelStore.open(out, require_complete=True)
 
 
@@ -250,6 +250,8 @@ def _loop(cfg: Config, stages: list[ResolvedStage], run: RunDir, runner: StageRu
     start = time.time()
     banner(f"Data: {cfg.data.source}")
     splits = build_splits(cfg.data, cfg.seed, require_unlabeled=len(stages) > 1 and stages[1].role == "student")
+    # every stage's `pretrained` file, checked before anything trains
+    check_pretrained_files(cfg, num_classes=splits.num_classes, channels=splits.channels, classes=splits.classes)
     env = Env(ctx=ctx, run=run, cfg=cfg, splits=splits, progress=progress)
     students = [s for s in stages if s.role == "student"]
     pool = build_pool(cfg.data, splits.unlabeled, cfg.pseudo.shard_size) if students else None

@@ -26,6 +26,7 @@ from PIL import Image
 
 from ..runtime.distributed import DistContext, broadcast_object
 from ..runtime.errors import ConfigError, DataError
+from ..runtime.files import atomic_write
 from ..config.schema import DataConfig
 from .datasets import IMAGE_EXTENSIONS, ImageSet, pool_path
 
@@ -162,9 +163,7 @@ class _LineIndexSource(UnlabeledSource):
                 else:
                     work_dir.mkdir(parents=True, exist_ok=True)
                     result = self._build_index(work_dir)
-                    tmp = path.with_name(".index.json.tmp")
-                    tmp.write_text(json.dumps(result))
-                    os.replace(tmp, path)
+                    atomic_write(path, json.dumps(result))
             except (OSError, ValueError, DataError) as e:
                 result = str(e)
         result = broadcast_object(result, ctx)
@@ -279,11 +278,12 @@ class FolderSource(_LineIndexSource):
         if not self.root.is_dir():
             raise DataError(f"unlabeled folder not found: {self.root}")
         list_path = work_dir / "files.txt"
-        tmp = work_dir / ".files.txt.tmp"
-        with open(tmp, "w", encoding="utf-8", errors="surrogateescape") as f:
+
+        def listing(f) -> None:  # streamed to disk: a folder of 10^8 images is never a list in memory
             for rel in _walk_images(self.root, self.extensions):
-                f.write(rel + "\n")
-        os.replace(tmp, list_path)
+                f.write(rel.encode("utf-8", "surrogateescape") + b"\n")
+
+        atomic_write(list_path, listing)
         index = _index_lines(list_path, self.shard_size, self.limit)
         if index["num_items"] == 0:
             raise DataError(f"unlabeled folder {self.root} contains no images")

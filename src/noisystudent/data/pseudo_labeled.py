@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
-from ..label.select import EXPANDED_BATCH_ROWS, Selection
+from ..label.select import Selection
 from ..label.store import soft_targets
 from ..runtime.distributed import DistContext, local_batch_size
 from ..runtime.errors import DataError
@@ -61,6 +61,7 @@ class SelectedImages(Dataset):
             raise DataError(f"selection {selection.path} has no expanded file {self.path.name}; select again")
         self._mm: mmap.mmap | None = None
         self._reader = None
+        self._stride = 0
         self._reads = 0
 
     def __getstate__(self) -> dict:  # DataLoader workers map the file themselves
@@ -77,8 +78,11 @@ class SelectedImages(Dataset):
         return self._reader
 
     def _row(self, i: int) -> dict:
-        batch = self._rows().get_batch(i // EXPANDED_BATCH_ROWS)
-        j = i % EXPANDED_BATCH_ROWS
+        rows = self._rows()
+        stride = self._stride or rows.get_batch(0).num_rows  # every batch but the last is this long
+        self._stride = stride
+        batch = rows.get_batch(i // stride)
+        j = i % stride
         row = {name: batch.column(name)[j] for name in ("key", "shard", "index")}
         k = batch.schema.field("topk_class").type.list_size
         row["topk_class"] = batch.column("topk_class").values.to_numpy()[j * k:(j + 1) * k]

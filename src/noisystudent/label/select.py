@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +37,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..runtime.errors import ConfigError, DataError
+from ..runtime.files import atomic_write
 from .store import LabelStore
 
 SELECTION_METADATA_KEY = b"noisystudent_selection"
@@ -189,37 +189,54 @@ def _selection_query(balance: bool) -> str:
 
 def _write_outputs(con, query: str, params: dict, out_path: Path, num_classes: int, meta: dict,
                    kept: np.ndarray, k: int | None, below: int) -> tuple[np.ndarray, int]:
-    """Stream the query's rows into selection.parquet and the expanded selection.arrow."""
+    """Stream the query's rows into selection.parquet and the expanded selection.arrow (record
+    batches of exactly EXPANDED_BATCH_ROWS rows but the last, so row i is in batch i // that).
+    The expanded file is renamed into place first: selection.parquet's presence means both are."""
     reader = con.sql(query, params=params).to_arrow_reader(BATCH_ROWS)
     schema = selection_schema(meta["top_k"])
-    tmp, tmp_x = out_path.with_name(f".{out_path.name}.tmp"), out_path.with_name(f".{out_path.stem}.arrow.tmp")
     selected = np.zeros(num_classes, np.int64)
     unique = 0
-    try:
-        with pq.ParquetWriter(tmp, schema, compression="zstd", write_statistics=True) as writer, \
-                pa.OSFile(str(tmp_x), "wb") as sink, pa.ipc.new_file(sink, schema.remove_metadata()) as expanded:
-            for batch in reader:
-                batch = pa.RecordBatch.from_arrays([batch.column(n).cast(schema.field(n).type) for n in COLUMNS],
-                                                   schema=schema)
-                copies = batch.column("copies").to_numpy()
-                writer.write_batch(batch)
-                unique += batch.num_rows
-                selected += np.bincount(batch.column("predicted").to_numpy(), weights=copies,
-                                        minlength=num_classes).astype(np.int64)
-                if batch.num_rows:
-                    repeat = np.repeat(np.arange(batch.num_rows), copies)
-                    for start in range(0, len(repeat), EXPANDED_BATCH_ROWS):
-                        expanded.write_batch(batch.take(pa.array(repeat[start:start + EXPANDED_BATCH_ROWS])))
-            meta["summary"] = {"num_selected": int(selected.sum()), "num_unique": unique, "per_class": k,
-                               "num_below_threshold": int(below), "kept_per_class": kept.tolist(),
-                               "selected_per_class": selected.tolist()}
-            writer.add_key_value_metadata({SELECTION_METADATA_KEY.decode(): json.dumps(meta)})
-        os.replace(tmp_x, out_path.with_suffix(EXPANDED_SUFFIX))
-        os.replace(tmp, out_path)
-    finally:
-        for p in (tmp, tmp_x):
-            p.unlink(missing_ok=True)
+
+    def write_both(parquet_file) -> None:
+        def write_expanded(arrow_file) -> None:
+            nonlocal selected, unique
+            pending: list[pa.RecordBatch] = []  # expanded rows not yet written as a whole batch
+            with pq.ParquetWriter(parquet_file, schema, compression="zstd", write_statistics=True) as writer, \
+                    pa.ipc.new_file(arrow_file, schema.remove_metadata()) as expanded:
+                for batch in reader:
+                    batch = pa.RecordBatch.from_arrays([batch.column(n).cast(schema.field(n).type) for n in COLUMNS],
+                                                       schema=schema)
+                    copies = batch.column("copies").to_numpy()
+                    writer.write_batch(batch)
+                    unique += batch.num_rows
+                    selected += np.bincount(batch.column("predicted").to_numpy(), weights=copies,
+                                            minlength=num_classes).astype(np.int64)
+                    if batch.num_rows:
+                        pending.append(batch.take(pa.array(np.repeat(np.arange(batch.num_rows), copies))))
+                        pending = _flush_full_batches(pending, expanded)
+                rest = pa.Table.from_batches(pending, schema=schema).combine_chunks()
+                if rest.num_rows:
+                    expanded.write_batch(rest.to_batches()[0])
+                meta["summary"] = {"num_selected": int(selected.sum()), "num_unique": unique, "per_class": k,
+                                   "num_below_threshold": int(below), "kept_per_class": kept.tolist(),
+                                   "selected_per_class": selected.tolist()}
+                writer.add_key_value_metadata({SELECTION_METADATA_KEY.decode(): json.dumps(meta)})
+
+        atomic_write(out_path.with_suffix(EXPANDED_SUFFIX), write_expanded)
+
+    atomic_write(out_path, write_both)
     return selected, unique
+
+
+def _flush_full_batches(pending: list[pa.RecordBatch], writer) -> list[pa.RecordBatch]:
+    """Write whole EXPANDED_BATCH_ROWS batches out of ``pending``; return what is left."""
+    if sum(b.num_rows for b in pending) < EXPANDED_BATCH_ROWS:
+        return pending
+    table = pa.Table.from_batches(pending).combine_chunks()
+    full = table.num_rows // EXPANDED_BATCH_ROWS * EXPANDED_BATCH_ROWS
+    for start in range(0, full, EXPANDED_BATCH_ROWS):
+        writer.write_batch(table.slice(start, EXPANDED_BATCH_ROWS).combine_chunks().to_batches()[0])
+    return table.slice(full).combine_chunks().to_batches() if full < table.num_rows else []
 
 
 def selection_schema(top_k: int) -> pa.Schema:

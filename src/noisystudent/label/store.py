@@ -40,7 +40,6 @@ byte-stream-split (their exponent bytes compress well), keys use delta encoding 
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -50,6 +49,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..runtime.errors import DataError
+from ..runtime.files import atomic_write
 
 FORMAT_VERSION = 1
 HEADER_FILE = "store.json"
@@ -220,13 +220,9 @@ def _done_file(store_dir: Path, index: int) -> Path:
 
 
 def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so readers see the old file or the whole new one, never a part."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Write ``data`` to ``path`` so readers see the old file or the whole new one, never a part
+    (flushed to disk before the rename: a shard's record must never outlive its data)."""
+    atomic_write(path, data, fsync=True)
 
 
 def remove_stale_temp_files(store_dir: Path) -> int:
@@ -301,13 +297,12 @@ def consolidate(store_dir: Path, run: dict | None = None) -> StoreManifest:
     manifest = read_manifest(store_dir)
     manifest.run = dict(run or {})
     write_atomic(Path(store_dir) / MANIFEST_FILE, json.dumps(manifest.to_dict(), indent=1).encode())
-    path = Path(store_dir) / BAD_IMAGES_FILE
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8", errors="surrogateescape") as f:  # streamed: the list may be long
-        f.write("key\treason\n")
+    def write_bad(f) -> None:  # streamed: the list may be long
+        f.write(b"key\treason\n")
         for key, reason in iter_bad_images(store_dir, manifest.shards):
-            f.write(f"{_tsv(key)}\t{_tsv(reason)}\n")
-    os.replace(tmp, path)
+            f.write(f"{_tsv(key)}\t{_tsv(reason)}\n".encode("utf-8", "surrogateescape"))
+
+    atomic_write(Path(store_dir) / BAD_IMAGES_FILE, write_bad)
     return manifest
 
 
@@ -352,12 +347,8 @@ def write_shard(store_dir: Path, header: StoreHeader, index: int, name: str, key
     store_dir = Path(store_dir)
     rel = shard_file(index)
     path = store_dir / rel
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    pq.write_table(shard_table(keys, topk_class, topk_prob, header, index, name, positions), tmp,
-                   **_WRITE_OPTIONS)
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    table = shard_table(keys, topk_class, topk_prob, header, index, name, positions)
+    atomic_write(path, lambda f: pq.write_table(table, f, **_WRITE_OPTIONS), fsync=True)
     rec = ShardRecord(index=index, name=name, file=rel, rows=len(keys), bytes=path.stat().st_size,
                       num_bad=len(bad), items=len(keys) + len(bad) if items is None else int(items))
     done = rec.to_dict() | {"bad": [[str(k), str(r)] for k, r in bad]}

@@ -25,8 +25,9 @@ Writer = Callable[[IO[bytes]], None]
 
 
 def temp_path(path: Path) -> Path:
-    """The temporary name :func:`atomic_write` uses for ``path`` (hidden, same folder)."""
-    return path.with_name(f".{path.name}.tmp")
+    """The temporary name :func:`atomic_write` uses for ``path``: hidden, in the same folder, and
+    this process's own, so ranks writing the same file (each the same bytes) never collide."""
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
 
 
 def atomic_write(path: str | Path, data: bytes | str | Writer, *, fsync: bool = False) -> None:

@@ -36,7 +36,7 @@ log = logging.getLogger("noisystudent")
 
 CHECKPOINT_FORMAT = 1
 _NAME = re.compile(r"^step-(\d+)\.pt$")
-_TEMP = re.compile(r"^\.step-(\d+)\.pt\.tmp$")
+_TEMP = re.compile(r"^\.step-(\d+)\.pt(?:\.\d+)?\.tmp$")
 
 
 class TrainingPreempted(NoisyStudentError):

@@ -14,7 +14,6 @@ while a run goes on is safe. The report never trains or loads a model.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 from ..runtime.errors import NoisyStudentError
@@ -22,6 +21,7 @@ from ..runtime.rundir import REPORT, REPORT_HTML, REPORT_MD
 from .collect import collect_run
 from .gallery import PER_STRIP, ImageLoader, pool_loader
 from .html import iter_report_images, render_html
+from ..runtime.files import atomic_write
 from .markdown import render_markdown
 from .sections import build_document
 
@@ -33,19 +33,9 @@ __all__ = ["build_report", "iter_report_images"]
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    """Write to a unique temp file in the same folder, then rename over ``path``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    """The run's one write path (temp file of this process, then rename): a pipeline and a user
+    rebuilding the same report never see half a file."""
+    atomic_write(path, data)
 
 
 def build_report(run_dir: str | Path, *, load_image: ImageLoader | None = None, pool=None) -> dict[str, Path]:

@@ -1,5 +1,10 @@
 """Noisy Student self-training for image classifiers (Xie et al., CVPR 2020)."""
 
+# First, before anything imports torch: OpenMP reads its wait policy once, when torch loads.
+from .runtime import cpu as _cpu
+
+_cpu.configure()
+
 from .config.schema import Config, load_config
 from .runtime.errors import CheckpointError, ConfigError, DataError, NoisyStudentError
 

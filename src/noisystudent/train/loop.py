@@ -51,6 +51,7 @@ from ..config.schema import TrainConfig
 from ..runtime.distributed import (DistContext, all_gather_object, all_reduce_sum, any_rank, barrier, broadcast_object,
                           convert_sync_batchnorm, local_batch_size, wrap_ddp)
 from ..runtime.errors import CheckpointError, ConfigError
+from ..runtime.precision import choose_train_precision, resolve_precision
 from ..evaluate.classifier import evaluate_classifier
 from ..runtime.progress import progress_bar
 from .shuffle import FeistelPermutation
@@ -78,6 +79,8 @@ class TrainOutcome:
     history: list[dict] = field(default_factory=list)
     resumed_from_step: int = 0  # 0: started from scratch
     checkpoint: Path | None = None  # the last training checkpoint written or read
+    precision: str = "fp32"  # what trained: fp32, bf16 or fp16 (train.precision auto resolved)
+    precision_info: dict = field(default_factory=dict)  # why: requested, reason, measured img/s
 
 
 def smoothed_one_hot(labels: torch.Tensor, num_classes: int, smoothing: float) -> torch.Tensor:
@@ -192,18 +195,6 @@ def _stream(dataset: Dataset, global_batch: int, ctx: DistContext, seed: int, st
 # ------------------------------------------------------------------------------ building blocks
 
 
-def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for ``train.precision`` on ``device``; None means plain fp32."""
-    if precision == "auto":
-        # bf16 needs no loss scaling and is fast on current GPUs. On CPUs fp32 stays: CPUs without
-        # native bf16 emulate it slowly, and bf16 changes the numerics nobody asked to change.
-        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
-    if precision == "fp16" and device.type != "cuda":
-        raise ConfigError("train.precision=fp16 needs CUDA (its gradient scaler is CUDA-only); "
-                          "use bf16 or fp32")
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-
-
 def build_optimizer(model: nn.Module, cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
     """timm's optimizer factory; no weight decay on biases and norm layers (as the official code).
     Only parameters that require gradients are optimized (timm's parameter groups skip the rest:
@@ -258,6 +249,7 @@ class _Progress:
     best_epoch: int = -1
     best_state: dict = field(default_factory=dict)  # weights of the selected epoch, on the CPU
     history: list = field(default_factory=list)
+    precision: str = ""  # the precision chosen when the stage started ("": not yet chosen)
 
 
 # ------------------------------------------------------------------------------ checkpoints
@@ -308,6 +300,33 @@ def _resume(directory: Path | None, setup: dict, parts: dict,
 # ------------------------------------------------------------------------------ the loop
 
 
+def _choose_precision(requested: str, resumed: str, net: nn.Module, batch: tuple | None, loss_fn,
+                      ctx: DistContext) -> tuple[str, torch.dtype | None, dict]:
+    """The stage's precision: a resumed stage keeps the one it started with (so ``auto`` cannot
+    flip between runs); otherwise :func:`choose_train_precision` on the first batch, every rank
+    measuring (as they will train: side by side) and rank 0's choice applying to all."""
+    if resumed and (requested == "auto" or requested == resumed):
+        dtype = resolve_precision(resumed, ctx.device)
+        return resumed, dtype, {"requested": requested, "reason": "resumed: the precision the stage started with"}
+    if batch is None:  # no step left to run
+        return "fp32", None, {"requested": requested, "reason": "no training step"}
+    name, dtype, info = choose_train_precision(requested, net, batch[0], batch[1], loss_fn)
+    chosen = broadcast_object(name, ctx)
+    if chosen != name:
+        info = dict(info, chosen=chosen, reason=f"rank 0 chose {chosen} ({info['reason']} here)")
+        name, dtype = chosen, resolve_precision(chosen, ctx.device)
+    return name, dtype, info
+
+
+def _describe_precision(info: dict) -> str:
+    """One line for the log: the reason, and the measured rates behind an automatic choice."""
+    text = f"{info['reason']}"
+    if "fp32_img_s" in info:
+        text += (f"; fp32 {info['fp32_img_s']:g} img/s, bf16 {info['bf16_img_s']:g} img/s"
+                 f"{' (measured earlier in this process)' if info.get('cached') else ''}")
+    return text
+
+
 def train_classifier(model: nn.Module, labeled: Dataset, val: Dataset, cfg: TrainConfig, *,
                      num_classes: int, epochs: float, lr: float, ctx: DistContext,
                      pseudo: Dataset | None = None, seed: int = 0, num_workers: int = 0,
@@ -336,7 +355,7 @@ def train_classifier(model: nn.Module, labeled: Dataset, val: Dataset, cfg: Trai
                                 cfg.unlabeled_ratio)
     total_steps = max(1, math.ceil(epochs * per_epoch))
     num_epochs = math.ceil(total_steps / per_epoch)
-    autocast_dtype = resolve_precision(cfg.precision, device)
+    resolve_precision(cfg.precision, device)  # a precision this device cannot run fails before any work
 
     # The network that trains is the caller's model, or with sync_bn a copy whose BatchNorm layers
     # are synchronised (the caller's model keeps plain layers and receives the weights at the end).
@@ -348,7 +367,7 @@ def train_classifier(model: nn.Module, labeled: Dataset, val: Dataset, cfg: Trai
     eval_net = ema.module if ema is not None else net
     optimizer = build_optimizer(net, cfg, lr)
     scheduler = build_scheduler(optimizer, cfg, lr, per_epoch, total_steps)
-    scaler = _grad_scaler(device, enabled=autocast_dtype == torch.float16)
+    scaler = _grad_scaler(device, enabled=cfg.precision == "fp16")
     train_net = wrap_ddp(torch.compile(net) if cfg.compile else net, ctx)
     loss_fn = SoftTargetCrossEntropy()
     # Ranks start from the caller's common seed; each draws its own dropout / drop-path masks.
@@ -378,6 +397,24 @@ def train_classifier(model: nn.Module, labeled: Dataset, val: Dataset, cfg: Trai
     unl_iter = (_stream(pseudo, unl_batch, ctx, streams["pseudo"]["seed"], start_step, num_workers)
                 if use_pseudo else None)
     memory_format = torch.channels_last if cfg.channels_last else torch.preserve_format
+
+    def next_batch() -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = next(lab_iter)
+        targets = smoothed_one_hot(y, num_classes, cfg.label_smoothing)
+        if unl_iter is not None:
+            xu, tu = next(unl_iter)
+            x, targets = torch.cat([x, xu]), torch.cat([targets, tu.float()])
+        return (x.to(device, non_blocking=True, memory_format=memory_format),
+                targets.to(device, non_blocking=True))
+
+    # The first batch is loaded before the loop: `auto` measures the precision on it. (Loading
+    # draws from no global RNG, see SeededSamples, so this changes nothing else.)
+    first = next_batch() if start_step < total_steps else None
+    precision, autocast_dtype, precision_info = _choose_precision(cfg.precision, state.precision, net, first,
+                                                                  loss_fn, ctx)
+    state.precision = precision
+    if ctx.is_main and first is not None:
+        log.info(f"[{desc}] precision {precision}: {_describe_precision(precision_info)}")
     autocast = (functools.partial(torch.autocast, device.type, dtype=autocast_dtype) if autocast_dtype
                 else contextlib.nullcontext)
     running = torch.tensor(running_loss, device=device)
@@ -387,13 +424,7 @@ def train_classifier(model: nn.Module, labeled: Dataset, val: Dataset, cfg: Trai
     with catch_sigterm(enabled=checkpoint_dir is not None) as preemption:
         for step in bar:
             train_net.train()
-            x, y = next(lab_iter)
-            targets = smoothed_one_hot(y, num_classes, cfg.label_smoothing)
-            if unl_iter is not None:
-                xu, tu = next(unl_iter)
-                x, targets = torch.cat([x, xu]), torch.cat([targets, tu.float()])
-            x = x.to(device, non_blocking=True, memory_format=memory_format)
-            targets = targets.to(device, non_blocking=True)
+            (x, targets), first = first or next_batch(), None
             with autocast():
                 logits = train_net(x)
             loss = loss_fn(logits.float(), targets)  # the mean over this rank's share; DDP averages ranks
@@ -448,4 +479,5 @@ def train_classifier(model: nn.Module, labeled: Dataset, val: Dataset, cfg: Trai
                         best_val_top1=state.best_top1, epochs=num_epochs, steps=total_steps,
                         images_seen=total_steps * (lab_batch + unl_batch),
                         seconds=state.seconds + time.time() - started, history=state.history,
-                        resumed_from_step=start_step, checkpoint=last_checkpoint)
+                        resumed_from_step=start_step, checkpoint=last_checkpoint, precision=precision,
+                        precision_info=precision_info)

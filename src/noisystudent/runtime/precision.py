@@ -1,0 +1,159 @@
+"""Which precision runs fastest here: bf16 autocast is kept only where it is measured faster.
+
+On a CPU, bf16 autocast is 1.4-1.8x faster than fp32 where the CPU has native bf16 (AVX-512
+BF16, AMX) and up to 7x slower where it must emulate it; for some models it is neither. So
+``precision: auto`` does not guess from the CPU's flags: :func:`choose_train_precision` times a
+few training steps of the actual model on the actual first batch in both precisions and keeps
+bf16 only if it is at least :data:`BF16_MIN_SPEEDUP` faster. The labeler applies the same bar to
+inference (:func:`noisystudent.label.inference.calibrate_precision`, which also checks that bf16
+agrees with fp32). On CUDA, ``auto`` is bf16 wherever the GPU supports it, without measuring.
+
+The choice is cached per (model architecture, device, batch shape, threads) within a process, so
+the stages of a pipeline run, and benchmark repeats, do not measure again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from .errors import ConfigError
+
+__all__ = ["BF16_MIN_SPEEDUP", "PRECISIONS", "resolve_precision", "choose_train_precision",
+           "clear_precision_cache"]
+
+BF16_MIN_SPEEDUP = 1.05  # bf16 must be at least this much faster than fp32 to be chosen
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+CALIBRATION_ROUNDS = 3  # timed fp32/bf16 step pairs, after one warm-up step of each
+CALIBRATION_BUDGET_S = 1.0  # stop adding timed rounds once this much time has gone into them
+CLEARLY_SLOWER = 2.0  # bf16 this many times slower after one round: no need for more rounds
+
+_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+_cache: dict[tuple, dict] = {}
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``precision`` on ``device``; None means plain fp32.
+
+    ``auto`` is bf16 on a CUDA device that supports it; on a CPU it is decided by measuring
+    (:func:`choose_train_precision`), and without a measurement it is fp32.
+    """
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+    if precision == "fp16" and device.type != "cuda":
+        raise ConfigError("train.precision=fp16 needs CUDA (its gradient scaler is CUDA-only); "
+                          "use bf16 or fp32")
+    return _DTYPES[precision]
+
+
+def _name(dtype: torch.dtype | None) -> str:
+    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+
+
+def clear_precision_cache() -> None:
+    """Forget the measured choices (tests; or after the machine's load has changed for good)."""
+    _cache.clear()
+
+
+def _cache_key(net: nn.Module, x: torch.Tensor, device: torch.device) -> tuple:
+    params = sum(p.numel() for p in net.parameters())
+    memory = "channels_last" if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) else "contiguous"
+    return (type(net).__module__, type(net).__qualname__, params, tuple(x.shape), memory, str(device),
+            torch.get_num_threads())
+
+
+def _step_seconds(net: nn.Module, x: torch.Tensor, targets: torch.Tensor,
+                  loss_fn: Callable, dtype: torch.dtype | None) -> float:
+    """Seconds of one forward and backward pass (the optimizer's update is the same in both
+    precisions: the weights stay fp32)."""
+    start = time.perf_counter()
+    with torch.autocast(x.device.type, dtype=dtype) if dtype else contextlib.nullcontext():
+        logits = net(x)
+    loss_fn(logits.float(), targets).backward()
+    for p in net.parameters():
+        p.grad = None
+    return time.perf_counter() - start
+
+
+def measure_bf16(net: nn.Module, x: torch.Tensor, targets: torch.Tensor, loss_fn: Callable) -> dict:
+    """Time training steps of ``net`` on ``x`` in fp32 and bf16 autocast; returns the rates.
+
+    The steps alternate (fp32, bf16, fp32, ...) after one warm-up step each (it pays for kernel
+    selection), so a change in the machine's load hits both alike. ``net``'s parameters are not
+    updated; its buffers (BatchNorm statistics), gradients and the CPU RNG (dropout) are restored,
+    so a training run that calibrates ends bit-identical to one that does not.
+    """
+    buffers = {k: v.detach().clone() for k, v in net.named_buffers()}
+    was_training = net.training
+    rng = torch.get_rng_state()
+    started = time.perf_counter()
+    times = {"fp32": [], "bf16": []}
+    try:
+        net.train()
+        for dtype in (None, torch.bfloat16):  # warm-up
+            _step_seconds(net, x, targets, loss_fn, dtype)
+        timed = 0.0
+        for _ in range(CALIBRATION_ROUNDS):
+            for name, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
+                times[name].append(_step_seconds(net, x, targets, loss_fn, dtype))
+            timed += times["fp32"][-1] + times["bf16"][-1]
+            if timed > CALIBRATION_BUDGET_S or times["bf16"][-1] > CLEARLY_SLOWER * times["fp32"][-1]:
+                break
+    finally:
+        with torch.no_grad():
+            for k, v in net.named_buffers():
+                v.copy_(buffers[k])
+        for p in net.parameters():
+            p.grad = None
+        net.train(was_training)
+        torch.set_rng_state(rng)
+    images = len(x)
+    fp32_s, bf16_s = sum(times["fp32"]), sum(times["bf16"])
+    return {"fp32_img_s": round(images * len(times["fp32"]) / fp32_s, 1),
+            "bf16_img_s": round(images * len(times["bf16"]) / bf16_s, 1),
+            "bf16_speedup": round(fp32_s / bf16_s, 3), "calibration_steps": 2 + 2 * len(times["fp32"]),
+            "calibration_s": round(time.perf_counter() - started, 3), "batch": images}
+
+
+def choose_train_precision(precision: str, net: nn.Module, x: torch.Tensor, targets: torch.Tensor,
+                           loss_fn: Callable, *,
+                           measure: Callable[..., dict] | None = None) -> tuple[str, torch.dtype | None, dict]:
+    """The training precision for ``train.precision`` = ``precision``: ``(name, autocast dtype, info)``.
+
+    ``x`` and ``targets`` are a real training batch on the training device. An explicit
+    ``fp32``/``bf16``/``fp16`` is used as given. ``auto``: on CUDA, bf16 where supported; on a
+    CPU, bf16 only if :func:`measure_bf16` (or ``measure``, same signature) finds it at least
+    :data:`BF16_MIN_SPEEDUP` faster for this model. ``info`` says what was requested and why the
+    choice fell as it did, with the measured rates (``fp32_img_s``, ``bf16_img_s``,
+    ``bf16_speedup``) and ``cached: True`` when an earlier measurement in this process was reused.
+    """
+    device = x.device
+    dtype = resolve_precision(precision, device)
+    if precision != "auto":
+        return _name(dtype), dtype, {"requested": precision, "reason": "set in the config"}
+    if device.type != "cpu":
+        reason = "bf16 supported on this GPU" if dtype is not None else "no bf16 on this device"
+        return _name(dtype), dtype, {"requested": "auto", "reason": reason}
+    key = _cache_key(net, x, device)
+    if key in _cache:
+        info = dict(_cache[key], cached=True)
+    else:
+        try:
+            info = (measure or measure_bf16)(net, x, targets, loss_fn)
+        except RuntimeError as e:  # no bf16 kernel for some layer of this model on this CPU
+            info = {"error": str(e).splitlines()[0] if str(e) else type(e).__name__, "bf16_speedup": 0.0}
+        faster = info["bf16_speedup"] >= BF16_MIN_SPEEDUP
+        info = {"requested": "auto", **info, "chosen": "bf16" if faster else "fp32",
+                "reason": (f"bf16 measured {info['bf16_speedup']:.2f}x fp32 on this CPU "
+                           f"({'>=' if faster else '<'} {BF16_MIN_SPEEDUP})" if "error" not in info
+                           else "bf16 failed on this CPU")}
+        _cache[key] = info
+        info = dict(info, cached=False)
+    dtype = torch.bfloat16 if info["chosen"] == "bf16" else None
+    return info["chosen"], dtype, info

@@ -33,10 +33,13 @@ from noisystudent.runtime.rundir import CHECKPOINTS, LOCK, LOG, MANIFEST, SUMMAR
 # A digits run of a few seconds of compute: a teacher and one student, checkpoints every 2 steps,
 # and an evaluation long enough (corruptions) to be killed in the middle. fp32: `auto` precision
 # is chosen by timing, which could differ between the reference and the killed run.
+# The student trains at 12 px and is tested at 16 px, so a fix-res stage follows; 4-image label
+# shards give the label stage many shards to be killed between.
 TINY = ["teacher.epochs=4", "train.epochs=2", "train.batch_size=16", "train.checkpoint_every=2", "train.precision=fp32",
-        "data.val_per_class=5", "data.test_per_class=10", "data.max_unlabeled=200", "pseudo.threshold=0.0",
-        "students=[{model: ns_cnn_s}]", "evaluate.suites=[clean, corruptions]", "evaluate.max_images=40",
-        "evaluate.severities=[1, 3]"]
+        "data.val_per_class=5", "data.test_per_class=10", "data.max_unlabeled=400", "pseudo.threshold=0.0",
+        "pseudo.shard_size=4", "pseudo.precision=fp32", "finetune.epochs=2",
+        "students=[{model: ns_cnn_s, image_size: 12, test_size: 16}]", "evaluate.suites=[clean, corruptions]",
+        "evaluate.max_images=40", "evaluate.severities=[1, 3]"]
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
 
@@ -80,8 +83,12 @@ class Kill:
 KILLS = [
     Kill("teacher", lambda run: bool(_files(run, f"{CHECKPOINTS}/teacher/step-*.pt")),
          "[teacher] resuming from"),
+    Kill("label-1", lambda run: len(_files(run, "label-1/done/part-*.json")) >= 3,
+         "[label-1] resuming at the first unfinished shard"),
     Kill("student-1", lambda run: bool(_files(run, f"{CHECKPOINTS}/student-1/step-*.pt")),
          "[student-1] resuming from"),
+    Kill("fixres", lambda run: bool(_files(run, f"{CHECKPOINTS}/fixres/step-*.pt")),
+         "[fixres] resuming from"),
     Kill("evaluate", lambda run: bool(_files(run, f"{CHECKPOINTS}/evaluate/*/*.json")),
          "finished earlier ({run}/" + f"{CHECKPOINTS}/evaluate/"),
 ]

@@ -146,6 +146,10 @@ def label_stage(out: Path, name: str, teacher: dict, pool: UnlabeledSource, labe
     if manifest.num_bad:
         log.warning(f"[{name}] skipped {manifest.num_bad} unreadable unlabeled image(s); "
                     f"listed in {out / 'bad_images.tsv'}")
+    skipped = manifest.run.get("shards_skipped", 0)
+    if skipped:
+        log.info(f"[{name}] resuming at the first unfinished shard: {skipped} of {manifest.num_shards} "
+                 "shards were labeled earlier")
     log.info(f"[{name}] {manifest.num_rows} images labeled ({manifest.header.precision}), "
              f"{manifest.bytes_per_image:.1f} bytes/image")
     probe_dir = out / "probe-store"
@@ -288,8 +292,8 @@ def _loop(cfg: Config, stages: list[ResolvedStage], run: RunDir, runner: StageRu
             label_name = layout.label_stage(i)
             store = step(label_name, "label", lambda out: label_stage(out, label_name, teacher, pool, st.labeling, env),
                          lambda d: LabelStore.open(d, require_complete=True), in_place=True)
-            if i == 1 and ctx.is_main:  # readable and unreadable counts are known now
-                write_json_atomic(run.root / layout.DATA, data | {"num_unlabeled": store.num_rows,
+            if i == 1:  # readable and unreadable counts are known now
+                runner.write_json(run.root / layout.DATA, data | {"num_unlabeled": store.num_rows,
                                                                    "num_unlabeled_unreadable": store.manifest.num_bad})
             select_name = layout.select_stage(i)
             selection = step(select_name, "select", lambda out: select_stage(out, select_name, store, st.labeling, cfg),

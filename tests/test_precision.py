@@ -136,3 +136,46 @@ def test_a_resumed_stage_keeps_the_precision_it_started_with(tmp_path, monkeypat
     resumed = train_classifier(noisy_model(), labeled, val, student_config(precision="auto"), **kwargs)
     assert resumed.resumed_from_step == 3 and resumed.precision == "bf16"
     assert resumed.precision_info["reason"].startswith("resumed")
+
+
+MEASURE_SCRIPT = """
+import json, torch
+from timm.loss import SoftTargetCrossEntropy
+from noisystudent.models.factory import create_model
+from noisystudent.runtime.precision import choose_train_precision
+torch.manual_seed(0)
+model = create_model("ns_cnn_s_wide", 10, 1, dropout=0.3, drop_path=0.1)
+x, t = torch.randn(64, 1, 28, 28), torch.softmax(torch.randn(64, 10), 1)
+name, _, info = choose_train_precision("auto", model, x, t, SoftTargetCrossEntropy())
+print(json.dumps({"name": name, **info}))
+"""
+
+
+def _native_bf16() -> bool:
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+@pytest.mark.parametrize("isa, chosen", [
+    ("AVX2", "fp32"),  # oneDNN limited to AVX2: a CPU without native bf16, which emulates it slowly
+    pytest.param("", "bf16", marks=pytest.mark.skipif(not _native_bf16(), reason="needs a CPU with bf16")),
+])
+def test_real_calibration_on_a_cpu_with_and_without_bf16(isa, chosen):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", ONEDNN_MAX_CPU_ISA=isa)
+    if not isa:
+        env.pop("ONEDNN_MAX_CPU_ISA")
+    out = subprocess.run([sys.executable, "-c", MEASURE_SCRIPT], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    info = json.loads(out.stdout.strip().splitlines()[-1])
+    assert info["name"] == chosen, info
+    assert (info["bf16_speedup"] < 0.5) if chosen == "fp32" else (info["bf16_speedup"] >= 1.05)
+    assert info["calibration_s"] < 15  # a few steps, even with bf16 emulated on a busy machine

@@ -24,10 +24,10 @@ from ..runtime.distributed import DistContext, all_reduce_sum, barrier, broadcas
 from ..runtime.errors import ConfigError, DataError
 from .store import (StoreHeader, StoreManifest, consolidate, read_header, read_manifest,
                     remove_stale_temp_files, write_header, write_shard)
+from ..runtime.precision import BF16_MIN_SPEEDUP  # the speed bar training's `auto` applies too
 from ..runtime.progress import progress_bar
 
 BF16_MIN_AGREEMENT = 0.999  # bf16 must agree with fp32 on at least this share of top-1 labels
-BF16_MIN_SPEEDUP = 1.05  # and be at least this much faster, else fp32 is used
 CALIBRATION_IMAGES = 1024
 CALIBRATION_CHUNK = 64  # images per comparison: a teacher bf16 cannot label is caught after one
 TIMED_CHUNKS = 3  # chunks timed (after a warm-up chunk) before bf16's speed is judged

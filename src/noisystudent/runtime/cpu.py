@@ -39,9 +39,11 @@ from typing import Callable, MutableMapping
 __all__ = ["configure", "cpu_settings", "choose_threads", "usable_cores", "others_busy_cores",
            "SPIN_COUNT", "WAIT_KNOBS", "OFF_VARIABLE"]
 
-# Spin iterations before a waiting OpenMP thread sleeps: ~0.25 ms at the ~25 ns of an x86 `pause`
-# (libgomp's default is 300,000). Measured in docs/benchmarks.md ("CPU threads on a shared machine").
-SPIN_COUNT = 10000
+# Spin iterations before a waiting OpenMP thread sleeps: ~75 us at the ~25 ns of an x86 `pause`
+# (libgomp's default is 300,000). Next to a busy process, shorter was faster (1,000: 1.0x, 3,000:
+# 0.85x, 10,000: 0.6x, 300,000: 0.4x); 1,000 capped a step's best time at half the idle speed
+# where 3,000 did not. Measured in docs/benchmarks.md ("CPU threads on a shared machine").
+SPIN_COUNT = 3000
 # Variables that express a user's choice about OpenMP waiting; if any is set, none is touched.
 WAIT_KNOBS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
 OFF_VARIABLE = "NOISYSTUDENT_CPU_TUNING"

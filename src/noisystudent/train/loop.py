@@ -51,7 +51,9 @@ from ..config.schema import TrainConfig
 from ..runtime.distributed import (DistContext, all_gather_object, all_reduce_sum, any_rank, barrier, broadcast_object,
                           convert_sync_batchnorm, local_batch_size, wrap_ddp)
 from ..runtime.errors import CheckpointError, ConfigError
+from ..runtime.cpu import cpu_settings
 from ..runtime.precision import choose_train_precision, resolve_precision
+from ..data.device_input import DeviceInput, host_view
 from ..evaluate.classifier import evaluate_classifier
 from ..runtime.progress import progress_bar
 from .shuffle import FeistelPermutation
@@ -179,17 +181,23 @@ class SeededSamples(Dataset):
 
 
 def _stream(dataset: Dataset, global_batch: int, ctx: DistContext, seed: int, start_step: int,
-            num_workers: int) -> Iterator:
-    """Endless batches of this rank's share of ``dataset``, from global step ``start_step`` on.
-    A dataset that can only be streamed (a WebDataset pool's selection) makes its own batches."""
-    if hasattr(dataset, "stream"):
-        return dataset.stream(global_batch, ctx, seed, start_step, num_workers)
-    sampler = StreamSampler(len(dataset), global_batch, ctx, seed, start_step)
-    loader = DataLoader(SeededSamples(dataset, seed), batch_size=sampler.local_batch, sampler=sampler,
-                        num_workers=num_workers, pin_memory=ctx.device.type == "cuda",
-                        worker_init_fn=ignore_sigterm_in_worker if num_workers else None,
-                        generator=torch.Generator())  # its own: creating it must not draw from torch's RNG
-    return iter(loader)
+            num_workers: int, channels_last: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Endless ``(model input, target)`` batches of this rank's share of ``dataset``, on the
+    device, from global step ``start_step`` on. Workers return uint8 images (the dataset's
+    :func:`~noisystudent.data.device_input.host_view`), pinned on CUDA; the device does the
+    rest (:class:`~noisystudent.data.device_input.DeviceInput`). A dataset that can only be
+    streamed (a WebDataset pool's selection) makes its own host batches."""
+    view, transform = host_view(dataset)
+    if hasattr(view, "stream"):
+        host = view.stream(global_batch, ctx, seed, start_step, num_workers)
+    else:
+        sampler = StreamSampler(len(view), global_batch, ctx, seed, start_step)
+        host = iter(DataLoader(SeededSamples(view, seed), batch_size=sampler.local_batch, sampler=sampler,
+                               num_workers=num_workers, pin_memory=ctx.device.type == "cuda",
+                               worker_init_fn=ignore_sigterm_in_worker if num_workers else None,
+                               generator=torch.Generator()))  # its own: creating it must not draw from torch's RNG
+    inp = DeviceInput(ctx.device, transform.normalize if transform else None, channels_last)
+    return ((inp(x), y) for x, y in inp.batches(host))
 
 
 # ------------------------------------------------------------------------------ building blocks
@@ -315,6 +323,8 @@ def _choose_precision(requested: str, resumed: str, net: nn.Module, batch: tuple
     if chosen != name:
         info = dict(info, chosen=chosen, reason=f"rank 0 chose {chosen} ({info['reason']} here)")
         name, dtype = chosen, resolve_precision(chosen, ctx.device)
+    if ctx.device.type == "cpu":  # the rates depend on the threads: keep them with the choice
+        info = dict(info, cpu=cpu_settings())
     return name, dtype, info
 
 
@@ -324,6 +334,12 @@ def _describe_precision(info: dict) -> str:
     if "fp32_img_s" in info:
         text += (f"; fp32 {info['fp32_img_s']:g} img/s, bf16 {info['bf16_img_s']:g} img/s"
                  f"{' (measured earlier in this process)' if info.get('cached') else ''}")
+    if "cpu" in info:
+        cpu = info["cpu"]
+        others = cpu["configured"].get("threads", {}).get("others_busy_cores")
+        text += (f"; {cpu['threads']} CPU thread(s)"
+                 f"{f' (other processes kept {others:g} cores busy at start-up)' if others else ''}"
+                 + "".join(f", {k}={v}" for k, v in cpu["env"].items()))
     return text
 
 
@@ -393,19 +409,20 @@ def train_classifier(model: nn.Module, labeled: Dataset, val: Dataset, cfg: Trai
             log.info(f"[{desc}] resuming from {last_checkpoint} (step {state.step}/{total_steps})")
     start_step = state.step
 
-    lab_iter = _stream(labeled, lab_batch, ctx, streams["labeled"]["seed"], start_step, num_workers)
-    unl_iter = (_stream(pseudo, unl_batch, ctx, streams["pseudo"]["seed"], start_step, num_workers)
-                if use_pseudo else None)
-    memory_format = torch.channels_last if cfg.channels_last else torch.preserve_format
+    # Each stream is copied to the device on its own (pinned, non-blocking) and joined there:
+    # a joint batch concatenated on the CPU would be an unpinned copy, synchronous to send.
+    lab_iter = _stream(labeled, lab_batch, ctx, streams["labeled"]["seed"], start_step, num_workers,
+                       cfg.channels_last)
+    unl_iter = (_stream(pseudo, unl_batch, ctx, streams["pseudo"]["seed"], start_step, num_workers,
+                        cfg.channels_last) if use_pseudo else None)
 
     def next_batch() -> tuple[torch.Tensor, torch.Tensor]:
         x, y = next(lab_iter)
         targets = smoothed_one_hot(y, num_classes, cfg.label_smoothing)
         if unl_iter is not None:
             xu, tu = next(unl_iter)
-            x, targets = torch.cat([x, xu]), torch.cat([targets, tu.float()])
-        return (x.to(device, non_blocking=True, memory_format=memory_format),
-                targets.to(device, non_blocking=True))
+            x, targets = torch.cat([x, xu]), torch.cat([targets, tu.float()])  # cat keeps channels_last
+        return x, targets
 
     # The first batch is loaded before the loop: `auto` measures the precision on it. (Loading
     # draws from no global RNG, see SeededSamples, so this changes nothing else.)
@@ -441,7 +458,8 @@ def train_classifier(model: nn.Module, labeled: Dataset, val: Dataset, cfg: Trai
 
             epoch = math.ceil(done / per_epoch)
             if (done % per_epoch == 0 and epoch % cfg.eval_every == 0) or done == total_steps:
-                metrics = evaluate_classifier(eval_net, val, device, ctx=ctx)
+                metrics = evaluate_classifier(eval_net, val, device, ctx=ctx, num_workers=num_workers,
+                                              channels_last=cfg.channels_last)
                 # Ranks hold equal shares, so the mean of their running losses is the global one.
                 loss_value = all_reduce_sum(running.detach().clone(), ctx).item() / ctx.world_size
                 record = {"epoch": epoch, "step": done, "loss": loss_value, "val_top1": metrics["top1"],

@@ -1,18 +1,30 @@
 """Image transforms: clean (for the teacher's labeling and evaluation) and noisy (for training).
 
+Each transform comes in two parts (:class:`ImageTransform`): a CPU part, run in DataLoader
+workers, that decodes, crops, flips and applies RandAugment and ends in a **uint8** CHW tensor
+(a quarter of the bytes of float32 through worker shared memory, pinned memory and the
+host-to-device copy); and a device part, :class:`Normalize`, that converts to float and
+normalises the whole batch where it will be used (:mod:`noisystudent.data.device_input`).
+Calling an :class:`ImageTransform` runs both on the CPU and gives, bit for bit, what
+torchvision's ``ToTensor`` + ``Normalize`` gave.
+
 Input noise is timm's RandAugment; the paper's magnitude 27 is on the official scale where 10 is
 the nominal maximum, so the timm string raises ``mmax`` to admit it (``rand-n2-m27-mmax27``).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
+import torch
+import torch.nn as nn
 import torchvision.transforms as T
 from PIL import Image
 from timm.data.auto_augment import rand_augment_transform
 
 from ..config.schema import NoiseConfig
+from ..runtime.errors import ConfigError
 from .datasets import convert_image
 
 # Below this size images are small (digits, MNIST-like): resize whole and pad-crop, since a
@@ -31,31 +43,95 @@ class ToMode:
         return convert_image(img, self.mode)
 
 
+class Normalize(nn.Module):
+    """The device part of every transform: uint8 (or [0, 255]-valued) images, one (C, H, W) or a
+    batch (N, C, H, W), to float32 ``(x / 255 - mean) / std``. The same float32 operations, in
+    the same order, as torchvision's ``ToTensor`` (divides by 255) then ``Normalize``, so CPU
+    results are unchanged to the bit; on a GPU it runs once per batch instead of once per image."""
+
+    def __init__(self, mean: tuple, std: tuple):
+        super().__init__()
+        if len(mean) != len(std) or not mean or any(s <= 0 for s in std):
+            raise ConfigError(f"normalisation needs one mean and one std > 0 per channel, got mean {mean}, std {std}")
+        self.mean, self.std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
+        self._stats: dict = {}  # (device) -> (mean, std) tensors, made once per device
+
+    def _on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        key = str(device)
+        if key not in self._stats:
+            self._stats[key] = tuple(torch.tensor(v, dtype=torch.float32, device=device).view(-1, 1, 1)
+                                     for v in (self.mean, self.std))
+        return self._stats[key]
+
+    def __getstate__(self) -> dict:  # pickled into workers and checkpoints without device tensors
+        return self.__dict__ | {"_stats": {}}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-3] != len(self.mean):
+            raise ValueError(f"images with {x.shape[-3]} channels, normalisation for {len(self.mean)}")
+        mean, std = self._on(x.device)
+        return x.to(torch.float32).div(255).sub(mean).div(std)
+
+    def extra_repr(self) -> str:
+        return f"mean={self.mean}, std={self.std}"
+
+
+@dataclass
+class ImageTransform:
+    """A PIL image to a normalised tensor, in two parts: ``host`` (PIL image -> uint8 CHW tensor,
+    in the loader's workers) and ``normalize`` (on the device, per batch). ``deterministic``:
+    the same image always gives the same tensor (no augmentation), so its results may be cached.
+    ``geometry``: ``("resize", size)`` (small images: resized whole) or ``("resize-crop", short
+    side, size)`` for a deterministic transform (what GPU JPEG decoding must reproduce), else None.
+    Calling it runs both parts on the CPU."""
+
+    host: Callable
+    normalize: Normalize
+    deterministic: bool
+    channels: int
+    geometry: tuple | None = None
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        return self.normalize(self.host(img))
+
+
 def randaugment_spec(ops: int, magnitude: float) -> str:
     """timm's RandAugment config string for N ops at magnitude M on the official scale."""
     mmax = max(10.0, float(magnitude))
     return f"rand-n{ops}-m{magnitude:g}-mmax{mmax:g}"
 
 
-def pixel_transform(size: int, channels: int) -> Callable:
-    """Un-augmented pixels in [0, 1]: resize (small images) or resize + centre crop (large images).
-    Robustness suites corrupt and attack these before normalising."""
-    steps: list = [ToMode(channels)]
+def _eval_geometry(size: int) -> tuple:
     if size < SMALL_IMAGE:
+        return ("resize", size)
+    return ("resize-crop", int(round(size / CENTER_CROP_FRACTION)), size)
+
+
+def _eval_steps(size: int, channels: int) -> list:
+    steps: list = [ToMode(channels)]
+    geometry = _eval_geometry(size)
+    if geometry[0] == "resize":
         steps.append(T.Resize((size, size), antialias=True))
     else:
-        steps += [T.Resize(int(round(size / CENTER_CROP_FRACTION)), antialias=True), T.CenterCrop(size)]
-    steps.append(T.ToTensor())
-    return T.Compose(steps)
+        steps += [T.Resize(geometry[1], antialias=True), T.CenterCrop(size)]
+    return steps
 
 
-def eval_transform(size: int, channels: int, mean: tuple, std: tuple) -> Callable:
+def pixel_transform(size: int, channels: int) -> Callable:
+    """Un-augmented pixels in [0, 1]: resize (small images) or resize + centre crop (large images).
+    Robustness suites corrupt and attack these before normalising (inside the model), so they
+    stay float on the CPU."""
+    return T.Compose([*_eval_steps(size, channels), T.ToTensor()])
+
+
+def eval_transform(size: int, channels: int, mean: tuple, std: tuple) -> ImageTransform:
     """Un-augmented and normalised: what the teacher labels and what evaluation sees."""
-    return T.Compose([pixel_transform(size, channels), T.Normalize(mean, std)])
+    return ImageTransform(T.Compose([*_eval_steps(size, channels), T.PILToTensor()]), Normalize(mean, std),
+                          deterministic=True, channels=channels, geometry=_eval_geometry(size))
 
 
 def train_transform(size: int, channels: int, mean: tuple, std: tuple, noise: NoiseConfig,
-                    flip: bool) -> Callable:
+                    flip: bool) -> ImageTransform:
     """Noisy when ``noise.augment``: crop (+flip) and RandAugment; otherwise the eval transform."""
     if not noise.augment:
         return eval_transform(size, channels, mean, std)
@@ -70,5 +146,5 @@ def train_transform(size: int, channels: int, mean: tuple, std: tuple, noise: No
         fill = (128,) * channels
         steps.append(rand_augment_transform(
             randaugment_spec(noise.randaugment_ops, noise.randaugment_magnitude), {"img_mean": fill}))
-    steps += [T.ToTensor(), T.Normalize(mean, std)]
-    return T.Compose(steps)
+    steps.append(T.PILToTensor())
+    return ImageTransform(T.Compose(steps), Normalize(mean, std), deterministic=False, channels=channels)

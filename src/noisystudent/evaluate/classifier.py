@@ -8,12 +8,13 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import Dataset
 
 from ..models.checkpoint import load_model
 from ..config.schema import EvaluateConfig
 from ..data.datasets import ImageSet, TransformedSet
-from ..runtime.distributed import DistContext, all_reduce_sum, shard_indices
+from ..data.device_input import eval_batches, wants_channels_last
+from ..runtime.distributed import DistContext, all_reduce_sum
 from ..runtime.progress import progress_bar
 from ..robustness import evaluate_robustness, plot_robustness
 from ..runtime.files import write_error
@@ -26,24 +27,34 @@ log = logging.getLogger("noisystudent")
 @torch.inference_mode()
 def evaluate_classifier(model: nn.Module, dataset: Dataset, device: torch.device, *, batch_size: int = 256,
                         num_workers: int = 0, ctx: DistContext | None = None, progress: bool = False,
-                        desc: str = "eval") -> dict:
-    """Top-1 and top-5 accuracy (in %) of ``model`` in eval mode; sharded over ranks if distributed."""
+                        desc: str = "eval", channels_last: bool | None = None) -> dict:
+    """Top-1 and top-5 accuracy (in %) of ``model`` in eval mode; sharded over ranks if distributed.
+
+    Images come through the one device input path (:func:`noisystudent.data.device_input.eval_batches`:
+    uint8 from the workers, normalised on the device, cached there after the first pass when
+    the set is un-augmented and fits). ``channels_last``: the input's layout (None: as the
+    model's weights). Hits are counted on the device and read once, at the end.
+    """
+    device = torch.device(device)
     ctx = ctx or DistContext(device=device)
-    part = Subset(dataset, list(shard_indices(len(dataset), ctx))) if ctx.distributed else dataset
-    loader = DataLoader(part, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    if channels_last is None:
+        channels_last = wants_channels_last(model)
     was_training = model.training
     model.eval()
-    counts = torch.zeros(3, dtype=torch.float64)
-    for x, y in progress_bar(loader, desc=desc, unit="batch", enabled=progress):
-        logits = model(x.to(device, non_blocking=True)).float().cpu()
-        k = min(5, logits.shape[1])
-        topk = logits.topk(k, dim=1).indices
-        hit = topk == y.view(-1, 1)
-        counts += torch.tensor([hit[:, 0].sum().item(), hit.any(1).sum().item(), len(y)], dtype=torch.float64)
+    hits = torch.zeros(2, dtype=torch.int64, device=device)
+    seen = 0
+    batches = eval_batches(dataset, device, batch_size=batch_size, num_workers=num_workers, ctx=ctx,
+                           channels_last=channels_last)
+    for x, y in progress_bar(batches, desc=desc, unit="batch", enabled=progress):
+        logits = model(x).float()
+        hit = logits.topk(min(5, logits.shape[1]), dim=1).indices == y.to(logits.device).view(-1, 1)
+        hits += torch.stack([hit[:, 0].sum(), hit.any(1).sum()]).to(hits.device)
+        seen += len(y)
     model.train(was_training)
-    counts = all_reduce_sum(counts, ctx)
-    n = max(1.0, counts[2].item())
-    return {"top1": 100.0 * counts[0].item() / n, "top5": 100.0 * counts[1].item() / n, "n": int(counts[2].item())}
+    # On ctx.device: NCCL reduces GPU tensors only, gloo CPU ones.
+    counts = all_reduce_sum(torch.cat([hits.to(ctx.device), torch.tensor([seen], device=ctx.device)]), ctx).tolist()
+    n = max(1, counts[2])
+    return {"top1": 100.0 * counts[0] / n, "top5": 100.0 * counts[1] / n, "n": int(counts[2])}
 
 
 def evaluate_checkpoints(checkpoints: dict[str, Path], images: ImageSet, cfg: EvaluateConfig, *, channels: int,

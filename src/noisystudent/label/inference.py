@@ -19,13 +19,16 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..config.schema import PseudoLabelConfig
-from ..data.pool import UnlabeledSource, decode_image
+from ..data.device_input import DeviceInput
+from ..data.pool import UnlabeledSource
+from ..data.transforms import ImageTransform, Normalize
 from ..runtime.distributed import DistContext, all_reduce_sum, barrier, broadcast_object, shard_indices
 from ..runtime.errors import ConfigError, DataError
 from .store import (StoreHeader, StoreManifest, consolidate, read_header, read_manifest,
                     remove_stale_temp_files, write_header, write_shard)
 from ..runtime.precision import BF16_MIN_SPEEDUP  # the speed bar training's `auto` applies too
 from ..runtime.progress import progress_bar
+from .jpeg_decode import DECODERS, DecodeAndTransform, EncodedOrDecoded, GpuJpegDecoder, choose_decoder
 
 BF16_MIN_AGREEMENT = 0.999  # bf16 must agree with fp32 on at least this share of top-1 labels
 CALIBRATION_IMAGES = 1024
@@ -44,20 +47,28 @@ def _reason(e: Exception) -> str:
 
 
 class ShardBatches(IterableDataset):
-    """Batches of decoded, transformed images, whole shards at a time.
+    """Batches of loaded images, whole shards at a time.
 
+    ``load`` maps a payload to a tensor (:class:`~noisystudent.label.jpeg_decode.DecodeAndTransform`:
+    decoded and transformed, uint8 for our transforms; ``EncodedOrDecoded`` for GPU decoding).
     Worker ``w`` of ``W`` takes shards ``w, w + W, ...`` of its list. Each yielded batch is a dict:
     ``shard`` (index), ``keys`` and ``pos`` (key and item position in the shard of each image),
-    ``x`` (stacked tensor or None), ``bad`` (list of ``(key, reason)``), ``last`` (the shard's
-    final batch; a shard always ends with one, even when empty) and ``items`` (the shard's item
-    count, on the last batch). Decoding errors are caught here, so a bad image never stops a worker.
+    ``x`` (stacked tensor, or the list of tensors when not ``stack``; None when empty), ``bad``
+    (list of ``(key, reason)``), ``last`` (the shard's final batch; a shard always ends with one,
+    even when empty) and ``items`` (the shard's item count, on the last batch). Decoding errors
+    are caught here, so a bad image never stops a worker.
     """
 
-    def __init__(self, source: UnlabeledSource, shards: Sequence[int], transform: Callable, batch_size: int):
+    def __init__(self, source: UnlabeledSource, shards: Sequence[int], load: Callable, batch_size: int,
+                 stack: bool = True):
         self.source = source
         self.shards = list(shards)
-        self.transform = transform
+        self.load = load
         self.batch_size = batch_size
+        self.stack = stack
+
+    def _collate(self, tensors: list[torch.Tensor]):
+        return (torch.stack(tensors) if self.stack else tensors) if tensors else None
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -75,8 +86,8 @@ class ShardBatches(IterableDataset):
         for item, (key, payload) in enumerate(self.source.iter_shard(shard)):
             items = item + 1
             try:
-                x = self.transform(decode_image(payload))
-                if shape is None:
+                x = self.load(payload)
+                if shape is None or not self.stack:
                     shape = x.shape
                 elif x.shape != shape:
                     raise DataError(f"transform gave shape {tuple(x.shape)}, expected {tuple(shape)}")
@@ -87,10 +98,10 @@ class ShardBatches(IterableDataset):
             pos.append(item)
             tensors.append(x)
             if len(keys) == self.batch_size:
-                yield {"shard": shard, "keys": keys, "pos": pos, "x": torch.stack(tensors), "bad": bad,
+                yield {"shard": shard, "keys": keys, "pos": pos, "x": self._collate(tensors), "bad": bad,
                        "last": False, "items": -1}
                 keys, pos, tensors, bad = [], [], [], []
-        yield {"shard": shard, "keys": keys, "pos": pos, "x": torch.stack(tensors) if tensors else None,
+        yield {"shard": shard, "keys": keys, "pos": pos, "x": self._collate(tensors),
                "bad": bad, "last": True, "items": items}
 
 
@@ -173,18 +184,19 @@ def prepare_model(model: nn.Module, device: torch.device, channels_last: bool = 
 
 
 class Predictor:
-    """Runs the prepared teacher on a batch and returns top-k of ``softmax(logits / T)``."""
+    """Runs the prepared teacher on a batch and returns top-k of ``softmax(logits / T)``. Input
+    batches go through :class:`~noisystudent.data.device_input.DeviceInput` (``normalize``: the
+    transform's device part for uint8 batches; None for batches already normalised)."""
 
     def __init__(self, model: nn.Module, device: torch.device, precision: str, temperature: float,
-                 top_k: int, channels_last: bool = True):
+                 top_k: int, channels_last: bool = True, normalize: Normalize | None = None):
         self.model, self.device, self.precision = model, device, precision
         self.temperature, self.top_k, self.channels_last = temperature, top_k, channels_last
+        self.input = DeviceInput(device, normalize, channels_last)
 
     @torch.inference_mode()
     def logits(self, x: torch.Tensor, precision: str | None = None) -> torch.Tensor:
-        x = x.to(self.device, non_blocking=True)
-        if self.channels_last and x.dim() == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = self.input(x)
         bf16 = (precision or self.precision) == "bf16"
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
             return self.model(x).float()
@@ -254,14 +266,14 @@ def calibrate_precision(predictor: Predictor, batches: Iterable[torch.Tensor],
     return "bf16", info | {"calibration_images": seen, "bf16_top1_agreement": 1 - disagree / seen}
 
 
-def _calibration_batches(source: UnlabeledSource, transform: Callable, batch_size: int,
+def _calibration_batches(source: UnlabeledSource, load: Callable, batch_size: int,
                          max_shards: int = 8) -> Iterator[torch.Tensor]:
     """Decoded batches from the first shards, read in the main process only as far as needed.
 
     Decoding runs on one intra-op thread, as it does in DataLoader workers: per-image tensor ops
     gain nothing from a thread team, and on a busy machine its barriers cost far more than the ops.
     """
-    batches = iter(ShardBatches(source, range(min(max_shards, source.num_shards)), transform, batch_size))
+    batches = iter(ShardBatches(source, range(min(max_shards, source.num_shards)), load, batch_size))
     threads = torch.get_num_threads()
     while True:
         torch.set_num_threads(1)
@@ -309,7 +321,7 @@ class _ShardBuffer:
     bad: list[tuple[str, str]] = field(default_factory=list)
 
 
-def _setup_store(store_dir: Path, source: UnlabeledSource, predictor: Predictor, transform: Callable,
+def _setup_store(store_dir: Path, source: UnlabeledSource, predictor: Predictor, load: Callable,
                  requested: dict, precision: str, batch_size: int) -> tuple[StoreHeader, list[int], dict]:
     """Rank 0: create or validate the store header, clean up a killed run; list pending shards."""
     header = read_header(store_dir)
@@ -326,7 +338,7 @@ def _setup_store(store_dir: Path, source: UnlabeledSource, predictor: Predictor,
         remove_stale_temp_files(store_dir)
     else:
         if precision == "auto":
-            precision, info = calibrate_precision(predictor, _calibration_batches(source, transform, batch_size))
+            precision, info = calibrate_precision(predictor, _calibration_batches(source, load, batch_size))
         header = StoreHeader(precision=precision, source=wanted.source, **requested)
         write_header(store_dir, header)
     pending = read_manifest(store_dir).pending()
@@ -338,7 +350,8 @@ def label_to_store(model: nn.Module, source: UnlabeledSource, store_dir: Path | 
                    top_k: int = PseudoLabelConfig.top_k,
                    temperature: float = 1.0, hard: bool = False, batch_size: int = 256,
                    num_workers: int | None = None, ctx: DistContext | None = None, precision: str = "auto",
-                   channels_last: bool = True, fold_bn: bool = True, progress: bool = True) -> StoreManifest:
+                   channels_last: bool = True, fold_bn: bool = True, progress: bool = True,
+                   decode: str = "auto") -> StoreManifest:
     """Label every shard of ``source`` not yet in the store with the teacher (no noise).
 
     Resumable: finished shards are skipped, never recomputed; a resumed run must use the same
@@ -348,7 +361,11 @@ def label_to_store(model: nn.Module, source: UnlabeledSource, store_dir: Path | 
     ``precision``: ``"auto"`` measures bf16 autocast against fp32 on the first 1024 images and
     keeps it only if it is faster and agrees on >= 99.9% of top-1 labels; the choice is stored, so
     a resumed run uses the same. ``transform`` maps a PIL image (any mode) to a tensor; it runs in
-    the ``num_workers`` DataLoader workers (default: :func:`default_num_workers`).
+    the ``num_workers`` DataLoader workers (default: :func:`default_num_workers`); for an
+    :class:`~noisystudent.data.transforms.ImageTransform` only its CPU part does (uint8 out), and
+    the batches are normalised on ``device``. ``decode``: ``auto`` decodes JPEG pools on the GPU
+    where that measures faster (:func:`noisystudent.label.jpeg_decode.choose_decoder`; never on a
+    CPU), ``cpu`` always in the workers, ``cuda`` on the GPU wherever it can.
     Unreadable images are skipped and listed in ``<store>/bad_images.tsv``.
     Returns the store's manifest, with this run's statistics in ``manifest.run``.
     """
@@ -361,8 +378,14 @@ def label_to_store(model: nn.Module, source: UnlabeledSource, store_dir: Path | 
         raise ConfigError(f"temperature must be > 0, got {temperature}")
     if top_k < 1 or batch_size < 1:
         raise ConfigError("top_k and batch_size must be >= 1")
+    if decode not in DECODERS:
+        raise ConfigError(f"decode must be one of {DECODERS}, got {decode!r}")
+    if decode == "cuda" and device.type != "cuda":
+        raise ConfigError(f"decode='cuda' needs a CUDA device, labeling runs on {device}")
     num_workers = default_num_workers() if num_workers is None else int(num_workers)
     k = min(int(top_k), int(num_classes))
+    split = isinstance(transform, ImageTransform)  # workers run its CPU part, the device normalises
+    load = DecodeAndTransform(transform.host if split else transform)
     requested = dict(num_classes=int(num_classes), teacher=str(teacher), top_k=k,
                      temperature=float(temperature), hard=bool(hard))
 
@@ -370,12 +393,12 @@ def label_to_store(model: nn.Module, source: UnlabeledSource, store_dir: Path | 
         store_dir.mkdir(parents=True, exist_ok=True)
     source.prepare(store_dir / "source", ctx)
     predictor = Predictor(prepare_model(model, device, channels_last, fold_bn), device, "fp32",
-                          float(temperature), k, channels_last)
+                          float(temperature), k, channels_last, transform.normalize if split else None)
 
     setup: tuple | str = ""
     if ctx.is_main:
         try:
-            setup = _setup_store(store_dir, source, predictor, transform, requested, precision, batch_size)
+            setup = _setup_store(store_dir, source, predictor, load, requested, precision, batch_size)
         except (DataError, OSError) as e:
             setup = str(e)
     setup = broadcast_object(setup, ctx)  # an error on rank 0 stops every rank, not only rank 0
@@ -384,20 +407,29 @@ def label_to_store(model: nn.Module, source: UnlabeledSource, store_dir: Path | 
     header, pending, calibration = setup
     predictor.precision = header.precision
     mine = [pending[i] for i in shard_indices(len(pending), ctx)]
+    decoding: tuple = (False, {"decoder": "cpu", "reason": "nothing to label"})
+    if ctx.is_main and pending:  # rank 0 measures, every rank decodes the same way
+        decoding = choose_decoder(decode, device, transform, source, num_workers, predictor.logits)
+    use_gpu, decode_info = broadcast_object(decoding, ctx)
+    decoder = GpuJpegDecoder(device, transform) if use_gpu else None
+    if use_gpu:
+        load = EncodedOrDecoded(transform.host)
 
     start = time.perf_counter()
-    labeled, num_bad, shards_done = _label_shards(predictor, source, mine, store_dir, header, transform,
+    labeled, num_bad, shards_done = _label_shards(predictor, source, mine, store_dir, header, load, decoder,
                                                   batch_size, num_workers, device, progress and ctx.is_main)
     elapsed = time.perf_counter() - start
-    totals = all_reduce_sum(torch.tensor([labeled, num_bad, shards_done], dtype=torch.int64), ctx).tolist()
+    # Reduced on ctx.device: NCCL reduces GPU tensors only, gloo CPU ones.
+    totals = all_reduce_sum(torch.tensor([labeled, num_bad, shards_done], dtype=torch.int64, device=ctx.device),
+                            ctx).tolist()
     elapsed = max(all_reduce_sum(torch.tensor([elapsed if r == ctx.rank else 0.0
-                                               for r in range(ctx.world_size)], dtype=torch.float64),
-                                 ctx).tolist())
+                                               for r in range(ctx.world_size)], dtype=torch.float64,
+                                              device=ctx.device), ctx).tolist())
     run = {"images_labeled": totals[0], "images_bad": totals[1], "shards_labeled": totals[2],
            "shards_skipped": header.source["num_shards"] - len(pending), "seconds": round(elapsed, 3),
            "images_per_s": round(totals[0] / elapsed, 1) if elapsed > 0 else None,
            "precision": header.precision, "calibration": calibration, "world_size": ctx.world_size,
-           "num_workers": num_workers, "batch_size": batch_size, "device": str(device)}
+           "num_workers": num_workers, "batch_size": batch_size, "device": str(device), "decode": decode_info}
     barrier(ctx)  # every rank's shards are written before rank 0 lists them
     manifest: StoreManifest | str = ""
     if ctx.is_main:
@@ -412,13 +444,15 @@ def label_to_store(model: nn.Module, source: UnlabeledSource, store_dir: Path | 
 
 
 def _label_shards(predictor: Predictor, source: UnlabeledSource, shards: list[int], store_dir: Path,
-                  header: StoreHeader, transform: Callable, batch_size: int, num_workers: int,
-                  device: torch.device, progress: bool) -> tuple[int, int, int]:
-    """Label ``shards`` (this rank's) and write each as soon as its last batch is predicted."""
+                  header: StoreHeader, load: Callable, decoder: GpuJpegDecoder | None, batch_size: int,
+                  num_workers: int, device: torch.device, progress: bool) -> tuple[int, int, int]:
+    """Label ``shards`` (this rank's) and write each as soon as its last batch is predicted.
+    Batches reach the device through the predictor's :class:`DeviceInput` (pinned, copied one
+    ahead); with ``decoder`` the workers' encoded JPEGs are decoded there first."""
     if not shards:
         return 0, 0, 0
     num_workers = min(num_workers, len(shards))  # a worker without a shard would only cost memory
-    loader = DataLoader(ShardBatches(source, shards, transform, batch_size), batch_size=None,
+    loader = DataLoader(ShardBatches(source, shards, load, batch_size, stack=decoder is None), batch_size=None,
                         num_workers=num_workers, pin_memory=device.type == "cuda",
                         prefetch_factor=2 if num_workers else None)
     lengths = [source.shard_length(s) for s in shards]
@@ -427,15 +461,20 @@ def _label_shards(predictor: Predictor, source: UnlabeledSource, shards: list[in
     buffers: dict[int, _ShardBuffer] = {}
     labeled = num_bad = done = 0
     try:
-        for batch in loader:
+        for batch in predictor.input.batches(loader):
             buf = buffers.setdefault(batch["shard"], _ShardBuffer())
-            if batch["x"] is not None:
-                idx, prob = predictor(batch["x"])
-                buf.keys.extend(batch["keys"])
-                buf.pos.extend(batch["pos"])
+            x, keys, pos = batch["x"], batch["keys"], batch["pos"]
+            buf.bad.extend(batch["bad"])
+            if decoder is not None and x is not None:
+                x, kept, failed = decoder(x)
+                buf.bad.extend((keys[i], reason) for i, reason in failed)
+                keys, pos = [keys[i] for i in kept], [pos[i] for i in kept]
+            if x is not None:
+                idx, prob = predictor(x)
+                buf.keys.extend(keys)
+                buf.pos.extend(pos)
                 buf.idx.append(idx)
                 buf.prob.append(prob)
-            buf.bad.extend(batch["bad"])
             bar.update(len(batch["keys"]) + len(batch["bad"]))
             if batch["last"]:
                 shard = batch["shard"]

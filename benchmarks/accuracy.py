@@ -1,7 +1,7 @@
 """Reproduce the paper's claims at small scale, with seeds and ablations.
 
     python benchmarks/accuracy.py --jobs 2              # Fashion-MNIST, 3 seeds, on 2 cores
-    python benchmarks/accuracy.py --quick               # smoke run (< 5 min)
+    python benchmarks/accuracy.py --quick               # smoke run (a few minutes)
     python benchmarks/accuracy.py --dataset digits      # a second data point
 
 Variants (each over the seeds; the test split is only ever reported, never used for selection):
@@ -12,13 +12,23 @@ Variants (each over the seeds; the test split is only ever reported, never used 
   hard-labels          the first student of the chain with hard pseudo labels
   no-balancing         the first student of the chain without class balancing
   no-iteration         one student of the final architecture, taught by the teacher directly
+  ood-{soft,hard}-t{0.3,0}
+                       out of domain: the first student on a pool of the dataset's remainder plus
+                       as many images that belong to no class (scikit-learn's 8x8 digits upscaled
+                       to 28 px, written as a PNG folder and passed as ``data.unlabeled``), with
+                       soft or hard labels, the 0.3 confidence threshold on or off (Fashion-MNIST
+                       only by default: on digits the "out-of-domain" digits would be in domain)
   oracle               the final architecture trained on every training label (supervised), for
-                       the same number of epochs as that student
+                       the same number of epochs as that student (compute-matched)
+  oracle-converged     the same on every label with a fixed budget that reaches its plateau
+                       (``CONVERGED``); computed once per seed and cached by config fingerprint
 Each seed's teacher is trained once; every other variant of that seed starts from it
 (``teacher.pretrained`` + ``teacher.epochs=0``), so variants differ only in what they ablate.
 The label ablations train one iteration and compare with noisy-student-iter1, as the paper
 studies them (one B0 student from a B0 teacher); a whole chain per ablation would not fit the
-90-minute budget. ``COMPARE_WITH`` names each ablation's reference.
+90-minute budget. ``COMPARE_WITH`` names each variant's reference; the four out-of-domain
+variants are compared with each other. ``gap_closed`` is (student - teacher) / (oracle -
+teacher) with the compute-matched oracle, ``gap_closed_converged`` the same with the converged one.
 
 Work is scheduled per (seed, variant) over ``--jobs`` worker processes with one torch thread
 each, longest tasks first, so all cores stay busy to the end. The last line printed is a JSON
@@ -46,6 +56,8 @@ import torch
 from noisystudent.config.schema import ABLATIONS, load_config
 from noisystudent.pipeline import run_pipeline
 
+from ood_digits import ood_stats, write_ood_pool  # benchmarks/ is on sys.path (the script's folder)
+
 CONFIGS = {"fashion-mnist": "configs/fashion-mnist.yaml", "digits": "configs/digits.yaml"}
 QUICK = {
     "fashion-mnist": ["teacher.epochs=15", "train.epochs=1", "data.max_unlabeled=3000",
@@ -54,10 +66,29 @@ QUICK = {
 }
 # The oracle sees every training label; --quick caps it so the smoke run stays short.
 QUICK_ORACLE = {"fashion-mnist": ["data.labels_per_class=400"], "digits": []}
+# The converged oracle's fixed budget, applied after the run's overrides. Fashion-MNIST: issue 17's
+# run of ns_cnn_s_wide on all labels reached 92.40 val / 92.16 test with its best epoch 9 of 10.
+# Digits: not checked against a longer run; the output says when the best epoch is the last one.
+CONVERGED = {"fashion-mnist": ["teacher.epochs=10", "train.batch_size=128", "teacher.lr=0.1",
+                               "train.precision=fp32"],
+             "digits": ["teacher.epochs=100"]}
+QUICK_CONVERGED = {"fashion-mnist": ["teacher.epochs=1"], "digits": ["teacher.epochs=10"]}
+CACHE_VERSION = 1  # of the converged oracle's cache entries (another version is a miss)
 CHAINS = ("noisy-student", "no-noise")  # whole chains from the seed's teacher
 FIRST_STUDENT = ("hard-labels", "no-balancing")  # the chain's first student, with the ablation
+# out-of-domain variants: (hard labels, confidence threshold), all the chain's first student
+OOD_VARIANTS = {"ood-soft-t0.3": (False, 0.3), "ood-hard-t0.3": (True, 0.3),
+                "ood-soft-t0": (False, 0.0), "ood-hard-t0": (True, 0.0)}
+OOD_DEFAULT = {"fashion-mnist": True, "digits": False}
+OOD_RATIO = 1.0  # out-of-domain images per image of the dataset's own remainder (1:1)
+# passes over the mixed pool (116k images at 1:1): 46k pseudo-labeled images without a threshold, 0.4 of
+# iteration 1's 116k; what fits the 90 minutes with 12 more tasks (the estimate is in docs/benchmarks.md)
+OOD_EPOCHS = 0.4
+QUICK_OOD_IMAGES, QUICK_OOD_EPOCHS = 1797, 0.05  # one rendering of each digit; ~3k pseudo images
+ORACLES = ("oracle", "oracle-converged")
 COMPARE_WITH = {"no-noise": "noisy-student", "no-iteration": "noisy-student",
-                "hard-labels": "noisy-student-iter1", "no-balancing": "noisy-student-iter1"}
+                "hard-labels": "noisy-student-iter1", "no-balancing": "noisy-student-iter1",
+                "ood-hard-t0.3": "ood-soft-t0.3", "ood-hard-t0": "ood-soft-t0", "ood-soft-t0": "ood-soft-t0.3"}
 
 
 @dataclass(order=True)
@@ -71,6 +102,18 @@ class Task:
     ablation: str | None = field(compare=False, default=None)
 
 
+@dataclass(frozen=True)
+class OodPool:
+    """The out-of-domain images written for the run: ``images`` PNGs in ``folder``, mixed with the
+    dataset's ``remainder`` (labels_per_class's leftover images) in the OOD variants' pool; their
+    student trains ``epochs`` passes over the pseudo-labeled stream."""
+
+    folder: Path
+    images: int
+    remainder: int
+    epochs: float
+
+
 def run_task(config: str, task: Task, out: Path) -> dict:
     """Run one variant in this (worker) process; returns its summary."""
     torch.set_num_threads(1)
@@ -82,24 +125,48 @@ def teacher_task(config: str, seed: int, extra: list[str]) -> Task:
     return Task((0, seed), "teacher", seed, [f"seed={seed}", *extra, "students=[]"])
 
 
-def oracle_task(config: str, seed: int, extra: list[str], oracle_extra: list[str]) -> Task:
-    """The final student architecture on every training label, for as many epochs as that student."""
+def _on_every_label(config: str, seed: int, extra: list[str]) -> tuple[list[str], object]:
+    """Overrides for a supervised run of the final student's architecture on every training label
+    (no students), and the run's config."""
     cfg = load_config(config, [f"seed={seed}", *extra])
     final = cfg.students[-1]
-    return Task((2, seed), "oracle", seed,
-                [f"seed={seed}", *extra, "data.labels_per_class=null", f"teacher.model={final.model}",
-                 f"teacher.epochs={cfg.stage_epochs(final)}", "students=[]", *oracle_extra])
+    return [f"seed={seed}", *extra, "data.labels_per_class=null", f"teacher.model={final.model}", "students=[]"], cfg
 
 
-def _only_student(stage) -> str:
-    """A ``students=[...]`` override for one student exactly as the chain trains it (its lr, epochs...)."""
-    settings = ", ".join(f"{k}: {v}" for k, v in dataclasses.asdict(stage).items() if v is not None)
+def oracle_task(config: str, seed: int, extra: list[str], oracle_extra: list[str]) -> Task:
+    """The final student architecture on every training label, for as many epochs as that student."""
+    base, cfg = _on_every_label(config, seed, extra)
+    return Task((2, seed), "oracle", seed, base + [f"teacher.epochs={cfg.stage_epochs(cfg.students[-1])}",
+                                                   *oracle_extra])
+
+
+def converged_task(config: str, seed: int, extra: list[str], converged_extra: list[str]) -> Task:
+    """The final student architecture on every training label for the converged budget
+    (``converged_extra``: ``CONVERGED``, then --quick's and --converged-set's caps). It is the
+    longest single task, so it starts right after the teachers."""
+    base, _ = _on_every_label(config, seed, extra)
+    return Task((1, seed, -1), "oracle-converged", seed, base + converged_extra)
+
+
+def _only_student(stage, **change) -> str:
+    """A ``students=[...]`` override for one student exactly as the chain trains it (its lr, epochs...),
+    with ``change`` applied (e.g. ``epochs``)."""
+    values = dataclasses.asdict(stage) | change
+    settings = ", ".join(f"{k}: {v}" for k, v in values.items() if v is not None)
     return f"students=[{{{settings}}}]"
 
 
-def student_tasks(config: str, seed: int, extra: list[str], teacher_ckpt: Path) -> list[Task]:
+def ood_overrides(ood: OodPool, hard: bool, threshold: float) -> list[str]:
+    """The OOD pool: the whole remainder plus the whole folder. ``data.max_unlabeled`` is lifted
+    because build_pool fills the cap with the remainder first, which would leave the folder out."""
+    return ["data.max_unlabeled=null", f"data.unlabeled={ood.folder}", f"pseudo.hard={str(hard).lower()}",
+            f"pseudo.threshold={threshold}"]
+
+
+def student_tasks(config: str, seed: int, extra: list[str], teacher_ckpt: Path,
+                  ood: OodPool | None = None) -> list[Task]:
     """Every variant that learns from the seed's teacher, longest first: the whole chains, the final
-    architecture taught directly, then the one-iteration label ablations."""
+    architecture taught directly, the one-iteration label ablations, then the out-of-domain ones."""
     base = [f"seed={seed}", *extra, f"teacher.pretrained={teacher_ckpt}", "teacher.epochs=0"]
     students = load_config(config, [f"seed={seed}", *extra]).students
     # an ablation variant is named after the config ablation it applies
@@ -107,28 +174,130 @@ def student_tasks(config: str, seed: int, extra: list[str], teacher_ckpt: Path) 
     tasks.append(Task((2, seed, 0), "no-iteration", seed, base + [_only_student(students[-1])]))
     tasks += [Task((2, seed, 1 + i), v, seed, base + [_only_student(students[0])], v)
               for i, v in enumerate(FIRST_STUDENT)]
+    if ood is not None:
+        first = _only_student(students[0], epochs=ood.epochs)
+        tasks += [Task((2, seed, 3 + i), v, seed, base + ood_overrides(ood, hard, thr) + [first])
+                  for i, (v, (hard, thr)) in enumerate(OOD_VARIANTS.items())]
     return tasks
 
 
-def variant_order(num_students: int) -> list[str]:
-    """The table's rows: teacher, each iteration of the chain, the ablations, the oracle."""
+def variant_order(num_students: int, ood: bool = False) -> list[str]:
+    """The table's rows: teacher, each iteration of the chain, the ablations, the oracles."""
     iterations = [f"noisy-student-iter{k}" for k in range(1, num_students)]
-    return ["teacher", *iterations, "noisy-student", "no-noise", *FIRST_STUDENT, "no-iteration", "oracle"]
+    return ["teacher", *iterations, "noisy-student", "no-noise", *FIRST_STUDENT, "no-iteration",
+            *(OOD_VARIANTS if ood else ()), *ORACLES]
+
+
+# ------------------------------------------------------------------ the converged oracle's cache
+
+
+def oracle_cache_path(cache_dir: Path, fingerprint: str) -> Path:
+    """Where the converged oracle of one config is kept: ``<cache>/oracle-<fingerprint>.json``."""
+    return Path(cache_dir) / f"oracle-{fingerprint}.json"
+
+
+def task_fingerprint(config: str, task: Task) -> str:
+    """The fingerprint of the config a task runs (seed, data, model, epochs, batch, lr, precision...)."""
+    return load_config(config, task.overrides, task.ablation).fingerprint()
+
+
+def read_cached_oracle(path: Path, fingerprint: str) -> dict | None:
+    """The cached record, or None when there is none, it is unreadable, or it was made by another
+    config (its fingerprint) or another cache format."""
+    try:
+        entry = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    if entry.get("version") != CACHE_VERSION or entry.get("fingerprint") != fingerprint:
+        return None
+    return entry
+
+
+def write_cached_oracle(path: Path, fingerprint: str, task: Task, stage: dict) -> dict:
+    """Store a finished converged oracle (written to a temp file, then renamed)."""
+    entry = {"version": CACHE_VERSION, "fingerprint": fingerprint, "seed": task.seed, "overrides": task.overrides,
+             "test_top1": stage["test_top1"], "val_top1": stage["val_top1"], "seconds": stage["seconds"],
+             "best_epoch": stage.get("best_epoch"), "epochs": stage.get("epochs"), "model": stage.get("model"),
+             "num_labeled": stage.get("num_labeled"), "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(entry, indent=2))
+    os.replace(tmp, path)
+    return entry
+
+
+@dataclass
+class Plan:
+    """What a run starts with: the tasks ready at once (teachers, oracles, converged oracles missing
+    from the cache) and the converged oracles read from the cache, by seed."""
+
+    ready: list[Task]
+    cached: dict[int, dict]
+    cache_paths: dict[int, Path]
+    fingerprints: dict[int, str]
+
+
+def plan_benchmark(config: str, seeds: list[int], extra: list[str], oracle_extra: list[str],
+                   converged_extra: list[str], cache_dir: Path) -> Plan:
+    """The initial tasks; each seed's converged oracle is a task only on a cache miss."""
+    ready = [teacher_task(config, s, extra) for s in seeds]
+    ready += [oracle_task(config, s, extra, oracle_extra) for s in seeds]
+    cached, paths, fingerprints = {}, {}, {}
+    for s in seeds:
+        task = converged_task(config, s, extra, converged_extra)
+        fingerprints[s] = fp = task_fingerprint(config, task)
+        paths[s] = oracle_cache_path(cache_dir, fp)
+        entry = read_cached_oracle(paths[s], fp)
+        if entry is None:
+            ready.append(task)
+        else:
+            cached[s] = entry
+    return Plan(sorted(ready), cached, paths, fingerprints)
+
+
+# ------------------------------------------------------------------ the out-of-domain pool
+
+
+def remainder_size(config: str, extra: list[str]) -> int:
+    """Images labels_per_class leaves to the pool (uncapped: the OOD variants lift max_unlabeled)."""
+    from noisystudent.data.datasets import build_splits
+
+    cfg = load_config(config, [*extra, "data.max_unlabeled=null"])
+    return len(build_splits(cfg.data, cfg.seed, require_unlabeled=False).unlabeled)
+
+
+# ------------------------------------------------------------------ the scheduler
 
 
 def run_benchmark(config: str, seeds: list[int], extra: list[str], oracle_extra: list[str], out: Path,
-                  jobs: int) -> dict[int, dict[str, dict]]:
-    """All variants of all seeds: {seed: {variant: {"test_top1", "val_top1", "seconds"}}}."""
+                  jobs: int, converged_extra: list[str] | None = None, cache_dir: Path | None = None,
+                  ood: OodPool | None = None) -> tuple[dict[int, dict[str, dict]], dict]:
+    """All variants of all seeds: ``({seed: {variant: {"test_top1", "val_top1", "seconds"}}}, notes)``;
+    ``notes`` has each seed's converged-oracle cache use and the OOD variants' pool statistics."""
+    converged_extra = converged_extra or []
+    plan = plan_benchmark(config, seeds, extra, oracle_extra, converged_extra, cache_dir or out / ".cache")
     results: dict[int, dict[str, dict]] = {s: {} for s in seeds}
-    ready = sorted([teacher_task(config, s, extra) for s in seeds]
-                   + [oracle_task(config, s, extra, oracle_extra) for s in seeds])
+    notes: dict = {"converged": {}, "ood": {s: {} for s in seeds}}
+    ready = plan.ready
     running: dict[Future, Task] = {}
 
-    def record(seed: int, name: str, stage: dict, seconds: float) -> None:
-        results[seed][name] = {"test_top1": stage["test_top1"], "val_top1": stage["val_top1"], "seconds": seconds}
+    def record(seed: int, name: str, stage: dict, seconds: float, wall: float | None = None) -> None:
+        results[seed][name] = {"test_top1": stage["test_top1"], "val_top1": stage["val_top1"], "seconds": seconds,
+                               "wall_seconds": wall}
         print(f"  seed {seed} {name:<20} test top-1 {stage['test_top1']:6.2f}  val {stage['val_top1']:6.2f}  "
               f"({seconds:.0f}s)", file=sys.stderr, flush=True)
 
+    def converged_note(seed: int, entry: dict, cache: str) -> None:
+        notes["converged"][seed] = {"cache": cache, "path": str(plan.cache_paths[seed]),
+                                    "best_epoch": entry["best_epoch"], "epochs": entry["epochs"],
+                                    "seconds": round(entry["seconds"], 1)}
+        if entry["best_epoch"] is not None and entry["epochs"] and entry["best_epoch"] >= entry["epochs"]:
+            print(f"  seed {seed} oracle-converged: best epoch is its last ({entry['epochs']}): still improving",
+                  file=sys.stderr, flush=True)
+
+    for s, entry in plan.cached.items():
+        record(s, "oracle-converged", entry, entry["seconds"])
+        converged_note(s, entry, "hit")
     ctx = mp.get_context("spawn")  # a fresh interpreter per worker: no forked torch thread pools
     with ProcessPoolExecutor(jobs, mp_context=ctx) as pool:
         while ready or running:
@@ -139,12 +308,16 @@ def run_benchmark(config: str, seeds: list[int], extra: list[str], oracle_extra:
             for future in done:
                 task = running.pop(future)
                 summary = future.result()
-                stages = summary["stages"]
-                if task.variant in ("teacher", "oracle"):  # one supervised stage
-                    record(task.seed, task.variant, stages[0], stages[0]["seconds"])
+                stages, wall = summary["stages"], summary["seconds"]
+                if task.variant in ("teacher", *ORACLES):  # one supervised stage
+                    record(task.seed, task.variant, stages[0], stages[0]["seconds"], wall)
                     if task.variant == "teacher":
                         ckpt = out / f"seed{task.seed}" / "teacher" / "teacher" / "model.pt"
-                        ready = sorted(ready + student_tasks(config, task.seed, extra, ckpt))
+                        ready = sorted(ready + student_tasks(config, task.seed, extra, ckpt, ood))
+                    elif task.variant == "oracle-converged":
+                        fp = plan.fingerprints[task.seed]
+                        converged_note(task.seed, write_cached_oracle(plan.cache_paths[task.seed], fp, task, stages[0]),
+                                       "miss")
                 else:
                     # students only: the teacher's time is the teacher variant's
                     seconds = sum(s["seconds"] for s in stages[1:])
@@ -152,9 +325,12 @@ def run_benchmark(config: str, seeds: list[int], extra: list[str], oracle_extra:
                         for k in range(1, len(stages) - 1):
                             record(task.seed, f"noisy-student-iter{k}", stages[k],
                                    sum(s["seconds"] for s in stages[1:k + 1]))
-                    record(task.seed, task.variant, stages[-1], seconds)
-    order = variant_order(len(load_config(config, extra).students))
-    return {s: {n: r[n] for n in order if n in r} for s, r in results.items()}
+                    record(task.seed, task.variant, stages[-1], seconds, wall)
+                    if task.variant in OOD_VARIANTS:
+                        notes["ood"][task.seed][task.variant] = ood_stats(
+                            Path(summary["run_dir"]), OOD_VARIANTS[task.variant][1])
+    order = variant_order(len(load_config(config, extra).students), ood is not None)
+    return {s: {n: r[n] for n in order if n in r} for s, r in results.items()}, notes
 
 
 def aggregate(per_seed: list[dict[str, dict]]) -> dict[str, dict]:
@@ -162,9 +338,11 @@ def aggregate(per_seed: list[dict[str, dict]]) -> dict[str, dict]:
     for name in per_seed[0]:
         accs = [r[name]["test_top1"] for r in per_seed]
         secs = [r[name]["seconds"] for r in per_seed]
+        walls = [r[name].get("wall_seconds") for r in per_seed]
         table[name] = {"mean": statistics.mean(accs), "std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
                        "seconds": statistics.mean(secs), "runs": accs,
-                       "val_mean": statistics.mean(r[name]["val_top1"] for r in per_seed)}
+                       "val_mean": statistics.mean(r[name]["val_top1"] for r in per_seed),
+                       "wall_seconds": None if None in walls else statistics.mean(walls)}
     return table
 
 
@@ -173,18 +351,25 @@ def _gap(student: float, teacher: float, oracle: float) -> float:
     return (student - teacher) / (oracle - teacher) if oracle > teacher else float("nan")
 
 
-def gap_closed(table: dict, name: str) -> float:
-    """(student - teacher) / (oracle - teacher), on the means over seeds."""
-    return _gap(table[name]["mean"], table["teacher"]["mean"], table["oracle"]["mean"])
+def gap_closed(table: dict, name: str, oracle: str = "oracle") -> float:
+    """(student - teacher) / (oracle - teacher), on the means over seeds; ``oracle`` is "oracle"
+    (compute-matched) or "oracle-converged"."""
+    return _gap(table[name]["mean"], table["teacher"]["mean"], table[oracle]["mean"])
 
 
-def gap_closed_per_seed(per_seed: list[dict[str, dict]], name: str) -> list[float]:
+def gap_closed_per_seed(per_seed: list[dict[str, dict]], name: str, oracle: str = "oracle") -> list[float]:
     """Each seed's own gap closed (its teacher and oracle), for the spread."""
-    return [_gap(r[name]["test_top1"], r["teacher"]["test_top1"], r["oracle"]["test_top1"]) for r in per_seed]
+    return [_gap(r[name]["test_top1"], r["teacher"]["test_top1"], r[oracle]["test_top1"]) for r in per_seed]
 
 
 def _rounded(x: float) -> float | None:
     return None if math.isnan(x) else round(x, 3)  # JSON has no NaN
+
+
+def _color(name: str) -> str:
+    if name == "teacher" or name in ORACLES:
+        return "#888"
+    return "#3a7" if name.startswith("noisy") else "#58b" if name in OOD_VARIANTS else "#c84"
 
 
 def plot(table: dict, path: Path, title: str) -> None:
@@ -194,24 +379,22 @@ def plot(table: dict, path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     names = list(table)
-    fig, ax = plt.subplots(figsize=(10.5, 4.4))
+    fig, ax = plt.subplots(figsize=(max(10.5, 0.95 * len(names)), 4.6))
     means = [table[n]["mean"] for n in names]
-    ax.bar(names, means, yerr=[table[n]["std"] for n in names], capsize=4,
-           color=["#888" if n in ("teacher", "oracle") else "#3a7" if n.startswith("noisy") else "#c84"
-                  for n in names])
+    ax.bar(names, means, yerr=[table[n]["std"] for n in names], capsize=4, color=[_color(n) for n in names])
     for i, n in enumerate(names):  # each seed as a dot: the spread the error bar summarises
         ax.plot([i] * len(table[n]["runs"]), table[n]["runs"], "k.", ms=4, alpha=0.6)
     lo = min(min(table[n]["runs"]) for n in names) - 2
     ax.set_ylim(max(0, lo), min(100, max(max(table[n]["runs"]) for n in names) + 2))
     ax.set_ylabel("test top-1 (%)")
-    ax.set_title(title)
+    ax.set_title(title, fontsize=10)
     for i, m in enumerate(means):
         ax.text(i + 0.28, m, f"{m:.1f}", ha="left", va="center", fontsize=8)
-    # each ablation against the run it removes one thing from (a dashed line at that run's mean)
+    # each variant against the run it is compared with (a dashed line at that run's mean)
     refs = [(i, COMPARE_WITH[n]) for i, n in enumerate(names) if COMPARE_WITH.get(n) in table]
     for k, (i, ref) in enumerate(refs):
         ax.hlines(table[ref]["mean"], i - 0.4, i + 0.4, colors="#3a7", linestyles="dashed",
-                  label="the Noisy Student run it ablates" if k == 0 else None)
+                  label="the run it is compared with" if k == 0 else None)
     if refs:
         ax.legend(loc="upper left", fontsize=8, frameon=False)
     ax.set_xticks(range(len(names)), [f"{n}\n(vs {COMPARE_WITH[n].replace('noisy-student', 'NS')})"
@@ -220,6 +403,27 @@ def plot(table: dict, path: Path, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _ood_summary(ood: OodPool, notes: dict, seeds: list[int]) -> dict:
+    """The mix and, per OOD variant, the pool statistics averaged over the seeds."""
+    per_variant = {}
+    for v in OOD_VARIANTS:
+        runs = [notes[s][v] for s in seeds if v in notes[s]]
+        mean = lambda get: _mean_or_none([get(r) for r in runs])  # noqa: E731
+        per_variant[v] = {"ood_confidence": mean(lambda r: r["ood"]["confidence"]),
+                          "in_domain_confidence": mean(lambda r: r["in_domain"]["confidence"]),
+                          "ood_kept": mean(lambda r: r["ood"]["kept"]),
+                          "in_domain_kept": mean(lambda r: r["in_domain"]["kept"]),
+                          "ood_share_of_stream": mean(lambda r: r["ood_share_of_stream"]),
+                          "ood_images_labeled": mean(lambda r: r["ood"]["images"])}
+    return {"images": ood.images, "remainder": ood.remainder, "mix": f"{ood.images}:{ood.remainder} (OOD:in-domain)",
+            "epochs": ood.epochs, "folder": str(ood.folder), "per_variant": per_variant}
+
+
+def _mean_or_none(values: list) -> float | None:
+    values = [v for v in values if v is not None]
+    return round(statistics.mean(values), 4) if values else None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -232,39 +436,72 @@ def main(argv: list[str] | None = None) -> int:
                         help="worker processes, one torch thread each (default: up to 2; use the core count)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="config override for every variant (e.g. train.epochs=4); may repeat")
+    parser.add_argument("--oracle-cache", type=Path, default=None, metavar="DIR",
+                        help="where converged oracles and the OOD folder are kept (default: OUT/.cache); "
+                             "delete an oracle-<fingerprint>.json to recompute it")
+    parser.add_argument("--converged-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override for the converged oracle only, after its budget; may repeat")
+    parser.add_argument("--ood", action=argparse.BooleanOptionalAction, default=None,
+                        help="run the out-of-domain variants (default: on for fashion-mnist, off for digits)")
+    parser.add_argument("--ood-images", type=int, default=None,
+                        help=f"out-of-domain images (default: {OOD_RATIO:g}x the remainder; "
+                             f"--quick: {QUICK_OOD_IMAGES})")
+    parser.add_argument("--ood-epochs", type=float, default=None,
+                        help=f"OOD students' passes over their pool (default {OOD_EPOCHS:g}; "
+                             f"--quick {QUICK_OOD_EPOCHS:g})")
     args = parser.parse_args(argv)
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
     extra = (QUICK[args.dataset] if args.quick else []) + args.overrides
     oracle_extra = QUICK_ORACLE[args.dataset] if args.quick else []
+    converged_extra = (CONVERGED[args.dataset] + (oracle_extra + QUICK_CONVERGED[args.dataset] if args.quick else [])
+                       + args.converged_set)
+    cache_dir = args.oracle_cache or args.out / ".cache"
     out = args.out / f"{args.dataset}{'-quick' if args.quick else ''}-{time.strftime('%Y%m%d-%H%M%S')}"
     start = time.time()
-    results = run_benchmark(CONFIGS[args.dataset], seeds, extra, oracle_extra, out, args.jobs)
+    ood = None
+    if OOD_DEFAULT[args.dataset] if args.ood is None else args.ood:
+        remainder = remainder_size(CONFIGS[args.dataset], extra)
+        count = args.ood_images or (QUICK_OOD_IMAGES if args.quick else round(OOD_RATIO * remainder))
+        epochs = args.ood_epochs or (QUICK_OOD_EPOCHS if args.quick else OOD_EPOCHS)
+        ood = OodPool(write_ood_pool(cache_dir, count).resolve(), count, remainder, epochs)
+    results, notes = run_benchmark(CONFIGS[args.dataset], seeds, extra, oracle_extra, out, args.jobs,
+                                   converged_extra, cache_dir, ood)
     per_seed = [results[s] for s in seeds]
     table = aggregate(per_seed)
-    ns_gaps = gap_closed_per_seed(per_seed, "noisy-student")
-    nn_gaps = gap_closed_per_seed(per_seed, "no-noise")
+    students = [n for n in table if n != "teacher" and n not in ORACLES]
+    per_seed_gaps = {o: {n: [_rounded(g) for g in gap_closed_per_seed(per_seed, n, o)] for n in CHAINS}
+                     for o in ORACLES}
     result = {"dataset": args.dataset, "quick": args.quick, "seeds": seeds, "overrides": extra,
               "machine": f"{platform.machine()}, {os.cpu_count()} cores, {args.jobs} worker(s) x 1 thread",
               "minutes": round((time.time() - start) / 60, 1),
               "test_top1": {n: round(v["mean"], 2) for n, v in table.items()},
               "test_top1_std": {n: round(v["std"], 2) for n, v in table.items()},
               "gap_closed": _rounded(gap_closed(table, "noisy-student")),
-              "gap_closed_by_variant": {n: _rounded(gap_closed(table, n)) for n in table
-                                        if n not in ("teacher", "oracle")},
-              # each ablation minus what it ablates (mean test top-1 points; negative: the ablation hurts)
+              "gap_closed_converged": _rounded(gap_closed(table, "noisy-student", "oracle-converged")),
+              "gap_closed_by_variant": {n: _rounded(gap_closed(table, n)) for n in students},
+              "gap_closed_converged_by_variant": {n: _rounded(gap_closed(table, n, "oracle-converged"))
+                                                  for n in students},
+              # each variant minus its reference (mean test top-1 points; negative: the variant is worse)
               "ablation_delta": {n: {"vs": ref, "points": round(table[n]["mean"] - table[ref]["mean"], 2)}
                                  for n, ref in COMPARE_WITH.items() if n in table and ref in table},
-              "gap_closed_per_seed": {"noisy-student": [_rounded(g) for g in ns_gaps],
-                                      "no-noise": [_rounded(g) for g in nn_gaps]}}
+              "gap_closed_per_seed": per_seed_gaps["oracle"],
+              "gap_closed_converged_per_seed": per_seed_gaps["oracle-converged"],
+              "oracle_converged": {"overrides": converged_extra, "cache_dir": str(cache_dir),
+                                   "seeds": {str(s): notes["converged"][s] for s in seeds}},
+              "ood": None if ood is None else _ood_summary(ood, notes["ood"], seeds)}
     out.mkdir(parents=True, exist_ok=True)
-    plot(table, out / "accuracy.png", f"{args.dataset}: test top-1 over {len(seeds)} seed(s)")
+    gaps = ["n/a" if g is None else f"{g:.2f}" for g in (result["gap_closed"], result["gap_closed_converged"])]
+    plot(table, out / "accuracy.png", f"{args.dataset}: test top-1 over {len(seeds)} seed(s); Noisy Student's gap "
+         f"closed {gaps[0]} (compute-matched oracle), {gaps[1]} (converged oracle)")
     (out / "accuracy.json").write_text(json.dumps({"table": table, **result}, indent=2, allow_nan=False))
-    print(f"{'variant':<20} {'test top-1':>16} {'val top-1':>9} {'gap closed':>11} {'time':>8}  vs")
+    print(f"{'variant':<20} {'test top-1':>16} {'val top-1':>9} {'gap closed':>11} {'(converged)':>11} {'time':>8}  vs")
     for n, v in table.items():
-        g = "" if n in ("teacher", "oracle") else f"{gap_closed(table, n):.2f}"
+        g, gc = ("", "") if n not in students else (f"{gap_closed(table, n):.2f}",
+                                                     f"{gap_closed(table, n, 'oracle-converged'):.2f}")
         d = result["ablation_delta"].get(n)
         vs = f"  {d['points']:+.2f} vs {d['vs']}" if d else ""
-        print(f"{n:<20} {v['mean']:>8.2f} +- {v['std']:<5.2f} {v['val_mean']:>9.2f} {g:>11} {v['seconds']:>7.0f}s{vs}")
+        print(f"{n:<20} {v['mean']:>8.2f} +- {v['std']:<5.2f} {v['val_mean']:>9.2f} {g:>11} {gc:>11} "
+              f"{v['seconds']:>7.0f}s{vs}")
     print(f"plot: {out / 'accuracy.png'}")
     print(json.dumps(result))
     return 0

@@ -1,10 +1,13 @@
-"""benchmarks/accuracy.py: the variant plan, the scheduler and the gap arithmetic, on tiny digits runs."""
+"""benchmarks/accuracy.py: the variant plan (with the out-of-domain variants and the converged
+oracle), its cache, the out-of-domain folder, the scheduler and the gap arithmetic for both
+oracles; one tiny digits run end to end."""
 
 import json
 import math
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -12,8 +15,10 @@ ROOT = Path(__file__).resolve().parents[1]
 # its task function: spawn passes sys.path on to the children.
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import accuracy  # noqa: E402
+import ood_digits  # noqa: E402
 
 DIGITS = str(ROOT / "configs" / "digits.yaml")
+FASHION = str(ROOT / "configs" / "fashion-mnist.yaml")
 
 
 def test_every_student_variant_starts_from_the_seeds_teacher(tmp_path):
@@ -56,39 +61,156 @@ def test_oracle_is_the_final_student_on_every_label_for_its_epochs():
 
 
 def test_gap_closed_uses_the_teacher_and_oracle_means():
-    per_seed = [{"teacher": {"test_top1": 80.0, "val_top1": 0, "seconds": 1},
-                 "noisy-student": {"test_top1": 86.0, "val_top1": 0, "seconds": 1},
-                 "oracle": {"test_top1": 90.0, "val_top1": 0, "seconds": 1}},
-                {"teacher": {"test_top1": 82.0, "val_top1": 0, "seconds": 1},
-                 "noisy-student": {"test_top1": 86.0, "val_top1": 0, "seconds": 1},
-                 "oracle": {"test_top1": 92.0, "val_top1": 0, "seconds": 1}}]
+    def row(acc):
+        return {"test_top1": acc, "val_top1": 0, "seconds": 1}
+
+    per_seed = [{"teacher": row(80.0), "noisy-student": row(86.0), "oracle": row(90.0), "oracle-converged": row(92.0)},
+                {"teacher": row(82.0), "noisy-student": row(86.0), "oracle": row(92.0), "oracle-converged": row(94.0)}]
     table = accuracy.aggregate(per_seed)
     assert table["teacher"]["mean"] == 81.0 and table["teacher"]["std"] == pytest.approx(math.sqrt(2))
     assert accuracy.gap_closed(table, "noisy-student") == pytest.approx(5 / 10)
     assert accuracy.gap_closed_per_seed(per_seed, "noisy-student") == pytest.approx([0.6, 0.4])
+    # the converged oracle: the same arithmetic against its own means
+    assert accuracy.gap_closed(table, "noisy-student", "oracle-converged") == pytest.approx(5 / 12)
+    assert accuracy.gap_closed_per_seed(per_seed, "noisy-student", "oracle-converged") == pytest.approx([0.5, 1 / 3])
     per_seed[1]["oracle"]["test_top1"] = 81.0  # an oracle below its teacher: no gap to close
     assert math.isnan(accuracy.gap_closed_per_seed(per_seed, "noisy-student")[1])
+    assert accuracy.gap_closed_per_seed(per_seed, "noisy-student", "oracle-converged")[1] == pytest.approx(1 / 3)
+
+
+def test_ood_variants_train_the_first_student_on_the_mixed_pool_from_the_seeds_teacher(tmp_path):
+    chain = accuracy.load_config(FASHION).students
+    ood = accuracy.OodPool(tmp_path / "ood", images=58000, remainder=58000, epochs=0.5)
+    tasks = accuracy.student_tasks(FASHION, 1, [], tmp_path / "t.pt", ood)
+    names = [t.variant for t in tasks]
+    assert names[:5] == ["noisy-student", "no-noise", "no-iteration", "hard-labels", "no-balancing"]
+    assert names[5:] == list(accuracy.OOD_VARIANTS) == ["ood-soft-t0.3", "ood-hard-t0.3", "ood-soft-t0", "ood-hard-t0"]
+    expected = {"ood-soft-t0.3": (False, 0.3), "ood-hard-t0.3": (True, 0.3), "ood-soft-t0": (False, 0.0),
+                "ood-hard-t0": (True, 0.0)}
+    for t in tasks[5:]:
+        cfg = accuracy.load_config(FASHION, t.overrides, t.ablation)
+        assert cfg.data.unlabeled == str(ood.folder) and cfg.data.labels_per_class == 100  # remainder + folder
+        assert cfg.data.max_unlabeled is None  # a cap would be filled by the remainder first
+        assert (cfg.pseudo.hard, cfg.pseudo.threshold) == expected[t.variant]
+        assert cfg.teacher.pretrained == str(tmp_path / "t.pt") and cfg.teacher.epochs == 0
+        assert [s.model for s in cfg.students] == [chain[0].model] and cfg.students[0].epochs == 0.5
+        assert cfg.students[0].lr == chain[0].lr and cfg.seed == 1
+        assert accuracy.teacher_task(FASHION, 9, []) < t
+    assert accuracy.COMPARE_WITH["ood-hard-t0.3"] == "ood-soft-t0.3"  # compared with each other
+    assert accuracy.variant_order(3, ood=True)[-6:] == [*accuracy.OOD_VARIANTS, "oracle", "oracle-converged"]
+
+
+def test_converged_oracle_is_planned_and_cached_by_config_fingerprint(tmp_path):
+    converged = accuracy.CONVERGED["fashion-mnist"]
+    plan = accuracy.plan_benchmark(FASHION, [0, 1], [], [], converged, tmp_path)
+    tasks = {(t.variant, t.seed): t for t in plan.ready}
+    assert set(tasks) == {(v, s) for v in ("teacher", "oracle", "oracle-converged") for s in (0, 1)}
+    assert plan.cached == {}
+    cfg = accuracy.load_config(FASHION, tasks["oracle-converged", 0].overrides)
+    assert cfg.teacher.model == accuracy.load_config(FASHION).students[-1].model == "ns_cnn_s_wide"
+    assert cfg.data.labels_per_class is None and cfg.students == []
+    assert (cfg.teacher.epochs, cfg.train.batch_size, cfg.teacher.lr, cfg.train.precision) == (10, 128, 0.1, "fp32")
+    # the longest task: right after the teachers, before the compute-matched oracle
+    assert [t.variant for t in plan.ready[:3]] == ["teacher", "teacher", "oracle-converged"]
+    assert plan.fingerprints[0] != plan.fingerprints[1]  # one entry per seed
+    assert plan.cache_paths[0] == tmp_path / f"oracle-{plan.fingerprints[0]}.json"
+
+    stage = {"test_top1": 92.16, "val_top1": 92.4, "seconds": 1000.0, "best_epoch": 9, "epochs": 10}
+    accuracy.write_cached_oracle(plan.cache_paths[0], plan.fingerprints[0], tasks["oracle-converged", 0], stage)
+    again = accuracy.plan_benchmark(FASHION, [0, 1], [], [], converged, tmp_path)
+    assert [(t.variant, t.seed) for t in again.ready if t.variant == "oracle-converged"] == [("oracle-converged", 1)]
+    assert again.cached[0]["test_top1"] == 92.16 and again.cached[0]["best_epoch"] == 9  # hit: not retrained
+
+    changed = accuracy.plan_benchmark(FASHION, [0], [], [], converged + ["teacher.epochs=12"], tmp_path)
+    assert changed.cached == {} and [t.variant for t in changed.ready].count("oracle-converged") == 1  # missed
+    assert changed.fingerprints[0] != plan.fingerprints[0]
+    shared = accuracy.plan_benchmark(FASHION, [0], ["train.lr=0.2"], [], converged, tmp_path)
+    assert shared.cached == {}  # an override for every variant reaches the oracle's config too
+    # an entry that does not match its name (edited, or another cache format) is a miss
+    entry = json.loads(plan.cache_paths[0].read_text())
+    plan.cache_paths[0].write_text(json.dumps(entry | {"fingerprint": "0" * 16}))
+    assert accuracy.plan_benchmark(FASHION, [0], [], [], converged, tmp_path).cached == {}
+    plan.cache_paths[0].write_text(json.dumps(entry | {"version": accuracy.CACHE_VERSION + 1}))
+    assert accuracy.read_cached_oracle(plan.cache_paths[0], plan.fingerprints[0]) is None
+    plan.cache_paths[0].write_text("{not json")
+    assert accuracy.read_cached_oracle(plan.cache_paths[0], plan.fingerprints[0]) is None
+
+
+def test_ood_folder_holds_upscaled_digits_none_of_them_a_fashion_class(tmp_path):
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    from noisystudent.data.datasets import FASHION_MNIST_CLASSES, build_splits
+    from noisystudent.data.pool import build_pool, pool_size
+
+    count = 1797 + 13  # every digit once, then jittered copies
+    folder = ood_digits.write_ood_pool(tmp_path, count)
+    files = sorted(folder.rglob("*.png"))
+    assert len(files) == count
+    meta = json.loads((folder / "ood.json").read_text())
+    assert meta["classes"] == [str(d) for d in range(10)] and not set(meta["classes"]) & set(FASHION_MNIST_CLASSES)
+    assert {f.parent.name for f in files} == {f"digit-{d}" for d in range(10)}
+    digits = load_digits()
+    for f in files[:: max(1, count // 40)]:
+        with Image.open(f) as img:
+            assert img.size == (28, 28) and img.mode == "L"
+            n = int(f.stem)
+            assert f.parent.name == f"digit-{digits.target[n % 1797]}"
+            if n < 1797:  # the plain upscale of load_digits image n
+                plain = Image.fromarray((digits.images[n] * 255 / 16).round().astype("uint8")).resize((28, 28),
+                                                                                                     Image.BILINEAR)
+                assert np.array_equal(np.asarray(img), np.asarray(plain))
+    stamp = (folder / "ood.json").stat().st_mtime_ns
+    assert ood_digits.write_ood_pool(tmp_path, count) == folder and (folder / "ood.json").stat().st_mtime_ns == stamp
+    assert ood_digits.write_ood_pool(tmp_path, 5) != folder  # another count: its own folder
+
+    # as data.unlabeled next to labels_per_class, the pool is the remainder followed by every digit
+    cfg = accuracy.load_config(DIGITS, [f"data.unlabeled={folder}"])
+    splits = build_splits(cfg.data, cfg.seed)
+    pool = build_pool(cfg.data, splits.unlabeled)
+    pool.prepare(tmp_path / "pool")
+    assert pool_size(pool) == len(splits.unlabeled) + count
 
 
 def test_benchmark_runs_every_variant_and_prints_json_last(tmp_path, tiny_overrides, capsys):
     overrides = [o for o in tiny_overrides if not o.startswith("train.epochs")] + ["train.epochs=1"]
-    argv = ["--dataset", "digits", "--seeds", "0", "--jobs", "2", "--out", str(tmp_path)]
+    cache = tmp_path / "cache"
+    argv = ["--dataset", "digits", "--seeds", "0", "--jobs", "2", "--out", str(tmp_path / "out"),
+            "--oracle-cache", str(cache), "--converged-set", "teacher.epochs=2", "--ood", "--ood-images", "40"]
     for o in overrides:
         argv += ["--set", o]
     assert accuracy.main(argv) == 0
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert list(last["test_top1"]) == accuracy.variant_order(2)  # digits: two students
-    assert last["seeds"] == [0] and "gap_closed" in last
+    assert list(last["test_top1"]) == accuracy.variant_order(2, ood=True)  # digits: two students
+    assert last["seeds"] == [0] and "gap_closed" in last and "gap_closed_converged" in last
+    assert set(last["gap_closed_converged_by_variant"]) == set(last["gap_closed_by_variant"])
     assert last["ablation_delta"]["hard-labels"]["vs"] == "noisy-student-iter1"
+    assert last["ablation_delta"]["ood-hard-t0"]["vs"] == "ood-soft-t0"
     assert last["ablation_delta"]["no-noise"]["points"] == pytest.approx(
         last["test_top1"]["no-noise"] - last["test_top1"]["noisy-student"], abs=0.011)
-    run = next(tmp_path.iterdir())
+    run = next((tmp_path / "out").iterdir())
     assert (run / "accuracy.png").stat().st_size > 0
     # one teacher per seed, reused (not retrained) by every student variant
     teacher = json.loads((run / "seed0" / "teacher" / "summary.json").read_text())["stages"][0]
-    for variant in ("noisy-student", "no-noise", "hard-labels", "no-balancing", "no-iteration"):
+    for variant in ("noisy-student", "no-noise", "hard-labels", "no-balancing", "no-iteration", *accuracy.OOD_VARIANTS):
         stages = json.loads((run / "seed0" / variant / "summary.json").read_text())["stages"]
         assert stages[0]["epochs"] == 0 and stages[0]["test_top1"] == teacher["test_top1"]
         assert len(stages) == (3 if variant in accuracy.CHAINS else 2)
-    oracle = json.loads((run / "seed0" / "oracle" / "summary.json").read_text())["stages"]
-    assert len(oracle) == 1 and oracle[0]["num_labeled"] > teacher["num_labeled"]
+    for name in accuracy.ORACLES:
+        oracle = json.loads((run / "seed0" / name / "summary.json").read_text())["stages"]
+        assert len(oracle) == 1 and oracle[0]["num_labeled"] > teacher["num_labeled"]
+    # the converged oracle was computed (a miss) and cached under its config's fingerprint
+    note = last["oracle_converged"]["seeds"]["0"]
+    assert note["cache"] == "miss" and note["epochs"] == 2
+    entry = json.loads(Path(note["path"]).read_text())
+    assert Path(note["path"]).parent == cache and Path(note["path"]).name == f"oracle-{entry['fingerprint']}.json"
+    assert entry["test_top1"] == last["test_top1"]["oracle-converged"]
+    # the mixed pool: the whole remainder plus the 40 digits; no threshold keeps every digit
+    ood = last["ood"]
+    assert ood["images"] == 40 and Path(ood["folder"]).parent == cache
+    for variant, stats in ood["per_variant"].items():
+        assert stats["ood_images_labeled"] == 40 and 0 <= stats["ood_share_of_stream"] <= 1
+        if variant.endswith("-t0"):  # (the tiny teacher's confidence is often under 0.3)
+            assert stats["ood_kept"] == stats["in_domain_kept"] == 1.0
+    data = json.loads((run / "seed0" / "ood-soft-t0" / "data.json").read_text())
+    assert data["num_unlabeled"] == ood["remainder"] + 40

@@ -84,7 +84,7 @@ def test_measuring_leaves_the_model_and_the_rng_as_they_were():
     x, t = batch(16)
     rng = torch.get_rng_state()
     info = measure_bf16(model, x, t, loss_fn)
-    assert info["fp32_img_s"] > 0 and info["bf16_img_s"] > 0 and info["calibration_steps"] >= 4
+    assert info["fp32_img_s"] > 0 and info["bf16_img_s"] > 0 and info["calibration_steps"] >= 6
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert torch.equal(torch.get_rng_state(), rng)
     assert all(p.grad is None for p in model.parameters())

@@ -28,9 +28,9 @@ __all__ = ["BF16_MIN_SPEEDUP", "PRECISIONS", "resolve_precision", "choose_train_
 
 BF16_MIN_SPEEDUP = 1.05  # bf16 must be at least this much faster than fp32 to be chosen
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-CALIBRATION_ROUNDS = 3  # timed fp32/bf16 step pairs, after one warm-up step of each
-CALIBRATION_BUDGET_S = 1.0  # stop adding timed rounds once this much time has gone into them
-CLEARLY_SLOWER = 2.0  # bf16 this many times slower after one round: no need for more rounds
+CALIBRATION_ROUNDS = (2, 3)  # timed fp32/bf16 step pairs (at least, at most), after a warm-up of each
+CALIBRATION_BUDGET_S = 1.0  # past the minimum, stop adding rounds once this much time has gone into them
+CLEARLY_SLOWER = 3.0  # bf16's best step this many times fp32's: no need for a third round
 
 _DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 _cache: dict[tuple, dict] = {}
@@ -85,7 +85,9 @@ def measure_bf16(net: nn.Module, x: torch.Tensor, targets: torch.Tensor, loss_fn
     """Time training steps of ``net`` on ``x`` in fp32 and bf16 autocast; returns the rates.
 
     The steps alternate (fp32, bf16, fp32, ...) after one warm-up step each (it pays for kernel
-    selection), so a change in the machine's load hits both alike. ``net``'s parameters are not
+    selection), so a change in the machine's load hits both alike, and each precision is judged by
+    its fastest step: on a busy machine a step that another process interrupted is slow for a
+    reason that has nothing to do with the precision. ``net``'s parameters are not
     updated; its buffers (BatchNorm statistics), gradients and the CPU RNG (dropout) are restored,
     so a training run that calibrates ends bit-identical to one that does not.
     """
@@ -98,12 +100,13 @@ def measure_bf16(net: nn.Module, x: torch.Tensor, targets: torch.Tensor, loss_fn
         net.train()
         for dtype in (None, torch.bfloat16):  # warm-up
             _step_seconds(net, x, targets, loss_fn, dtype)
-        timed = 0.0
-        for _ in range(CALIBRATION_ROUNDS):
+        timed, (least, most) = 0.0, CALIBRATION_ROUNDS
+        for round_ in range(1, most + 1):
             for name, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
                 times[name].append(_step_seconds(net, x, targets, loss_fn, dtype))
             timed += times["fp32"][-1] + times["bf16"][-1]
-            if timed > CALIBRATION_BUDGET_S or times["bf16"][-1] > CLEARLY_SLOWER * times["fp32"][-1]:
+            if round_ >= least and (timed > CALIBRATION_BUDGET_S
+                                    or min(times["bf16"]) > CLEARLY_SLOWER * min(times["fp32"])):
                 break
     finally:
         with torch.no_grad():
@@ -114,9 +117,8 @@ def measure_bf16(net: nn.Module, x: torch.Tensor, targets: torch.Tensor, loss_fn
         net.train(was_training)
         torch.set_rng_state(rng)
     images = len(x)
-    fp32_s, bf16_s = sum(times["fp32"]), sum(times["bf16"])
-    return {"fp32_img_s": round(images * len(times["fp32"]) / fp32_s, 1),
-            "bf16_img_s": round(images * len(times["bf16"]) / bf16_s, 1),
+    fp32_s, bf16_s = min(times["fp32"]), min(times["bf16"])
+    return {"fp32_img_s": round(images / fp32_s, 1), "bf16_img_s": round(images / bf16_s, 1),
             "bf16_speedup": round(fp32_s / bf16_s, 3), "calibration_steps": 2 + 2 * len(times["fp32"]),
             "calibration_s": round(time.perf_counter() - started, 3), "batch": images}
 

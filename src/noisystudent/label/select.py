@@ -9,9 +9,10 @@ The paper's rule, over a pseudo-label store (:mod:`noisystudent.label.store`) of
    and the ``K % n`` images with the smallest draw key ``md5("<seed>:<key>")`` get one more.
    ``K`` defaults to the number of images kept after the threshold divided by the number of classes.
 
-It runs as one DuckDB query over the store's Parquet shards (a window per class), which spills to
-disk under ``memory_limit``; the hand-written radix refinement it replaces was no faster at 10^7
-rows and three times as long to read (see docs/benchmarks.md). The draw key is md5 because DuckDB
+It runs as DuckDB queries over the store's Parquet shards: a count per class, one sort of narrow
+columns that finds each class's cut-off row (it spills to disk under ``memory_limit``), and a
+filtered scan in store order that gives every row its copies; the hand-written radix refinement
+it replaces was slower at 10^7 rows (see docs/benchmarks.md). The draw key is md5 because DuckDB
 and Python's hashlib compute the same digest, so the rule is checkable outside the database.
 
 Outputs, both written to a temp file and renamed:
@@ -150,8 +151,7 @@ def select_from_store(store_dir: Path | str, out_path: Path | str, *, threshold:
             kept[c] = n
         num_rows = store.num_rows
         k = (per_class or default_per_class(int(kept.sum()), h.num_classes)) if balance else None
-        query = _selection_query(balance)
-        params = {"k": k, "seed": f"{seed}:"} if balance else {}
+        query, params = _selection_query(con, kept, k, f"{seed}:") if balance else (_UNBALANCED, {})
         meta = {"summary": None, "num_classes": h.num_classes, "top_k": h.top_k, "hard": h.hard,
                 "threshold": threshold, "balance": balance, "seed": seed, "store": store_identity(store)}
         selected, unique = _write_outputs(con, query, params, out_path, h.num_classes, meta,
@@ -164,27 +164,69 @@ def select_from_store(store_dir: Path | str, out_path: Path | str, *, threshold:
                      num_classes=h.num_classes, top_k=h.top_k, hard=h.hard, store=store_identity(store))
 
 
-def _selection_query(balance: bool) -> str:
-    cols = "key, shard, \"index\", predicted, confidence, topk_class, topk_prob"
-    if not balance:
-        return f"SELECT {cols}, 1 AS copies FROM kept ORDER BY shard, \"index\""
-    # Per class: rank by confidence (ties: store order), keep the top K; a class with n < K rows
-    # gives each K // n copies and one more to the K % n rows first in the draw order.
-    return f"""
-        WITH ranked AS (
-            SELECT {cols},
-                   row_number() OVER (PARTITION BY predicted ORDER BY confidence DESC, shard, "index") AS rank,
-                   count(*) OVER (PARTITION BY predicted) AS n
-            FROM kept),
-        full_classes AS (SELECT *, 1 AS copies FROM ranked WHERE n >= $k AND rank <= $k),
-        under AS (
-            SELECT *, $k // n + CASE WHEN row_number() OVER (
-                          PARTITION BY predicted ORDER BY md5($seed || key), shard, "index") <= $k % n
-                          THEN 1 ELSE 0 END AS copies
-            FROM ranked WHERE n < $k)
-        SELECT {cols}, copies FROM (SELECT * FROM full_classes UNION ALL SELECT * FROM under)
-        ORDER BY shard, "index"
-        """
+_COLUMNS_SQL = "key, shard, \"index\", predicted, confidence, topk_class, topk_prob"
+# A row's place in store order as one number (shard, then position; positions are < 2^32).
+_POS_SQL = "(CAST(shard AS BIGINT) * 4294967296 + \"index\")"
+# No ORDER BY here or below: with preserve_insertion_order a filtered scan of the shard files (listed
+# in shard order) comes out in store order, and sorting the wide rows is what made memory grow.
+_UNBALANCED = f"SELECT {_COLUMNS_SQL}, 1 AS copies FROM kept"
+
+
+def _selection_query(con, kept: np.ndarray, k: int, seed: str) -> tuple[str, dict]:
+    """The balanced selection as a filtered scan in store order, and its parameters.
+
+    Each class's rule comes down to one cut-off row: an over-full class (n > K) takes its rows up
+    to its K-th in (confidence descending, store order); an under-full one (n < K) gives every row
+    K // n copies and one more to its rows up to its (K % n)-th in (md5 draw, store order). The
+    cut-offs come from one sort of narrow columns (class, confidence, position, draw) of the
+    classes that need one, read back once; DuckDB's sort spills under ``memory_limit``. A window
+    per class instead (``row_number() OVER (PARTITION BY predicted ...)``) holds whole classes with
+    their wide columns, so its memory grew with the pool (+470 MB at 10^6 rows in 3 classes).
+    """
+    n = kept.astype(np.int64)
+    extra = np.where((n > 0) & (n < k), k % np.maximum(n, 1), 0)
+    target = np.where(n > k, k - 1, np.where(extra > 0, extra - 1, -1))  # 0-based rank of the cut-off row
+    by_class = {"need": (target >= 0).tolist(), "under": (n < k).tolist()}
+    cut_conf = np.zeros(len(n), np.float32)
+    cut_pos = np.full(len(n), -1, np.int64)  # -1: no cut-off (the class is taken whole, or gets no extra copy)
+    cut_draw = [""] * len(n)
+    if (target >= 0).any():
+        sort = f"""
+            SELECT predicted, confidence, pos, draw FROM (
+                SELECT predicted, confidence, {_POS_SQL} AS pos,
+                       CASE WHEN list_extract($under, predicted + 1) THEN md5($seed || key) END AS draw
+                FROM kept WHERE list_extract($need, predicted + 1))
+            ORDER BY predicted, draw, CASE WHEN draw IS NULL THEN confidence END DESC, pos"""
+        seen = np.zeros(len(n), np.int64)  # rows of each class read so far
+        for batch in con.sql(sort, params=by_class | {"seed": seed}).to_arrow_reader(BATCH_ROWS):
+            pred = batch.column("predicted").to_numpy().astype(np.int64)
+            if not len(pred):
+                continue
+            starts = np.r_[0, np.flatnonzero(pred[1:] != pred[:-1]) + 1]  # the batch is sorted by class
+            offset = np.arange(len(pred)) - np.repeat(starts, np.diff(np.r_[starts, len(pred)]))
+            for i in np.flatnonzero(seen[pred] + offset == target[pred]):
+                c = pred[i]
+                cut_conf[c] = batch.column("confidence")[i].as_py()
+                cut_pos[c] = batch.column("pos")[i].as_py()
+                cut_draw[c] = batch.column("draw")[i].as_py() or ""
+            seen += np.bincount(pred, minlength=len(n))
+    query = f"""
+        SELECT {_COLUMNS_SQL}, copies FROM (
+            SELECT *, CASE
+                WHEN n >= $k THEN CAST(cpos < 0 OR confidence > cconf OR (confidence = cconf AND pos <= cpos) AS INTEGER)
+                ELSE $k // n + CAST(cpos >= 0 AND (draw < cdraw OR (draw = cdraw AND pos <= cpos)) AS INTEGER)
+              END AS copies
+            FROM (
+                SELECT *, {_POS_SQL} AS pos, list_extract($n, predicted + 1) AS n,
+                       list_extract(CAST($cconf AS FLOAT[]), predicted + 1) AS cconf,
+                       list_extract($cpos, predicted + 1) AS cpos, list_extract($cdraw, predicted + 1) AS cdraw,
+                       CASE WHEN list_extract($cpos, predicted + 1) >= 0 AND list_extract($n, predicted + 1) < $k
+                            THEN md5($seed || key) END AS draw
+                FROM kept))
+        WHERE copies > 0"""
+    # float32 -> Python float -> FLOAT is exact, so the confidence comparisons are float32 ones.
+    return query, {"k": k, "seed": seed, "n": n.tolist(), "cconf": cut_conf.tolist(), "cpos": cut_pos.tolist(),
+                   "cdraw": cut_draw}
 
 
 def _write_outputs(con, query: str, params: dict, out_path: Path, num_classes: int, meta: dict,
@@ -203,9 +245,15 @@ def _write_outputs(con, query: str, params: dict, out_path: Path, num_classes: i
             pending: list[pa.RecordBatch] = []  # expanded rows not yet written as a whole batch
             with pq.ParquetWriter(parquet_file, schema, compression="zstd", write_statistics=True) as writer, \
                     pa.ipc.new_file(arrow_file, schema.remove_metadata()) as expanded:
+                last = -1
                 for batch in reader:
                     batch = pa.RecordBatch.from_arrays([batch.column(n).cast(schema.field(n).type) for n in COLUMNS],
                                                        schema=schema)
+                    if batch.num_rows:  # the scan has no ORDER BY (see _UNBALANCED): check it is in store order
+                        pos = (batch.column("shard").to_numpy().astype(np.int64) << 32) + batch.column("index").to_numpy()
+                        if pos[0] <= last or (np.diff(pos) <= 0).any():
+                            raise DataError("the selection query returned rows out of store order")
+                        last = int(pos[-1])
                     copies = batch.column("copies").to_numpy()
                     writer.write_batch(batch)
                     unique += batch.num_rows

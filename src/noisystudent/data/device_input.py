@@ -67,6 +67,18 @@ def wants_channels_last(model: nn.Module) -> bool:
     return False
 
 
+_SIDE_STREAMS: dict = {}
+
+
+def _side_stream(device: torch.device) -> "torch.cuda.Stream":
+    """One copy stream per device for the whole process: the caching allocator pools blocks per
+    stream, so a new stream per pass would leave each pass's blocks cached but unusable."""
+    key = torch.device(device.type, device.index if device.index is not None else torch.cuda.current_device())
+    if key not in _SIDE_STREAMS:
+        _SIDE_STREAMS[key] = torch.cuda.Stream(device=key)
+    return _SIDE_STREAMS[key]
+
+
 class DeviceInput:
     """Host batches to model input on ``device``: copy (non-blocking from pinned memory), then
     ``normalize`` (None: the tensor is used as it is) and channels_last for 4-D images."""
@@ -102,7 +114,7 @@ class DeviceInput:
             for batch in batches:
                 yield self.transfer(batch)
             return
-        side = torch.cuda.Stream(device=self.device)
+        side = _side_stream(self.device)
         ready = None
         for batch in batches:
             # Blocks the consumer has freed may be handed to the copies below: do not let the side
@@ -205,6 +217,10 @@ class eval_batches:  # noqa: N801 - used like the function it is to its callers
                 else:
                     keep.append((x, y))
                     nbytes += _nbytes((x, y))
+                    if self.device.type == "cuda":  # copied on the side stream, read on this one for good
+                        for t in (x, y):
+                            if isinstance(t, torch.Tensor):
+                                t.record_stream(torch.cuda.current_stream(self.device))
             yield self.input(x), y
         if keep is not None and nbytes <= budget:  # a complete pass (a caller that stops early caches nothing)
             _cache[self.dataset] = _Cached(self.key, keep, nbytes)

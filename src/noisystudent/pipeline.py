@@ -78,9 +78,20 @@ class Env:
     splits: DataSplits
     progress: bool
 
+    clean_sets: dict = dataclasses.field(default_factory=dict)
+
     @property
     def num_workers(self) -> int:
         return self.cfg.data.num_workers
+
+    def clean(self, images, size: int) -> TransformedSet:
+        """The un-augmented view of a split at ``size``: one object per (split, size), so the
+        device cache that training's validation fills is the one the final measurement reads."""
+        key = (id(images), size)
+        if key not in self.clean_sets:
+            s = self.splits
+            self.clean_sets[key] = TransformedSet(images, eval_transform(size, s.channels, s.mean, s.std))
+        return self.clean_sets[key]
 
 
 # ------------------------------------------------------------------------------ the stages
@@ -95,7 +106,7 @@ def train_stage(out: Path, stage: ResolvedStage, env: Env, pseudo=None) -> dict:
                          pretrained=stage.pretrained, classes=splits.classes, used_as_is=stage.epochs == 0)
     noisy = train_transform(stage.image_size, splits.channels, splits.mean, splits.std, stage.noise, cfg.data.flip)
     labeled = TransformedSet(splits.labeled, noisy)
-    val = _clean(splits.val, stage.image_size, splits)  # model selection, at the training size
+    val = env.clean(splits.val, stage.image_size)  # model selection, at the training size
     pseudo_set = None if pseudo is None else pseudo(noisy)
     log.info(f"[{stage.name}] {stage.model} ({count_parameters(model) / 1e6:.2f}M params) at {stage.image_size}px, "
              f"{len(labeled)} labeled + {0 if pseudo_set is None else len(pseudo_set)} pseudo-labeled, "
@@ -181,7 +192,7 @@ def fixres_stage(out: Path, stage: ResolvedStage, last: dict, env: Env) -> dict:
     cfg, splits = env.cfg, env.splits
     seed_everything(stage.seed)
     model, _ = load_model(env.run.file(last["name"], layout.MODEL), stage.dropout, stage.drop_path)
-    labeled, val, test = (_clean(s, stage.test_size, splits) for s in (splits.labeled, splits.val, splits.test))
+    labeled, val, test = (env.clean(s, stage.test_size) for s in (splits.labeled, splits.val, splits.test))
     log.info(f"[{stage.name}] {stage.model} trained at {last['image_size']}px: fine-tune at {stage.test_size}px for "
              f"{stage.epochs:g} epochs on {len(labeled)} un-augmented labeled images, lr {stage.lr:g}")
     with _History(out, env, stage.name) as history:
@@ -343,14 +354,12 @@ def _stage_train_config(cfg: Config, stage: ResolvedStage):
     return dataclasses.replace(cfg.train, batch_size=stage.batch_size, unlabeled_ratio=stage.unlabeled_ratio)
 
 
-def _clean(images, size: int, splits: DataSplits) -> TransformedSet:
-    return TransformedSet(images, eval_transform(size, splits.channels, splits.mean, splits.std))
-
-
 def _measure(model, test_size: int, env: Env) -> dict:
     """Val and test top-1/top-5 at the stage's test resolution (the reported numbers)."""
-    val = evaluate_classifier(model, _clean(env.splits.val, test_size, env.splits), env.ctx.device, ctx=env.ctx)
-    test = evaluate_classifier(model, _clean(env.splits.test, test_size, env.splits), env.ctx.device, ctx=env.ctx)
+    val = evaluate_classifier(model, env.clean(env.splits.val, test_size), env.ctx.device, ctx=env.ctx,
+                              num_workers=env.num_workers)
+    test = evaluate_classifier(model, env.clean(env.splits.test, test_size), env.ctx.device, ctx=env.ctx,
+                               num_workers=env.num_workers)
     return {"val_top1": val["top1"], "val_top5": val["top5"], "test_top1": test["top1"], "test_top5": test["top5"]}
 
 

@@ -122,8 +122,11 @@ class StreamedSelection:
         """Endless batches of this rank's share, from global step ``start_step`` on."""
         local = local_batch_size(global_batch, ctx)
         items = _ShardStream(self, ctx.rank, ctx.world_size, seed, start_step, local)
+        from ..train.state import ignore_sigterm_in_worker  # SIGTERM is the main process's to handle
+
         loader = DataLoader(items, batch_size=local, num_workers=num_workers,
-                            pin_memory=ctx.device.type == "cuda", persistent_workers=False)
+                            pin_memory=ctx.device.type == "cuda", persistent_workers=False,
+                            worker_init_fn=ignore_sigterm_in_worker if num_workers else None)
         return iter(loader)
 
 

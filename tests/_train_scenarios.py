@@ -1,5 +1,5 @@
 """Small training scenarios shared by the training tests, runnable as a script for subprocess and
-torchrun tests (``python tests/test_train_scenarios.py MODE OUT``). Holds no tests itself."""
+torchrun tests (``python tests/_train_scenarios.py MODE OUT``). Holds no tests itself."""
 
 from __future__ import annotations
 

@@ -13,9 +13,9 @@ import torch
 
 from noisystudent.runtime.distributed import DistContext
 from noisystudent.train.state import load_checkpoint_file
-from test_train_scenarios import digits_data, run_distributed, tiny_stage
+from _train_scenarios import digits_data, run_distributed, tiny_stage
 
-SCRIPT = Path(__file__).with_name("test_train_scenarios.py")
+SCRIPT = Path(__file__).with_name("_train_scenarios.py")
 
 
 def test_two_processes_match_one_and_stop_together_on_sigterm(tmp_path):

@@ -10,7 +10,7 @@ from noisystudent.runtime.precision import choose_train_precision, measure_bf16
 from noisystudent.runtime.distributed import DistContext
 from noisystudent.train.loop import train_classifier
 from noisystudent.train.state import list_checkpoints
-from test_train_scenarios import NUM_CLASSES, digits_data, noisy_model, student_config
+from _train_scenarios import NUM_CLASSES, digits_data, noisy_model, student_config
 
 
 @pytest.fixture(autouse=True)

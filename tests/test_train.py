@@ -17,7 +17,7 @@ from noisystudent.train.loop import (SeededSamples, StreamSampler, build_optimiz
 from noisystudent.train.state import (capture_rng_state, catch_sigterm, list_checkpoints,
                                       load_checkpoint_file, load_latest_checkpoint, restore_rng_state,
                                       save_checkpoint)
-from test_train_scenarios import NUM_CLASSES, TinyNet, digits_data, noisy_model, student_config
+from _train_scenarios import NUM_CLASSES, TinyNet, digits_data, noisy_model, student_config
 
 
 def ctx_of(rank: int, world: int) -> DistContext:

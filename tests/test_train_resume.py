@@ -11,9 +11,9 @@ import torch
 
 from noisystudent.train.loop import TrainingPreempted
 from noisystudent.train.state import list_checkpoints, load_checkpoint_file
-from test_train_scenarios import run_resumable
+from _train_scenarios import run_resumable
 
-SCRIPT = Path(__file__).with_name("test_train_scenarios.py")
+SCRIPT = Path(__file__).with_name("_train_scenarios.py")
 
 
 @pytest.fixture(scope="module")

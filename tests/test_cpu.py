@@ -1,5 +1,5 @@
-"""Start-up CPU settings (noisystudent.runtime.cpu): fewer threads and a short OpenMP spin where
-the machine is shared, PyTorch's defaults where it is not, and the user's own settings always."""
+"""CPU threads (noisystudent.runtime.cpu): fewer where other processes keep cores busy, at start-up
+and while training, PyTorch's defaults where the machine is free, the user's own settings always."""
 
 import json
 import os
@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from noisystudent.runtime import cpu
 
@@ -17,11 +18,10 @@ def configure(env: dict, busy: float | None, cores: dict = TWO_CORES) -> dict:
     return cpu.configure(env, busy=lambda: busy, cores=cores)
 
 
-def test_an_idle_machine_keeps_pytorchs_threads_and_gets_a_short_spin():
+def test_an_idle_machine_keeps_pytorchs_defaults():
     env = {}
     decided = configure(env, busy=0.1)
-    assert env == {"GOMP_SPINCOUNT": str(cpu.SPIN_COUNT)} and decided["threads"]["threads"] == 2
-    assert cpu.SPIN_COUNT < 300000  # libgomp's own default spins ~7 ms: the collapse on a shared CPU
+    assert env == {} and decided["threads"]["threads"] == 2 and decided["governed"]
 
 
 def test_cores_busy_with_other_work_mean_fewer_threads():
@@ -52,12 +52,10 @@ def test_the_users_settings_win():
     env = {"OMP_NUM_THREADS": "2", "OMP_WAIT_POLICY": "ACTIVE"}
     decided = configure(env, busy=2.0)
     assert env == {"OMP_NUM_THREADS": "2", "OMP_WAIT_POLICY": "ACTIVE"} and decided["set"] == {}
-    assert decided["kept"] == {"OMP_NUM_THREADS": "2", "OMP_WAIT_POLICY": "ACTIVE"}
-    env = {"GOMP_SPINCOUNT": "0"}
-    configure(env, busy=0.0)
-    assert env == {"GOMP_SPINCOUNT": "0"}
+    assert decided["kept"] == {"OMP_NUM_THREADS": "2", "OMP_WAIT_POLICY": "ACTIVE"} and not decided["governed"]
     env = {cpu.OFF_VARIABLE: "0"}
-    assert "disabled" in configure(env, busy=2.0)["note"] and env == {cpu.OFF_VARIABLE: "0"}
+    decided = configure(env, busy=2.0)
+    assert "disabled" in decided["note"] and env == {cpu.OFF_VARIABLE: "0"} and not decided["governed"]
 
 
 def test_a_child_process_chooses_its_threads_again():
@@ -76,15 +74,60 @@ def test_other_processes_cpu_use_is_measured():
     assert 1 <= cores["physical"] <= cores["cpus"] <= os.cpu_count()
 
 
-def test_the_cli_configures_openmp_before_torch_loads():
-    """`noisystudent ...` imports the package (and so configure) before anything imports torch;
-    the user's OMP_NUM_THREADS reaches torch untouched, the spin count is ours."""
-    code = ("import noisystudent.cli, os, torch, json; from noisystudent.runtime import cpu; "
-            "print(json.dumps({'threads': torch.get_num_threads(), 'note': cpu.cpu_settings()['configured']['note'], "
-            "'spin': os.environ.get('GOMP_SPINCOUNT')}))")
-    env = {k: v for k, v in os.environ.items() if k not in cpu.WAIT_KNOBS and k != cpu.OFF_VARIABLE}
-    env["OMP_NUM_THREADS"] = "1"
+@pytest.mark.parametrize("user_threads", [None, "1"])
+def test_the_cli_chooses_threads_before_torch_loads(user_threads):
+    """`noisystudent ...` imports the package (and so configure) before anything imports torch:
+    the thread count it chose is the one torch starts with; the user's OMP_NUM_THREADS reaches
+    torch untouched."""
+    code = ("import noisystudent.cli, json, torch; from noisystudent.runtime import cpu; c = cpu.cpu_settings(); "
+            "print(json.dumps({'threads': torch.get_num_threads(), 'chosen': c['configured']['threads'].get('threads'), "
+            "'note': c['configured']['note']}))")
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", cpu.OURS_VARIABLE, cpu.OFF_VARIABLE)}
+    if user_threads:
+        env["OMP_NUM_THREADS"] = user_threads
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    assert result == {"threads": 1, "note": "", "spin": str(cpu.SPIN_COUNT)}
+    if user_threads:
+        assert result == {"threads": 1, "chosen": None, "note": "OMP_NUM_THREADS is set in the environment"}
+    else:
+        assert result["note"] == "" and result["threads"] == result["chosen"] >= 1
+
+
+@pytest.fixture
+def torch_threads():
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def test_the_governor_follows_the_other_processes(monkeypatch, torch_threads):
+    """While training, the thread count drops when another process takes the cores and comes
+    back when it leaves; a torch.set_num_threads of the user's ends the governing."""
+    others = []
+    monkeypatch.setattr(cpu._Sample, "others_since", lambda self, earlier: others[-1])
+    decided = {"governed": True, "set": {}, "cores": TWO_CORES}
+    torch.set_num_threads(2)  # PyTorch's default on two cores, as start-up left it
+    governor = cpu.ThreadGovernor("student-1", recheck=0.0, decided=decided)
+    assert governor.active
+    for busy, threads in ((0.2, 2), (1.8, 1), (1.0, 1), (0.1, 2)):
+        others.append(busy)
+        governor.tick()
+        assert torch.get_num_threads() == threads
+    assert governor.changes == [{"threads": 1, "others_busy_cores": 1.8}, {"threads": 2, "others_busy_cores": 0.1}]
+    next_stage = cpu.ThreadGovernor("student-2", recheck=0.0, decided=decided)  # continues the schedule
+    others.append(1.9)
+    next_stage.tick()
+    assert torch.get_num_threads() == 1
+    torch.set_num_threads(2)  # the user's choice, in code
+    others.append(1.9)
+    next_stage.tick()
+    assert torch.get_num_threads() == 2 and not next_stage.active and not decided["governed"]
+
+
+def test_the_governor_leaves_threads_set_in_code_alone(monkeypatch, torch_threads):
+    monkeypatch.setattr(cpu._Sample, "others_since", lambda self, earlier: 2.0)
+    torch.set_num_threads(1)  # e.g. the tests' conftest, or a benchmark's --threads
+    governor = cpu.ThreadGovernor(recheck=0.0, decided={"governed": True, "set": {}, "cores": TWO_CORES})
+    assert not governor.active
+    assert not cpu.ThreadGovernor(decided={"governed": False, "set": {}}).active

@@ -1,34 +1,33 @@
-"""CPU threads and OpenMP waiting, chosen once at start-up so that a run sharing the machine
-degrades gracefully and a run alone loses nothing.
+"""CPU threads chosen so that a run sharing the machine degrades gracefully and a run alone
+loses nothing.
 
-Two things make PyTorch collapse on a busy CPU (``benchmarks/cpu_shared.py``):
+A team of N OpenMP threads on cores that other processes are using waits, at every barrier, for
+its slowest member to be scheduled; worse, GNU OpenMP (libgomp, which PyTorch uses on Linux)
+lets a waiting thread spin for about 300,000 iterations (7 ms on a current x86 core) before it
+sleeps, holding the core its team-mate needs. Next to one other busy process, a small network's
+training step ran at 0.07-0.3x its idle speed (``benchmarks/cpu_shared.py``). Fewer threads, one
+per core the others leave free, remove the collapse. Shortening the spin instead
+(``OMP_WAIT_POLICY=PASSIVE``, or ``GOMP_SPINCOUNT`` of 1,000-3,000) also helps when shared, but
+capped the idle speed of small networks at about half, so the wait policy is left alone.
 
-* GNU OpenMP (libgomp, which PyTorch uses on Linux) lets a thread that waits for work spin for
-  about 300,000 iterations (7 ms on a current x86 core) before it sleeps. Alone on the machine
-  that costs nothing; next to another busy process, a spinning thread holds the core the thread
-  with work needs, and a small network's step ran at 0.07-0.3x its idle speed.
-  ``OMP_WAIT_POLICY=PASSIVE`` (no spin) avoids that but makes every parallel region pay a
-  wake-up, which halved the idle speed of small networks. :data:`SPIN_COUNT` spins long enough
-  to bridge the gaps between the operators of a step, short enough to hand a contended core
-  back within a fraction of a millisecond.
-* A team of N threads on cores that others are using waits, at every barrier, for its slowest
-  member to be scheduled. :func:`choose_threads` measures, over :data:`SAMPLE_SECONDS`, how many
-  cores other processes keep busy and starts with fewer threads when they leave less than all
-  of them free (one thread on two cores that are already in use). On an idle machine it leaves
-  PyTorch's default alone. Cores are those this process may use: its CPU affinity and, in a
-  container, its cgroup CPU quota.
+* At start-up, :func:`configure` (run from ``noisystudent/__init__.py``, before anything imports
+  torch) watches for :data:`SAMPLE_SECONDS` how many of the usable cores (CPU affinity, and a
+  container's cgroup CPU quota) other processes keep busy, and when they keep at least
+  :data:`BUSY_THRESHOLD` of a core busy sets ``OMP_NUM_THREADS`` to what they leave free.
+* While training, :class:`ThreadGovernor` looks again every :data:`RECHECK_SECONDS` and moves the
+  thread count between that and PyTorch's default, so a run keeps up with processes that start
+  or stop after it did.
 
-libgomp reads its environment once, when PyTorch's library loads, so :func:`configure` runs from
-``noisystudent/__init__.py`` before anything imports torch, and sets ``GOMP_SPINCOUNT`` and (when
-fewer threads are better) ``OMP_NUM_THREADS``. It never overrides the user: an ``OMP_NUM_THREADS``
-set in the environment, any of :data:`WAIT_KNOBS`, or a later ``torch.set_num_threads`` wins, and
-``NOISYSTUDENT_CPU_TUNING=0`` turns all of this off. If torch was imported before noisystudent,
-nothing is set (it could not take effect). Child processes (DataLoader workers, subprocesses)
-inherit the settings; a child that imports noisystudent chooses its own thread count again.
+On an idle machine neither changes anything. The user always wins: an ``OMP_NUM_THREADS`` in the
+environment, or a ``torch.set_num_threads`` call, turns both off, as does
+``NOISYSTUDENT_CPU_TUNING=0``. If torch was imported before noisystudent, start-up sets nothing
+(it would come too late) and the governor stays off. Child processes inherit ``OMP_NUM_THREADS``;
+one that imports noisystudent chooses again.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import sys
@@ -37,21 +36,17 @@ from pathlib import Path
 from typing import Callable, MutableMapping
 
 __all__ = ["configure", "cpu_settings", "choose_threads", "usable_cores", "others_busy_cores",
-           "SPIN_COUNT", "WAIT_KNOBS", "OFF_VARIABLE"]
+           "ThreadGovernor", "OFF_VARIABLE"]
 
-# Spin iterations before a waiting OpenMP thread sleeps: ~75 us at the ~25 ns of an x86 `pause`
-# (libgomp's default is 300,000). Next to a busy process, shorter was faster (1,000: 1.0x, 3,000:
-# 0.85x, 10,000: 0.6x, 300,000: 0.4x); 1,000 capped a step's best time at half the idle speed
-# where 3,000 did not. Measured in docs/benchmarks.md ("CPU threads on a shared machine").
-SPIN_COUNT = 3000
-# Variables that express a user's choice about OpenMP waiting; if any is set, none is touched.
-WAIT_KNOBS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
 OFF_VARIABLE = "NOISYSTUDENT_CPU_TUNING"
 # OMP_NUM_THREADS holding this variable's value was set by configure(), not by the user.
 OURS_VARIABLE = "NOISYSTUDENT_OMP_NUM_THREADS"
 SAMPLE_SECONDS = 0.1  # how long start-up watches the other processes' CPU use
 BUSY_THRESHOLD = 0.5  # others keeping less than half a core busy leave the default alone
+RECHECK_SECONDS = 5.0  # how often a training run looks at the others again
+WAIT_KNOBS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")  # reported, never set
 
+log = logging.getLogger("noisystudent")
 _applied: dict = {}
 
 
@@ -77,22 +72,30 @@ def _read_cpu_times(cpus: list[int]) -> tuple[int, int] | None:
     return (busy, total) if total else None
 
 
+class _Sample:
+    """CPU time of the usable cores and of this process at one moment."""
+
+    def __init__(self, cpus: list[int]):
+        self.cpus, self.machine, self.own = cpus, _read_cpu_times(cpus), os.times()
+
+    def others_since(self, earlier: "_Sample") -> float | None:
+        """Cores other processes kept busy between ``earlier`` and this sample."""
+        if self.machine is None or earlier.machine is None or self.machine[1] <= earlier.machine[1]:
+            return None
+        busy = (self.machine[0] - earlier.machine[0]) / (self.machine[1] - earlier.machine[1]) * len(self.cpus)
+        elapsed = self.own.elapsed - earlier.own.elapsed
+        own = self.own.user + self.own.system - earlier.own.user - earlier.own.system
+        return max(0.0, busy - (own / elapsed if elapsed > 0 else 0.0))
+
+
 def others_busy_cores(seconds: float = SAMPLE_SECONDS) -> float | None:
     """Cores (of those this process may use) kept busy by other processes during the next
     ``seconds``; None where /proc/stat cannot be read."""
-    cpus = _affinity()
-    first = _read_cpu_times(cpus)
-    if first is None:
+    first = _Sample(_affinity())
+    if first.machine is None:
         return None
-    own = os.times()
     time.sleep(seconds)
-    second, own_now = _read_cpu_times(cpus), os.times()
-    if second is None or second[1] <= first[1]:
-        return None
-    busy = (second[0] - first[0]) / (second[1] - first[1]) * len(cpus)
-    elapsed = own_now.elapsed - own.elapsed
-    mine = (own_now.user + own_now.system - own.user - own.system) / elapsed if elapsed > 0 else 0.0
-    return max(0.0, busy - mine)
+    return _Sample(first.cpus).others_since(first)
 
 
 def _cgroup_quota() -> float | None:
@@ -131,54 +134,110 @@ def usable_cores() -> dict:
     return {"cpus": len(cpus), "physical": _physical_cores(cpus), "quota": _cgroup_quota()}
 
 
+def _threads_for(cores: dict, others: float | None) -> int:
+    """Threads for ``others`` busy cores: what they leave free (rounded, at least one), never more
+    than PyTorch's default (the physical cores) nor the cgroup quota."""
+    free = float(cores["cpus"]) if cores["quota"] is None else min(cores["cpus"], cores["quota"])
+    threads = min(cores["physical"], max(1, math.floor(free + 0.5)))
+    if others is not None and others >= BUSY_THRESHOLD:
+        threads = min(threads, max(1, math.floor(free - others + 0.5)))
+    return threads
+
+
 def choose_threads(busy: Callable[[], float | None] = others_busy_cores,
                    cores: dict | None = None) -> tuple[int | None, dict]:
     """The intra-op thread count to start with: ``(threads, info)``. ``threads`` is None when
     PyTorch's default (the physical cores) is right: no cgroup quota below it and other processes
-    keeping less than :data:`BUSY_THRESHOLD` of a core busy. Otherwise it is what they leave
-    free (rounded, at least one, never more than the default)."""
+    keeping less than :data:`BUSY_THRESHOLD` of a core busy."""
     cores = usable_cores() if cores is None else cores
-    default = cores["physical"]
-    free = float(cores["cpus"]) if cores["quota"] is None else min(cores["cpus"], cores["quota"])
-    threads = min(default, max(1, math.floor(free + 0.5)))
     others = busy()
-    if others is not None and others >= BUSY_THRESHOLD:
-        threads = min(threads, max(1, math.floor(free - others + 0.5)))
+    threads = _threads_for(cores, others)
     info = dict(cores, others_busy_cores=None if others is None else round(others, 2), threads=threads)
-    return (None if threads == default else threads), info
+    return (None if threads == cores["physical"] else threads), info
 
 
 def configure(environ: MutableMapping[str, str] | None = None,
               busy: Callable[[], float | None] = others_busy_cores, cores: dict | None = None) -> dict:
-    """Choose the OpenMP wait policy and thread count for this process, unless the user did.
+    """Choose this process's thread count, unless the user did (``OMP_NUM_THREADS``).
 
-    Returns what was decided (kept for :func:`cpu_settings`): ``set`` (variables this call set),
-    ``kept`` (the user's own, untouched), ``threads`` (the choice and what it was based on) and
-    ``note`` (why nothing was set). ``environ``, ``busy`` and ``cores`` are for tests.
+    Returns what was decided (kept for :func:`cpu_settings` and :class:`ThreadGovernor`): ``set``
+    (variables this call set), ``kept`` (the user's own, untouched), ``threads`` (the choice and
+    what it was based on), ``governed`` (whether the thread count is ours to change later) and
+    ``note`` (why nothing was decided). ``environ``, ``busy`` and ``cores`` are for tests.
     """
     env = os.environ if environ is None else environ
     user_threads = "OMP_NUM_THREADS" in env and env.get(OURS_VARIABLE) != env["OMP_NUM_THREADS"]
     kept = {k: env[k] for k in WAIT_KNOBS if k in env} | ({"OMP_NUM_THREADS": env["OMP_NUM_THREADS"]}
                                                           if user_threads else {})
-    decided: dict = {"set": {}, "kept": kept, "threads": {}, "note": ""}
+    decided: dict = {"set": {}, "kept": kept, "threads": {}, "governed": False, "note": ""}
     if env.get(OFF_VARIABLE, "").strip().lower() in ("0", "off", "false", "no"):
-        decided["note"] = f"{OFF_VARIABLE}={env[OFF_VARIABLE]}: start-up CPU settings disabled"
+        decided["note"] = f"{OFF_VARIABLE}={env[OFF_VARIABLE]}: CPU thread choice disabled"
     elif environ is None and "torch" in sys.modules:
         decided["note"] = "torch was imported before noisystudent: its OpenMP settings are already fixed"
+    elif user_threads:
+        decided["note"] = "OMP_NUM_THREADS is set in the environment"
     else:
-        if not any(k in env for k in WAIT_KNOBS):
-            env["GOMP_SPINCOUNT"] = decided["set"]["GOMP_SPINCOUNT"] = str(SPIN_COUNT)
-        if not user_threads:
-            threads, decided["threads"] = choose_threads(busy, cores)
-            if threads is None:
-                env.pop("OMP_NUM_THREADS", None)  # inherited from a parent that chose for itself
-                env.pop(OURS_VARIABLE, None)
-            else:
-                env["OMP_NUM_THREADS"] = env[OURS_VARIABLE] = decided["set"]["OMP_NUM_THREADS"] = str(threads)
+        threads, decided["threads"] = choose_threads(busy, cores)
+        decided["governed"] = True
+        if threads is None:
+            env.pop("OMP_NUM_THREADS", None)  # inherited from a parent that chose for itself
+            env.pop(OURS_VARIABLE, None)
+        else:
+            env["OMP_NUM_THREADS"] = env[OURS_VARIABLE] = decided["set"]["OMP_NUM_THREADS"] = str(threads)
     if environ is None:
         _applied.clear()
         _applied.update(decided)
     return decided
+
+
+class ThreadGovernor:
+    """Keeps a long CPU loop's thread count matched to what other processes leave free.
+
+    Call :meth:`tick` once per step; every :data:`RECHECK_SECONDS` it measures the other
+    processes' CPU use since the last look (no waiting: the loop's own time is the window) and
+    calls ``torch.set_num_threads`` when the right count has changed. Active only where start-up
+    chose the thread count (:func:`configure`) and nobody has called ``torch.set_num_threads``
+    since; otherwise ``tick`` does nothing. The schedule and the count live in ``decided`` (the
+    process's start-up decision), so consecutive stages continue where the last one stopped.
+    ``changes`` lists what this governor did.
+    """
+
+    def __init__(self, desc: str = "", recheck: float = RECHECK_SECONDS, decided: dict | None = None):
+        import torch
+
+        self.decided = _applied if decided is None else decided
+        self.desc, self.recheck, self.changes = desc, recheck, []
+        self.cores, expected = None, None
+        if self.decided.get("governed"):
+            self.cores = self.decided.setdefault("cores", usable_cores())
+            expected = self.decided.get("current",
+                                        int(self.decided["set"].get("OMP_NUM_THREADS", self.cores["physical"])))
+        # Any other count means the user set the threads in code (a test, a benchmark): theirs.
+        self.active = expected is not None and torch.get_num_threads() == expected
+        if self.active and "last" not in self.decided:
+            self.decided.update(current=expected, last=_Sample(_affinity()), next=time.monotonic() + recheck)
+
+    def tick(self) -> None:
+        """Look again if it is time; change the thread count if the others' use has changed."""
+        d = self.decided
+        if not self.active or time.monotonic() < d["next"]:
+            return
+        import torch
+
+        now = _Sample(d["last"].cpus)
+        others = now.others_since(d["last"])
+        d["last"], d["next"] = now, time.monotonic() + self.recheck
+        current = torch.get_num_threads()
+        if current != d["current"]:  # changed by someone else meanwhile: theirs from now on
+            self.active = d["governed"] = False
+            return
+        threads = _threads_for(self.cores, others)
+        if others is not None and threads != current:
+            torch.set_num_threads(threads)
+            d["current"] = threads
+            self.changes.append({"threads": threads, "others_busy_cores": round(others, 2)})
+            log.info(f"[{self.desc}] CPU threads {current} -> {threads} (other processes kept "
+                     f"{others:.1f} of {self.cores['cpus']} cores busy)")
 
 
 def cpu_settings() -> dict:
@@ -188,4 +247,4 @@ def cpu_settings() -> dict:
 
     return {"threads": torch.get_num_threads(),
             "env": {k: os.environ[k] for k in (*WAIT_KNOBS, "OMP_NUM_THREADS") if k in os.environ},
-            "configured": dict(_applied)}
+            "configured": {k: v for k, v in _applied.items() if k in ("set", "kept", "threads", "governed", "note")}}

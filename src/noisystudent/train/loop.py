@@ -51,7 +51,7 @@ from ..config.schema import TrainConfig
 from ..runtime.distributed import (DistContext, all_gather_object, all_reduce_sum, any_rank, barrier, broadcast_object,
                           convert_sync_batchnorm, local_batch_size, wrap_ddp)
 from ..runtime.errors import CheckpointError, ConfigError
-from ..runtime.cpu import cpu_settings
+from ..runtime.cpu import ThreadGovernor, cpu_settings
 from ..runtime.precision import choose_train_precision, resolve_precision
 from ..data.device_input import DeviceInput, host_view
 from ..evaluate.classifier import evaluate_classifier
@@ -338,7 +338,7 @@ def _describe_precision(info: dict) -> str:
         cpu = info["cpu"]
         others = cpu["configured"].get("threads", {}).get("others_busy_cores")
         text += (f"; {cpu['threads']} CPU thread(s)"
-                 f"{f' (other processes kept {others:g} cores busy at start-up)' if others else ''}"
+                 f"{f' (other processes kept {others:.1f} cores busy at start-up)' if others else ''}"
                  + "".join(f", {k}={v}" for k, v in cpu["env"].items()))
     return text
 
@@ -434,6 +434,8 @@ def train_classifier(model: nn.Module, labeled: Dataset, val: Dataset, cfg: Trai
         log.info(f"[{desc}] precision {precision}: {_describe_precision(precision_info)}")
     autocast = (functools.partial(torch.autocast, device.type, dtype=autocast_dtype) if autocast_dtype
                 else contextlib.nullcontext)
+    # On a CPU, the thread count follows what other processes leave free (when it is ours to set).
+    governor = ThreadGovernor(desc) if device.type == "cpu" else None
     running = torch.tensor(running_loss, device=device)
     started = time.time()
     bar = progress_bar(range(start_step, total_steps), desc=desc, unit="step",
@@ -441,6 +443,8 @@ def train_classifier(model: nn.Module, labeled: Dataset, val: Dataset, cfg: Trai
     with catch_sigterm(enabled=checkpoint_dir is not None) as preemption:
         for step in bar:
             train_net.train()
+            if governor is not None:
+                governor.tick()
             (x, targets), first = first or next_batch(), None
             with autocast():
                 logits = train_net(x)

@@ -83,6 +83,7 @@ class TrainOutcome:
     checkpoint: Path | None = None  # the last training checkpoint written or read
     precision: str = "fp32"  # what trained: fp32, bf16 or fp16 (train.precision auto resolved)
     precision_info: dict = field(default_factory=dict)  # why: requested, reason, measured img/s
+    thread_changes: list[dict] = field(default_factory=list)  # CPU threads changed mid-stage (ThreadGovernor)
 
 
 def smoothed_one_hot(labels: torch.Tensor, num_classes: int, smoothing: float) -> torch.Tensor:
@@ -502,4 +503,4 @@ def train_classifier(model: nn.Module, labeled: Dataset, val: Dataset, cfg: Trai
                         images_seen=total_steps * (lab_batch + unl_batch),
                         seconds=state.seconds + time.time() - started, history=state.history,
                         resumed_from_step=start_step, checkpoint=last_checkpoint, precision=precision,
-                        precision_info=precision_info)
+                        precision_info=precision_info, thread_changes=governor.changes if governor else [])

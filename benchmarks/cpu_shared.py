@@ -260,7 +260,8 @@ def main() -> None:
     result = {"idle_img_s": round(statistics.median(r["img_s"] for r in runs["idle"]), 1),
               "shared_img_s": round(statistics.median(r["img_s"] for r in runs["shared"]), 1),
               "shared_ratio": median_ratio("shared"),
-              "joined_img_s": round(statistics.median(r["img_s"] for r in runs["joined"]), 1) if runs["joined"] else None,
+              "joined_img_s": (round(statistics.median(r["img_s"] for r in runs["joined"]), 1)
+                               if runs["joined"] else None),
               "joined_ratio": median_ratio("joined"),
               "runs": {k: [round(r["img_s"], 1) for r in v] for k, v in runs.items()},
               "threads": {k: [r["threads"] for r in v] for k, v in runs.items()},

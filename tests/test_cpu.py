@@ -80,8 +80,8 @@ def test_the_cli_chooses_threads_before_torch_loads(user_threads):
     the thread count it chose is the one torch starts with; the user's OMP_NUM_THREADS reaches
     torch untouched."""
     code = ("import noisystudent.cli, json, torch; from noisystudent.runtime import cpu; c = cpu.cpu_settings(); "
-            "print(json.dumps({'threads': torch.get_num_threads(), 'chosen': c['configured']['threads'].get('threads'), "
-            "'note': c['configured']['note']}))")
+            "print(json.dumps({'threads': torch.get_num_threads(), "
+            "'chosen': c['configured']['threads'].get('threads'), 'note': c['configured']['note']}))")
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", cpu.OURS_VARIABLE, cpu.OFF_VARIABLE)}
     if user_threads:
         env["OMP_NUM_THREADS"] = user_threads

@@ -122,7 +122,7 @@ def train_stage(out: Path, stage: ResolvedStage, env: Env, pseudo=None) -> dict:
         else:  # epochs 0: use the (pretrained) model as it is, e.g. a teacher trained elsewhere
             model.to(env.ctx.device)
             outcome = TrainOutcome(state_dict=model.state_dict(), best_epoch=0, best_val_top1=float("nan"),
-                                   epochs=0, steps=0, images_seen=0, seconds=0.0)
+                                   epochs=0, steps=0, images_seen=0, seconds=0.0, precision="none")
         history.write_all(outcome.history)
     metrics = {"name": stage.name, "model": stage.model, **_measure(model, stage.test_size, env),
                "num_labeled": len(labeled), "num_pseudo": 0 if pseudo_set is None else len(pseudo_set),
@@ -130,7 +130,7 @@ def train_stage(out: Path, stage: ResolvedStage, env: Env, pseudo=None) -> dict:
                "epochs": outcome.epochs, "steps": outcome.steps, "images_seen": outcome.images_seen,
                "image_size": stage.image_size, "test_size": stage.test_size, "dropout": stage.dropout,
                "drop_path": stage.drop_path, "seed": stage.seed, "precision": outcome.precision,
-               "precision_info": outcome.precision_info}
+               "precision_info": outcome.precision_info, "thread_changes": outcome.thread_changes}
     _save(out, model, stage, env, stage.image_size, metrics)
     log.info(f"[{stage.name}] val top-1 {metrics['val_top1']:.2f}  test top-1 {metrics['test_top1']:.2f}  "
              f"best epoch {outcome.best_epoch}/{outcome.epochs}  {outcome.seconds:.1f}s  ({outcome.precision})")

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -158,7 +159,7 @@ def select_from_store(store_dir: Path | str, out_path: Path | str, *, threshold:
                                           kept, k, num_rows - int(kept.sum()))
     finally:
         con.close()
-        _rmtree(temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
     return Selection(path=out_path, per_class=k, kept_per_class=kept.tolist(), selected_per_class=selected.tolist(),
                      num_below_threshold=num_rows - int(kept.sum()), num_unique=unique,
                      num_classes=h.num_classes, top_k=h.top_k, hard=h.hard, store=store_identity(store))
@@ -292,9 +293,3 @@ def selection_schema(top_k: int) -> pa.Schema:
     return pa.schema([("key", pa.string()), ("shard", pa.int32()), ("index", pa.int64()), ("copies", pa.int32()),
                       ("predicted", pa.int32()), ("confidence", pa.float32()),
                       ("topk_class", pa.list_(pa.int32(), top_k)), ("topk_prob", pa.list_(pa.float32(), top_k))])
-
-
-def _rmtree(path: Path) -> None:
-    import shutil
-
-    shutil.rmtree(path, ignore_errors=True)

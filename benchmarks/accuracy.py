@@ -54,6 +54,7 @@ from pathlib import Path
 import torch
 
 from noisystudent.config.schema import ABLATIONS, load_config
+from noisystudent.config.stages import resolve_stages
 from noisystudent.pipeline import run_pipeline
 
 from ood_digits import ood_stats, write_ood_pool  # benchmarks/ is on sys.path (the script's folder)
@@ -136,7 +137,8 @@ def _on_every_label(config: str, seed: int, extra: list[str]) -> tuple[list[str]
 def oracle_task(config: str, seed: int, extra: list[str], oracle_extra: list[str]) -> Task:
     """The final student architecture on every training label, for as many epochs as that student."""
     base, cfg = _on_every_label(config, seed, extra)
-    return Task((2, seed), "oracle", seed, base + [f"teacher.epochs={cfg.stage_epochs(cfg.students[-1])}",
+    final = [s for s in resolve_stages(cfg) if s.role == "student"][-1]
+    return Task((2, seed), "oracle", seed, base + [f"teacher.epochs={final.epochs}",
                                                    *oracle_extra])
 
 

@@ -25,6 +25,7 @@ from PIL import Image
 
 from noisystudent.cli import main
 from noisystudent.config.schema import load_config
+from noisystudent.config.stages import resolve_stages
 from noisystudent.data.datasets import build_splits
 from noisystudent.data.transforms import eval_transform, train_transform
 from noisystudent.models.checkpoint import save_model
@@ -257,17 +258,17 @@ def test_a_students_pretrained_file_for_another_architecture_is_found_before_any
                    classes=[str(i) for i in range(10)], image_size=16, mean=(0.5,), std=(0.2,))
     classes = [str(i) for i in range(10)]
     ok = load_config(None, [f"teacher.pretrained={good}", f"students.0.pretrained={other}"])
-    check_pretrained_files(ok, num_classes=10, channels=1, classes=classes)  # ns_cnn_s -> ns_cnn_s fits
+    check_pretrained_files(resolve_stages(ok), num_classes=10, channels=1, classes=classes)  # s -> s fits
     bad = load_config(None, [f"teacher.pretrained={good}", f"students.1.pretrained={other}"])
     with pytest.raises(CheckpointError, match=r"^config key 'students\[1\]\.pretrained': .*for-s\.pt: weights "
                                               r"for another architecture than ns_cnn_m: the file is for ns_cnn_s"):
-        check_pretrained_files(bad, num_classes=10, channels=1, classes=classes)
+        check_pretrained_files(resolve_stages(bad), num_classes=10, channels=1, classes=classes)
     (tmp_path / "garbage.pt").write_bytes(GARBAGE)
     for key in ("teacher.pretrained", "students.0.pretrained"):
         cfg = load_config(None, [f"{key}={tmp_path / 'garbage.pt'}"])
         dotted = key.replace("students.0", "students[0]")
         with pytest.raises(CheckpointError, match="^" + re.escape(f"config key '{dotted}': not a weight file: ")):
-            check_pretrained_files(cfg, num_classes=10, channels=1, classes=classes)
+            check_pretrained_files(resolve_stages(cfg), num_classes=10, channels=1, classes=classes)
     with pytest.raises(CheckpointError, match=r"^config key 'teacher\.pretrained': unknown pretrained tag"):
-        check_pretrained_files(load_config(None, ["teacher.pretrained=resnet18.no_such_tag"]), num_classes=10,
-                               channels=1, classes=classes)
+        check_pretrained_files(resolve_stages(load_config(None, ["teacher.pretrained=resnet18.no_such_tag"])),
+                               num_classes=10, channels=1, classes=classes)

@@ -127,20 +127,48 @@ def test_rgb_weights_adapt_to_grayscale(b0_file, caplog):
     assert torch.allclose(model.conv_stem.weight, ref["conv_stem.weight"].sum(1, keepdim=True))
 
 
-def test_timm_tag_goes_through_timm_and_the_same_checks(monkeypatch, b0_file):
-    _, ref = b0_file
-    fetched = []
+def _tag_served_from(monkeypatch, path):
+    """timm's real record of the tag, with its weights served from a local file instead of the
+    Hub (no download in tests); timm.models.load_pretrained then reads and adapts them."""
+    import dataclasses
 
-    def fake_fetch(tag):  # no download in tests
-        fetched.append(tag)
-        return dict(ref)
+    real = pretrained.timm_pretrained_cfg
+    monkeypatch.setattr(pretrained, "timm_pretrained_cfg",
+                        lambda tag: dataclasses.replace(real(tag), file=str(path)))
 
-    monkeypatch.setattr(pretrained, "fetch_timm_weights", fake_fetch)
-    model = _timm_b0(num_classes=7)
-    messages = load_pretrained(model, "tf_efficientnet_b0.ns_jft_in1k", num_classes=7)
-    assert fetched == ["tf_efficientnet_b0.ns_jft_in1k"]
+
+def test_timm_tag_goes_through_timm_load_pretrained(monkeypatch, b0_file, caplog):
+    import timm.models
+
+    path, ref = b0_file
+    _tag_served_from(monkeypatch, path)
+    calls = []
+    real_loader = timm.models.load_pretrained
+    monkeypatch.setattr(timm.models, "load_pretrained", lambda *a, **k: calls.append(k) or real_loader(*a, **k))
+    model = _timm_b0(num_classes=7, in_chans=1, seed=1)
+    with caplog.at_level(logging.WARNING, logger="noisystudent"):
+        messages = load_pretrained(model, "tf_efficientnet_b0.ns_jft_in1k", num_classes=7)
+    assert len(calls) == 1 and calls[0]["num_classes"] == 7 and calls[0]["in_chans"] == 1
     assert any("prefer model tf_efficientnet_b0" in m for m in messages)
-    assert any("1000 classes" in m for m in messages)
+    assert any("1000 classes" in m for m in messages)  # the head replaced, said once
+    # timm adapted the RGB stem to one channel (summed) and loaded the rest; the new head is 7-way
+    assert torch.allclose(model.conv_stem.weight, ref["conv_stem.weight"].sum(1, keepdim=True))
+    assert _same(model.state_dict(), ref, skip=("classifier", "conv_stem"))
+    assert model.classifier.out_features == 7
+
+
+def test_timm_tag_with_weights_of_another_architecture_is_our_error(monkeypatch, tmp_path):
+    path = tmp_path / "b1.safetensors"
+    save_file(create_model("efficientnet_b1", 1000, 3).state_dict(), str(path))
+    _tag_served_from(monkeypatch, path)
+    with pytest.raises(CheckpointError, match="another architecture than efficientnet_b0"):
+        load_pretrained(_timm_b0(), "efficientnet_b0.ra_in1k", num_classes=1000)
+
+
+def test_timm_tag_that_cannot_be_fetched_is_one_line(monkeypatch, tmp_path):
+    _tag_served_from(monkeypatch, tmp_path / "not-downloaded.pth")  # as if offline with no cache
+    with pytest.raises(CheckpointError, match=r"could not fetch pretrained weights 'efficientnet_b0.ra_in1k'.*offline"):
+        load_pretrained(_timm_b0(), "efficientnet_b0.ra_in1k", num_classes=1000)
 
 
 def test_unknown_tag_is_an_error_without_network():

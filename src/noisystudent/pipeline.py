@@ -266,7 +266,7 @@ def _loop(cfg: Config, stages: list[ResolvedStage], run: RunDir, runner: StageRu
     banner(f"Data: {cfg.data.source}")
     splits = build_splits(cfg.data, cfg.seed, require_unlabeled=len(stages) > 1 and stages[1].role == "student")
     # every stage's `pretrained` file, checked before anything trains
-    check_pretrained_files(cfg, num_classes=splits.num_classes, channels=splits.channels, classes=splits.classes)
+    check_pretrained_files(stages, num_classes=splits.num_classes, channels=splits.channels, classes=splits.classes)
     env = Env(ctx=ctx, run=run, cfg=cfg, splits=splits, progress=progress)
     students = [s for s in stages if s.role == "student"]
     pool = build_pool(cfg.data, splits.unlabeled, cfg.pseudo.shard_size) if students else None

@@ -230,9 +230,6 @@ class Config:
         blob = json.dumps(normalised_dict(self), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
-    def stage_epochs(self, stage: StageConfig) -> float:
-        return self.train.epochs if stage.epochs is None else stage.epochs
-
 
 # --------------------------------------------------------------------------------------------
 # Parsing: a small typed reader. Written by hand because the schema is a few dataclasses and

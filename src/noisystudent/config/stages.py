@@ -66,6 +66,7 @@ class ResolvedStage:
     frozen_blocks: int | None = None  # fixres only
     unlabeled_ratio: float = 0.0  # pseudo-labeled images per labeled image; students only
     labeling: ResolvedLabeling | None = None  # students only: how their pseudo labels are made
+    config_key: str = ""  # where the stage's settings live in the config: "teacher", "students[0]", "finetune"
 
 
 def stage_seed(seed: int, name: str) -> int:
@@ -100,7 +101,8 @@ def _fixres_stage(cfg: Config, last: ResolvedStage) -> ResolvedStage:
                          test_size=last.test_size, dropout=last.dropout, drop_path=last.drop_path,
                          noise=dataclasses.replace(last.noise, augment=False), lr=_or(ft.lr, last.lr / 10),
                          epochs=ft.epochs, batch_size=_or(ft.batch_size, cfg.train.batch_size),
-                         seed=stage_seed(cfg.seed, FIXRES), pretrained=None, frozen_blocks=ft.frozen_blocks)
+                         seed=stage_seed(cfg.seed, FIXRES), pretrained=None, frozen_blocks=ft.frozen_blocks,
+                         config_key="finetune")
 
 
 def resolve_stages(cfg: Config) -> list[ResolvedStage]:
@@ -108,13 +110,14 @@ def resolve_stages(cfg: Config) -> list[ResolvedStage]:
     (``finetune.enabled``, or by default when the last stage's test resolution is above its
     training resolution)."""
     pseudo = cfg.pseudo
-    stages = [_training_stage(cfg, cfg.teacher, TEACHER, "teacher")]
+    stages = [_training_stage(cfg, cfg.teacher, TEACHER, "teacher", config_key="teacher")]
     for i, student in enumerate(cfg.students, start=1):
         labeling = ResolvedLabeling(temperature=pseudo.temperature, hard=pseudo.hard, top_k=pseudo.top_k,
                                     batch_size=pseudo.batch_size,
                                     select_seed=stage_seed(cfg.seed, select_stage(i)))
         stages.append(_training_stage(cfg, student, student_stage(i), "student",
-                                      unlabeled_ratio=cfg.train.unlabeled_ratio, labeling=labeling))
+                                      unlabeled_ratio=cfg.train.unlabeled_ratio, labeling=labeling,
+                                      config_key=f"students[{i - 1}]"))
     last = stages[-1]
     if fixres_enabled(cfg.finetune.enabled, last.image_size, last.test_size):
         stages.append(_fixres_stage(cfg, last))

@@ -3,7 +3,8 @@
 Accepted sources (``load_pretrained(model, source, num_classes)``):
 
 * a timm pretrained tag, ``architecture.tag`` (e.g. ``tf_efficientnet_b0.ns_jft_in1k``, the
-  released Noisy Student weights); downloaded by timm, so it needs internet (or timm's cache);
+  released Noisy Student weights), or ``hf-hub:org/repo``; loaded by timm's own
+  ``timm.models.load_pretrained`` (download or timm's cache, so it needs internet once);
 * a local file: ``.safetensors``, or anything ``torch.load`` reads with ``weights_only=True``
   (``.pt``/``.pth``/``.bin``/``.ckpt``) holding a plain state dict (timm's format), our own
   checkpoint (:func:`noisystudent.models.checkpoint.save_model`), or a wrapper ``{"state_dict": ...}``,
@@ -147,32 +148,59 @@ def timm_pretrained_cfg(tag: str):
     return cfg
 
 
-def fetch_timm_weights(tag: str) -> dict[str, torch.Tensor]:
-    """Download (or read from timm's cache) the weights of a timm pretrained tag."""
-    from timm.models import load_state_dict_from_hf
+def tag_pretrained_cfg(tag: str) -> dict:
+    """timm's ``pretrained_cfg`` for a tag, as the dict :func:`timm.models.load_pretrained` takes:
+    from timm's registry (no download), or, for ``hf-hub:org/repo``, from the repository's
+    ``config.json`` (a download)."""
+    if tag.startswith(_HUB_PREFIXES):
+        from timm.models import load_model_config_from_hf
 
-    if tag.startswith(_HUB_PREFIXES):  # hf-hub:org/repo, a timm-format repository on the Hub
         try:
-            return _strip_prefixes(dict(load_state_dict_from_hf(tag.split(":", 1)[1], weights_only=True)))
-        except Exception as e:
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise CheckpointError(f"could not fetch pretrained weights {tag!r} ({reason})") from None
-    cfg = timm_pretrained_cfg(tag)
+            cfg, _, _ = load_model_config_from_hf(tag.split(":", 1)[1])
+        except Exception as e:  # network, hub and cache errors
+            raise CheckpointError(f"could not fetch pretrained weights {tag!r} ({_reason(e)})") from None
+        return {**cfg, "hf_hub_id": tag.split(":", 1)[1], "source": "hf-hub"}
+    return timm_pretrained_cfg(tag).to_dict()
+
+
+def _reason(e: Exception) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def _load_timm_tag(model: nn.Module, tag: str, num_classes: int | None, tag_arch: str | None) -> list[str]:
+    """Weights of a timm tag through timm's own loader (``timm.models.load_pretrained``: the
+    download or timm's cache, input-conv adaptation, the classifier dropped on another class
+    count), with this module's checks run on the fetched tensors first (its ``filter_fn``), so a
+    mismatch is the same one-line error as for a local file."""
+    from timm.models import load_pretrained as timm_load_pretrained
+
+    from .factory import model_architecture
+
+    pretrained_cfg = tag_pretrained_cfg(tag)
+    messages: list[str] = []
+
+    def check(state: dict, model: nn.Module) -> dict:
+        state = _strip_prefixes(dict(state))
+        messages.extend(apply_state_dict(model, state, source=tag, num_classes=num_classes, file_arch=tag_arch,
+                                         check_only=True))  # also resets the head to num_classes
+        return state
+
+    first = _first_conv(model)
+    in_chans = model.get_submodule(first).weight.shape[1] if first else 3
     try:
-        if cfg.file:
-            return read_state_dict(cfg.file)[0]
-        if cfg.hf_hub_id:
-            sd = load_state_dict_from_hf(cfg.hf_hub_id, weights_only=True) if not cfg.hf_hub_filename \
-                else load_state_dict_from_hf(cfg.hf_hub_id, filename=cfg.hf_hub_filename, weights_only=True)
-        else:
-            sd = torch.hub.load_state_dict_from_url(cfg.url, map_location="cpu", weights_only=True)
-    except CheckpointError:
+        timm_load_pretrained(model, pretrained_cfg=pretrained_cfg, in_chans=in_chans, filter_fn=check,
+                             num_classes=_num_classes(model, _classifier(model)[1]) if num_classes is None
+                             else num_classes)
+    except (CheckpointError, DataError):
         raise
     except Exception as e:  # network, hub and cache errors
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"could not fetch pretrained weights {tag!r} ({reason}); offline? "
+        raise CheckpointError(f"could not fetch pretrained weights {tag!r} ({_reason(e)}); offline? "
                               "download once where online, or pass a local file") from None
-    return _strip_prefixes(dict(sd))
+    for m in messages:
+        log.warning(m)
+    done = f"{tag}: loaded through timm into {model_architecture(model)}"
+    log.info(done)
+    return messages + [done]
 
 
 # ------------------------------------------------------------------------------ loading
@@ -341,30 +369,29 @@ def load_pretrained(model: nn.Module, source: str, num_classes: int | None = Non
         messages.append(f"{source}: weights of {tag_arch} loaded into {arch}; the shapes must match, "
                         f"but layer details (padding, BN epsilon) may differ: prefer model {tag_arch}")
         log.warning(messages[-1])
-    state = fetch_timm_weights(source)
-    return messages + apply_state_dict(model, state, source=source, num_classes=num_classes, file_arch=tag_arch)
+    return messages + _load_timm_tag(model, source, num_classes, tag_arch)
 
 
 # ------------------------------------------------------------------------------ preflight
 
 
-def check_pretrained_files(cfg, *, num_classes: int, channels: int, classes: list[str] | None = None) -> None:
+def check_pretrained_files(stages, *, num_classes: int, channels: int, classes: list[str] | None = None) -> None:
     """Check every stage's ``pretrained`` source before the first stage trains, so that a
     student's file for another architecture stops the run in seconds, not after the teacher.
 
-    ``cfg`` is the run's :class:`~noisystudent.config.schema.Config`; ``num_classes``,
-    ``channels`` and ``classes`` are the data's. A local file must exist, be a weight file, fit
-    the stage's model by name and shape (the same rules as :func:`apply_state_dict`) and, when it
-    names its classes, name the data's (:func:`check_class_names`). Files are read lazily
-    (memory-mapped tensors, or safetensors headers) and models are built on the meta device, so
-    the check costs little even for L2. A timm tag is checked to exist in timm's registry; its
-    weights are fetched only when the stage runs. Raises :class:`CheckpointError` or
-    :class:`DataError` prefixed with the config key at fault.
+    ``stages`` are the run's :class:`~noisystudent.config.stages.ResolvedStage` records
+    (``resolve_stages(cfg)``); ``num_classes``, ``channels`` and ``classes`` are the data's. A
+    local file must exist, be a weight file, fit the stage's model by name and shape (the same
+    rules as :func:`apply_state_dict`) and, when it names its classes, name the data's
+    (:func:`check_class_names`; a stage of 0 epochs uses the weights as they are). Files are read
+    lazily (memory-mapped tensors, or safetensors headers) and models are built on the meta
+    device, so the check costs little even for L2. A timm tag is checked to exist in timm's
+    registry; its weights are fetched only when the stage runs. Raises :class:`CheckpointError`
+    or :class:`DataError` prefixed with the config key at fault.
     """
     from .factory import create_model
 
-    stages = [("teacher", cfg.teacher)] + [(f"students[{i}]", s) for i, s in enumerate(cfg.students)]
-    for key, stage in stages:
+    for stage in stages:
         source = stage.pretrained
         if not source:
             continue
@@ -375,10 +402,10 @@ def check_pretrained_files(cfg, *, num_classes: int, channels: int, classes: lis
                 continue
             state, file_arch, file_classes = read_weight_file(source, lazy=True)
             if classes is not None and file_classes is not None:
-                check_class_names(source, file_classes, classes, cfg.stage_epochs(stage) == 0)
+                check_class_names(source, file_classes, classes, stage.epochs == 0)
             with torch.device("meta"):
                 model = create_model(stage.model, num_classes, channels)
             apply_state_dict(model, state, source=str(source), num_classes=num_classes, file_arch=file_arch,
                              check_only=True)
         except (CheckpointError, DataError) as e:
-            raise type(e)(f"config key '{key}.pretrained': {e}") from None
+            raise type(e)(f"config key '{stage.config_key}.pretrained': {e}") from None

@@ -26,4 +26,4 @@ def test_label_command_streams_a_folder_into_a_store(tmp_path, capsys):
     assert all(k.endswith(".png") and "broken" not in k for k in labels.keys)
     assert "broken.png" in (store / "bad_images.tsv").read_text()
     assert main(["label", str(ckpt), str(tmp_path / "nowhere"), "--out", str(store)]) == 2
-    assert "is not a folder, a file list" in capsys.readouterr().err
+    assert "unlabeled pool not found: " + str(tmp_path / "nowhere") in capsys.readouterr().err

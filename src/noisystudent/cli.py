@@ -159,28 +159,17 @@ def cmd_label(args: argparse.Namespace) -> int:
         return _stage_command(args, "label")
     if args.out is None:
         raise NoisyStudentError("label CHECKPOINT POOL needs --out STORE_DIR")
-    from .models.checkpoint import load_model
-    from .runtime.distributed import cleanup, init_distributed
-    from .data.pool import file_list_source, folder_source, webdataset_source
+    from .data.pool import path_source
     from .label.inference import label_to_store
-    from .data.transforms import eval_transform
+    from .models.checkpoint import clean_transform, load_model
+    from .runtime.distributed import cleanup, init_distributed
 
     model, meta = load_model(Path(args.checkpoint))
-    src = args.source
-    if src.endswith(".tar") or "{" in src:
-        source = webdataset_source(src)
-    elif Path(src).is_dir():
-        source = folder_source(src, shard_size=args.shard_size)
-    elif Path(src).is_file():
-        source = file_list_source(src, shard_size=args.shard_size)
-    else:
-        raise NoisyStudentError(f"label: {src} is not a folder, a file list or a .tar shard pattern")
+    source = path_source(args.source, args.shard_size)  # what data.unlabeled accepts, read the same way
     ctx = init_distributed(args.device)
     try:
         label_to_store(
-            model, source, Path(args.out),
-            transform=eval_transform(meta.get("test_size") or meta["image_size"], meta["in_chans"],
-                                     tuple(meta["mean"]), tuple(meta["std"])),
+            model, source, Path(args.out), transform=clean_transform(meta),
             num_classes=meta["num_classes"], teacher=str(args.checkpoint), top_k=args.top_k,
             temperature=args.temperature, hard=args.hard, batch_size=args.batch_size,
             num_workers=args.workers, ctx=ctx, precision=args.precision, progress=not args.quiet)

@@ -41,7 +41,7 @@ from .evaluate.classifier import evaluate_checkpoints, evaluate_classifier
 from .label.inference import label_to_store, model_fingerprint
 from .label.select import Selection, select_from_store
 from .label.store import LabelStore
-from .models.checkpoint import load_model, save_model
+from .models.checkpoint import clean_transform, eval_size, load_model, save_model
 from .models.factory import count_parameters, create_model
 from .models.pretrained import check_pretrained_files
 from .runtime import rundir as layout
@@ -144,8 +144,7 @@ def label_stage(out: Path, name: str, teacher: dict, pool: UnlabeledSource, labe
     ``probe.parquet`` (pseudo-label accuracy against confidence, for the report)."""
     cfg, splits, ctx = env.cfg, env.splits, env.ctx
     model, meta = load_model(env.run.file(teacher["name"], layout.MODEL))
-    size = meta.get("test_size") or meta["image_size"]
-    clean = eval_transform(size, splits.channels, splits.mean, splits.std)
+    size, clean = eval_size(meta), clean_transform(meta)
     identity = f"{teacher['name']}:{teacher['model']}:{model_fingerprint(model)}"
     log.info(f"[{name}] {teacher['name']} labels the pool at {size}px "
              f"({'hard' if labeling.hard else f'soft, T={labeling.temperature}'}, top-{labeling.top_k})")

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import Dataset
 
-from ..models.checkpoint import load_model
+from ..models.checkpoint import eval_size, load_model
 from ..config.schema import EvaluateConfig
 from ..data.datasets import ImageSet, TransformedSet
 from ..data.device_input import eval_batches, wants_channels_last
@@ -109,8 +109,7 @@ def evaluate_checkpoints(checkpoints: dict[str, Path], images: ImageSet, cfg: Ev
 
 def _load_for_robustness(path: Path, images: ImageSet, channels: int, device: torch.device):
     model, meta = load_model(path)
-    size = meta.get("test_size") or meta["image_size"]
-    return model.to(device), meta, TransformedSet(images, pixel_transform(size, channels))
+    return model.to(device), meta, TransformedSet(images, pixel_transform(eval_size(meta), channels))
 
 
 def _result_key(path: Path, images: ImageSet, cfg: EvaluateConfig, seed: int) -> dict:

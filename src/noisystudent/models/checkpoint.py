@@ -34,6 +34,20 @@ def load_checkpoint(path: Path) -> dict:
     return payload
 
 
+def eval_size(meta: dict) -> int:
+    """The resolution a checkpoint's model is evaluated at, and labels at: its test size (raised
+    by fix-res or ``test_size``), else the size it trained at."""
+    return meta.get("test_size") or meta["image_size"]
+
+
+def clean_transform(meta: dict):
+    """The un-augmented transform of a checkpoint's model: its evaluation size, channels and the
+    normalisation it was trained with (the teacher's "without noise" view of an image)."""
+    from ..data.transforms import eval_transform
+
+    return eval_transform(eval_size(meta), meta["in_chans"], tuple(meta["mean"]), tuple(meta["std"]))
+
+
 def load_model(path: Path, dropout: float = 0.0, drop_path: float = 0.0) -> tuple[nn.Module, dict]:
     """Rebuild the model a checkpoint describes and load its weights."""
     payload = load_checkpoint(path)

@@ -42,7 +42,7 @@ import torch.nn as nn
 from ..data.transforms import CENTER_CROP_FRACTION, SMALL_IMAGE
 from ..runtime.errors import CheckpointError, NoisyStudentError
 from ..runtime.rundir import MODEL, SUMMARY, RunDir
-from .checkpoint import load_model
+from .checkpoint import eval_size, load_model
 from .factory import create_model
 
 log = logging.getLogger("noisystudent")
@@ -88,7 +88,7 @@ def final_stage(run_dir: Path) -> str:
 def _data_config(meta: dict) -> dict:
     """The preprocessing of noisystudent's eval transform, in timm's terms."""
     c, size = meta["in_chans"], meta["image_size"]
-    test = meta.get("test_size") or size
+    test = eval_size(meta)
     small = test < SMALL_IMAGE  # resized whole ("squash"); large images: resize + centre crop
     cfg = dict(input_size=(c, size, size), mean=tuple(meta["mean"]), std=tuple(meta["std"]),
                interpolation="bilinear", crop_pct=1.0 if small else CENTER_CROP_FRACTION,
@@ -116,7 +116,7 @@ def _write_config(model: nn.Module, meta: dict, stage: str, metrics: dict, path:
         "load": "noisystudent.models.export.load_exported",
         "timm_native": not ours,  # ns_cnn_*, efficientnet_l0/l1: known to timm once noisystudent is imported
         "in_chans": meta["in_chans"], "train_size": meta.get("train_size") or meta["image_size"],
-        "test_size": meta.get("test_size") or meta["image_size"],
+        "test_size": eval_size(meta),
         **{k: metrics[k] for k in ("val_top1", "val_top5", "test_top1", "test_top5") if k in metrics},
     }
     path.write_text(json.dumps(config, indent=2))
@@ -124,7 +124,7 @@ def _write_config(model: nn.Module, meta: dict, stage: str, metrics: dict, path:
 
 
 def _write_onnx(model: nn.Module, meta: dict, path: Path) -> None:
-    size = meta.get("test_size") or meta["image_size"]
+    size = eval_size(meta)
     example = torch.zeros(2, meta["in_chans"], size, size)
     big = sum(t.numel() * t.element_size() for t in model.state_dict().values()) > _ONNX_SINGLE_FILE_BYTES
     try:

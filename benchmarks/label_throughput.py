@@ -38,7 +38,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from noisystudent.data.datasets import list_images, read_image
+from noisystudent.data.datasets import class_folder_samples, read_image
 from noisystudent.label.store import load_pseudo_labels
 from noisystudent.data.pool import folder_source
 from noisystudent.label.inference import default_num_workers, label_to_store
@@ -113,7 +113,7 @@ def main(argv=None) -> dict:
     work = Path(tempfile.mkdtemp(prefix="label_throughput_"))
     try:
         make_images(work / "images", args.images, args.file_size)
-        paths = list_images(work / "images")
+        paths = [p for p, _ in class_folder_samples(work / "images", "benchmark")[0]]
         transform = eval_transform(args.input_size, 3, MEAN, STD)
         model = create_model(args.model, args.classes, 3)
         calibrate_batchnorm(model, paths, transform)

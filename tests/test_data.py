@@ -6,7 +6,8 @@ import pytest
 from PIL import Image
 
 from noisystudent.config.schema import DataConfig
-from noisystudent.data.datasets import build_splits, convert_image, load_fashion_mnist, read_idx
+from noisystudent.data.datasets import (build_splits, class_folder_samples, convert_image, is_image_file,
+                                        load_fashion_mnist, read_idx, scan_class_folder)
 from noisystudent.runtime.errors import DataError
 
 
@@ -60,6 +61,65 @@ def test_image_folder_splits(folders):
     assert pool_size(pool) == 5 and pool.num_shards == 3
     keys = [k for shard in range(pool.num_shards) for k, _ in pool.iter_shard(shard)]
     assert keys == [f"deep/er/x/{i}.png" for i in range(5)]
+
+
+def _odd_class_folder(root):
+    """Class folders with everything ImageFolder has a convention for: class names that sort by
+    case, mixed-case extensions, non-image and hidden files, nested folders whose names sort
+    differently as strings and as path parts, a hidden class, a symlinked file and folder."""
+    png = lambda path: (path.parent.mkdir(parents=True, exist_ok=True),  # noqa: E731
+                        Image.new("RGB", (4, 4), (9, 9, 9)).save(path, format="PNG"))
+    for rel in ("B/1.PNG", "B/0.Jpg", "B/x.jpeg", "a/2.png", "a/.hidden.png", "a/x-y/0.png", "a/x/0.png",
+                "a/x/deep/er/9.TIFF", "c/0.webp", ".extra/0.png", "outside/0.bmp", "outside/sub/1.png"):
+        png(root / rel)
+    (root / "a" / "notes.txt").write_text("not an image")
+    (root / "a" / ".DS_Store").write_bytes(b"\0")
+    (root / "B" / "png").write_bytes(b"\0")  # named like an extension, but has none
+    (root / "c" / "link.png").symlink_to(root / "a" / "2.png")
+    (root / "c" / "linked").symlink_to(root / "outside", target_is_directory=True)
+    return root
+
+
+def test_class_folders_are_read_exactly_as_torchvision_image_folder_reads_them(tmp_path):
+    from torchvision.datasets import ImageFolder
+
+    from noisystudent.data.pool import FolderSource
+
+    root = _odd_class_folder(tmp_path / "train")
+    samples, classes = class_folder_samples(root, "train")
+    ref = ImageFolder(str(root))
+    assert classes == ref.classes == [".extra", "B", "a", "c", "outside"]
+    assert [(str(p), i) for p, i in samples] == ref.samples
+    assert "a/notes.txt" not in str(samples) and f"{root}/a/.hidden.png" in [str(p) for p, _ in samples]
+    paths, targets, names = scan_class_folder(root, "train")
+    assert [(str(p), int(t)) for p, t in zip(paths, targets)] == ref.samples and names == ref.classes
+    # Our one addition, .gif (in any case), is the only difference from ImageFolder's list.
+    Image.new("RGB", (4, 4)).save(root / "a" / "x" / "1.GIF", format="GIF")
+    with_gif, _ = class_folder_samples(root, "train")
+    assert [(str(p), i) for p, i in with_gif] == ImageFolder(str(root), is_valid_file=is_image_file).samples
+    assert len(with_gif) == len(ref.samples) + 1 and len(ImageFolder(str(root)).samples) == len(ref.samples)
+    # The unlabeled folder pool tells images by the same rule (it does not follow symlinked folders).
+    pool = FolderSource(root)
+    pool.prepare(tmp_path / "listing")
+    keys = {k for shard in range(pool.num_shards) for k, _ in pool.iter_shard(shard)}
+    assert keys == {str(p.relative_to(root)) for p, _ in with_gif if "c/linked" not in str(p)}
+
+
+def test_empty_or_missing_class_folders_fail_in_one_line_naming_the_folder(tmp_path):
+    root = make_folder(tmp_path / "train", n=1)
+    (root / "dog" / "0.png").rename(root / "dog" / "0.txt")  # only a non-image file: nothing is dropped silently
+    (root / ".ipynb_checkpoints").mkdir()  # hidden folders are classes, as in ImageFolder
+    with pytest.raises(DataError, match=r"^train class folder \S+/train/\.ipynb_checkpoints contains no images "
+                                        r"\(and 1 more empty class folders\)$"):
+        scan_class_folder(root, "train")
+    samples, classes = class_folder_samples(root, "evaluation", allow_empty=True)
+    assert classes == [".ipynb_checkpoints", "cat", "dog"] and samples == [(root / "cat" / "0.png", 1)]
+    with pytest.raises(DataError, match=r"^test folder not found: \S+/nowhere$"):
+        scan_class_folder(tmp_path / "nowhere", "test")
+    (tmp_path / "flat").mkdir()
+    (tmp_path / "flat" / "0.png").write_bytes(b"")
+    with pytest.raises(DataError, match=r"^val folder \S+/flat has no class subfolders$"):
+        scan_class_folder(tmp_path / "flat", "val")
 
 
 def test_fashion_mnist_idx_reader(tmp_path):

@@ -18,11 +18,13 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
+from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, has_file_allowed_extension, make_dataset
 
 from ..config.schema import DataConfig
 from ..runtime.errors import DataError
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+# torchvision ImageFolder's list plus .gif, which PIL reads and earlier versions read: never drop a user's images
+IMAGE_EXTENSIONS = (*IMG_EXTENSIONS, ".gif")
 FASHION_MNIST_DEBIAN = "/usr/share/datasets/fashion-mnist"
 log = logging.getLogger("noisystudent")
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
@@ -247,33 +249,40 @@ def load_fashion_mnist(root: str | None, download: bool) -> tuple[ArrayImageSet,
                     "(apt-get install dataset-fashion-mnist, set data.root, or set data.download=true)")
 
 
-def list_images(folder: Path) -> list[Path]:
-    """All image files under ``folder``, recursively, in a stable order."""
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+def is_image_file(name: str) -> bool:
+    """torchvision's rule: the name ends in one of :data:`IMAGE_EXTENSIONS`, in any case."""
+    return has_file_allowed_extension(name, IMAGE_EXTENSIONS)
 
 
-def class_folders(root: str | Path, what: str) -> list[Path]:
-    """The class subfolders of ``root`` in name order (hidden ones skipped); errors name ``root``."""
+def class_folder_samples(root: str | Path, what: str,
+                         allow_empty: bool = False) -> tuple[list[tuple[Path, int]], list[str]]:
+    """``root/<class>/**/<image>`` by torchvision's ``find_classes`` / ``make_dataset``, so classes,
+    indices and samples are exactly ``ImageFolder(root).classes`` / ``.samples`` (hidden files and
+    folders included, symlinks followed), plus ``.gif``. Errors are one line naming the folder."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{what} folder not found: {root}")
-    class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-    if not class_dirs:
-        raise DataError(f"{what} folder {root} has no class subfolders")
-    return class_dirs
+    try:
+        classes, class_to_idx = find_classes(root)
+    except FileNotFoundError:
+        raise DataError(f"{what} folder {root} has no class subfolders") from None
+    except OSError as e:
+        raise DataError(f"{what} folder {root} cannot be read: {e.strerror or e}") from None
+    # allow_empty=True: an empty class is refused below, naming its folder (torchvision's message names neither)
+    samples = make_dataset(str(root), class_to_idx, is_valid_file=is_image_file, allow_empty=True)
+    if not allow_empty:
+        found = {idx for _, idx in samples}
+        empty = [c for c in classes if class_to_idx[c] not in found]
+        if empty:
+            more = f" (and {len(empty) - 1} more empty class folders)" if len(empty) > 1 else ""
+            raise DataError(f"{what} class folder {root / empty[0]} contains no images{more}")
+    return [(Path(p), idx) for p, idx in samples], classes
 
 
 def scan_class_folder(root: str | Path, what: str) -> tuple[list[Path], np.ndarray, list[str]]:
-    """A labeled image folder: one subfolder per class. Errors name the folder at fault."""
-    class_dirs = class_folders(root, what)
-    paths, targets = [], []
-    for idx, d in enumerate(class_dirs):
-        files = list_images(d)
-        if not files:
-            raise DataError(f"{what} class folder {d} contains no images")
-        paths.extend(files)
-        targets.extend([idx] * len(files))
-    return paths, np.asarray(targets, dtype=np.int64), [d.name for d in class_dirs]
+    """A labeled image folder: one subfolder per class, none empty. Errors name the folder at fault."""
+    samples, classes = class_folder_samples(root, what)
+    return [p for p, _ in samples], np.asarray([t for _, t in samples], dtype=np.int64), classes
 
 
 def load_torchvision(name: str, root: str | None, download: bool):

@@ -28,7 +28,7 @@ from ..runtime.distributed import DistContext, broadcast_object
 from ..runtime.errors import ConfigError, DataError
 from ..runtime.files import atomic_write
 from ..config.schema import DataConfig
-from .datasets import IMAGE_EXTENSIONS, ImageSet, pool_path
+from .datasets import ImageSet, is_image_file, pool_path
 
 DEFAULT_SHARD_SIZE = 8192
 
@@ -232,9 +232,10 @@ def _index_lines(list_path: Path, shard_size: int, limit: int | None = None) -> 
             "list_bytes": pos, "limit": limit}
 
 
-def _walk_images(root: Path, extensions: tuple[str, ...]) -> Iterator[str]:
+def _walk_images(root: Path) -> Iterator[str]:
     """Image files under ``root`` as relative POSIX paths, depth first with names sorted at every
-    level: a stable order that needs only the directories on the current path in memory."""
+    level: a stable order that needs only the directories on the current path in memory. Images
+    are told by the class folders' rule, :func:`~noisystudent.data.datasets.is_image_file`."""
     stack: list[tuple[str, Iterator[os.DirEntry]]] = []
 
     def open_dir(rel: str) -> Iterator[os.DirEntry]:
@@ -259,7 +260,7 @@ def _walk_images(root: Path, extensions: tuple[str, ...]) -> Iterator[str]:
                 stack.append((child, open_dir(child)))
             except OSError:
                 pass  # an unreadable directory contributes no images
-        elif os.path.splitext(entry.name)[1].lower() in extensions and "\n" not in child:
+        elif is_image_file(entry.name) and "\n" not in child:
             yield child
 
 
@@ -268,11 +269,9 @@ class FolderSource(_LineIndexSource):
 
     kind = "folder"
 
-    def __init__(self, root: Path | str, shard_size: int = DEFAULT_SHARD_SIZE,
-                 extensions: Sequence[str] = IMAGE_EXTENSIONS, limit: int | None = None):
+    def __init__(self, root: Path | str, shard_size: int = DEFAULT_SHARD_SIZE, limit: int | None = None):
         super().__init__(shard_size, limit)
         self.root = Path(root)
-        self.extensions = tuple(e.lower() for e in extensions)
 
     def _build_index(self, work_dir: Path) -> dict:
         if not self.root.is_dir():
@@ -280,7 +279,7 @@ class FolderSource(_LineIndexSource):
         list_path = work_dir / "files.txt"
 
         def listing(f) -> None:  # streamed to disk: a folder of 10^8 images is never a list in memory
-            for rel in _walk_images(self.root, self.extensions):
+            for rel in _walk_images(self.root):
                 f.write(rel.encode("utf-8", "surrogateescape") + b"\n")
 
         atomic_write(list_path, listing)
@@ -493,15 +492,16 @@ class ConcatSource(UnlabeledSource):
 
 
 def path_source(path: str | Path, shard_size: int = DEFAULT_SHARD_SIZE, limit: int | None = None) -> UnlabeledSource:
-    """The pool a user names with ``data.unlabeled``: a folder (searched recursively), a ``.txt``
-    file list (one path per line) or WebDataset tar shards (a path, or a brace pattern such as
+    """The pool a user names with ``data.unlabeled`` (or ``noisystudent label CKPT POOL``): a folder
+    (searched recursively), a file list (``.txt``, or any other file: one path per line) or
+    WebDataset tar shards (a path, or a brace pattern such as
     ``/data/pool-{000000..009999}.tar``)."""
     text = str(path)
     if text.endswith((".tar", ".tar.gz", ".tgz")) or "{" in text:
         if limit is not None:
             raise DataError(f"data.max_unlabeled cannot cut a WebDataset pool ({text}); list fewer shards")
         return WebDatasetSource(text)
-    if text.endswith(".txt"):
+    if text.endswith(".txt") or Path(text).is_file():
         return FileListSource(text, shard_size, limit=limit)
     if not Path(text).is_dir():
         raise DataError(f"unlabeled pool not found: {text} (a folder, a .txt file list or .tar shards)")

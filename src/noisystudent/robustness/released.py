@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
-from ..data.datasets import class_folders, list_images
+from ..data.datasets import class_folder_samples
 from ..runtime.errors import DataError
 from ..runtime.progress import progress_bar
 from .attacks import NormalizedModel
@@ -123,11 +123,8 @@ def evaluate_imagenet_a(model: nn.Module, root: str | Path, mean=None, std=None,
 
     Images are resized (shorter side ``resize``) and centre-cropped to ``image_size``.
     """
-    root = Path(root)
-    folders = class_folders(root, "evaluation")
-    wnids = [f.name for f in folders]
+    items, wnids = class_folder_samples(root, "evaluation", allow_empty=True)
     mask = imagenet_a_mask(wnids)
-    items = [(p, i) for i, f in enumerate(folders) for p in list_images(f)]
     dataset = ImageFiles(_limit(items, max_images), resize=resize, crop=image_size)
     device = torch.device(device)
     wrapped, was_training = _prepare(model, mean, std, device)
@@ -150,9 +147,7 @@ def evaluate_image_folder(model: nn.Module, root: str | Path, mean=None, std=Non
     :func:`evaluate_imagenet_a`. When the folders cover fewer classes than the model predicts,
     the logits are restricted to those classes (the ImageNet-A protocol).
     """
-    root = Path(root)
-    folders = class_folders(root, "evaluation")
-    names = [f.name for f in folders]
+    items, names = class_folder_samples(root, "evaluation", allow_empty=True)
     if class_names is None and all(_WNID.match(n) for n in names):
         return evaluate_imagenet_a(model, root, mean, std, device, batch_size, image_size or 224,
                                    resize if resize is not None else 256, max_images, num_workers, progress)
@@ -167,7 +162,6 @@ def evaluate_image_folder(model: nn.Module, root: str | Path, mean=None, std=Non
     else:
         raise DataError(f"cannot map folder names to classes (pass class_names): {names[:5]}")
     mask = torch.tensor(indices, dtype=torch.long)
-    items = [(p, i) for i, f in enumerate(folders) for p in list_images(f)]
     dataset = ImageFiles(_limit(items, max_images), resize=resize, crop=image_size, channels=channels)
     device = torch.device(device)
     wrapped, was_training = _prepare(model, mean, std, device)
@@ -233,11 +227,11 @@ def evaluate_imagenet_c(model: nn.Module, root: str | Path, mean=None, std=None,
             errors[name] = []
             for s in severities:
                 folder = root / name / str(s)
-                items = []
-                for f in class_folders(folder, "evaluation"):
-                    if f.name not in table:
-                        raise DataError(f"not an ImageNet-1k WordNet id: {f}")
-                    items += [(p, table[f.name]) for p in list_images(f)]
+                samples, wnids = class_folder_samples(folder, "evaluation", allow_empty=True)
+                for w in wnids:
+                    if w not in table:
+                        raise DataError(f"not an ImageNet-1k WordNet id: {folder / w}")
+                items = [(p, table[wnids[i]]) for p, i in samples]
                 dataset = ImageFiles(_limit(items, max_images), crop=image_size)
                 res = _accuracy(wrapped, dataset, device, batch_size, num_workers, None, progress, f"{name} {s}")
                 errors[name].append(res["error"] / 100.0)

@@ -1,6 +1,7 @@
-"""The run report: HTML + Markdown from a run directory written by the project's own writers
-(tests/_report_run.py), every optional file optional, rendered for real in headless Chromium
-(which CI installs: a missing browser fails, it does not skip)."""
+"""The run report: HTML + Markdown of a real tiny run (tests/_report_run.py: the pipeline, with a
+fix-res stage, robustness suites and unreadable pool images), checked against what the run itself
+wrote; every optional file optional; rendered for real in headless Chromium (which CI installs: a
+missing browser fails, it does not skip)."""
 
 import html
 import io
@@ -13,34 +14,38 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
 import _report_run as R
 from noisystudent.config.schema import load_config
 from noisystudent.label.store import LabelStore
+from noisystudent.pipeline import open_pool
 from noisystudent.report import build_report
 from noisystudent.report.collect import collect_run
 from noisystudent.report.gallery import pseudo_label_gallery
 from noisystudent.report.html import iter_report_images, png_size
 from noisystudent.report.plots import calibration, confusion_counts, stage_fraction
 from noisystudent.runtime.errors import NoisyStudentError
-from noisystudent.runtime.rundir import (DATA, EVALUATE, FIXRES, HISTORY, METRICS, PROBE, REPORT, ROBUSTNESS,
-                                         TEACHER, RunDir, label_stage, write_json_atomic)
+from noisystudent.runtime.rundir import (CONFIG, DATA, EVALUATE, FIXRES, HISTORY, MANIFEST, METRICS, PROBE, REPORT,
+                                         REPORT_HTML, REPORT_MD, ROBUSTNESS, SELECTION_SUMMARY, SUMMARY, TEACHER,
+                                         RunDir, label_stage, select_stage, student_stage, write_json_atomic)
 
 
 @pytest.fixture(scope="module")
 def base_run(tmp_path_factory):
-    """A finished three-iteration run (no report yet); tests that change it work on a copy."""
+    """The finished run, with the report it wrote itself; tests that change it work on a copy."""
     return R.make_run(tmp_path_factory.mktemp("report") / "run")
 
 
 @pytest.fixture(scope="module")
 def full_report(base_run, tmp_path_factory):
-    """The report of the full run, thumbnails read from the pool by random access."""
+    """The report of the run rebuilt as `noisystudent report` builds it: thumbnails read from the
+    run's own pool (open_pool)."""
     run = tmp_path_factory.mktemp("full") / "run"
     shutil.copytree(base_run, run)
-    return run, build_report(run, pool=R.pool_source())
+    return run, build_report(run, pool=open_pool(run))
 
 
 @pytest.fixture
@@ -48,6 +53,18 @@ def run_copy(base_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(base_run, run)
     return run
+
+
+def _json(path: Path):
+    return json.loads(path.read_text())
+
+
+def _written(run: Path) -> tuple:
+    """What the run wrote: its config, summary.json, data.json and each training stage's
+    metrics.json by stage name (teacher, students, fixres), in the summary's order."""
+    summary = _json(run / SUMMARY)
+    return (load_config(run / CONFIG), summary, _json(run / DATA),
+            {s["name"]: _json(run / s["name"] / METRICS) for s in summary["stages"]})
 
 
 def _plain(text: str) -> str:
@@ -222,115 +239,293 @@ class _TagChecker(HTMLParser):
             self.errors.append((tag, self.stack[-3:]))
 
 
+def test_the_run_wrote_this_report_itself(base_run, full_report):
+    """The pipeline's last step writes the report (thumbnails from the pool it labeled): the same
+    files, byte for byte, as the rebuild; the pages differ only in the run's path and the time."""
+    run, _ = full_report
+    own, rebuilt = base_run / REPORT, run / REPORT
+    names = sorted(p.name for p in own.iterdir())
+    assert names == sorted(p.name for p in rebuilt.iterdir()) and any(n.startswith("gallery-") for n in names)
+    for name in names:
+        if name not in (REPORT_HTML, REPORT_MD):
+            assert (own / name).read_bytes() == (rebuilt / name).read_bytes(), name
+
+    def normalised(path: Path, *roots: Path) -> str:
+        text = re.sub(r" on \d{4}-\d\d-\d\d \d\d:\d\d \S+ from", " on TIME from", path.read_text())
+        for root in roots:
+            text = text.replace(str(root), "RUN")
+        return text
+
+    for name in (REPORT_HTML, REPORT_MD):
+        assert normalised(own / name, base_run) == normalised(rebuilt / name, run, base_run), name
+
+
 def test_headline_and_stages(full_report):
     run, paths = full_report
+    cfg, summary, data, metrics = _written(run)
     text = paths["html"].read_text()
     md = paths["md"].read_text()
     plain = _plain(text)
-    # teacher -> final student, delta, relative error reduction (68 -> 80.25 removes 38% of the errors)
-    for needle in ("68.00%", "80.25%", "+12.25 pts", "38%", "val − test gap of +1.75", "81.50%", "at 24 px, from 80.25%"):
-        assert needle in plain, needle
-        assert needle in md, needle
+    chain = [m for name, m in metrics.items() if name != FIXRES]
+    teacher, final, fx = metrics[TEACHER], metrics[student_stage(len(cfg.students))], metrics[FIXRES]
+    assert [m["name"] for m in chain] == [TEACHER] + [student_stage(i + 1) for i in range(len(cfg.students))]
+    assert summary["result"] == FIXRES
+    # the cards: teacher -> final student, the change, the share of the teacher's test errors removed
+    t1, f1 = teacher["test_top1"], final["test_top1"]
+    t_err, f_err = 100 - t1, 100 - f1
+    cards = {"Teacher test top-1": (f"{t1:.2f}%", f"{teacher['model']}, {teacher['num_labeled']:,} labeled images"),
+             "Final student test top-1": (f"{f1:.2f}%", f"{final['name']} · {final['model']}"),
+             "Change": (f"{f1 - t1:+.2f} pts", "final student − teacher, test top-1"),
+             "Relative error reduction": (f"{100 * (t_err - f_err) / t_err:.0f}%",
+                                          f"test error {t_err:.2f}% → {f_err:.2f}%"),
+             "After fix-res fine-tune": (f"{fx['test_top1_after']:.2f}%",
+                                         f"at {fx['test_size']} px, from {fx['test_top1_before']:.2f}%")}
+    columns, (values, notes) = _md_table(md, "| Teacher test top-1 |")
+    assert dict(zip(columns, zip((v.strip("*") for v in values), notes))) == cards
+    for value, note in cards.values():
+        assert value in plain and note in plain, (value, note)
+    sentence = (f"{len(cfg.students)} iterations of Noisy Student on {cfg.data.source} ({data['num_labeled']:,} "
+                f"labeled and {data['num_unlabeled']:,} unlabeled images, {len(data['classes'])} classes; ")
+    gap = f"The final student scores {final['val_top1']:.2f}% on validation and {f1:.2f}% on test: a val − test " \
+          f"gap of {final['val_top1'] - f1:+.2f} points."
+    assert sentence in plain and gap in plain and gap in md
+    # a student below its teacher is a finding, and only then
+    for prev, s in zip(chain, chain[1:]):
+        finding = f"{s['name']} ({s['test_top1']:.2f}%) is below its teacher {prev['name']}"
+        assert (finding in plain) == (s["test_top1"] < prev["test_top1"]), finding
+    assert "could not be read" not in plain  # every file of the run reads (the pool's bad images are counted)
+    # the stage table: every training stage as it wrote metrics.json, then the fix-res stage
     columns, rows = _md_table(md, "| stage | model |")
-    stages = {r[0].strip("*"): dict(zip(columns, r)) for r in rows}
-    assert list(stages) == ["teacher", "student-1", "student-2", "student-3", "student-3 + fix-res"]
-    assert stages["student-3"]["test top-1"] == "**80.25**" and stages["teacher"]["best epoch"] == "59 / 60"
-    fixres = stages["student-3 + fix-res"]  # the fix-res stage, like every stage: after, at the test size
-    assert (fixres["px"], fixres["val top-1"], fixres["test top-1"], fixres["Δ test"]) == ("24", "83.00", "81.50",
-                                                                                       "+13.50")
-    assert re.search(r'<td class="num">80\.25</td>', text) and '<th scope="row">teacher</th>' in text
-    assert "could not be read" not in plain  # nothing to warn about in a healthy run
+    table = {r[0].strip("*"): dict(zip(columns, r)) for r in rows}
+    assert list(table) == [m["name"] for m in chain] + [f"{final['name']} + fix-res"]
+    for m in chain:
+        row = {k: v.strip("*") for k, v in table[m["name"]].items()}
+        assert (row["model"], row["px"], row["pseudo"], row["val top-1"], row["val top-5"], row["test top-1"],
+                row["test top-5"], row["best epoch"]) == (
+            m["model"], str(m["image_size"]), f"{m['num_pseudo']:,}", f"{m['val_top1']:.2f}", f"{m['val_top5']:.2f}",
+            f"{m['test_top1']:.2f}", f"{m['test_top5']:.2f}", f"{m['best_epoch']} / {m['epochs']:g}")
+        assert row["Δ test"] == ("–" if m is teacher else f"{m['test_top1'] - t1:+.2f}")
+    assert all(c.startswith("**") for c in table[final["name"]].values())  # the final student's row is strong
+    fixres = table[f"{final['name']} + fix-res"]  # like every stage: after, at the test size
+    assert (fixres["model"], fixres["px"], fixres["val top-1"], fixres["test top-1"], fixres["Δ test"]) == (
+        fx["model"], str(fx["test_size"]), f"{fx['val_top1_after']:.2f}", f"{fx['test_top1_after']:.2f}",
+        f"{fx['test_top1_after'] - t1:+.2f}")
+    assert f'<td class="num">{f1:.2f}</td>' in text and '<th scope="row">teacher</th>' in text
+    # the plots, and each stage's metrics.jsonl record by record in the training curves
+    for name in ("accuracy", "training-curves"):
+        assert f'id="fig-{name}"' in text and (run / REPORT / f"{name}.png").is_file(), name
+    curves = collect_run(run).curves
+    assert list(curves) == list(metrics)
+    for name, recs in curves.items():
+        assert recs == [json.loads(line) for line in (run / name / HISTORY).read_text().splitlines()], name
 
 
 def test_fixres_section_reads_the_fixres_stage(full_report):
     run, paths = full_report
-    m = json.loads((run / FIXRES / METRICS).read_text())
+    cfg, _, _, metrics = _written(run)
+    m, last = metrics[FIXRES], metrics[student_stage(len(cfg.students))]
     section = _plain(_section(paths["html"].read_text(), FIXRES))
     assert "After fix-res fine-tune" in paths["html"].read_text()
-    assert f"trained at {m['train_size']} px and is evaluated at {m['test_size']} px" in section
-    assert f"the first {m['frozen_blocks']} of its {m['total_blocks']} blocks frozen" in section
+    assert m["finetune_epochs"] == cfg.finetune.epochs == 1
+    assert (f"{last['name']} ({m['model']}) was trained at {m['train_size']} px and is evaluated at "
+            f"{m['test_size']} px. The fix-res fine-tune trains it at {m['test_size']} px on the "
+            f"{m['num_labeled']} labeled images without augmentation for 1 epoch, the first "
+            f"{m['frozen_blocks']} of its {m['total_blocks']} blocks frozen, learning rate {m['finetune_lr']:g}"
+            ) in section
     _, rows = _md_table(paths["md"].read_text(), "| accuracy | before | after | Δ |")
     table = {r[0].strip("*"): [c.strip("*") for c in r[1:]] for r in rows}
-    for key, label in (("test_top1", "test top-1"), ("val_top5", "val top-5")):
+    assert list(table) == ["test top-1", "test top-5", "val top-1", "val top-5"]
+    for label, cells in table.items():
+        key = label.replace(" top-", "_top")
         before, after = m[f"{key}_before"], m[f"{key}_after"]
-        assert table[label] == [f"{before:.2f}", f"{after:.2f}", f"{after - before:+.2f}"]
-    # its training history (fixres/metrics.jsonl) goes into the training-curve plot
-    assert len(collect_run(run).curves[FIXRES]) == len((run / FIXRES / HISTORY).read_text().splitlines())
+        assert cells == [f"{before:.2f}", f"{after:.2f}", f"{after - before:+.2f}"], label
 
 
 def test_pseudo_labels_are_read_from_the_store(full_report):
     run, paths = full_report
+    cfg, summary, data, _ = _written(run)
     md = paths["md"].read_text()
-    data = collect_run(run)
-    columns, rows = _md_table(md, "| class | labeled | val | test |")
-    thr = load_config(run / "config.yaml").pseudo.threshold
-    for it in data.iterations:
+    report = collect_run(run)
+    thr = cfg.pseudo.threshold
+    # the pool's corrupt files were skipped, in every iteration, and counted in data.json
+    assert data["num_unlabeled_unreadable"] == R.NUM_UNREADABLE
+    assert data["num_unlabeled"] == summary["pool"]["listed"] - R.NUM_UNREADABLE
+    _, rows = _md_table(md, "| iteration | labeled by | pool | mean conf. | below threshold | unreadable |")
+    assert len(rows) == len(report.iterations) == len(cfg.students)
+    for it, row in zip(report.iterations, rows):
         # what the store's own reader gives, all in memory, against the report's shard-by-shard scan
-        labels = LabelStore.open(run / label_stage(it.index)).to_pseudo_labels()
+        store = LabelStore.open(run / label_stage(it.index))
+        labels = store.to_pseudo_labels()
         conf, pred = labels.confidence.astype(np.float64), labels.predicted
-        assert it.labels.n == len(conf) == R.POOL_IMAGES - it.labels.num_bad
-        assert it.labels.num_bad == 10 and it.labels.complete
+        assert it.labels.n == len(conf) == store.num_rows == data["num_unlabeled"]
+        assert it.labels.num_bad == store.manifest.num_bad == R.NUM_UNREADABLE and it.labels.complete
         np.testing.assert_array_equal(it.labels.predicted_per_class, np.bincount(pred, minlength=10))
         np.testing.assert_array_equal(it.labels.hist, np.histogram(conf, bins=np.linspace(0, 1, 41))[0])
-        assert it.labels.below == int((conf < thr).sum()) and 0 < it.labels.below < len(conf)
-        # the probe's confusion matrix counts (true, predicted) pairs
-        probe = it.probe
-        counts = confusion_counts(probe["target"], probe["predicted"], 10)
-        assert counts.sum() == len(probe["target"]) and np.trace(counts) == int(probe["correct"].sum())
-        assert counts[probe["target"][0], probe["predicted"][0]] >= 1
+        below = int((conf < thr).sum())
+        assert it.labels.below == below and 0 < below < len(conf)
+        # the probe as the label stage wrote it: the teacher on the labeled validation split
+        probe = pq.read_table(run / label_stage(it.index) / PROBE).to_pydict()
+        target, predicted = np.array(probe["target"]), np.array(probe["predicted"])
+        pconf = np.array(probe["confidence"], np.float64)
+        correct = predicted == target
+        assert len(target) == data["num_val"]
+        kept = pconf >= thr
+        assert row == [str(it.index), it.teacher, f"{len(conf):,}", f"{100 * conf.mean():.1f}",
+                       f"{100 * below / len(conf):.1f}%", str(R.NUM_UNREADABLE), str(len(target)),
+                       f"{100 * correct.mean():.1f}", f"{100 * pconf.mean():.1f}",
+                       f"{100 * calibration(pconf, correct)['ece']:.1f}", f"{100 * kept.mean():.1f}%",
+                       f"{100 * correct[kept].mean():.1f}" if kept.any() else "–"]
+        # the confusion matrix counts (true, predicted) pairs
+        counts = confusion_counts(it.probe["target"], it.probe["predicted"], 10)
+        np.testing.assert_array_equal(counts, confusion_counts(target, predicted, 10))
+        assert counts.sum() == len(target) and np.trace(counts) == int(correct.sum())
     # the per-class table, first part: iterations 1 and 2 by predicted class
+    columns, rows = _md_table(md, "| class | labeled | val | test |")
     first = dict(zip(columns, zip(*rows)))
     for i in (1, 2):
-        np.testing.assert_array_equal([int(v) for v in first[f"iteration {i} predicted"]],
-                                      data.iterations[i - 1].labels.predicted_per_class)
+        np.testing.assert_array_equal([int(v.replace(",", "")) for v in first[f"iteration {i} predicted"]],
+                                      report.iterations[i - 1].labels.predicted_per_class)
     text = paths["html"].read_text()
-    for i in (1, 2, 3):
+    for i in range(1, len(cfg.students) + 1):
         for name in (f"confidence-{i}", f"class-counts-{i}", f"reliability-{i}", f"confusion-{i}"):
             assert f'id="fig-{name}"' in text and (run / REPORT / f"{name}.png").is_file(), name
     plain = _plain(text)
     assert "A look at the pseudo labels" in plain
-    assert "10 unreadable images skipped" in plain
+    assert f"{R.NUM_UNREADABLE} unreadable images skipped" in plain
+
+
+def test_pseudo_label_galleries_show_the_pool(full_report):
+    """Per iteration and predicted class, thumbnails read from the pool: the most confident images,
+    the least confident the threshold kept and the most confident it dropped, captioned with the
+    confidences the label store holds."""
+    run, paths = full_report
+    cfg = load_config(run / CONFIG)
+    thr = cfg.pseudo.threshold
+    md = paths["md"].read_text()
+    look = _section(paths["html"].read_text(), "look")
+    per_iteration = re.split(r'<h3 id="look-\d+">', look)[1:]
+    assert len(per_iteration) == len(cfg.students)
+    for i, page in enumerate(per_iteration, start=1):
+        labels = LabelStore.open(run / label_stage(i)).to_pseudo_labels()
+        conf = labels.confidence.astype(np.float64)
+        shown_here = 0
+        for c in range(10):
+            kept = np.sort(conf[(labels.predicted == c) & (conf >= thr)])[::-1]
+            dropped = np.sort(conf[(labels.predicted == c) & (conf < thr)])[::-1]
+            # the least confident kept, without those the most confident strip already shows
+            for kind, title, shown in (("most", "most confident", kept[:8]),
+                                       ("least", "least confident kept", kept[max(8, len(kept) - 8):][::-1]),
+                                       ("dropped", "dropped by the threshold", dropped[:8])):
+                strip = run / REPORT / f"gallery-{i}-{c}-{kind}.png"
+                assert strip.is_file() == (len(shown) > 0), strip.name
+                if len(shown):
+                    captions = " · ".join(f"{np.floor(v * 100) / 100:.2f}" for v in shown)
+                    assert f"{title}: ![class {c}, {title}](gallery-{i}-{c}-{kind}.png) {captions}\n" in md
+                    assert png_size(strip.read_bytes()) == (len(shown) * 34 - 2, 32)
+                    shown_here += len(shown)
+        # in the page: one thumbnail per image, titled with the pool image's key as the store labeled it
+        store = {k: (int(p), v) for k, p, v in zip(labels.keys, labels.predicted, conf)}
+        thumbs = re.findall(r'<figure class="thumb"><img src="data:image/png;base64,[^"]+" alt="([^"]+)"', page)
+        assert len(thumbs) == shown_here == page.count('<figure class="thumb">')
+        for alt in thumbs:
+            key, c, v = re.fullmatch(r"(.+): pseudo label (\d+), confidence ([\d.]+)", html.unescape(alt)).groups()
+            assert (store[key][0], f"{store[key][1]:.3f}") == (int(c), v), alt
+    assert "could not be read" not in _plain(look)
 
 
 def test_most_frequent_confusions_table(full_report):
     run, paths = full_report
-    it = collect_run(run).iterations[0]
-    counts = confusion_counts(it.probe["target"], it.probe["predicted"], 10)
+    probe = pq.read_table(run / label_stage(1) / PROBE).to_pydict()
+    counts = confusion_counts(np.array(probe["target"]), np.array(probe["predicted"]), 10)
+    wrong = int(counts.sum() - np.trace(counts))
     np.fill_diagonal(counts, 0)
     t, p = np.unravel_index(np.argmax(counts), counts.shape)
     look = _plain(_section(paths["html"].read_text(), "look"))
     first = re.search(r"true class\s+pseudo label\s+images\s+share of the class\s+(\S+)\s+(\S+)\s+(\d+)", look)
     assert first and (first.group(1), first.group(2), int(first.group(3))) == (str(t), str(p), counts[t, p])
-    assert f"({counts.sum()} of {len(it.probe['target'])} images wrong)" in look
+    assert wrong > 0 and f"({wrong} of {len(probe['target'])} images wrong)" in look
 
 
 def test_data_section(full_report):
     run, paths = full_report
-    data = json.loads((run / DATA).read_text())
+    cfg, _, data, _ = _written(run)
     plain = _plain(_section(paths["html"].read_text(), "data"))
-    moved = data["num_labels_moved_to_pool"]
-    assert moved > 0 and f"{moved:,} labeled images moved to the unlabeled pool (labels_per_class=5)" in plain
-    _, rows = _md_table(paths["md"].read_text(), "| iteration | labeled by | pool |")
-    for it, row in zip(collect_run(run).iterations, rows):
-        sel = it.selection
-        assert row[:3] == [str(it.index), it.teacher, str(it.labels.n)]
-        assert row[7:] == [str(sel["num_selected"]), str(sel["num_unique"]), str(sel["num_selected"] - sel["num_unique"])]
-    # past two iterations the per-class table wraps into a second table with its own class column
     md = paths["md"].read_text()
+    moved = data["num_labels_moved_to_pool"]
+    assert moved > 0 and (f"{moved:,} labeled images moved to the unlabeled pool "
+                          f"(labels_per_class={cfg.data.labels_per_class})") in plain
+    _, rows = _md_table(md, "| split | images | per class | role |")
+    assert [r[:3] for r in rows] == [
+        ["labeled (train)", f"{data['num_labeled']:,}", str(cfg.data.labels_per_class)],
+        ["unlabeled pool", f"{data['num_unlabeled']:,}", "–"], ["validation", f"{data['num_val']:,}",
+                                                                str(cfg.data.val_per_class)],
+        ["test", f"{data['num_test']:,}", str(cfg.data.test_per_class)]]
+    assert rows[1][3].endswith(f"({data['num_unlabeled_unreadable']} unreadable images skipped)")
+    # each iteration's selection, as select-i/selection.json has it
+    _, rows = _md_table(md, "| iteration | labeled by | pool |")
+    assert len(rows) == len(cfg.students)
+    for i, row in enumerate(rows, start=1):
+        sel = _json(run / select_stage(i) / SELECTION_SUMMARY)
+        n = LabelStore.open(run / label_stage(i)).num_rows
+        kept = sum(sel["kept_per_class"])
+        assert row == [str(i), TEACHER if i == 1 else student_stage(i - 1), f"{n:,}", f"{sel['num_below_threshold']:,}",
+                       f"{kept:,}",
+                       f"{100 * kept / n:.1f}%", str(sel["per_class"]), f"{sel['num_selected']:,}",
+                       f"{sel['num_unique']:,}", f"{sel['num_selected'] - sel['num_unique']:,}"]
+    # past two iterations the per-class table wraps into a second table with its own class column
     assert "| class | iteration 3 predicted | iteration 3 kept |" in md and "| iteration 2 probe acc. |" in md
     assert "Images per class, continued: iteration 3" in md
+    columns, rows = _md_table(md, "| class | iteration 3 predicted |")
+    third = dict(zip(columns, zip(*rows)))
+    sel = _json(run / select_stage(3) / SELECTION_SUMMARY)
+    assert [int(v.replace(",", "")) for v in third["iteration 3 kept"]] == sel["kept_per_class"]
+    assert [int(v.replace(",", "")) for v in third["iteration 3 selected"]] == sel["selected_per_class"]
 
 
 def test_robustness_section_reads_real_results(full_report):
-    _, paths = full_report
-    text = _plain(paths["html"].read_text())
+    run, paths = full_report
+    cfg, summary, _, metrics = _written(run)
+    results = _json(run / EVALUATE / ROBUSTNESS)
+    text = paths["html"].read_text()
     md = paths["md"].read_text()
-    for needle in ("mCE", "mFR", "FGSM top-1 (eps 8)", "PGD-2", "corruption error", "flip prob."):
-        assert needle in text, needle
-    for needle in ("| CE (%) teacher |", "| FR student-3 |"):
-        assert needle in md, needle
+    # the first teacher and the final model, side by side
+    assert list(results) == [TEACHER, summary["result"]]
+    labels = {name: f"{name} ({metrics[name]['model']})" for name in results}
+    n = {r["n_images"] for r in results.values()}
+    assert n == {cfg.evaluate.max_images} and f"Evaluated on {cfg.evaluate.max_images} test images: " \
+        f"`{labels[TEACHER]}`, `{labels[summary['result']]}`." in md
+    eps, steps = cfg.evaluate.fgsm_eps[-1], cfg.evaluate.pgd_steps
+    columns, rows = _md_table(md, "| model | clean top-1 |")
+    table = {r[0]: dict(zip(columns, r)) for r in rows}
+    assert list(table) == list(labels.values())
+    for name, r in results.items():
+        row = table[labels[name]]
+        expected = {"clean top-1": r["clean"]["top1"], "clean top-5": r["clean"]["top5"],
+                    "corruption error": r["corruptions"]["mean_error"], "mCE": r["corruptions"]["mce"],
+                    "relative mCE": r["corruptions"]["relative_mce"],
+                    "flip prob.": r["perturbations"]["mean_flip_prob"], "mFR": r["perturbations"]["mfr"],
+                    "mT5D": r["perturbations"]["mt5d"], f"FGSM top-1 (eps {eps:g})": r["fgsm"]["top1"][-1],
+                    f"PGD top-1 (eps {eps:g})": r["pgd"]["top1"][-1]}
+        assert {k: row[k] for k in expected} == {k: f"{v:,.2f}" for k, v in expected.items()}, name
+    # per corruption (averaged over severities; CE where AlexNet has one) and per perturbation
+    for first, prefix, values in (
+            ("| corruption |", "error (%)", lambda r: {k: np.mean(v) for k, v in r["corruptions"]["error"].items()}),
+            ("| corruption |", "CE (%)", lambda r: {k: r["corruptions"]["ce"].get(k)
+                                                    for k in r["corruptions"]["error"]}),
+            ("| perturbation |", "FR", lambda r: r["perturbations"]["fr"])):
+        columns, rows = _md_table(md, first)
+        for name, r in results.items():
+            shown = {row[0]: row[columns.index(f"{prefix} {name}")] for row in rows}
+            assert shown == {k.replace("_", " "): "–" if v is None else f"{v:,.2f}" for k, v in values(r).items()}, \
+                (prefix, name)
+    # the attacks: top-1 at each eps
+    columns, rows = _md_table(md, "| eps |")
+    assert columns == ["eps"] + [f"{name} {kind}" for name in results for kind in ("FGSM", f"PGD-{steps}")]
+    assert [float(r[0]) for r in rows] == cfg.evaluate.fgsm_eps
+    for j, row in enumerate(rows):
+        assert row[1:] == [f"{results[name][suite]['top1'][j]:,.2f}" for name in results for suite in ("fgsm", "pgd")]
     for name in ("robustness-corruptions", "robustness-perturbations", "robustness-attacks"):
-        assert f'id="fig-{name}"' in paths["html"].read_text()
+        assert f'id="fig-{name}"' in text and (run / REPORT / f"{name}.png").is_file()
 
 
 def test_unknown_robustness_suite_is_shown_as_numbers(run_copy):
@@ -348,6 +543,7 @@ def test_unknown_robustness_suite_is_shown_as_numbers(run_copy):
 def test_gallery_hook_with_a_fake_loader(base_run):
     run = collect_run(base_run, gallery_size=8)
     it = run.iterations[0]
+    thr = load_config(base_run / CONFIG).pseudo.threshold
     labels = LabelStore.open(base_run / label_stage(1)).to_pseudo_labels()
     conf = dict(zip(labels.keys, labels.confidence.astype(np.float64)))
     pred = dict(zip(labels.keys, labels.predicted))
@@ -360,7 +556,7 @@ def test_gallery_hook_with_a_fake_loader(base_run):
             raise OSError("gone")
         return Image.new("L", (20, 10), 128)  # not square: fitted into 32 x 32
 
-    gallery = pseudo_label_gallery(it.gallery, load, classes=run.classes, iteration=1, threshold=0.3)
+    gallery = pseudo_label_gallery(it.gallery, load, classes=run.classes, iteration=1, threshold=thr)
     assert set(asked) <= set(labels.keys) and bad_key in asked
     for label, strips in gallery.rows:
         c = int(label.removeprefix("class "))
@@ -373,10 +569,10 @@ def test_gallery_hook_with_a_fake_loader(base_run):
             if strip.title == "most confident":
                 assert shown == of_class[:len(shown)]
             elif strip.title == "least confident kept":
-                assert shown == sorted(v for v in of_class if v >= 0.3)[:len(shown)]
+                assert shown == sorted(v for v in of_class if v >= thr)[:len(shown)]
             else:
                 assert strip.title == "dropped by the threshold"
-                assert shown == [v for v in of_class if v < 0.3][:len(shown)]
+                assert shown == [v for v in of_class if v < thr][:len(shown)]
             for t, k in zip(strip.thumbs, keys):
                 if k == bad_key:
                     assert t.png is None and "unreadable" in t.caption
@@ -397,24 +593,31 @@ def test_no_thumbnails_without_the_pool(run_copy):
 
 
 def test_incomplete_run_without_optional_files(tmp_path):
-    run = R.make_run(tmp_path / "run", probe=False, robustness=False, fixres=False, complete=False)
-    # labeling of iteration 2 was killed after four of its five shards: no done record for the last
+    run = R.make_stopped_run(tmp_path / "run")  # student-1 of two finished; no summary, fix-res or evaluation
+    for probe in run.glob(f"label-*/{PROBE}"):
+        probe.unlink()  # as a run made before the label stage recorded its probe
+    # labeling of iteration 2 was killed before its last shard finished: no done record for it
     done = sorted((run / label_stage(1) / "done").glob("part-*.json"))
+    assert len(done) > 1
     shutil.copytree(run / label_stage(1), run / label_stage(2))
-    done_2 = sorted((run / label_stage(2) / "done").glob("part-*.json"))
-    done_2[-1].unlink()
+    sorted((run / label_stage(2) / "done").glob("part-*.json"))[-1].unlink()
+    student = _json(run / student_stage(1) / METRICS)
+    finished = list(_json(run / MANIFEST)["stages"])
+    assert finished == [TEACHER, label_stage(1), select_stage(1), student_stage(1)]
     text = _plain(build_report(run)["html"].read_text())
-    assert "The run is incomplete" in text and "next: label-2" in text
+    stages = 1 + 3 * len(load_config(run / CONFIG).students)  # the teacher, then label, select, student each
+    assert f"The run is incomplete: {len(finished)} of {stages} stages finished; next: label-2" in text
     assert f"Labeling in progress: {len(done) - 1} of {len(done)} shards of label-2" in text
     assert "No probe files" in text and "reliability-" not in text
     assert 'id="robustness"' not in text and "fix-res fine-tune" not in text
-    assert "student-1" in text and "75.50%" in text  # the last finished student, read from its folder
+    # the last finished student, read from its folder
+    assert f"Final student test top-1 {student['test_top1']:.2f}% {student['name']} · {student['model']}" in text
 
 
 def test_minimal_and_broken_runs_still_report(run_copy, tmp_path):
     # a run that crashed in its first stage: only config.yaml and manifest.json, as RunDir.open writes them
     early = tmp_path / "early"
-    RunDir.open(early, load_config(None, R.TINY), resume=False)
+    RunDir.open(early, load_config(run_copy / CONFIG), resume=False)
     text = build_report(early)["html"].read_text()
     assert "No stage has finished yet" in text and "<img " not in text
     # corrupt optional files are named in the report, not fatal
@@ -506,21 +709,3 @@ def test_training_curves_share_one_axis_by_fraction_of_the_stage():
     # a stage still running (3 of 10 epochs) is drawn to 0.3; an unknown length ends at 1
     np.testing.assert_allclose(stage_fraction(student, 10), [0.1, 0.2, 0.3])
     np.testing.assert_allclose(stage_fraction(student, None), [1 / 3, 2 / 3, 1.0])
-
-
-def test_report_of_a_real_tiny_run(tmp_path):
-    """End to end on what the pipeline really writes (one student, one epoch each, few images)."""
-    from noisystudent.pipeline import run_pipeline
-
-    cfg = load_config(None, ["teacher.epochs=1", "train.epochs=1", "train.batch_size=16", "data.val_per_class=2",
-                             "data.test_per_class=3", "data.max_unlabeled=40", "pseudo.threshold=0.0",
-                             "students=[{model: ns_cnn_s}]", "finetune.enabled=true", "finetune.epochs=0.5"])
-    run_pipeline(cfg, tmp_path / "run", progress=False)
-    paths = build_report(tmp_path / "run")
-    text = paths["html"].read_text()
-    plain = _plain(text)
-    assert "Final student test top-1" in plain and "could not be read" not in plain
-    for name in ("accuracy", "training-curves", "confidence-1", "class-counts-1", "reliability-1", "confusion-1"):
-        assert f'id="fig-{name}"' in text, name
-    fx = json.loads((tmp_path / "run" / FIXRES / METRICS).read_text())
-    assert "After fix-res fine-tune" in plain and f"{fx['test_top1_after']:.2f}" in _plain(_section(text, FIXRES))

@@ -217,11 +217,11 @@ def fixres_section(run: RunData, students: list[dict | None]) -> Section | None:
     if fx is None:
         return None
     last = students[-1] if students and students[-1] else {}
-    size, train = fx.get("test_size"), fx.get("train_size")
+    size, train, epochs = fx.get("test_size"), fx.get("train_size"), fx.get("finetune_epochs")
     words = (f"`{last.get('name', '?')}` ({fx.get('model') or last.get('model', '?')}) was trained at "
              f"{fmt_int(train)} px and is evaluated at {fmt_int(size)} px. The fix-res fine-tune trains it at "
              f"{fmt_int(size)} px on the {fmt_int(fx.get('num_labeled'))} labeled images without augmentation "
-             f"for {fmt_epochs(fx.get('finetune_epochs'))} epochs")
+             f"for {fmt_epochs(epochs)} epoch{'' if epochs == 1 else 's'}")
     if is_num(fx.get("frozen_blocks")) and is_num(fx.get("total_blocks")):
         words += f", the first {fmt_int(fx['frozen_blocks'])} of its {fmt_int(fx['total_blocks'])} blocks frozen"
     if is_num(fx.get("finetune_lr")):

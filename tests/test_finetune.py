@@ -200,6 +200,13 @@ def test_enabled_rule():
     assert fixres_enabled(True, 20, 20)
 
 
+def _accuracies(model, val, test) -> dict:
+    from noisystudent.evaluate.classifier import evaluate_classifier
+
+    r = {name: evaluate_classifier(model, images, CPU.device) for name, images in (("val", val), ("test", test))}
+    return {f"{name}_top{k}": r[name][f"top{k}"] for name in r for k in (1, 5)}
+
+
 def test_tiny_end_to_end_fixres_on_digits(tmp_path):
     """Train at 12 px on digits, then fine-tune and evaluate at 16 px (the test resolution)."""
     cfg = load_config(None, ["data.val_per_class=5", "data.test_per_class=10", "train.batch_size=16"])
@@ -213,12 +220,14 @@ def test_tiny_end_to_end_fixres_on_digits(tmp_path):
     labeled, val, test = (TransformedSet(s, high) for s in (splits.labeled, splits.val, splits.test))
     assert labeled[0][0].shape[-1] == 16
     stem = copy.deepcopy(model.stem.state_dict())
+    before = _accuracies(model, val, test)  # the model as fix-res receives it, at the test resolution
     out = finetune_fixres(model, labeled, val, cfg.train, num_classes=splits.num_classes, test=test, epochs=1.5,
                           lr=0.005, batch_size=16, ctx=CPU, checkpoint_dir=tmp_path)
     assert out.frozen_blocks == 2 and out.total_blocks == 3  # the paper's recipe: last stage trains
     assert out.steps == int(np.ceil(1.5 * np.ceil(len(labeled) / 16)))
-    for k in ("val_top1", "test_top1", "val_top5", "test_top5"):
-        assert 0 <= out.before[k] <= 100 and 0 <= out.after[k] <= 100
+    # before / after are the real accuracies of the model entering and (best epoch) leaving the stage
+    assert out.before == pytest.approx(before)
+    assert out.after == pytest.approx(_accuracies(model, val, test))
     m = out.metrics()
     assert {"test_top1_before", "test_top1_after", "frozen_blocks", "total_blocks", "finetune_steps"} <= set(m)
     assert m["finetune_epochs"] == pytest.approx(out.steps / np.ceil(len(labeled) / 16))

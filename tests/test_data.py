@@ -1,4 +1,5 @@
 import gzip
+import logging
 import struct
 
 import numpy as np
@@ -80,13 +81,17 @@ def _odd_class_folder(root):
     return root
 
 
-def test_class_folders_are_read_exactly_as_torchvision_image_folder_reads_them(tmp_path):
+def test_class_folders_are_read_exactly_as_torchvision_image_folder_reads_them(tmp_path, caplog):
     from torchvision.datasets import ImageFolder
 
     from noisystudent.data.pool import FolderSource
 
     root = _odd_class_folder(tmp_path / "train")
-    samples, classes = class_folder_samples(root, "train")
+    with caplog.at_level(logging.WARNING, logger="noisystudent"):
+        samples, classes = class_folder_samples(root, "train")
+    # the files passed over are said, not dropped silently: B/png, a/.DS_Store, a/notes.txt
+    assert f"train folder {root}: skipped 3 file(s) that are not images by extension (B/png, a/.DS_Store, " \
+           "a/notes.txt)" in caplog.text
     ref = ImageFolder(str(root))
     assert classes == ref.classes == [".extra", "B", "a", "c", "outside"]
     assert [(str(p), i) for p, i in samples] == ref.samples
@@ -100,7 +105,12 @@ def test_class_folders_are_read_exactly_as_torchvision_image_folder_reads_them(t
     assert len(with_gif) == len(ref.samples) + 1 and len(ImageFolder(str(root)).samples) == len(ref.samples)
     # The unlabeled folder pool tells images by the same rule (it does not follow symlinked folders).
     pool = FolderSource(root)
-    pool.prepare(tmp_path / "listing")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="noisystudent"):
+        pool.prepare(tmp_path / "listing")
+    assert f"unlabeled folder {root}: skipped 3 file(s) that are not images" in caplog.text
+    assert f"unlabeled folder {root}: skipped 1 symlinked folder(s), not followed (they could loop) (c/linked)" \
+        in caplog.text
     keys = {k for shard in range(pool.num_shards) for k, _ in pool.iter_shard(shard)}
     assert keys == {str(p.relative_to(root)) for p, _ in with_gif if "c/linked" not in str(p)}
 

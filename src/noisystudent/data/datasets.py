@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import logging
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -254,6 +255,25 @@ def is_image_file(name: str) -> bool:
     return has_file_allowed_extension(name, IMAGE_EXTENSIONS)
 
 
+class SkippedFiles:
+    """What a folder scan passed over: counted, the first few named, and said once in
+    :meth:`report` (a default never silently discards a user's data). ``kind`` says what they are."""
+
+    def __init__(self, kind: str = "file(s) that are not images by extension", keep: int = 3):
+        self.kind, self.count, self.first, self.keep = kind, 0, [], keep
+
+    def add(self, path: str) -> None:
+        self.count += 1
+        if len(self.first) < self.keep:
+            self.first.append(path)
+
+    def report(self, where: str) -> None:
+        if self.count:
+            hint = f"; images end in {', '.join(IMAGE_EXTENSIONS)}" if "extension" in self.kind else ""
+            log.warning(f"{where}: skipped {self.count} {self.kind} "
+                        f"({', '.join(self.first)}{', ...' if self.count > len(self.first) else ''}){hint}")
+
+
 def class_folder_samples(root: str | Path, what: str,
                          allow_empty: bool = False) -> tuple[list[tuple[Path, int]], list[str]]:
     """``root/<class>/**/<image>`` by torchvision's ``find_classes`` / ``make_dataset``, so classes,
@@ -270,6 +290,7 @@ def class_folder_samples(root: str | Path, what: str,
         raise DataError(f"{what} folder {root} cannot be read: {e.strerror or e}") from None
     # allow_empty=True: an empty class is refused below, naming its folder (torchvision's message names neither)
     samples = make_dataset(str(root), class_to_idx, is_valid_file=is_image_file, allow_empty=True)
+    _report_non_images(root, classes, what)
     if not allow_empty:
         found = {idx for _, idx in samples}
         empty = [c for c in classes if class_to_idx[c] not in found]
@@ -277,6 +298,18 @@ def class_folder_samples(root: str | Path, what: str,
             more = f" (and {len(empty) - 1} more empty class folders)" if len(empty) > 1 else ""
             raise DataError(f"{what} class folder {root / empty[0]} contains no images{more}")
     return [(Path(p), idx) for p, idx in samples], classes
+
+
+def _report_non_images(root: Path, classes: list[str], what: str) -> None:
+    """Say how many files under the class folders make_dataset passed over (walked as it walks
+    them: os.walk, following symlinks)."""
+    skipped = SkippedFiles()
+    for c in classes:
+        for dirpath, _, files in sorted(os.walk(root / c, followlinks=True)):
+            for name in sorted(files):
+                if not is_image_file(name):
+                    skipped.add(os.path.relpath(os.path.join(dirpath, name), root))
+    skipped.report(f"{what} folder {root}")
 
 
 def scan_class_folder(root: str | Path, what: str) -> tuple[list[Path], np.ndarray, list[str]]:

@@ -28,7 +28,7 @@ from ..runtime.distributed import DistContext, broadcast_object
 from ..runtime.errors import ConfigError, DataError
 from ..runtime.files import atomic_write
 from ..config.schema import DataConfig
-from .datasets import ImageSet, is_image_file, pool_path
+from .datasets import ImageSet, SkippedFiles, is_image_file, pool_path
 
 DEFAULT_SHARD_SIZE = 8192
 
@@ -232,10 +232,12 @@ def _index_lines(list_path: Path, shard_size: int, limit: int | None = None) -> 
             "list_bytes": pos, "limit": limit}
 
 
-def _walk_images(root: Path) -> Iterator[str]:
+def _walk_images(root: Path, skipped: SkippedFiles | None = None,
+                 links: SkippedFiles | None = None) -> Iterator[str]:
     """Image files under ``root`` as relative POSIX paths, depth first with names sorted at every
     level: a stable order that needs only the directories on the current path in memory. Images
-    are told by the class folders' rule, :func:`~noisystudent.data.datasets.is_image_file`."""
+    are told by the class folders' rule, :func:`~noisystudent.data.datasets.is_image_file`; other
+    files are counted in ``skipped``, symlinked folders (not followed: they could loop) in ``links``."""
     stack: list[tuple[str, Iterator[os.DirEntry]]] = []
 
     def open_dir(rel: str) -> Iterator[os.DirEntry]:
@@ -252,7 +254,8 @@ def _walk_images(root: Path) -> Iterator[str]:
             continue
         child = f"{rel}/{entry.name}" if rel else entry.name
         try:
-            is_dir = entry.is_dir(follow_symlinks=False)  # like Path.rglob: no symlink loops
+            is_dir = entry.is_dir(follow_symlinks=False)
+            linked_dir = not is_dir and entry.is_symlink() and entry.is_dir()
         except OSError:
             continue
         if is_dir:
@@ -260,8 +263,13 @@ def _walk_images(root: Path) -> Iterator[str]:
                 stack.append((child, open_dir(child)))
             except OSError:
                 pass  # an unreadable directory contributes no images
+        elif linked_dir:
+            if links is not None:
+                links.add(child)
         elif is_image_file(entry.name) and "\n" not in child:
             yield child
+        elif skipped is not None:
+            skipped.add(child)
 
 
 class FolderSource(_LineIndexSource):
@@ -278,11 +286,15 @@ class FolderSource(_LineIndexSource):
             raise DataError(f"unlabeled folder not found: {self.root}")
         list_path = work_dir / "files.txt"
 
+        skipped, links = SkippedFiles(), SkippedFiles("symlinked folder(s), not followed (they could loop)")
+
         def listing(f) -> None:  # streamed to disk: a folder of 10^8 images is never a list in memory
-            for rel in _walk_images(self.root):
+            for rel in _walk_images(self.root, skipped, links):
                 f.write(rel.encode("utf-8", "surrogateescape") + b"\n")
 
         atomic_write(list_path, listing)
+        for what in (skipped, links):
+            what.report(f"unlabeled folder {self.root}")
         index = _index_lines(list_path, self.shard_size, self.limit)
         if index["num_items"] == 0:
             raise DataError(f"unlabeled folder {self.root} contains no images")

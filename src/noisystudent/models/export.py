@@ -40,7 +40,7 @@ import torch
 import torch.nn as nn
 
 from ..data.transforms import CENTER_CROP_FRACTION, SMALL_IMAGE
-from ..runtime.errors import CheckpointError, NoisyStudentError
+from ..runtime.errors import CheckpointError, NoisyStudentError, error_reason
 from ..runtime.rundir import MODEL, SUMMARY, RunDir
 from .checkpoint import eval_size, load_model
 from .factory import create_model
@@ -131,8 +131,7 @@ def _write_onnx(model: nn.Module, meta: dict, path: Path) -> None:
         torch.onnx.export(model, (example,), str(path), input_names=["image"], output_names=["logits"],
                           dynamic_shapes=({0: torch.export.Dim("batch")},), external_data=big, verbose=False)
     except Exception as e:  # noqa: BLE001 - the exporter raises many types; one line for the user
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise NoisyStudentError(f"export: ONNX export of {meta['model']} failed: {first}") from None
+        raise NoisyStudentError(f"export: ONNX export of {meta['model']} failed: {error_reason(e)}") from None
 
 
 def export_model(run_dir: Path, out_dir: Path, onnx: bool = False) -> dict:

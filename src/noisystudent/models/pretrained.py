@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ..runtime.errors import CheckpointError, DataError
+from ..runtime.errors import CheckpointError, DataError, error_reason
 from ..runtime.files import read_torch_file
 
 log = logging.getLogger("noisystudent")
@@ -65,8 +65,7 @@ def _safetensors_load(path: Path, meta: bool) -> dict[str, torch.Tensor]:
         with safe_open(str(path), framework="pt") as f:  # the header alone: names, shapes, dtypes
             return {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}
     except Exception as e:  # noqa: BLE001 - safetensors raises its own types for foreign files
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"not a safetensors weight file: {path} ({reason})") from None
+        raise CheckpointError(f"not a safetensors weight file: {path} ({error_reason(e)})") from None
 
 
 def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], str | None]:
@@ -158,13 +157,9 @@ def tag_pretrained_cfg(tag: str) -> dict:
         try:
             cfg, _, _ = load_model_config_from_hf(tag.split(":", 1)[1])
         except Exception as e:  # network, hub and cache errors
-            raise CheckpointError(f"could not fetch pretrained weights {tag!r} ({_reason(e)})") from None
+            raise CheckpointError(f"could not fetch pretrained weights {tag!r} ({error_reason(e)})") from None
         return {**cfg, "hf_hub_id": tag.split(":", 1)[1], "source": "hf-hub"}
     return timm_pretrained_cfg(tag).to_dict()
-
-
-def _reason(e: Exception) -> str:
-    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
 def _load_timm_tag(model: nn.Module, tag: str, num_classes: int | None, tag_arch: str | None) -> list[str]:
@@ -194,7 +189,7 @@ def _load_timm_tag(model: nn.Module, tag: str, num_classes: int | None, tag_arch
     except (CheckpointError, DataError):
         raise
     except Exception as e:  # network, hub and cache errors
-        raise CheckpointError(f"could not fetch pretrained weights {tag!r} ({_reason(e)}); offline? "
+        raise CheckpointError(f"could not fetch pretrained weights {tag!r} ({error_reason(e)}); offline? "
                               "download once where online, or pass a local file") from None
     for m in messages:
         log.warning(m)

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .errors import ConfigError, DistributedError
+from .errors import ConfigError, DistributedError, error_reason
 
 
 @dataclass(frozen=True)
@@ -126,7 +126,7 @@ def _collective(fn):
             failure = collective_failure(e, fn.__name__)
             if failure is None:  # any RuntimeError out of a collective is a communication failure
                 failure = RankFailure(fn.__name__, dist.get_rank() if dist.is_initialized() else 0,
-                                      str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
+                                      error_reason(e))
             raise failure from None
 
     return wrapper

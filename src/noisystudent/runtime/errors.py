@@ -1,6 +1,13 @@
 """Errors a user can cause. The CLI prints them as one line and exits non-zero."""
 
 
+def error_reason(e: BaseException) -> str:
+    """The first line of an error's message (its type's name when it has none), to quote a
+    library's error inside one of ours."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 class NoisyStudentError(Exception):
     """Base class for errors caused by input (config, data, checkpoints), not by bugs."""
 

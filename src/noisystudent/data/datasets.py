@@ -255,11 +255,15 @@ def is_image_file(name: str) -> bool:
     return has_file_allowed_extension(name, IMAGE_EXTENSIONS)
 
 
+NOT_IMAGES = "file(s) that are not images by extension"
+
+
 class SkippedFiles:
     """What a folder scan passed over: counted, the first few named, and said once in
-    :meth:`report` (a default never silently discards a user's data). ``kind`` says what they are."""
+    :meth:`report` (a default never silently discards a user's data). ``kind`` says what they are;
+    non-image files get the list of extensions that count as images."""
 
-    def __init__(self, kind: str = "file(s) that are not images by extension", keep: int = 3):
+    def __init__(self, kind: str = NOT_IMAGES, keep: int = 3):
         self.kind, self.count, self.first, self.keep = kind, 0, [], keep
 
     def add(self, path: str) -> None:
@@ -269,7 +273,7 @@ class SkippedFiles:
 
     def report(self, where: str) -> None:
         if self.count:
-            hint = f"; images end in {', '.join(IMAGE_EXTENSIONS)}" if "extension" in self.kind else ""
+            hint = f"; images end in {', '.join(IMAGE_EXTENSIONS)}" if self.kind == NOT_IMAGES else ""
             log.warning(f"{where}: skipped {self.count} {self.kind} "
                         f"({', '.join(self.first)}{', ...' if self.count > len(self.first) else ''}){hint}")
 
@@ -288,9 +292,17 @@ def class_folder_samples(root: str | Path, what: str,
         raise DataError(f"{what} folder {root} has no class subfolders") from None
     except OSError as e:
         raise DataError(f"{what} folder {root} cannot be read: {e.strerror or e}") from None
+    skipped = SkippedFiles()
+
+    def take(path: str) -> bool:  # make_dataset's one walk both picks the images and counts the rest
+        if is_image_file(path):
+            return True
+        skipped.add(os.path.relpath(path, root))
+        return False
+
     # allow_empty=True: an empty class is refused below, naming its folder (torchvision's message names neither)
-    samples = make_dataset(str(root), class_to_idx, is_valid_file=is_image_file, allow_empty=True)
-    _report_non_images(root, classes, what)
+    samples = make_dataset(str(root), class_to_idx, is_valid_file=take, allow_empty=True)
+    skipped.report(f"{what} folder {root}")
     if not allow_empty:
         found = {idx for _, idx in samples}
         empty = [c for c in classes if class_to_idx[c] not in found]
@@ -298,18 +310,6 @@ def class_folder_samples(root: str | Path, what: str,
             more = f" (and {len(empty) - 1} more empty class folders)" if len(empty) > 1 else ""
             raise DataError(f"{what} class folder {root / empty[0]} contains no images{more}")
     return [(Path(p), idx) for p, idx in samples], classes
-
-
-def _report_non_images(root: Path, classes: list[str], what: str) -> None:
-    """Say how many files under the class folders make_dataset passed over (walked as it walks
-    them: os.walk, following symlinks)."""
-    skipped = SkippedFiles()
-    for c in classes:
-        for dirpath, _, files in sorted(os.walk(root / c, followlinks=True)):
-            for name in sorted(files):
-                if not is_image_file(name):
-                    skipped.add(os.path.relpath(os.path.join(dirpath, name), root))
-    skipped.report(f"{what} folder {root}")
 
 
 def scan_class_folder(root: str | Path, what: str) -> tuple[list[Path], np.ndarray, list[str]]:

@@ -56,6 +56,7 @@ import torch
 from noisystudent.config.schema import ABLATIONS, load_config
 from noisystudent.config.stages import resolve_stages
 from noisystudent.pipeline import run_pipeline
+from noisystudent.runtime.cpu import cpu_description
 
 from ood_digits import ood_stats, write_ood_pool  # benchmarks/ is on sys.path (the script's folder)
 
@@ -220,7 +221,7 @@ def write_cached_oracle(path: Path, fingerprint: str, task: Task, stage: dict) -
     entry = {"version": CACHE_VERSION, "fingerprint": fingerprint, "seed": task.seed, "overrides": task.overrides,
              "test_top1": stage["test_top1"], "val_top1": stage["val_top1"], "seconds": stage["seconds"],
              "best_epoch": stage.get("best_epoch"), "epochs": stage.get("epochs"), "model": stage.get("model"),
-             "num_labeled": stage.get("num_labeled"), "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+             "num_labeled": stage.get("num_labeled"), "precision": stage.get("precision"), "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(entry, indent=2))
@@ -285,7 +286,7 @@ def run_benchmark(config: str, seeds: list[int], extra: list[str], oracle_extra:
 
     def record(seed: int, name: str, stage: dict, seconds: float, wall: float | None = None) -> None:
         results[seed][name] = {"test_top1": stage["test_top1"], "val_top1": stage["val_top1"], "seconds": seconds,
-                               "wall_seconds": wall}
+                               "wall_seconds": wall, "precision": stage.get("precision")}
         print(f"  seed {seed} {name:<20} test top-1 {stage['test_top1']:6.2f}  val {stage['val_top1']:6.2f}  "
               f"({seconds:.0f}s)", file=sys.stderr, flush=True)
 
@@ -333,6 +334,17 @@ def run_benchmark(config: str, seeds: list[int], extra: list[str], oracle_extra:
                             Path(summary["run_dir"]), OOD_VARIANTS[task.variant][1])
     order = variant_order(len(load_config(config, extra).students), ood is not None)
     return {s: {n: r[n] for n in order if n in r} for s, r in results.items()}, notes
+
+
+def precision_counts(per_seed: list[dict[str, dict]]) -> dict[str, int]:
+    """How many of the reported stages trained in each precision (``precision: auto`` decides per
+    stage by timing; cached converged oracles count as they were trained)."""
+    counts: dict[str, int] = {}
+    for results in per_seed:
+        for r in results.values():
+            key = r.get("precision") or "unknown"
+            counts[key] = counts.get(key, 0) + 1
+    return counts
 
 
 def aggregate(per_seed: list[dict[str, dict]]) -> dict[str, dict]:
@@ -477,6 +489,9 @@ def main(argv: list[str] | None = None) -> int:
                      for o in ORACLES}
     result = {"dataset": args.dataset, "quick": args.quick, "seeds": seeds, "overrides": extra,
               "machine": f"{platform.machine()}, {os.cpu_count()} cores, {args.jobs} worker(s) x 1 thread",
+              # what makes the minutes comparable between machines: without native bf16, every stage
+              # trains in fp32 and the same run takes far longer
+              "cpu": cpu_description(), "precision_by_stage": precision_counts(per_seed),
               "minutes": round((time.time() - start) / 60, 1),
               "test_top1": {n: round(v["mean"], 2) for n, v in table.items()},
               "test_top1_std": {n: round(v["std"], 2) for n, v in table.items()},

@@ -30,7 +30,6 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 READY = "READY"  # a worker prints this when its measured run starts
 TICK = "TICK"  # and this every --tick steps of it
@@ -201,18 +200,6 @@ def _load() -> str:
         return "n/a"
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or platform.machine()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="ns_cnn_s_wide")
@@ -236,7 +223,7 @@ def main() -> None:
     for kv in args.env:
         key, _, value = kv.partition("=")
         env[key] = value
-    from noisystudent.runtime.cpu import RECHECK_SECONDS  # no torch: the parent only reads a constant
+    from noisystudent.runtime.cpu import RECHECK_SECONDS, cpu_description  # no torch in the parent
     load_before = _load()
     runs: dict[str, list[dict]] = {"idle": [], "shared": [], "joined": []}
     for r in range(args.repeats):
@@ -272,7 +259,7 @@ def main() -> None:
               "precision": ready["precision"],
               "precision_info": {k: v for k, v in ready["precision_info"].items() if k != "cpu"},
               "model": args.model, "size": args.size, "images_per_step": 2 * args.batch, "steps": args.steps,
-              "repeats": args.repeats, "cpu_model": _cpu_model(), "cores": os.cpu_count(),
+              "repeats": args.repeats, "cpu_model": cpu_description()["model"], "cores": os.cpu_count(),
               "load_before": load_before, "load_after": _load()}
     print(json.dumps(result))
 

@@ -196,6 +196,16 @@ def test_benchmark_runs_every_variant_and_prints_json_last(tmp_path, tiny_overri
         stages = json.loads((run / "seed0" / variant / "summary.json").read_text())["stages"]
         assert stages[0]["epochs"] == 0 and stages[0]["test_top1"] == teacher["test_top1"]
         assert len(stages) == (3 if variant in accuracy.CHAINS else 2)
+    # the precision each reported stage trained in, counted from what the stages recorded
+    precisions = [teacher["precision"]]
+    for variant in last["test_top1"]:
+        if variant != "teacher" and not variant.startswith("noisy-student-iter"):
+            stages = json.loads((run / "seed0" / variant / "summary.json").read_text())["stages"]
+            precisions.append(stages[-1]["precision"])
+    precisions += [s["precision"] for s in json.loads((run / "seed0" / "noisy-student" / "summary.json")
+                                                      .read_text())["stages"][1:-1]]
+    assert last["precision_by_stage"] == {p: precisions.count(p) for p in set(precisions)}
+    assert last["cpu"]["cores"] >= 1 and last["cpu"]["model"]
     for name in accuracy.ORACLES:
         oracle = json.loads((run / "seed0" / name / "summary.json").read_text())["stages"]
         assert len(oracle) == 1 and oracle[0]["num_labeled"] > teacher["num_labeled"]

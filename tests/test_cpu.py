@@ -131,3 +131,16 @@ def test_the_governor_leaves_threads_set_in_code_alone(monkeypatch, torch_thread
     governor = cpu.ThreadGovernor(recheck=0.0, decided={"governed": True, "set": {}, "cores": TWO_CORES})
     assert not governor.active
     assert not cpu.ThreadGovernor(decided={"governed": False, "set": {}}).active
+
+
+def test_the_cpu_description_names_the_model_and_native_bf16(tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nmodel name\t: AMD EPYC 9R14\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16\n\n"
+                    "processor\t: 1\nmodel name\t: AMD EPYC 9R14\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16\n")
+    described = cpu.cpu_description(info)
+    assert described["model"] == "AMD EPYC 9R14" and described["native_bf16"] is True
+    assert described["cores"] == cpu.usable_cores()["cpus"]
+    info.write_text("model name\t: Intel Xeon\nflags\t\t: fpu sse2 avx2 avx512f\n")
+    assert cpu.cpu_description(info)["native_bf16"] is False
+    missing = cpu.cpu_description(tmp_path / "absent")
+    assert missing["native_bf16"] is None and missing["model"]

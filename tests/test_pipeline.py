@@ -1,7 +1,6 @@
 import json
 
 import pytest
-import torch
 
 import noisystudent.pipeline as pipeline
 from noisystudent.models.checkpoint import load_model

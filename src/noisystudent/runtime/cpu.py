@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 from typing import Callable, MutableMapping
 
-__all__ = ["configure", "cpu_settings", "choose_threads", "usable_cores", "others_busy_cores",
+__all__ = ["configure", "cpu_settings", "cpu_description", "choose_threads", "usable_cores", "others_busy_cores",
            "ThreadGovernor", "OFF_VARIABLE"]
 
 OFF_VARIABLE = "NOISYSTUDENT_CPU_TUNING"
@@ -248,3 +248,25 @@ def cpu_settings() -> dict:
     return {"threads": torch.get_num_threads(),
             "env": {k: os.environ[k] for k in (*WAIT_KNOBS, "OMP_NUM_THREADS") if k in os.environ},
             "configured": {k: v for k, v in _applied.items() if k in ("set", "kept", "threads", "governed", "note")}}
+
+
+def cpu_description(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict:
+    """The processor, for benchmark output: its model name, usable cores, and whether it has native
+    bf16 instructions (``avx512_bf16`` or ``amx_bf16``; without them bf16 autocast on a CPU ran 7x
+    slower than fp32, so the same benchmark takes far longer there). Read from ``/proc/cpuinfo``;
+    ``native_bf16`` is None where that file cannot be read (not Linux)."""
+    import platform
+
+    model, flags = None, None
+    try:
+        for line in Path(cpuinfo).read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and model is None:
+                model = value.strip()
+            elif key.strip() == "flags" and flags is None:
+                flags = set(value.split())
+    except OSError:
+        pass
+    return {"model": model or platform.processor() or platform.machine(), "arch": platform.machine(),
+            "cores": usable_cores()["cpus"],
+            "native_bf16": None if flags is None else bool(flags & {"avx512_bf16", "amx_bf16"})}

@@ -18,6 +18,8 @@ Variants (each over the seeds; the test split is only ever reported, never used 
                        to 28 px, written as a PNG folder and passed as ``data.unlabeled``), with
                        soft or hard labels, the 0.3 confidence threshold on or off (Fashion-MNIST
                        only by default: on digits the "out-of-domain" digits would be in domain)
+  supervised-final     the final architecture trained like the teacher, on the labeled images only:
+                       what the larger model buys without the pool (when it differs from the teacher's)
   oracle               the final architecture trained on every training label (supervised), for
                        the same number of epochs as that student (compute-matched)
   oracle-converged     the same on every label with a fixed budget that reaches its plateau
@@ -88,7 +90,11 @@ OOD_RATIO = 1.0  # out-of-domain images per image of the dataset's own remainder
 OOD_EPOCHS = 0.4
 QUICK_OOD_IMAGES, QUICK_OOD_EPOCHS = 1797, 0.05  # one rendering of each digit; ~3k pseudo images
 ORACLES = ("oracle", "oracle-converged")
-COMPARE_WITH = {"no-noise": "noisy-student", "no-iteration": "noisy-student",
+# the final student's architecture trained like the teacher, on the labeled images alone: what the
+# larger model buys without the unlabeled pool (Noisy Student has to beat it, not just the teacher)
+SUPERVISED_FINAL = "supervised-final"
+REFERENCES = ("teacher", SUPERVISED_FINAL, *ORACLES)  # supervised runs: one stage each
+COMPARE_WITH = {"no-noise": "noisy-student", "no-iteration": "noisy-student", SUPERVISED_FINAL: "noisy-student",
                 "hard-labels": "noisy-student-iter1", "no-balancing": "noisy-student-iter1",
                 "ood-hard-t0.3": "ood-soft-t0.3", "ood-hard-t0": "ood-soft-t0", "ood-soft-t0": "ood-soft-t0.3"}
 
@@ -143,6 +149,16 @@ def oracle_task(config: str, seed: int, extra: list[str], oracle_extra: list[str
                                                    *oracle_extra])
 
 
+def supervised_final_task(config: str, seed: int, extra: list[str]) -> Task | None:
+    """The final student's architecture with the teacher's budget (epochs, lr, noise) on the labeled
+    images only; None when it is the teacher's architecture (the teacher is that run)."""
+    cfg = load_config(config, [f"seed={seed}", *extra])
+    if not cfg.students or cfg.students[-1].model == cfg.teacher.model:
+        return None
+    return Task((2, seed, 1), SUPERVISED_FINAL, seed,
+                [f"seed={seed}", *extra, f"teacher.model={cfg.students[-1].model}", "students=[]"])
+
+
 def converged_task(config: str, seed: int, extra: list[str], converged_extra: list[str]) -> Task:
     """The final student architecture on every training label for the converged budget
     (``converged_extra``: ``CONVERGED``, then --quick's and --converged-set's caps). It is the
@@ -185,10 +201,12 @@ def student_tasks(config: str, seed: int, extra: list[str], teacher_ckpt: Path,
 
 
 def variant_order(num_students: int, ood: bool = False) -> list[str]:
-    """The table's rows: teacher, each iteration of the chain, the ablations, the oracles."""
+    """The table's rows: teacher, each iteration of the chain, the ablations, the supervised
+    references (the final architecture on the labels alone, the oracles); runs that did not happen
+    (no supervised-final when the final architecture is the teacher's) are left out of the table."""
     iterations = [f"noisy-student-iter{k}" for k in range(1, num_students)]
     return ["teacher", *iterations, "noisy-student", "no-noise", *FIRST_STUDENT, "no-iteration",
-            *(OOD_VARIANTS if ood else ()), *ORACLES]
+            *(OOD_VARIANTS if ood else ()), SUPERVISED_FINAL, *ORACLES]
 
 
 # ------------------------------------------------------------------ the converged oracle's cache
@@ -245,6 +263,7 @@ def plan_benchmark(config: str, seeds: list[int], extra: list[str], oracle_extra
     """The initial tasks; each seed's converged oracle is a task only on a cache miss."""
     ready = [teacher_task(config, s, extra) for s in seeds]
     ready += [oracle_task(config, s, extra, oracle_extra) for s in seeds]
+    ready += [t for t in (supervised_final_task(config, s, extra) for s in seeds) if t is not None]
     cached, paths, fingerprints = {}, {}, {}
     for s in seeds:
         task = converged_task(config, s, extra, converged_extra)
@@ -312,7 +331,7 @@ def run_benchmark(config: str, seeds: list[int], extra: list[str], oracle_extra:
                 task = running.pop(future)
                 summary = future.result()
                 stages, wall = summary["stages"], summary["seconds"]
-                if task.variant in ("teacher", *ORACLES):  # one supervised stage
+                if task.variant in REFERENCES:  # one supervised stage
                     record(task.seed, task.variant, stages[0], stages[0]["seconds"], wall)
                     if task.variant == "teacher":
                         ckpt = out / f"seed{task.seed}" / "teacher" / "teacher" / "model.pt"
@@ -381,7 +400,7 @@ def _rounded(x: float) -> float | None:
 
 
 def _color(name: str) -> str:
-    if name == "teacher" or name in ORACLES:
+    if name in REFERENCES:
         return "#888"
     return "#3a7" if name.startswith("noisy") else "#58b" if name in OOD_VARIANTS else "#c84"
 
@@ -484,7 +503,7 @@ def main(argv: list[str] | None = None) -> int:
                                    converged_extra, cache_dir, ood)
     per_seed = [results[s] for s in seeds]
     table = aggregate(per_seed)
-    students = [n for n in table if n != "teacher" and n not in ORACLES]
+    students = [n for n in table if n != "teacher" and n not in ORACLES]  # (supervised-final: the model alone)
     per_seed_gaps = {o: {n: [_rounded(g) for g in gap_closed_per_seed(per_seed, n, o)] for n in CHAINS}
                      for o in ORACLES}
     result = {"dataset": args.dataset, "quick": args.quick, "seeds": seeds, "overrides": extra,

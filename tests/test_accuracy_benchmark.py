@@ -52,6 +52,19 @@ def test_single_student_variants_train_the_chain_student_they_stand_for(tmp_path
                                              "noisy-student"]
 
 
+def test_supervised_final_is_the_final_architecture_trained_like_the_teacher():
+    task = accuracy.supervised_final_task(FASHION, 1, ["teacher.epochs=7"])
+    cfg, base = accuracy.load_config(FASHION, task.overrides), accuracy.load_config(FASHION)
+    assert cfg.students == [] and cfg.seed == 1
+    assert cfg.teacher.model == base.students[-1].model != base.teacher.model
+    # everything but the architecture is the teacher's: the labeled split, epochs, lr, noise
+    assert cfg.teacher.epochs == 7 and cfg.teacher.lr == base.teacher.lr
+    assert (cfg.data, cfg.noise, cfg.train) == (base.data, base.noise, base.train)
+    # a chain that ends in the teacher's architecture has no such run: the teacher is it
+    assert accuracy.supervised_final_task(FASHION, 0, ["teacher.model=ns_cnn_s_wide"]) is None
+    assert accuracy.variant_order(3)[-3:] == [accuracy.SUPERVISED_FINAL, *accuracy.ORACLES]
+
+
 def test_oracle_is_the_final_student_on_every_label_for_its_epochs():
     task = accuracy.oracle_task(DIGITS, 0, ["train.epochs=7"], [])
     cfg = accuracy.load_config(DIGITS, task.overrides)
@@ -97,14 +110,15 @@ def test_ood_variants_train_the_first_student_on_the_mixed_pool_from_the_seeds_t
         assert cfg.students[0].lr == chain[0].lr and cfg.seed == 1
         assert accuracy.teacher_task(FASHION, 9, []) < t
     assert accuracy.COMPARE_WITH["ood-hard-t0.3"] == "ood-soft-t0.3"  # compared with each other
-    assert accuracy.variant_order(3, ood=True)[-6:] == [*accuracy.OOD_VARIANTS, "oracle", "oracle-converged"]
+    assert accuracy.variant_order(3, ood=True)[-7:] == [*accuracy.OOD_VARIANTS, "supervised-final", "oracle",
+                                                        "oracle-converged"]
 
 
 def test_converged_oracle_is_planned_and_cached_by_config_fingerprint(tmp_path):
     converged = accuracy.CONVERGED["fashion-mnist"]
     plan = accuracy.plan_benchmark(FASHION, [0, 1], [], [], converged, tmp_path)
     tasks = {(t.variant, t.seed): t for t in plan.ready}
-    assert set(tasks) == {(v, s) for v in ("teacher", "oracle", "oracle-converged") for s in (0, 1)}
+    assert set(tasks) == {(v, s) for v in ("teacher", "oracle", "oracle-converged", "supervised-final") for s in (0, 1)}
     assert plan.cached == {}
     cfg = accuracy.load_config(FASHION, tasks["oracle-converged", 0].overrides)
     assert cfg.teacher.model == accuracy.load_config(FASHION).students[-1].model == "ns_cnn_s_wide"
@@ -206,6 +220,11 @@ def test_benchmark_runs_every_variant_and_prints_json_last(tmp_path, tiny_overri
                                                       .read_text())["stages"][1:-1]]
     assert last["precision_by_stage"] == {p: precisions.count(p) for p in set(precisions)}
     assert last["cpu"]["cores"] >= 1 and last["cpu"]["model"]
+    supervised = json.loads((run / "seed0" / accuracy.SUPERVISED_FINAL / "summary.json").read_text())["stages"]
+    assert len(supervised) == 1 and supervised[0]["model"] == "ns_cnn_m" != teacher["model"]
+    assert (supervised[0]["num_labeled"], supervised[0]["epochs"]) == (teacher["num_labeled"], teacher["epochs"])
+    assert last["test_top1"][accuracy.SUPERVISED_FINAL] == supervised[0]["test_top1"]
+    assert last["ablation_delta"][accuracy.SUPERVISED_FINAL]["vs"] == "noisy-student"
     for name in accuracy.ORACLES:
         oracle = json.loads((run / "seed0" / name / "summary.json").read_text())["stages"]
         assert len(oracle) == 1 and oracle[0]["num_labeled"] > teacher["num_labeled"]

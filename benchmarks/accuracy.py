@@ -58,6 +58,7 @@ import torch
 from noisystudent.config.schema import ABLATIONS, load_config
 from noisystudent.config.stages import resolve_stages
 from noisystudent.pipeline import run_pipeline
+from noisystudent.runtime import rundir as layout
 from noisystudent.runtime.cpu import cpu_description
 
 from ood_digits import ood_stats, write_ood_pool  # benchmarks/ is on sys.path (the script's folder)
@@ -155,7 +156,7 @@ def supervised_final_task(config: str, seed: int, extra: list[str]) -> Task | No
     cfg = load_config(config, [f"seed={seed}", *extra])
     if not cfg.students or cfg.students[-1].model == cfg.teacher.model:
         return None
-    return Task((2, seed, 1), SUPERVISED_FINAL, seed,
+    return Task((2, seed, -1), SUPERVISED_FINAL, seed,
                 [f"seed={seed}", *extra, f"teacher.model={cfg.students[-1].model}", "students=[]"])
 
 
@@ -277,6 +278,44 @@ def plan_benchmark(config: str, seeds: list[int], extra: list[str], oracle_extra
     return Plan(sorted(ready), cached, paths, fingerprints)
 
 
+# ------------------------------------------------------------------ shared pseudo labels
+
+
+def first_labeling(config: str, task: Task) -> str | None:
+    """What a student task's first label stage computes, as a key: the seed's teacher checkpoint,
+    the pool, and how the pool is labeled. Tasks with equal keys write the same store (the teacher
+    labels without noise), so only the first one of them labels; None for supervised tasks."""
+    cfg = load_config(config, task.overrides, task.ablation)
+    stages = resolve_stages(cfg)
+    if len(stages) < 2 or stages[1].role != "student":
+        return None
+    labeling = dataclasses.asdict(stages[1].labeling)
+    labeling.pop("select_seed")  # the selection's, not the labeling's
+    return json.dumps({"seed": cfg.seed, "teacher": cfg.teacher.pretrained, "data": dataclasses.asdict(cfg.data),
+                       "labeling": labeling, "shard_size": cfg.pseudo.shard_size,
+                       "precision": cfg.pseudo.precision}, sort_keys=True, default=str)
+
+
+def share_label_store(donor: Path, run_dir: Path) -> bool:
+    """Hard-link the finished first store of ``donor`` (a sibling task's run) into ``run_dir``,
+    whose label stage then finds every shard labeled and skips it: the store resumes shard by
+    shard and checks the teacher, classes, top-k, temperature and source against its header, so a
+    wrong donor is an error, never mixed labels. Every store file is written by rename, never in
+    place, so the two runs cannot change each other's. False when the donor's stage is not done."""
+    name = layout.label_stage(1)
+    if not layout.RunDir(donor).is_done(name):
+        return False
+    src, dst = donor / name, run_dir / name
+    for path in sorted(src.rglob("*")):
+        target = dst / path.relative_to(src)
+        if path.is_dir():
+            target.mkdir(parents=True, exist_ok=True)
+        else:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.link(path, target)
+    return True
+
+
 # ------------------------------------------------------------------ the out-of-domain pool
 
 
@@ -295,13 +334,27 @@ def run_benchmark(config: str, seeds: list[int], extra: list[str], oracle_extra:
                   jobs: int, converged_extra: list[str] | None = None, cache_dir: Path | None = None,
                   ood: OodPool | None = None) -> tuple[dict[int, dict[str, dict]], dict]:
     """All variants of all seeds: ``({seed: {variant: {"test_top1", "val_top1", "seconds"}}}, notes)``;
-    ``notes`` has each seed's converged-oracle cache use and the OOD variants' pool statistics."""
+    ``notes`` has each seed's converged-oracle cache use, the OOD variants' pool statistics and the
+    runs that reused a sibling's first pseudo-label store (:func:`share_label_store`)."""
     converged_extra = converged_extra or []
     plan = plan_benchmark(config, seeds, extra, oracle_extra, converged_extra, cache_dir or out / ".cache")
     results: dict[int, dict[str, dict]] = {s: {} for s in seeds}
     notes: dict = {"converged": {}, "ood": {s: {} for s in seeds}}
     ready = plan.ready
     running: dict[Future, Task] = {}
+    labelers: dict[str, list[Path]] = {}  # first_labeling key -> runs that label (or labeled) it
+    shared: list[str] = []  # "seed/variant <- seed/donor"
+
+    def submit(task: Task) -> None:
+        run_dir = out / f"seed{task.seed}" / task.variant
+        key = first_labeling(config, task)
+        if key is not None:
+            donor = next((d for d in labelers.get(key, []) if share_label_store(d, run_dir)), None)
+            if donor is None:
+                labelers.setdefault(key, []).append(run_dir)
+            else:
+                shared.append(f"seed{task.seed}/{task.variant} <- {donor.name}")
+        running[pool.submit(run_task, config, task, out)] = task
 
     def record(seed: int, name: str, stage: dict, seconds: float, wall: float | None = None) -> None:
         results[seed][name] = {"test_top1": stage["test_top1"], "val_top1": stage["val_top1"], "seconds": seconds,
@@ -324,8 +377,7 @@ def run_benchmark(config: str, seeds: list[int], extra: list[str], oracle_extra:
     with ProcessPoolExecutor(jobs, mp_context=ctx) as pool:
         while ready or running:
             while ready and len(running) < jobs:  # keep exactly `jobs` tasks in flight
-                task = ready.pop(0)
-                running[pool.submit(run_task, config, task, out)] = task
+                submit(ready.pop(0))
             done, _ = wait(running, return_when=FIRST_COMPLETED)
             for future in done:
                 task = running.pop(future)
@@ -352,6 +404,7 @@ def run_benchmark(config: str, seeds: list[int], extra: list[str], oracle_extra:
                         notes["ood"][task.seed][task.variant] = ood_stats(
                             Path(summary["run_dir"]), OOD_VARIANTS[task.variant][1])
     order = variant_order(len(load_config(config, extra).students), ood is not None)
+    notes["shared_labels"] = shared
     return {s: {n: r[n] for n in order if n in r} for s, r in results.items()}, notes
 
 
@@ -526,7 +579,9 @@ def main(argv: list[str] | None = None) -> int:
               "gap_closed_converged_per_seed": per_seed_gaps["oracle-converged"],
               "oracle_converged": {"overrides": converged_extra, "cache_dir": str(cache_dir),
                                    "seeds": {str(s): notes["converged"][s] for s in seeds}},
-              "ood": None if ood is None else _ood_summary(ood, notes["ood"], seeds)}
+              "ood": None if ood is None else _ood_summary(ood, notes["ood"], seeds),
+              # runs whose first label stage was another's store, linked (same teacher, pool, labeling)
+              "shared_label_stores": notes["shared_labels"]}
     out.mkdir(parents=True, exist_ok=True)
     gaps = ["n/a" if g is None else f"{g:.2f}" for g in (result["gap_closed"], result["gap_closed_converged"])]
     plot(table, out / "accuracy.png", f"{args.dataset}: test top-1 over {len(seeds)} seed(s); Noisy Student's gap "

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -220,6 +221,21 @@ def test_benchmark_runs_every_variant_and_prints_json_last(tmp_path, tiny_overri
                                                       .read_text())["stages"][1:-1]]
     assert last["precision_by_stage"] == {p: precisions.count(p) for p in set(precisions)}
     assert last["cpu"]["cores"] >= 1 and last["cpu"]["model"]
+    # runs that label the pool as an earlier run did reuse its store instead of labeling it again
+    shared = dict(entry.split(" <- ") for entry in last["shared_label_stores"])
+    assert shared["seed0/no-iteration"] in ("noisy-student", "no-noise")
+    assert shared["seed0/no-balancing"] in ("noisy-student", "no-noise")
+    assert "seed0/hard-labels" not in shared  # hard labels are another store
+    for variant, donor in shared.items():
+        mine, theirs = run / variant / "label-1" / "shards", run / "seed0" / donor / "label-1" / "shards"
+        shards = sorted(p.name for p in theirs.iterdir())
+        assert shards and sorted(p.name for p in mine.iterdir()) == shards
+        assert all((mine / n).stat().st_ino == (theirs / n).stat().st_ino for n in shards)  # linked, not copied
+        assert "shards were labeled earlier" in (run / variant / "run.log").read_text()
+    # the same store and the same selection settings: the same selection as the run that labeled
+    mine, theirs = (pq.read_table(run / "seed0" / v / "select-1" / "selection.parquet")
+                    for v in ("no-iteration", shared["seed0/no-iteration"]))
+    assert mine.num_rows > 0 and mine.equals(theirs)
     supervised = json.loads((run / "seed0" / accuracy.SUPERVISED_FINAL / "summary.json").read_text())["stages"]
     assert len(supervised) == 1 and supervised[0]["model"] == "ns_cnn_m" != teacher["model"]
     assert (supervised[0]["num_labeled"], supervised[0]["epochs"]) == (teacher["num_labeled"], teacher["epochs"])

@@ -10,6 +10,7 @@ from noisystudent.runtime.precision import choose_train_precision, measure_bf16
 from noisystudent.runtime.distributed import DistContext
 from noisystudent.train.loop import train_classifier
 from noisystudent.train.state import list_checkpoints
+from noisystudent.runtime.cpu import cpu_description
 from _train_scenarios import NUM_CLASSES, digits_data, noisy_model, student_config
 
 
@@ -152,11 +153,7 @@ print(json.dumps({"name": name, **info}))
 
 
 def _native_bf16() -> bool:
-    try:
-        flags = open("/proc/cpuinfo").read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    return bool(cpu_description()["native_bf16"])
 
 
 @pytest.mark.parametrize("isa, chosen", [

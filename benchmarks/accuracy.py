@@ -123,11 +123,16 @@ class OodPool:
     epochs: float
 
 
+def task_run_dir(out: Path, task: Task) -> Path:
+    """Where a task's pipeline run lives: ``OUT/seed<k>/<variant>``."""
+    return out / f"seed{task.seed}" / task.variant
+
+
 def run_task(config: str, task: Task, out: Path) -> dict:
     """Run one variant in this (worker) process; returns its summary."""
     torch.set_num_threads(1)
     cfg = load_config(config, task.overrides, task.ablation)
-    return run_pipeline(cfg, out / f"seed{task.seed}" / task.variant, progress=False)
+    return run_pipeline(cfg, task_run_dir(out, task), progress=False)
 
 
 def teacher_task(config: str, seed: int, extra: list[str]) -> Task:
@@ -240,7 +245,8 @@ def write_cached_oracle(path: Path, fingerprint: str, task: Task, stage: dict) -
     entry = {"version": CACHE_VERSION, "fingerprint": fingerprint, "seed": task.seed, "overrides": task.overrides,
              "test_top1": stage["test_top1"], "val_top1": stage["val_top1"], "seconds": stage["seconds"],
              "best_epoch": stage.get("best_epoch"), "epochs": stage.get("epochs"), "model": stage.get("model"),
-             "num_labeled": stage.get("num_labeled"), "precision": stage.get("precision"), "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+             "num_labeled": stage.get("num_labeled"), "precision": stage.get("precision"),
+             "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(entry, indent=2))
@@ -346,7 +352,7 @@ def run_benchmark(config: str, seeds: list[int], extra: list[str], oracle_extra:
     shared: list[str] = []  # "seed/variant <- seed/donor"
 
     def submit(task: Task) -> None:
-        run_dir = out / f"seed{task.seed}" / task.variant
+        run_dir = task_run_dir(out, task)
         key = first_labeling(config, task)
         if key is not None:
             donor = next((d for d in labelers.get(key, []) if share_label_store(d, run_dir)), None)
@@ -386,7 +392,7 @@ def run_benchmark(config: str, seeds: list[int], extra: list[str], oracle_extra:
                 if task.variant in REFERENCES:  # one supervised stage
                     record(task.seed, task.variant, stages[0], stages[0]["seconds"], wall)
                     if task.variant == "teacher":
-                        ckpt = out / f"seed{task.seed}" / "teacher" / "teacher" / "model.pt"
+                        ckpt = task_run_dir(out, task) / "teacher" / layout.MODEL
                         ready = sorted(ready + student_tasks(config, task.seed, extra, ckpt, ood))
                     elif task.variant == "oracle-converged":
                         fp = plan.fingerprints[task.seed]
@@ -556,7 +562,8 @@ def main(argv: list[str] | None = None) -> int:
                                    converged_extra, cache_dir, ood)
     per_seed = [results[s] for s in seeds]
     table = aggregate(per_seed)
-    students = [n for n in table if n != "teacher" and n not in ORACLES]  # (supervised-final: the model alone)
+    # every run with a gap closed; supervised-final's is the share the larger model closes alone
+    students = [n for n in table if n != "teacher" and n not in ORACLES]
     per_seed_gaps = {o: {n: [_rounded(g) for g in gap_closed_per_seed(per_seed, n, o)] for n in CHAINS}
                      for o in ORACLES}
     result = {"dataset": args.dataset, "quick": args.quick, "seeds": seeds, "overrides": extra,

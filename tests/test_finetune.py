@@ -13,8 +13,9 @@ from noisystudent.config.schema import TrainConfig, load_config
 from noisystudent.data.datasets import TransformedSet, build_splits
 from noisystudent.runtime.distributed import DistContext
 from noisystudent.runtime.errors import CheckpointError, ConfigError
-from noisystudent.train.fixres import (block_layout, default_frozen_blocks, finetune_fixres, fixres_enabled,
-                                       fixres_train_config, freeze_shallow_blocks, unfreeze)
+from noisystudent.config.stages import fixres_enabled
+from noisystudent.train.fixres import (block_layout, default_frozen_blocks, finetune_fixres, fixres_train_config,
+                                       freeze_shallow_blocks, unfreeze)
 from noisystudent.train.state import list_checkpoints
 from noisystudent.models.factory import create_model
 from noisystudent.train.loop import train_classifier

@@ -21,7 +21,6 @@ import hashlib
 from dataclasses import dataclass
 
 from ..runtime.rundir import FIXRES, TEACHER, select_stage, student_stage
-from ..train.fixres import fixres_enabled
 from .schema import Config, NoiseConfig, StageConfig
 
 ROLES = ("teacher", "student", "fixres")
@@ -78,6 +77,13 @@ def stage_seed(seed: int, name: str) -> int:
 
 def _or(value, default):
     return default if value is None else value
+
+
+def fixres_enabled(enabled: bool | None, train_size: int, test_size: int | None) -> bool:
+    """``finetune.enabled``: explicit, or (null) on when the test resolution exceeds the train one."""
+    if enabled is not None:
+        return enabled
+    return test_size is not None and test_size > train_size
 
 
 def _training_stage(cfg: Config, stage: StageConfig, name: str, role: str, **extra) -> ResolvedStage:

@@ -271,10 +271,3 @@ def finetune_fixres(model: nn.Module, labeled: Dataset, val: Dataset, cfg: Train
                            images_seen=outcome.images_seen if outcome else 0, lr=lr,
                            seconds=time.time() - start + earlier,
                            history=outcome.history if outcome else [], train=outcome)
-
-
-def fixres_enabled(enabled: bool | None, train_size: int, test_size: int | None) -> bool:
-    """``finetune.enabled``: explicit, or (null) on when the test resolution exceeds the train one."""
-    if enabled is not None:
-        return enabled
-    return test_size is not None and test_size > train_size

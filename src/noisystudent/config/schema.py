@@ -230,6 +230,10 @@ class Config:
         blob = json.dumps(normalised_dict(self), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
+    def save(self, path: Path) -> None:
+        """Write this config as YAML to ``path`` (:func:`save_config`)."""
+        save_config(self, path)
+
 
 # --------------------------------------------------------------------------------------------
 # Parsing: a small typed reader. Written by hand because the schema is a few dataclasses and

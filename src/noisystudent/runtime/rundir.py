@@ -34,15 +34,25 @@ import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Protocol
 
-from ..config.schema import Config, save_config
 from .errors import ConfigError, StorageError
 from .files import atomic_write, write_error
 
 log = logging.getLogger("noisystudent")
 
 # ------------------------------------------------------------------------------ the contract
+
+
+class RunConfig(Protocol):
+    """What a run directory needs of the config that makes it (a
+    :class:`noisystudent.config.schema.Config`; named by its methods, as this layer sits below
+    config): a fingerprint to match on resume, and a way to save itself as ``config.yaml``."""
+
+    def fingerprint(self) -> str: ...
+
+    def save(self, path: Path) -> None: ...
+
 
 # Files at the top of a run.
 CONFIG = "config.yaml"
@@ -213,7 +223,7 @@ class RunDir:
             raise ConfigError(f"corrupt run manifest {self.manifest_path}") from None
 
     @classmethod
-    def open(cls, root: Path, cfg: Config, resume: bool) -> "RunDir":
+    def open(cls, root: Path, cfg: RunConfig, resume: bool) -> "RunDir":
         """Create a new run directory, or reopen one to resume (same config only).
 
         Takes the run's lock (:meth:`acquire_lock`; call it on rank 0 only): a second process
@@ -237,7 +247,7 @@ class RunDir:
             elif run.manifest_path.is_file() and manifest.get("stages"):
                 raise ConfigError(f"run directory {root} already holds a run; use --resume {root} or another --out")
             if not run.manifest_path.is_file() or not resume:
-                save_config(cfg, run.root / CONFIG)
+                cfg.save(run.root / CONFIG)
                 write_json_atomic(run.manifest_path, {"fingerprint": cfg.fingerprint(), "created": time.time(),
                                                       "stages": {}})
         except BaseException:

@@ -6,8 +6,8 @@ import pytest
 
 from noisystudent.config.schema import StageConfig
 from noisystudent.runtime.errors import ConfigError
-from noisystudent.models.zoo import (CHAIN_PRESETS, chain_preset, format_model_table, model_family, model_spec,
-                              stage_defaults)
+from noisystudent.config.family import CHAIN_PRESETS, chain_preset
+from noisystudent.models.zoo import format_model_table, model_family, model_spec, stage_defaults
 
 
 def test_family_lists_b0_to_b7_and_l0_l1_l2_with_paper_defaults():

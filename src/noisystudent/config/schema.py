@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 from ..runtime.errors import ConfigError
+from .family import chain_preset
 
 
 def _opt(default: Any, help: str, *, min: float | None = None, max: float | None = None,
@@ -326,7 +327,7 @@ def config_from_dict(raw: dict) -> Config:
 
 
 def expand_chain(raw: dict) -> dict:
-    """Apply the ``chain`` preset (noisystudent.models.zoo.chain_preset): it decides the model, image_size,
+    """Apply the ``chain`` preset (:func:`noisystudent.config.family.chain_preset`): it decides the model, image_size,
     test_size, dropout and drop_path of the teacher and of every student, and the number of
     students; other keys written under ``teacher`` / ``students[i]`` (epochs, lr, pretrained) stay."""
     name = raw.get("chain")
@@ -334,8 +335,6 @@ def expand_chain(raw: dict) -> dict:
         return raw
     if not isinstance(name, str):
         raise ConfigError(f"config key 'chain' must be a string, got {name!r}")
-    from ..models.zoo import chain_preset
-
     try:
         stages = chain_preset(name)
     except ConfigError as e:

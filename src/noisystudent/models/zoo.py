@@ -1,10 +1,8 @@
-"""The paper's model family, its defaults, and student chains as presets.
+"""The paper's model family measured: sizes and costs, and the ``noisystudent models`` table.
 
-EfficientNet-B0..B7 and L0/L1/L2 with the width/depth multipliers of the paper, its train and
-test resolutions, dropout (B0/B1 0.2, B2/B3 0.3, B4/B5 0.4, B6/B7 and L0/L1/L2 0.5: L0 and L1 are
-not in the official builder; being larger than B7 they get B7's and L2's 0.5) and stochastic depth
-0.2 at the last block (survival 0.8). The small CPU nets (``ns_cnn_s/m/l``) are listed too, with
-this package's own defaults (those of the built-in digits experiment), not the paper's.
+The family itself (names, resolutions, noise defaults) and the chain presets are plain data in
+:mod:`noisystudent.config.family` (``load_config`` expands presets, and config sits below models);
+they are re-exported here.
 
 Parameter and multiply-add counts are measured, never copied: each model is built on PyTorch's
 ``meta`` device (shapes only, no memory, no arithmetic) and one forward pass at the training
@@ -17,70 +15,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from dataclasses import dataclass
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from ..runtime.errors import ConfigError
+from ..config.family import CHAIN_PRESETS, CPU_NETS, FAMILY, ModelSpec, chain_preset, format_chain_presets
 from .factory import create_model, resolve_model_name
 
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """One model of the family, its paper defaults and (when measured) its size and cost."""
-
-    name: str                   # registered model name (timm.create_model)
-    label: str                  # the paper's name
-    width: float | None         # width multiplier of EfficientNet-B0
-    depth: float | None         # depth multiplier of EfficientNet-B0
-    train_size: int             # training resolution (px)
-    test_size: int              # evaluation resolution (px); above train_size -> fix-res fine-tune
-    dropout: float              # dropout before the classifier
-    drop_path: float            # stochastic depth at the last block (1 - survival)
-    paper_params: float | None  # parameters in the paper's table (millions), for comparison
-    pretrained: str | None      # timm tag of the released Noisy Student weights, if any
-    num_classes: int = 1000     # classes and input channels the counts are measured at
-    in_chans: int = 3
-    params: int | None = None   # measured parameters
-    macs: int | None = None     # measured multiply-adds of one image at train_size
-
-    def stage(self, **overrides) -> dict:
-        """A StageConfig-like dict with this model's defaults."""
-        d = {"model": self.name, "image_size": self.train_size, "test_size": self.test_size,
-             "dropout": self.dropout, "drop_path": self.drop_path}
-        d.update(overrides)
-        return d
-
-
-def _effnet(v: str, w: float, d: float, train: int, test: int, dropout: float, params: float | None,
-            ns: bool) -> ModelSpec:
-    tf_name = f"tf_efficientnet_{v}.ns_jft_in1k" if ns else None
-    return ModelSpec(name=f"efficientnet_{v}", label=f"EfficientNet-{v.upper()}", width=w, depth=d,
-                     train_size=train, test_size=test, dropout=dropout, drop_path=0.2,
-                     paper_params=params, pretrained=tf_name)
-
-
-# Width/depth/resolution/dropout: EfficientNet's builder (B0-B7, L2) and the Noisy Student paper's
-# table (L0, L1, L2 resolutions and parameter counts). L2 trains at 475 and is tested at 800.
-_FAMILY: tuple[ModelSpec, ...] = (
-    _effnet("b0", 1.0, 1.0, 224, 224, 0.2, 5.3, True),
-    _effnet("b1", 1.0, 1.1, 240, 240, 0.2, 7.8, True),
-    _effnet("b2", 1.1, 1.2, 260, 260, 0.3, 9.2, True),
-    _effnet("b3", 1.2, 1.4, 300, 300, 0.3, 12.0, True),
-    _effnet("b4", 1.4, 1.8, 380, 380, 0.4, 19.0, True),
-    _effnet("b5", 1.6, 2.2, 456, 456, 0.4, 30.0, True),
-    _effnet("b6", 1.8, 2.6, 528, 528, 0.5, 43.0, True),
-    _effnet("b7", 2.0, 3.1, 600, 600, 0.5, 66.0, True),
-    _effnet("l0", 2.8, 3.7, 380, 600, 0.5, 140.0, False),
-    _effnet("l1", 3.9, 3.7, 380, 600, 0.5, 273.0, False),
-    _effnet("l2", 4.3, 5.3, 475, 800, 0.5, 480.0, True),
-)
-# CPU nets for 8-32 px images (10 classes, one channel as measured); defaults of configs/digits.yaml.
-_CPU_NETS: tuple[ModelSpec, ...] = tuple(
-    ModelSpec(name=n, label=n, width=None, depth=None, train_size=16, test_size=16, dropout=0.3,
-              drop_path=0.1, paper_params=None, pretrained=None, num_classes=10, in_chans=1)
-    for n in ("ns_cnn_s", "ns_cnn_s_wide", "ns_cnn_m", "ns_cnn_l"))
+__all__ = ["ModelSpec", "CHAIN_PRESETS", "chain_preset", "format_chain_presets", "measure_model", "model_family",
+           "model_spec", "stage_defaults", "format_model_table"]
 
 
 def measure_model(name: str, size: int, num_classes: int = 1000, in_chans: int = 3) -> tuple[int, int]:
@@ -106,7 +49,7 @@ def model_family(measure: bool = True, include_cpu: bool = True,
                  names: list[str] | None = None) -> list[ModelSpec]:
     """The paper's family (B0..B7, L0, L1, L2), then the CPU nets; with ``measure``, parameters and
     multiply-adds filled in (a few seconds for the whole family; cached per process)."""
-    specs = list(_FAMILY) + (list(_CPU_NETS) if include_cpu else [])
+    specs = list(FAMILY) + (list(CPU_NETS) if include_cpu else [])
     if names is not None:
         wanted = [resolve_model_name(n) for n in names]
         specs = [s for s in specs if s.name in wanted]
@@ -116,7 +59,7 @@ def model_family(measure: bool = True, include_cpu: bool = True,
 def model_spec(name: str) -> ModelSpec | None:
     """The family entry (unmeasured) for a model name or paper alias (``L0``), else None."""
     name = resolve_model_name(name)
-    return next((s for s in _FAMILY + _CPU_NETS if s.name == name), None)
+    return next((s for s in FAMILY + CPU_NETS if s.name == name), None)
 
 
 def stage_defaults(name: str) -> dict:
@@ -161,55 +104,3 @@ def format_model_table(names: list[str] | None = None) -> str:
               "fix-res fine-tune at the test size ends the chain. Pretrained tags need internet; any model",
               "also takes a local .pt/.pth/.safetensors file (StageConfig.pretrained)."]
     return "\n".join(lines)
-
-
-# ------------------------------------------------------------------------------ chains
-
-
-def _chain(models: list[str], **overrides) -> list[dict]:
-    out = []
-    for m in models:
-        spec = model_spec(m)
-        assert spec is not None, m
-        out.append(spec.stage(**overrides))
-    return out
-
-
-def _cpu_fixres() -> list[dict]:
-    # Train at 20 px, evaluate intermediate stages at their train size, and the last student at
-    # 28 px (MNIST / Fashion-MNIST size): the fix-res fine-tune at 28 px ends the chain.
-    chain = _chain(["ns_cnn_s", "ns_cnn_s", "ns_cnn_m", "ns_cnn_l"], image_size=20, test_size=20)
-    chain[-1]["test_size"] = 28
-    return chain
-
-
-CHAIN_PRESETS: dict[str, tuple[str, object]] = {
-    "paper": ("the paper's chain: EfficientNet-B7 teacher, then B7, L0, L1, L2, L2 students, each at "
-              "its paper resolutions (L2: train 475, test 800)",
-              lambda: _chain(["efficientnet_b7", "efficientnet_b7", "efficientnet_l0", "efficientnet_l1",
-                              "efficientnet_l2", "efficientnet_l2"])),
-    "cpu": ("CPU-sized, 16 px (digits): ns_cnn_s teacher, then ns_cnn_s, ns_cnn_m, ns_cnn_l",
-            lambda: _chain(["ns_cnn_s", "ns_cnn_s", "ns_cnn_m", "ns_cnn_l"])),
-    "cpu-fixres": ("CPU-sized, for 28 px images (Fashion-MNIST): ns_cnn_s teacher, then ns_cnn_s, "
-                   "ns_cnn_m, ns_cnn_l, all trained at 20 px; the last is fine-tuned and tested at 28 px",
-                   _cpu_fixres),
-}
-
-
-def format_chain_presets() -> str:
-    """The chain presets, one block each: name, description, and the stages."""
-    lines = []
-    for name, (text, _) in CHAIN_PRESETS.items():
-        stages = " -> ".join(f"{d['model']}@{d['image_size']}"
-                             + (f"/{d['test_size']}" if d["test_size"] != d["image_size"] else "")
-                             for d in chain_preset(name))
-        lines += [f"{name}: {text}", f"    {stages}"]
-    return "\n".join(lines)
-
-
-def chain_preset(name: str) -> list[dict]:
-    """A named chain as StageConfig-like dicts ``{model, image_size, test_size, dropout,
-    drop_path}``: the first is the teacher, the rest the students in order."""
-    if name not in CHAIN_PRESETS:
-        raise ConfigError(f"unknown chain preset {name!r}; known: {', '.join(CHAIN_PRESETS)}")
-    return [dict(d) for d in CHAIN_PRESETS[name][1]()]

@@ -225,7 +225,7 @@ def test_a_streamed_selection_resumes_where_it_stopped(tmp_path):
     yields exactly what an uninterrupted one yields from step k on (same ranks and workers)."""
     import torch
 
-    from noisystudent.data.pseudo_labeled import StreamedSelection, pseudo_labeled_set
+    from noisystudent.label.pseudo_labeled import StreamedSelection, pseudo_labeled_set
     from noisystudent.data.transforms import train_transform
     from noisystudent.config.schema import NoiseConfig
     from noisystudent.runtime.distributed import DistContext

@@ -13,7 +13,7 @@ Each stage is a plain function of its inputs and an output folder; the
 :class:`~noisystudent.runtime.runner.StageRunner` skips finished stages, commits each one and
 does the ranks' bookkeeping. Every stage's settings come from :func:`resolve_stages` (one place).
 The pool is never held in memory: it is labeled shard by shard into a store, selected by a query
-over the store, and read back by position or as a stream (noisystudent.data.pseudo_labeled).
+over the store, and read back by position or as a stream (noisystudent.label.pseudo_labeled).
 """
 
 from __future__ import annotations
@@ -35,12 +35,12 @@ from .config.schema import Config
 from .config.stages import ResolvedLabeling, ResolvedStage, resolve_stages
 from .data.datasets import DataSplits, TransformedSet, build_splits
 from .data.pool import ImageSetSource, UnlabeledSource, build_pool, pool_size
-from .data.pseudo_labeled import pseudo_labeled_set
 from .data.transforms import eval_transform, train_transform
 from .evaluate.classifier import evaluate_checkpoints, evaluate_classifier
 from .label.inference import label_to_store, model_fingerprint
 from .label.select import Selection, select_from_store
 from .label.store import LabelStore
+from .label.pseudo_labeled import pseudo_labeled_set
 from .models.checkpoint import clean_transform, eval_size, load_model, save_model
 from .models.factory import count_parameters, create_model
 from .models.pretrained import check_pretrained_files

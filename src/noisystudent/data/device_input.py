@@ -31,7 +31,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from ..runtime.distributed import DistContext, shard_indices
-from ..train.state import ignore_sigterm_in_worker  # the main process stops its workers, also on SIGTERM
+from ..runtime.workers import ignore_sigterm_in_worker  # the main process stops its workers, also on SIGTERM
 from .transforms import ImageTransform, Normalize
 
 __all__ = ["DeviceInput", "host_view", "eval_batches", "cache_budget", "wants_channels_last",

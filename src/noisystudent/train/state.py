@@ -31,6 +31,7 @@ import torch
 
 from ..runtime.errors import CheckpointError, NoisyStudentError
 from ..runtime.files import atomic_write, read_torch_file, write_error
+from ..runtime.workers import ignore_sigterm_in_worker  # noqa: F401 - the loop's loaders use it from here
 
 log = logging.getLogger("noisystudent")
 
@@ -181,10 +182,3 @@ def catch_sigterm(enabled: bool = True) -> Iterator[PreemptionFlag]:
         yield flag
     finally:
         signal.signal(signal.SIGTERM, previous)
-
-
-def ignore_sigterm_in_worker(worker_id: int) -> None:
-    """DataLoader ``worker_init_fn``: a scheduler signals the whole process group; workers must
-    not die of it, or the main process fails before it can write its pre-emption checkpoint. The
-    main process shuts its workers down itself."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)

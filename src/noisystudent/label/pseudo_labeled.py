@@ -29,11 +29,12 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
-from ..label.select import Selection
-from ..label.store import soft_targets
+from ..data.pool import UnlabeledSource, decode_image
 from ..runtime.distributed import DistContext, local_batch_size
 from ..runtime.errors import DataError
-from .pool import UnlabeledSource, decode_image
+from ..runtime.workers import ignore_sigterm_in_worker
+from .select import Selection
+from .store import soft_targets
 
 RELEASE_EVERY = 4096  # items read between releases of the mapped pages (keeps RSS flat)
 
@@ -122,8 +123,6 @@ class StreamedSelection:
         """Endless batches of this rank's share, from global step ``start_step`` on."""
         local = local_batch_size(global_batch, ctx)
         items = _ShardStream(self, ctx.rank, ctx.world_size, seed, start_step, local)
-        from ..train.state import ignore_sigterm_in_worker  # SIGTERM is the main process's to handle
-
         loader = DataLoader(items, batch_size=local, num_workers=num_workers,
                             pin_memory=ctx.device.type == "cuda", persistent_workers=False,
                             worker_init_fn=ignore_sigterm_in_worker if num_workers else None)

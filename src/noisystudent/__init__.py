@@ -8,7 +8,17 @@ _cpu.configure()
 from .config.schema import Config, load_config
 from .runtime.errors import CheckpointError, ConfigError, DataError, NoisyStudentError
 
-__version__ = "0.1.0"
+def _installed_version() -> str:
+    """The version pyproject.toml gives, as the installed package's metadata records it."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("noisystudent")
+    except PackageNotFoundError:  # imported from a source tree that was never installed
+        return "0+unknown"
+
+
+__version__ = _installed_version()
 
 __all__ = ["Config", "load_config", "run_pipeline", "NoisyStudentError", "ConfigError", "DataError",
            "CheckpointError", "__version__"]

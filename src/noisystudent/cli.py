@@ -241,11 +241,28 @@ def one_line(error: Exception) -> str:
     return text[len(prefix):] if text.startswith(prefix) else text
 
 
+def version_line() -> str:
+    """``noisystudent X (torch A, torchvision B, timm C)``, read from the installed packages'
+    metadata rather than by importing them."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    libraries = ", ".join(f"{name} {installed(name)}" for name in ("torch", "torchvision", "timm"))
+    return f"noisystudent {installed('noisystudent')} ({libraries})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="noisystudent",
         description="Noisy Student self-training: teacher -> pseudo labels -> noisy, equal-or-larger "
                     "students, iterated; fix-res fine-tune; robustness evaluation.")
+    parser.add_argument("--version", action="version", version=version_line(),
+                        help="print the version of noisystudent and of torch, torchvision and timm, then exit")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add_config_args(p: argparse.ArgumentParser) -> None:

@@ -25,6 +25,7 @@ from timm.models import generate_default_cfgs, register_model
 from timm.models.efficientnet import _gen_efficientnet
 
 from ..runtime.errors import ConfigError
+from .pretrained import load_pretrained, model_architecture  # noqa: F401 - model_architecture is used from here too
 
 # Pretrained-config entries for our registered models (no weights: ``url`` is empty). timm's
 # ``register_model`` reads this module-level ``default_cfgs`` when the entrypoints below register.
@@ -178,12 +179,6 @@ def resolve_model_name(name: str) -> str:
     return name
 
 
-def model_architecture(model: nn.Module) -> str:
-    """The registered name a model was built from (timm's ``pretrained_cfg['architecture']``)."""
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    return cfg.get("architecture") or type(model).__name__
-
-
 def create_model(name: str, num_classes: int, in_chans: int, dropout: float = 0.0,
                  drop_path: float = 0.0, pretrained: bool | str | None = False, *,
                  classes: list[str] | None = None, used_as_is: bool = False) -> nn.Module:
@@ -201,8 +196,6 @@ def create_model(name: str, num_classes: int, in_chans: int, dropout: float = 0.
     model = timm.create_model(name, pretrained=pretrained is True, num_classes=num_classes,
                               in_chans=in_chans, drop_rate=dropout, drop_path_rate=drop_path)
     if isinstance(pretrained, str) and pretrained:
-        from .pretrained import load_pretrained
-
         load_pretrained(model, pretrained, num_classes, classes=classes, used_as_is=used_as_is)
     return model
 

@@ -39,6 +39,12 @@ _PREFIXES = ("module.", "_orig_mod.")
 _HUB_PREFIXES = ("hf-hub:", "hf_hub:")
 
 
+def model_architecture(model: nn.Module) -> str:
+    """The registered name a model was built from (timm's ``pretrained_cfg['architecture']``)."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    return cfg.get("architecture") or type(model).__name__
+
+
 def is_local_source(source: str) -> bool:
     """A path (existing, or with a weight-file suffix or a path separator), not a timm tag."""
     if source.startswith(_HUB_PREFIXES):
@@ -169,8 +175,6 @@ def _load_timm_tag(model: nn.Module, tag: str, num_classes: int | None, tag_arch
     mismatch is the same one-line error as for a local file."""
     from timm.models import load_pretrained as timm_load_pretrained
 
-    from .factory import model_architecture
-
     pretrained_cfg = tag_pretrained_cfg(tag)
     messages: list[str] = []
 
@@ -247,8 +251,6 @@ def apply_state_dict(model: nn.Module, state: dict[str, torch.Tensor], *, source
     change, first conv adapted on an input-channel change. Returns messages (also logged).
     ``check_only``: raise the same errors, but load nothing and log nothing (``state`` and
     ``model`` may then be meta tensors: only names and shapes are compared)."""
-    from .factory import model_architecture
-
     arch = model_architecture(model)
     messages: list[str] = []
     head_name, head = _classifier(model)
@@ -348,8 +350,6 @@ def load_pretrained(model: nn.Module, source: str, num_classes: int | None = Non
     conv adapted, tensors loaded); warnings are also logged. Raises :class:`CheckpointError` for a
     missing/unreadable file or another architecture, :class:`DataError` for other classes.
     """
-    from .factory import model_architecture
-
     if is_local_source(source):
         state, file_arch, file_classes = read_weight_file(source)  # read once: L2 files are GBs
         if classes is not None and file_classes is not None:

@@ -208,3 +208,149 @@ def test_our_checkpoint_is_read_once_and_its_class_names_checked(tmp_path, monke
     # trained further: another class count only gets a new head
     model = create_model("ns_cnn_s", 4, 1, pretrained=str(path), classes=list("abcd"))
     assert model.fc.out_features == 4 and torch.equal(model.stem[0].weight, src.stem[0].weight)
+
+
+# ------------------------------------------------------------------ the weights' own preprocessing
+
+FOLDER_MEAN, FOLDER_STD = (0.6,), (0.15,)  # unlike the digits' own (about 0.31, 0.38)
+DIGITS = [str(i) for i in range(10)]
+
+
+@pytest.fixture(scope="module")
+def hf_folder(tmp_path_factory):
+    """timm's ``save_for_hf`` output (config.json + model.safetensors) of a tiny timm model whose
+    weights were trained with their own preprocessing (a custom pretrained_cfg)."""
+    import timm.models
+
+    torch.manual_seed(0)
+    model = timm.create_model("test_resnet", num_classes=10, in_chans=1)
+    model.pretrained_cfg = {**model.pretrained_cfg, "mean": FOLDER_MEAN, "std": FOLDER_STD, "num_classes": 10,
+                            "interpolation": "bicubic", "crop_pct": 0.9, "input_size": (1, 16, 16)}
+    folder = tmp_path_factory.mktemp("hf") / "teacher"
+    timm.models.save_for_hf(model, str(folder), model_config={"label_names": DIGITS}, safe_serialization=True)
+    return folder, {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_local_dir_source_loads_through_timm_with_its_data_config(hf_folder):
+    folder, ref = hf_folder
+    source = f"local-dir:{folder}"
+    assert not pretrained.is_local_source(source)
+    model = create_model("test_resnet", 10, 1, pretrained=source, classes=DIGITS)
+    assert _same(model.state_dict(), ref)
+    cfg = pretrained.pretrained_data_config(source, model)
+    assert cfg["mean"] == FOLDER_MEAN and cfg["std"] == FOLDER_STD
+    assert (cfg["interpolation"], cfg["crop_pct"], cfg["source"]) == ("bicubic", 0.9, source)
+    assert cfg["pretrained_input_size"] == [1, 16, 16]
+    # the folder as the model name, as timm.create_model takes it: its architecture and its weights
+    by_name = create_model(source, 10, 1, pretrained=None)
+    assert type(by_name).__name__ == type(model).__name__ and _same(by_name.state_dict(), ref)
+    assert not _same(create_model(source, 10, 1).state_dict(), ref)  # pretrained=False: the architecture only
+    with pytest.raises(Exception, match="trained on classes"):  # the folder's label_names are checked
+        create_model("test_resnet", 10, 1, pretrained=source, classes=list("abcdefghij"))
+
+
+def test_local_files_with_and_without_a_data_config(hf_folder, tmp_path):
+    folder, ref = hf_folder
+    model = create_model("test_resnet", 10, 1)
+    # a weight file inside a save_for_hf folder: the config.json beside it says how it was trained
+    beside = pretrained.pretrained_data_config(str(folder / "model.safetensors"), model)
+    assert beside["mean"] == FOLDER_MEAN and beside["interpolation"] == "bicubic"
+    # our own checkpoint records its data config
+    ours = tmp_path / "teacher.pt"
+    save_model(ours, model, name="test_resnet", num_classes=10, in_chans=1, classes=DIGITS, image_size=96,
+               mean=(0.4,), std=(0.3,), data_config={"interpolation": "bicubic", "crop_pct": 0.95})
+    recorded = pretrained.pretrained_data_config(str(ours), model)
+    assert (recorded["mean"], recorded["std"], recorded["crop_pct"]) == ((0.4,), (0.3,), 0.95)
+    # a bare state dict says nothing: the stage keeps the data's statistics
+    bare = tmp_path / "bare.pth"
+    torch.save(model.state_dict(), bare)
+    assert pretrained.pretrained_data_config(str(bare), model) is None
+    stage = pretrained.stage_data_config("test_resnet", str(bare), model, mean=(0.31,), std=(0.38,))
+    assert stage["source"] == "data" and stage["mean"] == (0.31,) and stage["interpolation"] == "bilinear"
+    assert pretrained.stage_data_config("test_resnet", None, model, mean=(0.31,), std=(0.38,))["source"] == "data"
+    # RGB statistics for a grayscale model: averaged, as the first convolution is summed over RGB
+    rgb = tmp_path / "rgb"
+    rgb_model = create_model("test_resnet", 10, 3)
+    rgb_model.pretrained_cfg = {**rgb_model.pretrained_cfg, "mean": (0.2, 0.4, 0.6), "std": (0.1, 0.2, 0.3),
+                                "num_classes": 10}
+    import timm.models
+
+    timm.models.save_for_hf(rgb_model, str(rgb), safe_serialization=True)
+    gray = pretrained.pretrained_data_config(f"local-dir:{rgb}", model)
+    assert gray["mean"] == pytest.approx((0.4,)) and gray["std"] == pytest.approx((0.2,))
+
+
+def test_eval_transform_with_a_data_config_is_timms(tmp_path):
+    """The clean transform of a checkpoint with a pretrained data config equals timm's own eval
+    transform for that config (resize by floor(size / crop_pct), bicubic, centre crop, normalise)."""
+    import numpy as np
+    from PIL import Image
+    from timm.data import create_transform
+
+    from noisystudent.models.checkpoint import clean_transform, load_checkpoint
+
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (130, 110, 3), dtype=np.uint8), "RGB")
+    for crop_mode in ("center", "squash"):
+        data_cfg = dict(interpolation="bicubic", crop_pct=0.9, crop_mode=crop_mode)
+        path = tmp_path / f"{crop_mode}.pt"
+        save_model(path, create_model("ns_cnn_s", 3, 3), name="ns_cnn_s", num_classes=3, in_chans=3,
+                   classes=["a", "b", "c"], image_size=96, mean=(0.2, 0.4, 0.6), std=(0.1, 0.2, 0.3),
+                   data_config=data_cfg)
+        ours = clean_transform(load_checkpoint(path))
+        theirs = create_transform(input_size=(3, 96, 96), mean=(0.2, 0.4, 0.6), std=(0.1, 0.2, 0.3), **data_cfg)
+        assert torch.allclose(ours(img), theirs(img), atol=1e-6), crop_mode
+        assert ours.geometry is None  # GPU JPEG decoding reproduces bilinear only: this one stays on the CPU
+
+
+@pytest.mark.parametrize("kind", ["local-dir", "file"])
+def test_a_pretrained_teacher_is_recorded_and_labels_with_its_own_preprocessing(hf_folder, tmp_path, kind):
+    """A teacher used as trained elsewhere (epochs 0): the run records the weights' data config in
+    model.pt, and the labeler (clean_transform of the checkpoint) normalises with it."""
+    import numpy as np
+    from PIL import Image
+
+    from noisystudent.cli import main
+    from noisystudent.config.schema import load_config
+    from noisystudent.label.store import LabelStore
+    from noisystudent.models.checkpoint import clean_transform, load_checkpoint, load_model
+    from noisystudent.pipeline import run_pipeline
+    from noisystudent.runtime.rundir import MODEL, TEACHER, RunDir
+
+    folder, _ = hf_folder
+    source = f"local-dir:{folder}" if kind == "local-dir" else str(folder / "model.safetensors")
+    cfg = load_config(None, ["teacher.model=test_resnet", f"teacher.pretrained={source}", "teacher.epochs=0",
+                             "students=[]", "data.val_per_class=2", "data.test_per_class=2"])
+    run_pipeline(cfg, tmp_path / "run", progress=False)
+    ckpt = RunDir(tmp_path / "run").file(TEACHER, MODEL)
+    meta = load_checkpoint(ckpt)
+    recorded = meta["data_config"]
+    assert (tuple(meta["mean"]), tuple(meta["std"])) == (FOLDER_MEAN, FOLDER_STD)
+    assert recorded["mean"] == list(FOLDER_MEAN) and recorded["interpolation"] == "bicubic"
+    assert recorded["source"] == source and recorded["crop_pct"] == 0.9
+    assert clean_transform(meta).normalize.mean == FOLDER_MEAN
+
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    rng = np.random.default_rng(1)
+    images = [Image.fromarray(rng.integers(0, 255, (20, 20), dtype=np.uint8), "L") for _ in range(3)]
+    for i, img in enumerate(images):
+        img.save(pool / f"{i}.png")
+    store = tmp_path / "store"
+    assert main(["label", str(ckpt), str(pool), "--out", str(store), "--top-k", "10", "--workers", "0",
+                 "--quiet"]) == 0
+    labels = LabelStore.open(store).to_pseudo_labels()
+    model, _ = load_model(ckpt)
+    model.eval()
+
+    def probs(mean, std):  # by hand: bicubic resize to 16 px, then the given normalisation
+        x = torch.stack([torch.from_numpy(np.asarray(img.resize((16, 16), Image.BICUBIC), dtype=np.float32))
+                         for img in images])[:, None] / 255
+        with torch.no_grad():
+            return model((x - mean[0]) / std[0]).softmax(1).numpy()
+
+    order = np.argsort([int(k.rsplit("/", 1)[-1].split(".")[0]) for k in labels.keys])
+    stored = np.zeros((3, 10), np.float32)
+    np.put_along_axis(stored, labels.topk_index[order].astype(np.int64), labels.topk_prob[order], axis=1)
+    expected = probs(FOLDER_MEAN, FOLDER_STD)
+    np.testing.assert_allclose(stored, expected, atol=2e-3)
+    assert np.abs(probs((0.309,), (0.377,)) - expected).max() > 0.01  # the data's statistics would differ

@@ -41,9 +41,9 @@ from .label.inference import label_to_store, model_fingerprint
 from .label.select import Selection, select_from_store
 from .label.store import LabelStore
 from .label.pseudo_labeled import pseudo_labeled_set
-from .models.checkpoint import clean_transform, eval_size, load_model, save_model
+from .models.checkpoint import clean_transform, data_config, eval_size, load_model, save_model
 from .models.factory import count_parameters, create_model
-from .models.pretrained import check_pretrained_files
+from .models.pretrained import check_pretrained_files, stage_data_config
 from .runtime import rundir as layout
 from .runtime.distributed import DistContext, cleanup, init_distributed
 from .runtime.errors import ConfigError, DataError
@@ -84,13 +84,19 @@ class Env:
     def num_workers(self) -> int:
         return self.cfg.data.num_workers
 
-    def clean(self, images, size: int) -> TransformedSet:
-        """The un-augmented view of a split at ``size``: one object per (split, size), so the
-        device cache that training's validation fills is the one the final measurement reads."""
-        key = (id(images), size)
+    def clean(self, images, size: int, data_cfg: dict | None = None) -> TransformedSet:
+        """The un-augmented view of a split at ``size``, preprocessed per ``data_cfg`` (a stage's
+        data config, :func:`~noisystudent.models.pretrained.stage_data_config`; None: the data's
+        mean/std): one object per (split, size, preprocessing), so the device cache that
+        training's validation fills is the one the final measurement reads."""
+        s = self.splits
+        data_cfg = data_cfg or {"mean": s.mean, "std": s.std}
+        how = {"mean": tuple(data_cfg["mean"]), "std": tuple(data_cfg["std"]),
+               "interpolation": data_cfg.get("interpolation") or "bilinear",
+               "crop_pct": data_cfg.get("crop_pct"), "crop_mode": data_cfg.get("crop_mode")}
+        key = (id(images), size, repr(sorted(how.items())))
         if key not in self.clean_sets:
-            s = self.splits
-            self.clean_sets[key] = TransformedSet(images, eval_transform(size, s.channels, s.mean, s.std))
+            self.clean_sets[key] = TransformedSet(images, eval_transform(size, s.channels, **how))
         return self.clean_sets[key]
 
 
@@ -104,9 +110,12 @@ def train_stage(out: Path, stage: ResolvedStage, env: Env, pseudo=None) -> dict:
     seed_everything(stage.seed)
     model = create_model(stage.model, splits.num_classes, splits.channels, stage.dropout, stage.drop_path,
                          pretrained=stage.pretrained, classes=splits.classes, used_as_is=stage.epochs == 0)
-    noisy = train_transform(stage.image_size, splits.channels, splits.mean, splits.std, stage.noise, cfg.data.flip)
+    # the weights' own preprocessing when the stage starts from pretrained weights, else the data's
+    data_cfg = stage_data_config(stage.model, stage.pretrained, model, mean=splits.mean, std=splits.std)
+    noisy = train_transform(stage.image_size, splits.channels, data_cfg["mean"], data_cfg["std"], stage.noise,
+                            cfg.data.flip, interpolation=data_cfg["interpolation"])
     labeled = TransformedSet(splits.labeled, noisy)
-    val = env.clean(splits.val, stage.image_size)  # model selection, at the training size
+    val = env.clean(splits.val, stage.image_size, data_cfg)  # model selection, at the training size
     pseudo_set = None if pseudo is None else pseudo(noisy)
     log.info(f"[{stage.name}] {stage.model} ({count_parameters(model) / 1e6:.2f}M params) at {stage.image_size}px, "
              f"{len(labeled)} labeled + {0 if pseudo_set is None else len(pseudo_set)} pseudo-labeled, "
@@ -124,14 +133,14 @@ def train_stage(out: Path, stage: ResolvedStage, env: Env, pseudo=None) -> dict:
             outcome = TrainOutcome(state_dict=model.state_dict(), best_epoch=0, best_val_top1=float("nan"),
                                    epochs=0, steps=0, images_seen=0, seconds=0.0, precision="none")
         history.write_all(outcome.history)
-    metrics = {"name": stage.name, "model": stage.model, **_measure(model, stage.test_size, env),
+    metrics = {"name": stage.name, "model": stage.model, **_measure(model, stage.test_size, env, data_cfg),
                "num_labeled": len(labeled), "num_pseudo": 0 if pseudo_set is None else len(pseudo_set),
                "seconds": outcome.seconds, "params": count_parameters(model), "best_epoch": outcome.best_epoch,
                "epochs": outcome.epochs, "steps": outcome.steps, "images_seen": outcome.images_seen,
                "image_size": stage.image_size, "test_size": stage.test_size, "dropout": stage.dropout,
                "drop_path": stage.drop_path, "seed": stage.seed, "precision": outcome.precision,
                "precision_info": outcome.precision_info, "thread_changes": outcome.thread_changes}
-    _save(out, model, stage, env, stage.image_size, metrics)
+    _save(out, model, stage, env, stage.image_size, metrics, data_cfg)
     log.info(f"[{stage.name}] val top-1 {metrics['val_top1']:.2f}  test top-1 {metrics['test_top1']:.2f}  "
              f"best epoch {outcome.best_epoch}/{outcome.epochs}  {outcome.seconds:.1f}s  ({outcome.precision})")
     return metrics
@@ -190,8 +199,9 @@ def fixres_stage(out: Path, stage: ResolvedStage, last: dict, env: Env) -> dict:
     shallow blocks frozen, with the one training loop (checkpoints, resume, precision)."""
     cfg, splits = env.cfg, env.splits
     seed_everything(stage.seed)
-    model, _ = load_model(env.run.file(last["name"], layout.MODEL), stage.dropout, stage.drop_path)
-    labeled, val, test = (env.clean(s, stage.test_size) for s in (splits.labeled, splits.val, splits.test))
+    model, last_meta = load_model(env.run.file(last["name"], layout.MODEL), stage.dropout, stage.drop_path)
+    data_cfg = {**(last_meta.get("data_config") or {}), **data_config(last_meta)}  # what it was trained with
+    labeled, val, test = (env.clean(s, stage.test_size, data_cfg) for s in (splits.labeled, splits.val, splits.test))
     log.info(f"[{stage.name}] {stage.model} trained at {last['image_size']}px: fine-tune at {stage.test_size}px for "
              f"{stage.epochs:g} epochs on {len(labeled)} un-augmented labeled images, lr {stage.lr:g}")
     with _History(out, env, stage.name) as history:
@@ -208,7 +218,7 @@ def fixres_stage(out: Path, stage: ResolvedStage, last: dict, env: Env) -> dict:
                "best_epoch": None, "epochs": outcome.epochs, "steps": outcome.steps,
                "image_size": stage.test_size, "train_size": last["image_size"], "test_size": stage.test_size,
                "frozen": outcome.frozen, "seed": stage.seed}
-    _save(out, model, stage, env, stage.test_size, metrics, train_size=last["image_size"])
+    _save(out, model, stage, env, stage.test_size, metrics, data_cfg, train_size=last["image_size"])
     log.info(f"[{stage.name}] at {stage.test_size}px: test top-1 {outcome.before['test_top1']:.2f} -> "
              f"{outcome.after['test_top1']:.2f}; {outcome.frozen_blocks}/{outcome.total_blocks} blocks frozen")
     return metrics
@@ -353,19 +363,21 @@ def _stage_train_config(cfg: Config, stage: ResolvedStage):
     return dataclasses.replace(cfg.train, batch_size=stage.batch_size, unlabeled_ratio=stage.unlabeled_ratio)
 
 
-def _measure(model, test_size: int, env: Env) -> dict:
+def _measure(model, test_size: int, env: Env, data_cfg: dict | None = None) -> dict:
     """Val and test top-1/top-5 at the stage's test resolution (the reported numbers)."""
-    val = evaluate_classifier(model, env.clean(env.splits.val, test_size), env.ctx.device, ctx=env.ctx,
+    val = evaluate_classifier(model, env.clean(env.splits.val, test_size, data_cfg), env.ctx.device, ctx=env.ctx,
                               num_workers=env.num_workers)
-    test = evaluate_classifier(model, env.clean(env.splits.test, test_size), env.ctx.device, ctx=env.ctx,
+    test = evaluate_classifier(model, env.clean(env.splits.test, test_size, data_cfg), env.ctx.device, ctx=env.ctx,
                                num_workers=env.num_workers)
     return {"val_top1": val["top1"], "val_top5": val["top5"], "test_top1": test["top1"], "test_top5": test["top5"]}
 
 
-def _save(out: Path, model, stage: ResolvedStage, env: Env, image_size: int, metrics: dict, **extra) -> None:
+def _save(out: Path, model, stage: ResolvedStage, env: Env, image_size: int, metrics: dict, data_cfg: dict,
+          **extra) -> None:
     s = env.splits
     save_model(out / layout.MODEL, model, name=stage.model, num_classes=s.num_classes, in_chans=s.channels,
-               classes=s.classes, image_size=image_size, mean=s.mean, std=s.std, test_size=stage.test_size, **extra)
+               classes=s.classes, image_size=image_size, mean=data_cfg["mean"], std=data_cfg["std"],
+               data_config=data_cfg, test_size=stage.test_size, **extra)
     write_json_atomic(out / layout.METRICS, metrics)
 
 

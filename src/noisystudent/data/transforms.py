@@ -14,6 +14,7 @@ the nominal maximum, so the timm string raises ``mmax`` to admit it (``rand-n2-m
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -101,45 +102,86 @@ def randaugment_spec(ops: int, magnitude: float) -> str:
     return f"rand-n{ops}-m{magnitude:g}-mmax{mmax:g}"
 
 
-def _eval_geometry(size: int) -> tuple:
+def interpolation_mode(name: str) -> T.InterpolationMode:
+    """torchvision's interpolation for a timm/PIL name (``bilinear``, ``bicubic``...), through
+    timm's own table; a one-line ConfigError for names it does not know."""
+    from timm.data.transforms import str_to_interp_mode
+
+    try:
+        return str_to_interp_mode(name)
+    except KeyError:
+        raise ConfigError(f"unknown interpolation {name!r} (bilinear, bicubic, nearest, ...)") from None
+
+
+def eval_crop(size: int, crop_pct: float | None = None, crop_mode: str | None = None) -> tuple[float, str]:
+    """The ``(crop_pct, crop_mode)`` the eval transform applies at ``size``, in timm's terms.
+    Small images are resized whole (``squash`` at 1.0) whatever the weights' crop: cropping a
+    28-px digit loses it. Larger ones take the given crop (default 0.875, ``center``); timm's
+    ``border`` mode is read as ``center``."""
+    if size < SMALL_IMAGE:
+        return 1.0, "squash"
+    return float(crop_pct or CENTER_CROP_FRACTION), ("squash" if crop_mode == "squash" else "center")
+
+
+def _eval_geometry(size: int, crop_pct: float | None = None, crop_mode: str | None = None) -> tuple:
+    """As timm's eval transform: the short side (``center``) or both sides (``squash``) resized
+    to ``floor(size / crop_pct)``, then a centre crop; small images resized whole."""
     if size < SMALL_IMAGE:
         return ("resize", size)
-    return ("resize-crop", int(round(size / CENTER_CROP_FRACTION)), size)
+    crop_pct, crop_mode = eval_crop(size, crop_pct, crop_mode)
+    return ("squash-crop" if crop_mode == "squash" else "resize-crop", math.floor(size / crop_pct), size)
 
 
-def _eval_steps(size: int, channels: int) -> list:
+def _eval_steps(size: int, channels: int, interpolation: str = "bilinear", crop_pct: float | None = None,
+                crop_mode: str | None = None) -> list:
     steps: list = [ToMode(channels)]
-    geometry = _eval_geometry(size)
+    mode = interpolation_mode(interpolation)
+    geometry = _eval_geometry(size, crop_pct, crop_mode)
     if geometry[0] == "resize":
-        steps.append(T.Resize((size, size), antialias=True))
+        steps.append(T.Resize((size, size), interpolation=mode, antialias=True))
+    elif geometry[0] == "squash-crop":
+        steps += [T.Resize((geometry[1], geometry[1]), interpolation=mode, antialias=True), T.CenterCrop(size)]
     else:
-        steps += [T.Resize(geometry[1], antialias=True), T.CenterCrop(size)]
+        steps += [T.Resize(geometry[1], interpolation=mode, antialias=True), T.CenterCrop(size)]
     return steps
 
 
-def pixel_transform(size: int, channels: int) -> Callable:
+def pixel_transform(size: int, channels: int, interpolation: str = "bilinear", crop_pct: float | None = None,
+                    crop_mode: str | None = None) -> Callable:
     """Un-augmented pixels in [0, 1]: resize (small images) or resize + centre crop (large images).
     Robustness suites corrupt and attack these before normalising (inside the model), so they
     stay float on the CPU."""
-    return T.Compose([*_eval_steps(size, channels), T.ToTensor()])
+    return T.Compose([*_eval_steps(size, channels, interpolation, crop_pct, crop_mode), T.ToTensor()])
 
 
-def eval_transform(size: int, channels: int, mean: tuple, std: tuple) -> ImageTransform:
-    """Un-augmented and normalised: what the teacher labels and what evaluation sees."""
-    return ImageTransform(T.Compose([*_eval_steps(size, channels), T.PILToTensor()]), Normalize(mean, std),
-                          deterministic=True, channels=channels, geometry=_eval_geometry(size))
+def eval_transform(size: int, channels: int, mean: tuple, std: tuple, interpolation: str = "bilinear",
+                   crop_pct: float | None = None, crop_mode: str | None = None) -> ImageTransform:
+    """Un-augmented and normalised: what the teacher labels and what evaluation sees.
+    ``interpolation``, ``crop_pct`` and ``crop_mode`` are timm's data-config fields (a model from
+    pretrained weights is fed images as its weights were trained on); the defaults are
+    noisystudent's own (bilinear, crop 0.875 above :data:`SMALL_IMAGE` px)."""
+    geometry = _eval_geometry(size, crop_pct, crop_mode)
+    if interpolation != "bilinear" or geometry[0] not in ("resize", "resize-crop"):
+        geometry = None  # GPU JPEG decoding reproduces bilinear resize + centre crop only: keep the CPU path
+    return ImageTransform(T.Compose([*_eval_steps(size, channels, interpolation, crop_pct, crop_mode),
+                                     T.PILToTensor()]),
+                          Normalize(mean, std), deterministic=True, channels=channels, geometry=geometry)
 
 
 def train_transform(size: int, channels: int, mean: tuple, std: tuple, noise: NoiseConfig,
-                    flip: bool) -> ImageTransform:
-    """Noisy when ``noise.augment``: crop (+flip) and RandAugment; otherwise the eval transform."""
+                    flip: bool, interpolation: str = "bilinear") -> ImageTransform:
+    """Noisy when ``noise.augment``: crop (+flip) and RandAugment; otherwise the eval transform.
+    ``mean``/``std``/``interpolation``: the stage's data config (the pretrained weights' own
+    when it starts from them)."""
     if not noise.augment:
-        return eval_transform(size, channels, mean, std)
+        return eval_transform(size, channels, mean, std, interpolation)
     steps: list = [ToMode(channels)]
+    mode = interpolation_mode(interpolation)
     if size < SMALL_IMAGE:
-        steps += [T.Resize((size, size), antialias=True), T.RandomCrop(size, padding=max(1, size // 8))]
+        steps += [T.Resize((size, size), interpolation=mode, antialias=True),
+                  T.RandomCrop(size, padding=max(1, size // 8))]
     else:
-        steps.append(T.RandomResizedCrop(size, scale=(0.25, 1.0), antialias=True))
+        steps.append(T.RandomResizedCrop(size, scale=(0.25, 1.0), interpolation=mode, antialias=True))
     if flip:
         steps.append(T.RandomHorizontalFlip())
     if noise.randaugment_ops > 0 and noise.randaugment_magnitude > 0:

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import Dataset
 
-from ..models.checkpoint import eval_size, load_model
+from ..models.checkpoint import clean_pixel_transform, load_model
 from ..config.schema import EvaluateConfig
 from ..data.datasets import ImageSet, TransformedSet
 from ..data.device_input import eval_batches, wants_channels_last
@@ -19,7 +19,6 @@ from ..runtime.progress import progress_bar
 from ..robustness import evaluate_robustness, plot_robustness
 from ..runtime.files import write_error
 from ..runtime.rundir import write_json_atomic
-from ..data.transforms import pixel_transform
 
 log = logging.getLogger("noisystudent")
 
@@ -109,7 +108,7 @@ def evaluate_checkpoints(checkpoints: dict[str, Path], images: ImageSet, cfg: Ev
 
 def _load_for_robustness(path: Path, images: ImageSet, channels: int, device: torch.device):
     model, meta = load_model(path)
-    return model.to(device), meta, TransformedSet(images, pixel_transform(eval_size(meta), channels))
+    return model.to(device), meta, TransformedSet(images, clean_pixel_transform(meta))
 
 
 def _result_key(path: Path, images: ImageSet, cfg: EvaluateConfig, seed: int) -> dict:

@@ -9,16 +9,32 @@ import torch.nn as nn
 
 from ..runtime.errors import CheckpointError
 from ..runtime.files import atomic_write, read_torch_file
-from .factory import create_model
+from .factory import MODEL_SOURCE_PREFIXES, create_model, model_architecture
+
+
+# The preprocessing a checkpoint records, in timm's data-config terms (crop_pct / crop_mode None:
+# noisystudent's rule by image size, data.transforms.eval_crop).
+DATA_CONFIG_KEYS = ("mean", "std", "interpolation", "crop_pct", "crop_mode")
 
 
 def save_model(path: Path, model: nn.Module, *, name: str, num_classes: int, in_chans: int,
-               classes: list[str], image_size: int, mean: tuple, std: tuple, **extra) -> None:
+               classes: list[str], image_size: int, mean: tuple, std: tuple, data_config: dict | None = None,
+               **extra) -> None:
     """Save weights and model metadata (loadable with ``weights_only=True``), atomically; a full
-    disk is one :class:`~noisystudent.runtime.errors.StorageError` line and leaves no temp file."""
+    disk is one :class:`~noisystudent.runtime.errors.StorageError` line and leaves no temp file.
+
+    ``data_config``: how the model's images are preprocessed beyond ``mean``/``std``
+    (``interpolation``, ``crop_pct``, ``crop_mode``, and ``source``: where it came from, e.g. the
+    pretrained weights); recorded as the checkpoint's ``data_config``, which labeling,
+    evaluation, predict and export read through :func:`data_config`."""
+    if name.startswith(MODEL_SOURCE_PREFIXES):  # a hub or folder name: record the architecture it built
+        name = model_architecture(model)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    recorded = {"interpolation": "bilinear", "crop_pct": None, "crop_mode": None, "source": "data",
+                **(data_config or {}), "mean": [float(m) for m in mean], "std": [float(s) for s in std]}
     payload = {"model": name, "num_classes": num_classes, "in_chans": in_chans, "classes": list(classes),
-               "image_size": image_size, "mean": list(mean), "std": list(std), "state_dict": state, **extra}
+               "image_size": image_size, "mean": list(mean), "std": list(std), "data_config": recorded,
+               "state_dict": state, **extra}
     atomic_write(path, lambda f: torch.save(payload, f))
 
 
@@ -40,12 +56,32 @@ def eval_size(meta: dict) -> int:
     return meta.get("test_size") or meta["image_size"]
 
 
+def data_config(meta: dict) -> dict:
+    """A checkpoint's preprocessing: ``mean``, ``std``, ``interpolation``, ``crop_pct``,
+    ``crop_mode`` (the keyword arguments of :func:`noisystudent.data.transforms.eval_transform`).
+    Checkpoints written before ``data_config`` was recorded read as bilinear with the default crop."""
+    recorded = meta.get("data_config") or {}
+    return {"mean": tuple(meta["mean"]), "std": tuple(meta["std"]),
+            "interpolation": recorded.get("interpolation") or "bilinear",
+            "crop_pct": recorded.get("crop_pct"), "crop_mode": recorded.get("crop_mode")}
+
+
 def clean_transform(meta: dict):
     """The un-augmented transform of a checkpoint's model: its evaluation size, channels and the
-    normalisation it was trained with (the teacher's "without noise" view of an image)."""
+    preprocessing it was trained with (:func:`data_config`: the teacher's "without noise" view of
+    an image; a model from pretrained weights sees images as those weights were trained on)."""
     from ..data.transforms import eval_transform
 
-    return eval_transform(eval_size(meta), meta["in_chans"], tuple(meta["mean"]), tuple(meta["std"]))
+    return eval_transform(eval_size(meta), meta["in_chans"], **data_config(meta))
+
+
+def clean_pixel_transform(meta: dict):
+    """:func:`clean_transform` without the normalisation: float pixels in [0, 1] at the same size
+    and crop, for the robustness suites (which corrupt pixels and normalise inside the model)."""
+    from ..data.transforms import pixel_transform
+
+    cfg = data_config(meta)
+    return pixel_transform(eval_size(meta), meta["in_chans"], cfg["interpolation"], cfg["crop_pct"], cfg["crop_mode"])
 
 
 def load_model(path: Path, dropout: float = 0.0, drop_path: float = 0.0) -> tuple[nn.Module, dict]:

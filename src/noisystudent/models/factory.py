@@ -25,7 +25,7 @@ from timm.models import generate_default_cfgs, register_model
 from timm.models.efficientnet import _gen_efficientnet
 
 from ..runtime.errors import ConfigError
-from .pretrained import load_pretrained, model_architecture  # noqa: F401 - model_architecture is used from here too
+from .pretrained import load_pretrained, model_architecture, tag_pretrained_cfg  # noqa: F401 - model_architecture is used from here too
 
 # Pretrained-config entries for our registered models (no weights: ``url`` is empty). timm's
 # ``register_model`` reads this module-level ``default_cfgs`` when the entrypoints below register.
@@ -179,6 +179,17 @@ def resolve_model_name(name: str) -> str:
     return name
 
 
+# timm's model sources: a name that is a Hugging Face hub repository or a local folder (config.json + weights)
+MODEL_SOURCE_PREFIXES = ("hf-hub:", "hf_hub:", "local-dir:")
+
+
+def is_known_model(name: str) -> bool:
+    """A name :func:`create_model` can build: a registered model (paper aliases such as ``B7``
+    included), or a ``hf-hub:org/repo`` / ``local-dir:PATH`` source, whose architecture is read
+    from its ``config.json`` when the model is built."""
+    return name.startswith(MODEL_SOURCE_PREFIXES) or timm.is_model(resolve_model_name(name))
+
+
 def create_model(name: str, num_classes: int, in_chans: int, dropout: float = 0.0,
                  drop_path: float = 0.0, pretrained: bool | str | None = False, *,
                  classes: list[str] | None = None, used_as_is: bool = False) -> nn.Module:
@@ -186,10 +197,19 @@ def create_model(name: str, num_classes: int, in_chans: int, dropout: float = 0.
 
     ``pretrained``: ``True`` downloads timm's default weights for ``name``; a string is a weight
     source for :func:`noisystudent.models.pretrained.load_pretrained` (a timm tag such as
-    ``tf_efficientnet_b0.ns_jft_in1k``, or a local .pt/.pth/.safetensors file): the head is
-    replaced when the class count differs, and weights of another architecture are an error.
-    ``classes``/``used_as_is``: checked against a weight file that names its classes.
+    ``tf_efficientnet_b0.ns_jft_in1k``, ``hf-hub:org/repo``, ``local-dir:PATH``, or a local
+    .pt/.pth/.safetensors file): the head is replaced when the class count differs, and weights
+    of another architecture are an error. ``classes``/``used_as_is``: checked against a weight
+    file that names its classes.
+
+    ``name`` may itself be ``hf-hub:org/repo`` or ``local-dir:PATH`` (as in ``timm.create_model``):
+    the architecture is the one its ``config.json`` names and, unless ``pretrained`` is ``False``
+    or names another source, the model starts from its weights.
     """
+    if name.startswith(MODEL_SOURCE_PREFIXES):
+        source, name = name, tag_pretrained_cfg(name)["architecture"]
+        if pretrained is None or pretrained is True:
+            pretrained = source
     name = resolve_model_name(name)
     if not timm.is_model(name):
         raise ConfigError(f"unknown model {name!r} (see `noisystudent models` or timm.list_models())")

@@ -3,13 +3,19 @@
 Accepted sources (``load_pretrained(model, source, num_classes)``):
 
 * a timm pretrained tag, ``architecture.tag`` (e.g. ``tf_efficientnet_b0.ns_jft_in1k``, the
-  released Noisy Student weights), or ``hf-hub:org/repo``; loaded by timm's own
-  ``timm.models.load_pretrained`` (download or timm's cache, so it needs internet once);
+  released Noisy Student weights), ``hf-hub:org/repo``, or ``local-dir:PATH`` (a folder written
+  by timm's ``save_for_hf`` or ``noisystudent export``: ``config.json`` + weights); loaded by
+  timm's own ``timm.models.load_pretrained`` (download or timm's cache, so a tag or hub model
+  needs internet once; a local folder never does);
 * a local file: ``.safetensors``, or anything ``torch.load`` reads with ``weights_only=True``
   (``.pt``/``.pth``/``.bin``/``.ckpt``) holding a plain state dict (timm's format), our own
   checkpoint (:func:`noisystudent.models.checkpoint.save_model`), or a wrapper ``{"state_dict": ...}``,
   ``{"model": ...}``, ``{"model_state_dict": ...}``. ``module.`` (DDP) and ``_orig_mod.``
   (``torch.compile``) prefixes are removed.
+
+The weights' preprocessing (:func:`pretrained_data_config`: mean, std, interpolation, crop, from
+the tag's or folder's ``pretrained_cfg``, or what a checkpoint or a ``config.json`` beside a file
+records) is what a stage starting from them trains, labels and evaluates with.
 
 Every tensor outside the classifier must fit the model by name and shape; otherwise the file is
 for another architecture and a one-line :class:`~noisystudent.runtime.errors.CheckpointError` names the
@@ -37,6 +43,8 @@ LOCAL_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors", ".tar")
 _WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "module", "net")
 _PREFIXES = ("module.", "_orig_mod.")
 _HUB_PREFIXES = ("hf-hub:", "hf_hub:")
+LOCAL_DIR_PREFIX = "local-dir:"
+_TIMM_SOURCE_PREFIXES = (*_HUB_PREFIXES, LOCAL_DIR_PREFIX)  # names timm.create_model resolves itself
 
 
 def model_architecture(model: nn.Module) -> str:
@@ -46,8 +54,9 @@ def model_architecture(model: nn.Module) -> str:
 
 
 def is_local_source(source: str) -> bool:
-    """A path (existing, or with a weight-file suffix or a path separator), not a timm tag."""
-    if source.startswith(_HUB_PREFIXES):
+    """A path (existing, or with a weight-file suffix or a path separator), not a timm tag nor a
+    ``hf-hub:`` / ``local-dir:`` name."""
+    if source.startswith(_TIMM_SOURCE_PREFIXES):
         return False
     p = Path(source).expanduser()
     return p.exists() or p.suffix.lower() in LOCAL_SUFFIXES or "/" in source or "\\" in source
@@ -153,22 +162,45 @@ def timm_pretrained_cfg(tag: str):
     return cfg
 
 
+def local_dir_pretrained_cfg(source: str) -> dict:
+    """timm's ``pretrained_cfg`` of a ``local-dir:PATH`` folder (its ``config.json``, read by
+    timm's ``load_model_config_from_path``), pointing timm's loader at the folder's weights."""
+    from timm.models import _hub
+
+    folder = Path(source[len(LOCAL_DIR_PREFIX):]).expanduser()
+    if not (folder / "config.json").is_file():
+        raise CheckpointError(f"{source}: {folder} is not a model folder (no config.json; timm's save_for_hf "
+                              "and noisystudent export write one)")
+    if not hasattr(_hub, "load_model_config_from_path"):  # added to timm with local-dir: names
+        import timm
+
+        raise CheckpointError(f"{source}: local-dir: sources need a newer timm than {timm.__version__}")
+    try:
+        cfg, architecture, _ = _hub.load_model_config_from_path(folder)
+    except Exception as e:  # noqa: BLE001 - a foreign or broken config.json
+        raise CheckpointError(f"{folder / 'config.json'} is not a timm model config ({error_reason(e)})") from None
+    return {**cfg, "architecture": architecture, "file": str(folder), "source": "local-dir"}
+
+
 def tag_pretrained_cfg(tag: str) -> dict:
     """timm's ``pretrained_cfg`` for a tag, as the dict :func:`timm.models.load_pretrained` takes:
-    from timm's registry (no download), or, for ``hf-hub:org/repo``, from the repository's
-    ``config.json`` (a download)."""
+    from timm's registry (no download), for ``local-dir:PATH`` from the folder's ``config.json``,
+    or, for ``hf-hub:org/repo``, from the repository's ``config.json`` (a download)."""
+    if tag.startswith(LOCAL_DIR_PREFIX):
+        return local_dir_pretrained_cfg(tag)
     if tag.startswith(_HUB_PREFIXES):
         from timm.models import load_model_config_from_hf
 
         try:
-            cfg, _, _ = load_model_config_from_hf(tag.split(":", 1)[1])
+            cfg, architecture, _ = load_model_config_from_hf(tag.split(":", 1)[1])
         except Exception as e:  # network, hub and cache errors
             raise CheckpointError(f"could not fetch pretrained weights {tag!r} ({error_reason(e)})") from None
-        return {**cfg, "hf_hub_id": tag.split(":", 1)[1], "source": "hf-hub"}
+        return {**cfg, "architecture": architecture, "hf_hub_id": tag.split(":", 1)[1], "source": "hf-hub"}
     return timm_pretrained_cfg(tag).to_dict()
 
 
-def _load_timm_tag(model: nn.Module, tag: str, num_classes: int | None, tag_arch: str | None) -> list[str]:
+def _load_timm_tag(model: nn.Module, tag: str, num_classes: int | None, tag_arch: str | None,
+                   classes: list[str] | None = None, used_as_is: bool = False) -> list[str]:
     """Weights of a timm tag through timm's own loader (``timm.models.load_pretrained``: the
     download or timm's cache, input-conv adaptation, the classifier dropped on another class
     count), with this module's checks run on the fetched tensors first (its ``filter_fn``), so a
@@ -176,6 +208,9 @@ def _load_timm_tag(model: nn.Module, tag: str, num_classes: int | None, tag_arch
     from timm.models import load_pretrained as timm_load_pretrained
 
     pretrained_cfg = tag_pretrained_cfg(tag)
+    label_names = pretrained_cfg.get("label_names")  # a config.json's (local-dir:, hf-hub:) class names
+    if classes is not None and isinstance(label_names, (list, tuple)):
+        check_class_names(tag, [str(c) for c in label_names], classes, used_as_is)
     messages: list[str] = []
 
     def check(state: dict, model: nn.Module) -> dict:
@@ -193,6 +228,8 @@ def _load_timm_tag(model: nn.Module, tag: str, num_classes: int | None, tag_arch
     except (CheckpointError, DataError):
         raise
     except Exception as e:  # network, hub and cache errors
+        if tag.startswith(LOCAL_DIR_PREFIX):
+            raise CheckpointError(f"could not read pretrained weights {tag!r} ({error_reason(e)})") from None
         raise CheckpointError(f"could not fetch pretrained weights {tag!r} ({error_reason(e)}); offline? "
                               "download once where online, or pass a local file") from None
     for m in messages:
@@ -357,14 +394,106 @@ def load_pretrained(model: nn.Module, source: str, num_classes: int | None = Non
         return apply_state_dict(model, state, source=str(source), num_classes=num_classes, file_arch=file_arch)
     from timm.models import split_model_name_tag
 
-    tag_arch = None if source.startswith(_HUB_PREFIXES) else split_model_name_tag(source)[0]
+    tag_arch = None if source.startswith(_TIMM_SOURCE_PREFIXES) else split_model_name_tag(source)[0]
     messages = []
     arch = model_architecture(model)
     if tag_arch is not None and tag_arch != arch:
         messages.append(f"{source}: weights of {tag_arch} loaded into {arch}; the shapes must match, "
                         f"but layer details (padding, BN epsilon) may differ: prefer model {tag_arch}")
         log.warning(messages[-1])
-    return messages + _load_timm_tag(model, source, num_classes, tag_arch)
+    return messages + _load_timm_tag(model, source, num_classes, tag_arch, classes, used_as_is)
+
+
+# ------------------------------------------------------------------------------ preprocessing
+
+
+def _checkpoint_pretrained_cfg(path: Path) -> dict | None:
+    """What a local weight file says of its preprocessing: our checkpoint's record (mean, std and
+    its ``data_config``), a ``pretrained_cfg`` entry in the file, or the ``pretrained_cfg`` of a
+    timm ``config.json`` in the same folder (``save_for_hf`` / ``noisystudent export`` output).
+    None for a bare state dict."""
+    if path.suffix.lower() != ".safetensors":
+        obj = _torch_load(path, mmap=True)  # tensors memory-mapped: only the metadata is read
+        if isinstance(obj, dict) and isinstance(obj.get("mean"), (list, tuple)) and isinstance(obj.get("std"), (list, tuple)):
+            recorded = obj.get("data_config") if isinstance(obj.get("data_config"), dict) else {}
+            size = obj.get("test_size") or obj.get("image_size")
+            cfg = {k: recorded.get(k) for k in ("interpolation", "crop_pct", "crop_mode") if recorded.get(k)}
+            return {**cfg, "mean": tuple(obj["mean"]), "std": tuple(obj["std"]),
+                    **({"input_size": (obj.get("in_chans", len(obj["mean"])), size, size)} if size else {})}
+        if isinstance(obj, dict) and isinstance(obj.get("pretrained_cfg"), dict):
+            return dict(obj["pretrained_cfg"])
+    if (path.parent / "config.json").is_file():
+        try:
+            return local_dir_pretrained_cfg(f"{LOCAL_DIR_PREFIX}{path.parent}")
+        except CheckpointError:
+            return None  # some other tool's config.json: the file alone decides
+    return None
+
+
+def _fit_channels(values, channels: int) -> tuple:
+    """Per-channel statistics for ``channels`` inputs: RGB statistics averaged for grayscale (the
+    first convolution is summed over RGB by ``adapt_input_conv``), one value repeated for more."""
+    values = tuple(float(v) for v in values)
+    if len(values) == channels:
+        return values
+    if channels == 1:
+        return (sum(values) / len(values),)
+    return (values * channels)[:channels] if len(values) == 1 else values
+
+
+def weights_source(model_name: str, pretrained: str | None) -> str | None:
+    """Where a stage's weights come from: its ``pretrained`` source, else its model name when that
+    is a ``hf-hub:`` / ``local-dir:`` source (:func:`noisystudent.models.factory.create_model`)."""
+    if pretrained:
+        return pretrained
+    return model_name if model_name.startswith(_TIMM_SOURCE_PREFIXES) else None
+
+
+def pretrained_data_config(source: str | None, model: nn.Module) -> dict | None:
+    """The preprocessing the weights of ``source`` were trained with, resolved for ``model`` by
+    timm (``timm.data.resolve_model_data_config`` over the source's ``pretrained_cfg``):
+    ``mean``, ``std`` (fitted to the model's input channels), ``interpolation``, ``crop_pct``,
+    ``crop_mode``, ``pretrained_input_size`` (the weights' resolution) and ``source``. None when
+    the source does not say (no source, or a bare state dict without a config)."""
+    if not source:
+        return None
+    from timm.data import resolve_model_data_config
+
+    if is_local_source(source):
+        cfg = _checkpoint_pretrained_cfg(Path(source).expanduser())
+    else:
+        cfg = tag_pretrained_cfg(source)
+    if cfg is None:
+        return None
+    resolved = resolve_model_data_config(model, pretrained_cfg=cfg)
+    first = _first_conv(model)
+    channels = model.get_submodule(first).weight.shape[1] if first else len(resolved["mean"])
+    return {"mean": _fit_channels(resolved["mean"], channels), "std": _fit_channels(resolved["std"], channels),
+            "interpolation": resolved["interpolation"], "crop_pct": float(resolved["crop_pct"]),
+            "crop_mode": resolved["crop_mode"], "pretrained_input_size": list(resolved["input_size"]),
+            "source": source}
+
+
+def stage_data_config(model_name: str, pretrained: str | None, model: nn.Module, *, mean: tuple,
+                      std: tuple) -> dict:
+    """The data config of a training stage (its ``model`` name, its ``pretrained`` source, the
+    built model): its weights' own (:func:`pretrained_data_config`) when it starts from weights
+    that say, else the data's ``mean``/``std`` with noisystudent's interpolation and crop
+    (``source: "data"``). The keys are those :func:`noisystudent.models.checkpoint.save_model`
+    records."""
+    source = weights_source(model_name, pretrained)
+    weights = pretrained_data_config(source, model)
+    if weights is None:
+        return {"mean": tuple(mean), "std": tuple(std), "interpolation": "bilinear", "crop_pct": None,
+                "crop_mode": None, "source": "data"}
+    log.info(f"{source}: preprocessing as the weights were trained: mean {_fmt(weights['mean'])}, std "
+             f"{_fmt(weights['std'])}, {weights['interpolation']}, crop {weights['crop_pct']:g} "
+             f"({weights['crop_mode']})")
+    return weights
+
+
+def _fmt(values) -> str:
+    return "(" + ", ".join(f"{v:.4g}" for v in values) + ")"
 
 
 # ------------------------------------------------------------------------------ preflight
@@ -387,19 +516,23 @@ def check_pretrained_files(stages, *, num_classes: int, channels: int, classes: 
     from .factory import create_model
 
     for stage in stages:
-        source = stage.pretrained
+        source = weights_source(stage.model, stage.pretrained)
         if not source:
             continue
         try:
             if not is_local_source(source):
-                if not source.startswith(_HUB_PREFIXES):
+                if source.startswith(LOCAL_DIR_PREFIX):  # the folder and its config.json, no weights read
+                    names = local_dir_pretrained_cfg(source).get("label_names")
+                    if classes is not None and isinstance(names, (list, tuple)):
+                        check_class_names(source, [str(c) for c in names], classes, stage.epochs == 0)
+                elif not source.startswith(_HUB_PREFIXES):
                     timm_pretrained_cfg(source)
                 continue
             state, file_arch, file_classes = read_weight_file(source, lazy=True)
             if classes is not None and file_classes is not None:
                 check_class_names(source, file_classes, classes, stage.epochs == 0)
             with torch.device("meta"):
-                model = create_model(stage.model, num_classes, channels)
+                model = create_model(stage.model, num_classes, channels, pretrained=False)
             apply_state_dict(model, state, source=str(source), num_classes=num_classes, file_arch=file_arch,
                              check_only=True)
         except (CheckpointError, DataError) as e:

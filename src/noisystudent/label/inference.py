@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import os
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,14 +19,15 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..config.schema import PseudoLabelConfig
 from ..data.device_input import DeviceInput
-from ..data.pool import UnlabeledSource
+from ..data.pool import UnlabeledSource, decode_image
 from ..data.transforms import ImageTransform, Normalize
 from ..runtime.distributed import DistContext, all_reduce_sum, barrier, broadcast_object, shard_indices
-from ..runtime.errors import ConfigError, DataError
+from ..runtime.errors import ConfigError, DataError, error_reason
 from .store import (StoreHeader, StoreManifest, consolidate, read_header, read_manifest,
-                    remove_stale_temp_files, write_header, write_shard)
+                    remove_stale_temp_files, write_header, write_shard, iter_bad_images)
 from ..runtime.precision import BF16_MIN_SPEEDUP  # the speed bar training's `auto` applies too
 from ..runtime.progress import progress_bar
+from .hashing import hash_inputs, pack_hashes, unpack_hashes
 from .jpeg_decode import DECODERS, DecodeAndTransform, EncodedOrDecoded, GpuJpegDecoder, choose_decoder
 
 BF16_MIN_AGREEMENT = 0.999  # bf16 must agree with fp32 on at least this share of top-1 labels
@@ -37,13 +37,6 @@ TIMED_CHUNKS = 3  # chunks timed (after a warm-up chunk) before bf16's speed is 
 PRECISIONS = ("auto", "fp32", "bf16")
 
 # ------------------------------------------------------------------------- worker batching
-
-
-def _reason(e: Exception) -> str:
-    """One line naming the error, without object addresses (so reruns list identical reasons)."""
-    text = str(e).splitlines()[0] if str(e) else ""
-    text = re.sub(r"<_io\.\w+ object at 0x[0-9a-fA-F]+>", "<bytes>", text)
-    return f"{type(e).__name__}: {re.sub(r' at 0x[0-9a-fA-F]+', '', text)}"
 
 
 class ShardBatches(IterableDataset):
@@ -56,16 +49,19 @@ class ShardBatches(IterableDataset):
     ``x`` (stacked tensor, or the list of tensors when not ``stack``; None when empty), ``bad``
     (list of ``(key, reason)``), ``last`` (the shard's final batch; a shard always ends with one,
     even when empty) and ``items`` (the shard's item count, on the last batch). Decoding errors
-    are caught here, so a bad image never stops a worker.
+    are caught here, so a bad image never stops a worker. With ``hash_mode`` (``L`` or ``RGB``)
+    each image is also hashed (:mod:`noisystudent.label.hashing`) here, where it is decoded, at its
+    own resolution before the transform: ``hashes`` holds them (bytes, see ``pack_hashes``).
     """
 
     def __init__(self, source: UnlabeledSource, shards: Sequence[int], load: Callable, batch_size: int,
-                 stack: bool = True):
+                 stack: bool = True, hash_mode: str | None = None):
         self.source = source
         self.shards = list(shards)
         self.load = load
         self.batch_size = batch_size
         self.stack = stack
+        self.hash_mode = hash_mode
 
     def _collate(self, tensors: list[torch.Tensor]):
         return (torch.stack(tensors) if self.stack else tensors) if tensors else None
@@ -81,28 +77,43 @@ class ShardBatches(IterableDataset):
         pos: list[int] = []
         tensors: list[torch.Tensor] = []
         bad: list[tuple[str, str]] = []
+        exact: list[int] = []
+        thumbs: list[np.ndarray] = []
         shape = None
         items = 0
+        # the GPU path's load keeps JPEGs encoded: it gets the payload, the CPU path the decoded image
+        reuse_decoded = not isinstance(self.load, EncodedOrDecoded)
         for item, (key, payload) in enumerate(self.source.iter_shard(shard)):
             items = item + 1
             try:
+                if self.hash_mode is not None:
+                    img = decode_image(payload)
+                    image_hash = hash_inputs(img, self.hash_mode)
+                    if reuse_decoded:
+                        payload = img
                 x = self.load(payload)
                 if shape is None or not self.stack:
                     shape = x.shape
                 elif x.shape != shape:
                     raise DataError(f"transform gave shape {tuple(x.shape)}, expected {tuple(shape)}")
             except Exception as e:  # noqa: BLE001 - any decoder error (PIL raises many types) is a bad image
-                bad.append((key, _reason(e)))
+                bad.append((key, error_reason(e, with_type=True)))
                 continue
             keys.append(key)
             pos.append(item)
             tensors.append(x)
+            if self.hash_mode is not None:
+                exact.append(image_hash[0])
+                thumbs.append(image_hash[1])
             if len(keys) == self.batch_size:
                 yield {"shard": shard, "keys": keys, "pos": pos, "x": self._collate(tensors), "bad": bad,
-                       "last": False, "items": -1}
-                keys, pos, tensors, bad = [], [], [], []
+                       "last": False, "items": -1, "hashes": self._hashes(exact, thumbs)}
+                keys, pos, tensors, bad, exact, thumbs = [], [], [], [], [], []
         yield {"shard": shard, "keys": keys, "pos": pos, "x": self._collate(tensors),
-               "bad": bad, "last": True, "items": items}
+               "bad": bad, "last": True, "items": items, "hashes": self._hashes(exact, thumbs)}
+
+    def _hashes(self, exact: list[int], thumbs: list[np.ndarray]) -> bytes | None:
+        return pack_hashes(exact, thumbs) if self.hash_mode is not None else None
 
 
 # ------------------------------------------------------------------------------ inference
@@ -319,6 +330,7 @@ class _ShardBuffer:
     idx: list[np.ndarray] = field(default_factory=list)
     prob: list[np.ndarray] = field(default_factory=list)
     bad: list[tuple[str, str]] = field(default_factory=list)
+    hashes: list[np.ndarray] = field(default_factory=list)  # (n, 2) uint64 per batch, when hashing
 
 
 def _setup_store(store_dir: Path, source: UnlabeledSource, predictor: Predictor, load: Callable,
@@ -351,7 +363,7 @@ def label_to_store(model: nn.Module, source: UnlabeledSource, store_dir: Path | 
                    temperature: float = 1.0, hard: bool = False, batch_size: int = 256,
                    num_workers: int | None = None, ctx: DistContext | None = None, precision: str = "auto",
                    channels_last: bool = True, fold_bn: bool = True, progress: bool = True,
-                   decode: str = "auto") -> StoreManifest:
+                   decode: str = "auto", hashes: bool = True) -> StoreManifest:
     """Label every shard of ``source`` not yet in the store with the teacher (no noise).
 
     Resumable: finished shards are skipped, never recomputed; a resumed run must use the same
@@ -365,7 +377,10 @@ def label_to_store(model: nn.Module, source: UnlabeledSource, store_dir: Path | 
     :class:`~noisystudent.data.transforms.ImageTransform` only its CPU part does (uint8 out), and
     the batches are normalised on ``device``. ``decode``: ``auto`` decodes JPEG pools on the GPU
     where that measures faster (:func:`noisystudent.label.jpeg_decode.choose_decoder`; never on a
-    CPU), ``cpu`` always in the workers, ``cuda`` on the GPU wherever it can.
+    CPU), ``cpu`` always in the workers, ``cuda`` on the GPU wherever it can. ``hashes``: store each
+    image's content hash and perceptual hash (:mod:`noisystudent.label.hashing`), computed in the
+    workers from the decoded image, in the transform's mode (``L`` for 1 channel, else ``RGB``);
+    they need the image decoded on the CPU, so ``auto`` then decodes there.
     Unreadable images are skipped and listed in ``<store>/bad_images.tsv``.
     Returns the store's manifest, with this run's statistics in ``manifest.run``.
     """
@@ -386,6 +401,7 @@ def label_to_store(model: nn.Module, source: UnlabeledSource, store_dir: Path | 
     k = min(int(top_k), int(num_classes))
     split = isinstance(transform, ImageTransform)  # workers run its CPU part, the device normalises
     load = DecodeAndTransform(transform.host if split else transform)
+    hash_mode = ("L" if split and transform.channels == 1 else "RGB") if hashes else None
     requested = dict(num_classes=int(num_classes), teacher=str(teacher), top_k=k,
                      temperature=float(temperature), hard=bool(hard))
 
@@ -408,7 +424,9 @@ def label_to_store(model: nn.Module, source: UnlabeledSource, store_dir: Path | 
     predictor.precision = header.precision
     mine = [pending[i] for i in shard_indices(len(pending), ctx)]
     decoding: tuple = (False, {"decoder": "cpu", "reason": "nothing to label"})
-    if ctx.is_main and pending:  # rank 0 measures, every rank decodes the same way
+    if ctx.is_main and pending and hashes and decode == "auto":
+        decoding = (False, {"decoder": "cpu", "reason": "image hashes need the image decoded on the CPU"})
+    elif ctx.is_main and pending:  # rank 0 measures, every rank decodes the same way
         decoding = choose_decoder(decode, device, transform, source, num_workers, predictor.logits)
     use_gpu, decode_info = broadcast_object(decoding, ctx)
     decoder = GpuJpegDecoder(device, transform) if use_gpu else None
@@ -417,7 +435,8 @@ def label_to_store(model: nn.Module, source: UnlabeledSource, store_dir: Path | 
 
     start = time.perf_counter()
     labeled, num_bad, shards_done = _label_shards(predictor, source, mine, store_dir, header, load, decoder,
-                                                  batch_size, num_workers, device, progress and ctx.is_main)
+                                                  batch_size, num_workers, device, progress and ctx.is_main,
+                                                  hash_mode)
     elapsed = time.perf_counter() - start
     # Reduced on ctx.device: NCCL reduces GPU tensors only, gloo CPU ones.
     totals = all_reduce_sum(torch.tensor([labeled, num_bad, shards_done], dtype=torch.int64, device=ctx.device),
@@ -429,7 +448,8 @@ def label_to_store(model: nn.Module, source: UnlabeledSource, store_dir: Path | 
            "shards_skipped": header.source["num_shards"] - len(pending), "seconds": round(elapsed, 3),
            "images_per_s": round(totals[0] / elapsed, 1) if elapsed > 0 else None,
            "precision": header.precision, "calibration": calibration, "world_size": ctx.world_size,
-           "num_workers": num_workers, "batch_size": batch_size, "device": str(device), "decode": decode_info}
+           "num_workers": num_workers, "batch_size": batch_size, "device": str(device), "decode": decode_info,
+           "image_hashes": hash_mode is not None}
     barrier(ctx)  # every rank's shards are written before rank 0 lists them
     manifest: StoreManifest | str = ""
     if ctx.is_main:
@@ -437,22 +457,34 @@ def label_to_store(model: nn.Module, source: UnlabeledSource, store_dir: Path | 
         if not manifest.complete:  # on a shared filesystem every pending shard has a record now
             manifest = (f"labeling finished but {manifest.num_shards - len(manifest.shards)} shard(s) of "
                         f"{store_dir} have no record: is the store on a filesystem all ranks share?")
+        elif manifest.num_rows == 0:  # refused as a folder without images is: nothing to select from
+            manifest = _no_images(store_dir, manifest)
     manifest = broadcast_object(manifest, ctx)
     if isinstance(manifest, str):
         raise DataError(manifest)
     return manifest
 
 
+def _no_images(store_dir: Path, manifest: StoreManifest) -> str:
+    """Why a finished store holds no labeled image (an empty pool, or tars that are not tars)."""
+    first = next(iter_bad_images(store_dir, manifest.shards), None)
+    why = (f"{manifest.num_bad} unreadable, first {first[0]}: {first[1]} (all in {store_dir}/bad_images.tsv)"
+           if first else "its shards hold no items")
+    return f"the unlabeled pool has no readable images in its {manifest.num_shards} shard(s): {why}"
+
+
 def _label_shards(predictor: Predictor, source: UnlabeledSource, shards: list[int], store_dir: Path,
                   header: StoreHeader, load: Callable, decoder: GpuJpegDecoder | None, batch_size: int,
-                  num_workers: int, device: torch.device, progress: bool) -> tuple[int, int, int]:
+                  num_workers: int, device: torch.device, progress: bool,
+                  hash_mode: str | None = None) -> tuple[int, int, int]:
     """Label ``shards`` (this rank's) and write each as soon as its last batch is predicted.
     Batches reach the device through the predictor's :class:`DeviceInput` (pinned, copied one
     ahead); with ``decoder`` the workers' encoded JPEGs are decoded there first."""
     if not shards:
         return 0, 0, 0
     num_workers = min(num_workers, len(shards))  # a worker without a shard would only cost memory
-    loader = DataLoader(ShardBatches(source, shards, load, batch_size, stack=decoder is None), batch_size=None,
+    loader = DataLoader(ShardBatches(source, shards, load, batch_size, stack=decoder is None, hash_mode=hash_mode),
+                        batch_size=None,
                         num_workers=num_workers, pin_memory=device.type == "cuda",
                         prefetch_factor=2 if num_workers else None)
     lengths = [source.shard_length(s) for s in shards]
@@ -464,17 +496,21 @@ def _label_shards(predictor: Predictor, source: UnlabeledSource, shards: list[in
         for batch in predictor.input.batches(loader):
             buf = buffers.setdefault(batch["shard"], _ShardBuffer())
             x, keys, pos = batch["x"], batch["keys"], batch["pos"]
+            hashes = unpack_hashes(batch["hashes"]) if batch["hashes"] is not None else None
             buf.bad.extend(batch["bad"])
             if decoder is not None and x is not None:
                 x, kept, failed = decoder(x)
                 buf.bad.extend((keys[i], reason) for i, reason in failed)
                 keys, pos = [keys[i] for i in kept], [pos[i] for i in kept]
+                hashes = hashes[kept] if hashes is not None else None
             if x is not None:
                 idx, prob = predictor(x)
                 buf.keys.extend(keys)
                 buf.pos.extend(pos)
                 buf.idx.append(idx)
                 buf.prob.append(prob)
+                if hashes is not None:
+                    buf.hashes.append(hashes)
             bar.update(len(batch["keys"]) + len(batch["bad"]))
             if batch["last"]:
                 shard = batch["shard"]
@@ -483,7 +519,9 @@ def _label_shards(predictor: Predictor, source: UnlabeledSource, shards: list[in
                 write_shard(store_dir, header, shard, source.shard_name(shard), buf.keys,
                             np.concatenate(buf.idx) if buf.idx else np.empty((0, k), np.int32),
                             np.concatenate(buf.prob) if buf.prob else np.empty((0, k), np.float32), buf.bad,
-                            positions=np.asarray(buf.pos, dtype=np.int64), items=batch["items"])
+                            positions=np.asarray(buf.pos, dtype=np.int64), items=batch["items"],
+                            hashes=(np.concatenate(buf.hashes) if buf.hashes else np.empty((0, 2), np.uint64))
+                            if hash_mode is not None else None)
                 labeled, num_bad, done = labeled + len(buf.keys), num_bad + len(buf.bad), done + 1
                 if total is None:  # unknown shard sizes: extrapolate from the shards seen so far
                     bar.total = int((labeled + num_bad) / done * len(shards))

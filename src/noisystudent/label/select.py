@@ -2,6 +2,9 @@
 
 The paper's rule, over a pseudo-label store (:mod:`noisystudent.label.store`) of any size:
 
+0. pool hygiene (optional, on in the pipeline): drop images that are exact or near copies of a
+   held-out (validation or test) image: the same content hash, or perceptual hashes at most
+   ``dedup_distance`` bits apart (:mod:`noisystudent.label.hashing`); :func:`find_duplicates`;
 1. drop images whose top-1 confidence is below ``threshold``;
 2. balance (optional): keep the ``K`` most confident images of each predicted class (ties go to
    the earlier image in store order: shard, then position in the shard), and duplicate the images
@@ -27,10 +30,12 @@ Outputs, both written to a temp file and renamed:
 
 from __future__ import annotations
 
+import itertools
 import json
+import logging
 import math
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import duckdb
@@ -40,13 +45,18 @@ import pyarrow.parquet as pq
 
 from ..runtime.errors import ConfigError, DataError
 from ..runtime.files import atomic_write
-from .store import LabelStore
+from .hashing import PHASH_BITS
+from .store import HASH_COLUMNS, LabelStore
+
+log = logging.getLogger("noisystudent")
 
 SELECTION_METADATA_KEY = b"noisystudent_selection"
 EXPANDED_SUFFIX = ".arrow"
 BATCH_ROWS = 1 << 16  # rows per Arrow batch streamed out of DuckDB
 EXPANDED_BATCH_ROWS = 1024  # rows per record batch of the expanded file (random reads touch one)
 COLUMNS = ("key", "shard", "index", "copies", "predicted", "confidence", "topk_class", "topk_prob")
+DEDUP_EXAMPLES = 8  # example (pool image, held-out image) pairs kept in the summary
+MAX_PROBES = 50_000_000  # band variants of the held-out hashes a band layout may enumerate
 
 
 @dataclass(frozen=True)
@@ -63,6 +73,7 @@ class Selection:
     top_k: int
     hard: bool
     store: dict  # identity of the store it was selected from (teacher, source, num_rows)
+    dedup: dict | None = field(default=None)  # what pool hygiene dropped (None: not run)
 
     @property
     def num_selected(self) -> int:
@@ -76,7 +87,7 @@ class Selection:
     def summary(self) -> dict:
         return {"num_selected": self.num_selected, "num_unique": self.num_unique, "per_class": self.per_class,
                 "num_below_threshold": self.num_below_threshold, "kept_per_class": list(self.kept_per_class),
-                "selected_per_class": list(self.selected_per_class)}
+                "selected_per_class": list(self.selected_per_class), "dedup": self.dedup}
 
     @classmethod
     def open(cls, path: Path | str) -> "Selection":
@@ -90,7 +101,7 @@ class Selection:
         return cls(path=path, per_class=s["per_class"], kept_per_class=s["kept_per_class"],
                    selected_per_class=s["selected_per_class"], num_below_threshold=s["num_below_threshold"],
                    num_unique=s["num_unique"], num_classes=meta["num_classes"], top_k=meta["top_k"],
-                   hard=meta["hard"], store=meta["store"])
+                   hard=meta["hard"], store=meta["store"], dedup=s.get("dedup"))
 
 
 def store_identity(store: LabelStore) -> dict:
@@ -114,9 +125,14 @@ def _connect(memory_limit: str, threads: int | None, temp_dir: Path) -> duckdb.D
 
 def select_from_store(store_dir: Path | str, out_path: Path | str, *, threshold: float = 0.3,
                       balance: bool = True, per_class: int | None = None, seed: int = 0,
-                      memory_limit: str = "1GB", threads: int | None = None) -> Selection:
+                      memory_limit: str = "1GB", threads: int | None = None, heldout: Path | str | None = None,
+                      dedup_distance: int = 4, bands: int | None = None) -> Selection:
     """Select from a complete store into ``out_path`` (selection.parquet) and its expanded twin.
 
+    ``heldout``: a Parquet file of held-out image hashes (:func:`~noisystudent.label.hashing.
+    write_heldout_hashes`); pool images that are copies of one of them (:func:`find_duplicates`,
+    within ``dedup_distance`` bits; ``bands`` forces the band layout, for tests) are dropped
+    before the threshold, and the summary's ``dedup`` says how many and shows examples.
     Memory is bounded by ``memory_limit`` (DuckDB spills to a temp folder beside ``out_path``), not
     by the size of the store. Returns the :class:`Selection`.
     """
@@ -124,6 +140,8 @@ def select_from_store(store_dir: Path | str, out_path: Path | str, *, threshold:
         raise ConfigError(f"pseudo.threshold must be in [0, 1], got {threshold}")
     if per_class is not None and per_class < 1:
         raise ConfigError(f"pseudo.per_class must be >= 1, got {per_class}")
+    if not 0 <= dedup_distance < PHASH_BITS:
+        raise ConfigError(f"pseudo.dedup_distance must be in [0, {PHASH_BITS - 1}], got {dedup_distance}")
     store = LabelStore.open(store_dir, require_complete=True)
     h = store.header
     out_path = Path(out_path)
@@ -140,8 +158,19 @@ def select_from_store(store_dir: Path | str, out_path: Path | str, *, threshold:
         else:  # an empty store (every image unreadable): an empty selection, same schema
             con.execute("CREATE TEMP TABLE labels (key VARCHAR, predicted INTEGER, confidence FLOAT, "
                         f"topk_class INTEGER[{h.top_k}], topk_prob FLOAT[{h.top_k}], \"index\" BIGINT, shard INTEGER)")
+        dedup, source, dropped = None, "labels", np.empty(0, np.int64)
+        if heldout is not None:
+            dedup = find_duplicates(con, store, files, Path(heldout), dedup_distance, bands)
+            if dedup["dropped"]:
+                source = "(SELECT l.* FROM labels l ANTI JOIN dropped d ON l.shard = d.shard AND l.\"index\" = d.\"index\")"
+                dropped = con.execute(f"SELECT {_POS_SQL} AS pos FROM dropped ORDER BY pos").fetchnumpy()["pos"]
         # float32 comparison, as the store holds float32 confidences; repr() round-trips the double
-        con.execute(f"CREATE TEMP VIEW kept AS SELECT * FROM labels WHERE confidence >= CAST({float(threshold)!r} AS FLOAT)")
+        above = f"confidence >= CAST({float(threshold)!r} AS FLOAT)"
+        # `kept` (copies dropped) feeds the counts and the cut-off sort; the final scan reads `scan`,
+        # a plain filtered scan, because a join does not keep store order: _write_outputs drops the
+        # copies from it by position.
+        con.execute(f"CREATE TEMP VIEW kept AS SELECT * FROM {source} WHERE {above}")
+        con.execute(f"CREATE TEMP VIEW scan AS SELECT * FROM labels WHERE {above}")
         counts = dict(con.execute("SELECT predicted, count(*) FROM kept GROUP BY predicted").fetchall())
         bad = [c for c in counts if not 0 <= c < h.num_classes]
         if bad:
@@ -150,19 +179,20 @@ def select_from_store(store_dir: Path | str, out_path: Path | str, *, threshold:
         kept = np.zeros(h.num_classes, np.int64)
         for c, n in counts.items():
             kept[c] = n
-        num_rows = store.num_rows
+        num_rows = store.num_rows - (dedup["dropped"] if dedup else 0)
         k = (per_class or default_per_class(int(kept.sum()), h.num_classes)) if balance else None
         query, params = _selection_query(con, kept, k, f"{seed}:") if balance else (_UNBALANCED, {})
         meta = {"summary": None, "num_classes": h.num_classes, "top_k": h.top_k, "hard": h.hard,
                 "threshold": threshold, "balance": balance, "seed": seed, "store": store_identity(store)}
         selected, unique = _write_outputs(con, query, params, out_path, h.num_classes, meta,
-                                          kept, k, num_rows - int(kept.sum()))
+                                          kept, k, num_rows - int(kept.sum()), dedup, dropped)
     finally:
         con.close()
         shutil.rmtree(temp_dir, ignore_errors=True)
     return Selection(path=out_path, per_class=k, kept_per_class=kept.tolist(), selected_per_class=selected.tolist(),
                      num_below_threshold=num_rows - int(kept.sum()), num_unique=unique,
-                     num_classes=h.num_classes, top_k=h.top_k, hard=h.hard, store=store_identity(store))
+                     num_classes=h.num_classes, top_k=h.top_k, hard=h.hard, store=store_identity(store),
+                     dedup=dedup)
 
 
 _COLUMNS_SQL = "key, shard, \"index\", predicted, confidence, topk_class, topk_prob"
@@ -170,7 +200,7 @@ _COLUMNS_SQL = "key, shard, \"index\", predicted, confidence, topk_class, topk_p
 _POS_SQL = "(CAST(shard AS BIGINT) * 4294967296 + \"index\")"
 # No ORDER BY here or below: with preserve_insertion_order a filtered scan of the shard files (listed
 # in shard order) comes out in store order, and sorting the wide rows is what made memory grow.
-_UNBALANCED = f"SELECT {_COLUMNS_SQL}, 1 AS copies FROM kept"
+_UNBALANCED = f"SELECT {_COLUMNS_SQL}, 1 AS copies FROM scan"
 
 
 def _selection_query(con, kept: np.ndarray, k: int, seed: str) -> tuple[str, dict]:
@@ -223,7 +253,7 @@ def _selection_query(con, kept: np.ndarray, k: int, seed: str) -> tuple[str, dic
                        list_extract($cpos, predicted + 1) AS cpos, list_extract($cdraw, predicted + 1) AS cdraw,
                        CASE WHEN list_extract($cpos, predicted + 1) >= 0 AND list_extract($n, predicted + 1) < $k
                             THEN md5($seed || key) END AS draw
-                FROM kept))
+                FROM scan))
         WHERE copies > 0"""
     # float32 -> Python float -> FLOAT is exact, so the confidence comparisons are float32 ones.
     return query, {"k": k, "seed": seed, "n": n.tolist(), "cconf": cut_conf.tolist(), "cpos": cut_pos.tolist(),
@@ -231,9 +261,11 @@ def _selection_query(con, kept: np.ndarray, k: int, seed: str) -> tuple[str, dic
 
 
 def _write_outputs(con, query: str, params: dict, out_path: Path, num_classes: int, meta: dict,
-                   kept: np.ndarray, k: int | None, below: int) -> tuple[np.ndarray, int]:
+                   kept: np.ndarray, k: int | None, below: int, dedup: dict | None = None,
+                   dropped: np.ndarray | None = None) -> tuple[np.ndarray, int]:
     """Stream the query's rows into selection.parquet and the expanded selection.arrow (record
     batches of exactly EXPANDED_BATCH_ROWS rows but the last, so row i is in batch i // that).
+    Rows at the sorted positions ``dropped`` (copies of held-out images) are left out.
     The expanded file is renamed into place first: selection.parquet's presence means both are."""
     reader = con.sql(query, params=params).to_arrow_reader(BATCH_ROWS)
     schema = selection_schema(meta["top_k"])
@@ -255,6 +287,9 @@ def _write_outputs(con, query: str, params: dict, out_path: Path, num_classes: i
                         if pos[0] <= last or (np.diff(pos) <= 0).any():
                             raise DataError("the selection query returned rows out of store order")
                         last = int(pos[-1])
+                        if dropped is not None and len(dropped):
+                            at = np.minimum(np.searchsorted(dropped, pos), len(dropped) - 1)
+                            batch = batch.filter(pa.array(dropped[at] != pos))
                     copies = batch.column("copies").to_numpy()
                     writer.write_batch(batch)
                     unique += batch.num_rows
@@ -268,13 +303,164 @@ def _write_outputs(con, query: str, params: dict, out_path: Path, num_classes: i
                     expanded.write_batch(rest.to_batches()[0])
                 meta["summary"] = {"num_selected": int(selected.sum()), "num_unique": unique, "per_class": k,
                                    "num_below_threshold": int(below), "kept_per_class": kept.tolist(),
-                                   "selected_per_class": selected.tolist()}
+                                   "selected_per_class": selected.tolist(), "dedup": dedup}
                 writer.add_key_value_metadata({SELECTION_METADATA_KEY.decode(): json.dumps(meta)})
 
         atomic_write(out_path.with_suffix(EXPANDED_SUFFIX), write_expanded)
 
     atomic_write(out_path, write_both)
     return selected, unique
+
+
+# ------------------------------------------------------------------------------ pool hygiene
+
+
+def band_layout(distance: int, num_pool: int, num_heldout: int) -> int:
+    """How many bands to cut the 64-bit hashes into for :func:`find_duplicates`.
+
+    With ``m`` bands, two hashes within ``distance`` bits agree within ``distance // m`` bits on at
+    least one band (pigeonhole). So every pair is found by joining the pool's bands against the
+    held-out bands and their variants within that radius, then checking the whole hash. Few wide
+    bands enumerate many variants of the (small) held-out side; many narrow ones (``distance + 1``
+    bands, radius 0) make many chance candidates on the (large) pool side. This picks the ``m``
+    with the fewest rows through the join: pool rows x m + variants + expected chance candidates
+    (for hashes of independent, uniform bits).
+    """
+    best, best_cost = distance + 1, math.inf
+    for m in range(1, min(distance + 1, PHASH_BITS) + 1):
+        radius = distance // m
+        variants = [sum(math.comb(w, i) for i in range(radius + 1)) for w in _band_widths(m)]
+        probes = num_heldout * sum(variants)
+        if probes > MAX_PROBES and m < distance + 1:
+            continue
+        chance = num_pool * num_heldout * sum(v / 2.0 ** w for v, w in zip(variants, _band_widths(m)))
+        cost = num_pool * m + probes + chance
+        if cost < best_cost:
+            best, best_cost = m, cost
+    return best
+
+
+def _band_widths(m: int) -> list[int]:
+    return [PHASH_BITS // m + (1 if i < PHASH_BITS % m else 0) for i in range(m)]
+
+
+def _band_probes(heldout: pa.Table, distance: int, m: int) -> pa.Table:
+    """``(band, value, row)``: every value within ``distance // m`` bits of held-out row ``row``'s
+    band ``band`` (bands 0..m-1 of the perceptual hash), and band ``m``: its exact content hash."""
+    phash = heldout.column("phash").to_numpy().astype(np.uint64)
+    rows = np.arange(len(phash), dtype=np.int64)
+    radius = distance // m
+    bands, values, owners = [], [], []
+    shift = 0
+    for j, width in enumerate(_band_widths(m)):
+        mask = np.uint64((1 << width) - 1)
+        base = (phash >> np.uint64(shift)) & mask
+        flips = np.array([sum(1 << b for b in bits) for r in range(radius + 1)
+                          for bits in itertools.combinations(range(width), r)], dtype=np.uint64)
+        values.append((base[:, None] ^ flips[None, :]).reshape(-1))
+        owners.append(np.repeat(rows, len(flips)))
+        bands.append(np.full(len(phash) * len(flips), j, np.int32))
+        shift += width
+    values.append(heldout.column("content_hash").to_numpy().astype(np.uint64))
+    owners.append(rows)
+    bands.append(np.full(len(phash), m, np.int32))
+    return pa.table({"band": np.concatenate(bands), "value": pa.array(np.concatenate(values), pa.uint64()),
+                     "row": np.concatenate(owners)})
+
+
+def _band_sql(m: int) -> tuple[str, str]:
+    """The pool side's band numbers and band values (the content hash as band ``m``), as lists to unnest."""
+    parts, shift = [], 0
+    for width in _band_widths(m):
+        parts.append(f"(phash >> {shift}) & CAST({(1 << width) - 1} AS UBIGINT)")
+        shift += width
+    return f"[{', '.join(str(j) for j in range(m + 1))}]", f"[{', '.join(parts + ['content_hash'])}]"
+
+
+def read_heldout_hashes(path: Path) -> pa.Table:
+    """The held-out hash file, checked."""
+    try:
+        table = pq.read_table(path)
+    except (OSError, pa.ArrowException) as e:
+        raise DataError(f"unreadable held-out hash file {path}: {e}") from None
+    missing = {"split", "index", *HASH_COLUMNS} - set(table.column_names)
+    if missing:
+        raise DataError(f"held-out hash file {path} lacks column(s) {', '.join(sorted(missing))}")
+    return table.select(["split", "index", *HASH_COLUMNS]).append_column(
+        "row", pa.array(np.arange(table.num_rows, dtype=np.int64)))
+
+
+def find_duplicates(con, store: LabelStore, files: list[str], heldout_path: Path, distance: int,
+                    bands: int | None = None) -> dict:
+    """Find the store's images that copy a held-out image; leave them in DuckDB table ``dropped``
+    (``shard``, ``index``) and return the summary (counts, examples, the layout used).
+
+    One scan of the store's hash columns through one hash join: each pool row's bands (and its
+    content hash) against the held-out side's band variants (:func:`band_layout`), every candidate
+    pair checked on the whole hash: ``bit_count(xor(a, b)) <= distance``, or the same content hash.
+    """
+    lacking = store.shards_without_hashes()
+    if lacking:
+        raise DataError(f"pseudo-label store {store.store_dir} has no image hashes in {len(lacking)} of "
+                        f"{len(store.shards)} shards (first: {lacking[0].file}): it was labeled without them; "
+                        "label into a new store, or set pseudo.dedup: none")
+    heldout = read_heldout_hashes(heldout_path)
+    m = bands or band_layout(distance, store.num_rows, heldout.num_rows)
+    variants = sum(sum(math.comb(w, i) for i in range(distance // m + 1)) for w in _band_widths(m))
+    if heldout.num_rows * variants > MAX_PROBES and m < distance + 1:
+        raise ConfigError(f"{m} band(s) at distance {distance} would enumerate {heldout.num_rows * variants} "
+                          f"band variants (at most {MAX_PROBES}); use more bands")
+    con.register("heldout", heldout)
+    con.register("probes", _band_probes(heldout, distance, m))
+    band_ids, band_values = _band_sql(m)
+    if files:
+        quoted = ", ".join("'" + f.replace("'", "''") + "'" for f in files)
+        pool = ("SELECT CAST(regexp_extract(filename, 'part-(\\d+)\\.parquet$', 1) AS INTEGER) AS shard, \"index\", "
+                f"phash, content_hash FROM read_parquet([{quoted}], filename = true)")
+    else:
+        pool = "SELECT 0 AS shard, 0::BIGINT AS \"index\", 0::UBIGINT AS phash, 0::UBIGINT AS content_hash WHERE false"
+    con.execute(f"""
+        CREATE TEMP TABLE pairs AS
+        SELECT DISTINCT c.shard, c."index", h.split, h."index" AS heldout_index,
+               bit_count(xor(c.phash, h.phash)) AS distance, c.content_hash = h.content_hash AS exact
+        FROM (SELECT shard, "index", phash, content_hash, unnest({band_ids}) AS band, unnest({band_values}) AS value
+              FROM ({pool})) c
+        JOIN probes p ON c.band = p.band AND c.value = p.value
+        JOIN heldout h ON p.row = h.row
+        WHERE bit_count(xor(c.phash, h.phash)) <= {int(distance)} OR c.content_hash = h.content_hash""")
+    con.execute('CREATE TEMP TABLE dropped AS SELECT DISTINCT shard, "index" FROM pairs')
+    dropped, exact = con.execute('SELECT count(*), count(*) FILTER (WHERE exact) FROM '
+                                 '(SELECT shard, "index", bool_or(exact) AS exact FROM pairs GROUP BY ALL)').fetchone()
+    by_split = dict(con.execute('SELECT split, count(DISTINCT (shard, "index")) FROM pairs GROUP BY split').fetchall())
+    examples = con.execute(f'SELECT shard, "index", split, heldout_index, distance, exact FROM pairs '
+                           f'ORDER BY distance, shard, "index", split, heldout_index LIMIT {DEDUP_EXAMPLES}').fetchall()
+    num_pairs = con.execute("SELECT count(*) FROM pairs").fetchone()[0]
+    splits = dict(con.execute("SELECT split, count(*) FROM heldout GROUP BY split").fetchall())
+    summary = {"distance": int(distance), "dropped": int(dropped), "exact": int(exact),
+               "near": int(dropped) - int(exact), "pairs": int(num_pairs),
+               "by_split": {k: int(v) for k, v in sorted(by_split.items())},
+               "heldout": {k: int(v) for k, v in sorted(splits.items())}, "bands": m,
+               "examples": _with_keys(store, examples)}
+    if dropped:
+        log.info(f"pool hygiene: dropped {dropped} pool image(s) that copy a held-out image "
+                 f"({exact} exact, {dropped - exact} within {distance} bits): "
+                 + "; ".join(f"{e['key']} ~ {e['split']}[{e['heldout_index']}] ({e['distance']} bits)"
+                             for e in summary["examples"][:3]))
+    return summary
+
+
+def _with_keys(store: LabelStore, examples: list[tuple]) -> list[dict]:
+    """Example pairs as dicts, with the pool image's key read from its shard."""
+    by_index = {rec.index: rec for rec in store.shards}
+    keys: dict[tuple[int, int], str] = {}
+    for shard in sorted({e[0] for e in examples}):
+        t = store.read_shard(by_index[shard], ["key", "index"])
+        wanted = {e[1] for e in examples if e[0] == shard}
+        for key, index in zip(t.column("key").to_pylist(), t.column("index").to_pylist()):
+            if index in wanted:
+                keys[(shard, index)] = key
+    return [{"key": keys.get((s, i)), "shard": int(s), "index": int(i), "split": split, "heldout_index": int(h),
+             "distance": int(d), "exact": bool(x)} for s, i, split, h, d, x in examples]
 
 
 def _flush_full_batches(pending: list[pa.RecordBatch], writer) -> list[pa.RecordBatch]:

@@ -27,6 +27,9 @@ store whole as :class:`PseudoLabels`)::
     index       int64                      position of the image among its shard's items, counting
                                            unreadable ones (so the pool position is the shard's
                                            first item + index)
+    content_hash uint64                    exact hash of the decoded pixels (label.hashing; absent
+    phash        uint64                    in stores labeled without hashes or before they existed)
+                                           and the 64-bit perceptual hash, for the selection's dedup
 
 Top-k rebuild rule (:func:`soft_targets`, the only one): the stored
 probabilities go to their classes and the remaining mass ``max(0, 1 - sum(topk_prob))`` is spread
@@ -59,6 +62,7 @@ SHARD_DIR = "shards"
 DONE_DIR = "done"
 SCHEMA_METADATA_KEY = b"noisystudent"
 COLUMNS = ("key", "topk_class", "topk_prob", "confidence", "predicted", "teacher", "index")
+HASH_COLUMNS = ("content_hash", "phash")  # optional: present when the labeler hashed the images
 
 # Parquet encodings chosen by measurement (see module docstring); dictionary encoding is kept only
 # where values repeat, because byte-stream-split and delta columns must not be dictionary encoded.
@@ -314,9 +318,11 @@ def _tsv(s: str) -> str:
 
 
 def shard_table(keys: Sequence[str], topk_class: np.ndarray, topk_prob: np.ndarray, header: StoreHeader,
-                shard_index: int, shard_name: str, positions: np.ndarray | None = None) -> pa.Table:
+                shard_index: int, shard_name: str, positions: np.ndarray | None = None,
+                hashes: np.ndarray | None = None) -> pa.Table:
     """The Arrow table of one shard (``topk_class``/``topk_prob`` are (n, k), best first;
-    ``positions``: each row's item position in the shard, default ``0..n-1``)."""
+    ``positions``: each row's item position in the shard, default ``0..n-1``; ``hashes``: (n, 2)
+    uint64 content hash and perceptual hash per row, or None for a shard without them)."""
     n, k = len(keys), header.top_k
     positions = np.arange(n) if positions is None else np.asarray(positions)
     topk_class = np.ascontiguousarray(topk_class, dtype=np.int32).reshape(n, k)
@@ -330,6 +336,10 @@ def shard_table(keys: Sequence[str], topk_class: np.ndarray, topk_prob: np.ndarr
         "teacher": pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, np.int32)), pa.array([header.teacher])),
         "index": pa.array(positions.astype(np.int64)),
     })
+    if hashes is not None:
+        hashes = np.asarray(hashes, dtype=np.uint64).reshape(n, 2)
+        for i, name in enumerate(HASH_COLUMNS):
+            table = table.append_column(name, pa.array(hashes[:, i], pa.uint64()))
     # The keys PseudoLabels.load needs, plus what identifies the shard.
     meta = {"num_classes": header.num_classes, "teacher": header.teacher, "temperature": header.temperature,
             "hard": header.hard, "top_k": k, "precision": header.precision, "shard": shard_index,
@@ -339,15 +349,17 @@ def shard_table(keys: Sequence[str], topk_class: np.ndarray, topk_prob: np.ndarr
 
 def write_shard(store_dir: Path, header: StoreHeader, index: int, name: str, keys: Sequence[str],
                 topk_class: np.ndarray, topk_prob: np.ndarray, bad: Sequence[tuple[str, str]] = (),
-                positions: np.ndarray | None = None, items: int | None = None) -> ShardRecord:
+                positions: np.ndarray | None = None, items: int | None = None,
+                hashes: np.ndarray | None = None) -> ShardRecord:
     """Write one finished shard atomically, then its completion record (which makes it count).
 
     ``positions``/``items``: each row's item position in the shard and the shard's item count,
-    both counting unreadable items (default: rows first, then the bad ones)."""
+    both counting unreadable items (default: rows first, then the bad ones); ``hashes``: see
+    :func:`shard_table`."""
     store_dir = Path(store_dir)
     rel = shard_file(index)
     path = store_dir / rel
-    table = shard_table(keys, topk_class, topk_prob, header, index, name, positions)
+    table = shard_table(keys, topk_class, topk_prob, header, index, name, positions, hashes)
     atomic_write(path, lambda f: pq.write_table(table, f, **_WRITE_OPTIONS), fsync=True)
     rec = ShardRecord(index=index, name=name, file=rel, rows=len(keys), bytes=path.stat().st_size,
                       num_bad=len(bad), items=len(keys) + len(bad) if items is None else int(items))
@@ -418,6 +430,19 @@ class LabelStore:
             return pq.read_table(self.store_dir / rec.file, columns=list(columns) if columns else None)
         except (OSError, pa.ArrowException) as e:
             raise DataError(f"unreadable pseudo-label shard {self.store_dir / rec.file}: {e}") from None
+
+    def shards_without_hashes(self) -> list[ShardRecord]:
+        """Finished shards whose file has no image-hash columns (labeled without hashes, or by an
+        older version); read from the Parquet footers only."""
+        missing = []
+        for rec in self.shards:
+            try:
+                names = set(pq.read_schema(self.store_dir / rec.file).names)
+            except (OSError, pa.ArrowException) as e:
+                raise DataError(f"unreadable pseudo-label shard {self.store_dir / rec.file}: {e}") from None
+            if not set(HASH_COLUMNS) <= names:
+                missing.append(rec)
+        return missing
 
     def iter_shards(self, columns: Sequence[str] | None = None,
                     shards: Sequence[int] | None = None) -> Iterator[tuple[ShardRecord, int, pa.Table]]:

@@ -1,0 +1,222 @@
+"""Pool hygiene: the image hashes (label.hashing) and the banded DuckDB query that drops pool images
+copying a held-out image (label.select.find_duplicates), against a brute-force reference."""
+
+import io
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+from sklearn.datasets import load_digits
+
+from noisystudent.data.datasets import ArrayImageSet
+from noisystudent.label.hashing import (content_hash, hamming, hash_images, heldout_hash_table,
+                                        phash_from_thumbnails, thumbnail, write_heldout_hashes)
+from noisystudent.label.select import Selection, band_layout, select_from_store
+from noisystudent.label.store import LabelStore, StoreHeader, write_header, write_shard
+from noisystudent.runtime.errors import ConfigError, DataError
+
+
+def _digits(n: int = 200, side: int = 32) -> list[Image.Image]:
+    """Real images: scikit-learn's 8x8 digits, upscaled (smoothly) to ``side`` pixels."""
+    d = load_digits().images[:n]
+    return [Image.fromarray((im * 255 / 16).astype(np.uint8)).resize((side, side), Image.BICUBIC) for im in d]
+
+
+def _jpeg(img: Image.Image, quality: int = 75) -> Image.Image:
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=quality)
+    return Image.open(io.BytesIO(buf.getvalue())).convert(img.mode)
+
+
+def _smooth_rgb(n: int, side: int, seed: int = 0) -> list[Image.Image]:
+    from scipy.ndimage import gaussian_filter
+
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray((gaussian_filter(rng.normal(size=(side, side, 3)), (side / 40, side / 40, 0)) * 300
+                             + 128).clip(0, 255).astype(np.uint8)) for _ in range(n)]
+
+
+# ------------------------------------------------------------------------------ the hashes
+
+
+def test_phash_is_the_dct_hash_of_the_thumbnail():
+    """The batched DCT equals SciPy's 2-D DCT-II of each thumbnail, low 8x8 against their median."""
+    from scipy.fft import dct
+
+    thumbs = np.stack([thumbnail(im) for im in _digits(50) + _smooth_rgb(10, 100)])
+    ours = phash_from_thumbnails(thumbs)
+    for t, h in zip(thumbs, ours):
+        low = dct(dct(t.astype(np.float64), axis=0), axis=1)[:8, :8].reshape(-1)
+        bits = low > np.median(low)
+        assert int(h) == int("".join("1" if b else "0" for b in bits), 2)
+
+
+def test_phash_equals_imagehash_on_small_images_and_is_close_on_large():
+    imagehash = pytest.importorskip("imagehash")  # the reference implementation, when installed
+    small = _digits(80) + _smooth_rgb(10, 60)
+    _, ours = hash_images(small, "RGB")
+    ref = np.array([int(str(imagehash.phash(im)), 16) for im in small], np.uint64)
+    assert (ours == ref).all()
+    large = _smooth_rgb(10, 256, seed=1)  # box-reduced before the LANCZOS step (reducing_gap)
+    _, ours = hash_images(large, "RGB")
+    ref = np.array([int(str(imagehash.phash(im)), 16) for im in large], np.uint64)
+    assert hamming(ours, ref).max() <= 3
+
+
+def test_hashes_identical_for_the_same_image_close_for_copies_far_for_others():
+    images = _digits(100, side=64)
+    exact, phash = hash_images(images, "L")
+    again = hash_images([im.copy() for im in images], "L")
+    assert (again[0] == exact).all() and (again[1] == phash).all()
+    # the same pixels arriving as a PNG file, and as RGB converted to the run's mode: the same hashes
+    png = []
+    for im in images[:10]:
+        buf = io.BytesIO()
+        im.convert("RGB").save(buf, "PNG")
+        png.append(Image.open(io.BytesIO(buf.getvalue())))
+    e2, p2 = hash_images(png, "L")
+    assert (e2 == exact[:10]).all() and (p2 == phash[:10]).all()
+    # copies: resized, JPEG q75 re-encoded: a different content hash, a few bits of pHash
+    resized = hash_images([im.resize((48, 48), Image.BILINEAR) for im in images], "L")
+    jpeg = hash_images([_jpeg(im) for im in images], "L")
+    for e, p in (resized, jpeg):
+        assert (e != exact).all()
+        assert np.percentile(hamming(p, phash), 95) <= 4
+    # different images: far apart (digits of the same class are alike, so the bar is the typical gap)
+    d = hamming(phash[:, None], phash[None, :])[np.triu_indices(len(phash), 1)]
+    assert np.median(d) >= 20 and (d <= 4).mean() < 0.01
+    # the content hash covers size and mode, not just the bytes
+    flat = Image.new("L", (4, 8))
+    assert content_hash(flat) != content_hash(Image.new("L", (8, 4))) != content_hash(Image.new("P", (4, 8)))
+
+
+# ------------------------------------------------------------------------------ the query
+
+SHARDS = [300, 0, 250, 180]
+HEADER = StoreHeader(num_classes=3, teacher="t", top_k=2, temperature=1.0, hard=False, precision="fp32",
+                     source={"kind": "test", "num_shards": len(SHARDS)})
+
+
+def _flip(h: int, bits: list[int]) -> int:
+    for b in bits:
+        h ^= 1 << b
+    return h
+
+
+def _hashed_store(root, seed: int = 0, num_heldout: int = 120):
+    """A store whose pool hashes are random, except planted copies of held-out images (exact
+    content, and perceptual hashes 0..7 bits away); returns (heldout table, pool hashes (n, 2))."""
+    rng = np.random.default_rng(seed)
+    held_exact = rng.integers(0, 2**63, num_heldout, dtype=np.int64).astype(np.uint64) * np.uint64(2) + np.uint64(1)
+    held_phash = rng.integers(0, 2**63, num_heldout, dtype=np.int64).astype(np.uint64) * np.uint64(2)
+    total = sum(SHARDS)
+    pool = rng.integers(0, 2**63, (total, 2), dtype=np.int64).astype(np.uint64) * np.uint64(2)
+    for row in rng.choice(total, 90, replace=False):
+        h = rng.integers(num_heldout)
+        k = int(rng.integers(0, 8))
+        pool[row, 1] = _flip(int(held_phash[h]), rng.choice(64, k, replace=False).tolist())
+        if k == 0 and rng.random() < 0.5:
+            pool[row, 0] = held_exact[h]  # an exact copy
+    for row in rng.choice(total, 5, replace=False):  # an exact content copy whose pHash is far (a degenerate case)
+        pool[row, 0] = held_exact[rng.integers(num_heldout)]
+    write_header(root, HEADER)
+    start = 0
+    for i, n in enumerate(SHARDS):
+        probs = rng.dirichlet(np.ones(3), n).astype(np.float32)
+        order = np.argsort(-probs, 1)[:, :2]
+        write_shard(root, HEADER, i, f"s{i}", [f"img/{i}/{j}" for j in range(n)], order,
+                    np.take_along_axis(probs, order, 1), hashes=pool[start:start + n])
+        start += n
+    split = np.where(np.arange(num_heldout) % 3 == 0, "val", "test")
+    index = np.array([(split[:i] == split[i]).sum() for i in range(num_heldout)])
+    heldout = pa.table({"split": split, "index": index, "content_hash": pa.array(held_exact, pa.uint64()),
+                        "phash": pa.array(held_phash, pa.uint64())})
+    return heldout, pool
+
+
+def _brute_force(heldout: pa.Table, pool: np.ndarray, distance: int) -> set[tuple[int, int, str, int]]:
+    offsets = np.cumsum([0] + SHARDS)
+    shard_of = np.searchsorted(offsets, np.arange(len(pool)), side="right") - 1
+    d = hamming(pool[:, 1][:, None], heldout.column("phash").to_numpy()[None, :])
+    same = pool[:, 0][:, None] == heldout.column("content_hash").to_numpy()[None, :]
+    rows, cols = np.nonzero((d <= distance) | same)
+    split, index = heldout.column("split").to_pylist(), heldout.column("index").to_pylist()
+    return {(int(shard_of[r]), int(r - offsets[shard_of[r]]), split[c], index[c]) for r, c in zip(rows, cols)}
+
+
+def _pairs(tmp_path, heldout, distance, bands, name):
+    path = tmp_path / f"{name}.parquet"
+    pq.write_table(heldout, path)
+    sel = select_from_store(tmp_path / "store", tmp_path / name / "selection.parquet", threshold=0.0,
+                            balance=False, heldout=path, dedup_distance=distance, bands=bands)
+    return sel
+
+
+@pytest.mark.parametrize("distance", [0, 3, 4, 6])
+def test_banded_query_finds_exactly_the_brute_force_pairs(tmp_path, distance):
+    heldout, pool = _hashed_store(tmp_path / "store")
+    truth = _brute_force(heldout, pool, distance)
+    dropped = {(s, i) for s, i, _, _ in truth}
+    assert len(truth) > 10
+    auto = band_layout(distance, len(pool), heldout.num_rows)
+    for bands in sorted({1 if distance <= 3 else 3, 2, distance + 1, auto} - {d for d in (2, 3) if d > distance + 1}):
+        sel = _pairs(tmp_path, heldout, distance, bands, f"b{bands}")
+        assert sel.dedup["bands"] == bands
+        assert sel.dedup["dropped"] == len(dropped) and sel.dedup["pairs"] == len(truth)
+        for e in sel.dedup["examples"]:  # examples: real pairs, closest first, with the pool key
+            assert (e["shard"], e["index"], e["split"], e["heldout_index"]) in truth
+            assert e["key"] == f"img/{e['shard']}/{e['index']}"
+        assert [e["distance"] for e in sel.dedup["examples"]] == sorted(e["distance"] for e in sel.dedup["examples"])
+        t = pq.read_table(sel.path)
+        chosen = set(zip(t.column("shard").to_pylist(), t.column("index").to_pylist()))
+        assert not chosen & dropped  # the selection never contains a copy
+        assert len(chosen) == len(pool) - len(dropped)  # threshold 0, no balancing: everything else
+        assert Selection.open(sel.path).dedup == sel.dedup
+        assert sel.dedup["by_split"] == {s: len({(a, b) for a, b, sp, _ in truth if sp == s})
+                                         for s in sorted({sp for *_, sp, _ in truth})}
+
+
+def test_dedup_counts_before_threshold_and_balancing(tmp_path):
+    heldout, pool = _hashed_store(tmp_path / "store", seed=3)
+    path = tmp_path / "held.parquet"
+    pq.write_table(heldout, path)
+    plain = select_from_store(tmp_path / "store", tmp_path / "a" / "selection.parquet", threshold=0.5)
+    clean = select_from_store(tmp_path / "store", tmp_path / "b" / "selection.parquet", threshold=0.5,
+                              heldout=path, dedup_distance=4)
+    n = sum(SHARDS)
+    assert plain.dedup is None and clean.dedup["dropped"] > 0
+    assert sum(clean.kept_per_class) + clean.num_below_threshold + clean.dedup["dropped"] == n
+    assert sum(clean.kept_per_class) <= sum(plain.kept_per_class)
+    expanded = pa.ipc.open_file(pa.memory_map(str(clean.expanded_path))).read_all()
+    truth = {(s, i) for s, i, _, _ in _brute_force(heldout, pool, 4)}
+    assert not truth & set(zip(expanded.column("shard").to_pylist(), expanded.column("index").to_pylist()))
+
+
+def test_store_without_hashes_is_refused_clearly(tmp_path):
+    write_header(tmp_path / "store", HEADER)
+    for i, n in enumerate(SHARDS):
+        write_shard(tmp_path / "store", HEADER, i, f"s{i}", [f"k{j}" for j in range(n)],
+                    np.zeros((n, 2), np.int32), np.full((n, 2), 0.5, np.float32))
+    assert LabelStore.open(tmp_path / "store").to_pseudo_labels().keys[:1] == ["k0"]  # still readable
+    heldout = tmp_path / "held.parquet"
+    pq.write_table(heldout_hash_table({"test": ArrayImageSet(np.zeros((2, 8, 8), np.uint8), None)}, "L"), heldout)
+    with pytest.raises(DataError, match="no image hashes.*pseudo.dedup: none"):
+        select_from_store(tmp_path / "store", tmp_path / "sel" / "selection.parquet", heldout=heldout)
+    with pytest.raises(ConfigError, match="dedup_distance"):
+        select_from_store(tmp_path / "store", tmp_path / "sel" / "selection.parquet", heldout=heldout,
+                          dedup_distance=64)
+    assert select_from_store(tmp_path / "store", tmp_path / "sel" / "selection.parquet").dedup is None
+
+
+def test_heldout_file_holds_every_split_image(tmp_path):
+    images = np.stack([np.asarray(im) for im in _digits(30, side=16)])
+    sets = {"val": ArrayImageSet(images[:10], None), "test": ArrayImageSet(images[10:], None)}
+    counts = write_heldout_hashes(tmp_path / "h.parquet", sets, "L")
+    t = pq.read_table(tmp_path / "h.parquet")
+    assert counts == {"val": 10, "test": 20} and t.num_rows == 30
+    exact, phash = hash_images([Image.fromarray(a) for a in images], "L")
+    assert t.column("content_hash").to_numpy().tolist() == exact.tolist()
+    assert t.column("phash").to_numpy().tolist() == phash.tolist()
+    assert t.column("index").to_pylist() == list(range(10)) + list(range(20))

@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from ..runtime.errors import ConfigError
+from ..runtime.errors import ConfigError, error_reason
 from .family import chain_preset
 
 
@@ -454,7 +454,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         try:
             raw = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+            raise ConfigError(f"{p}: not valid YAML ({error_reason(e)})") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{p}: config must be a mapping of keys to values")
     else:

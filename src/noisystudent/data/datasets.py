@@ -22,7 +22,7 @@ from torch.utils.data import Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, has_file_allowed_extension, make_dataset
 
 from ..config.schema import DataConfig
-from ..runtime.errors import DataError
+from ..runtime.errors import DataError, error_reason
 
 # torchvision ImageFolder's list plus .gif, which PIL reads and earlier versions read: never drop a user's images
 IMAGE_EXTENSIONS = (*IMG_EXTENSIONS, ".gif")
@@ -94,7 +94,7 @@ def read_image(path: Path, mode: str) -> Image.Image:
             im.load()
             return convert_image(im, mode)
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        reason = "empty file" if path.exists() and path.stat().st_size == 0 else str(e).split("\n")[0]
+        reason = "empty file" if path.exists() and path.stat().st_size == 0 else error_reason(e)
         raise DataError(f"unreadable image {path}: {reason}") from None
 
 
@@ -344,7 +344,7 @@ def load_torchvision(name: str, root: str | None, download: bool):
             return (ArrayImageSet(hwc(tr), tr.labels), ArrayImageSet(hwc(te), te.labels),
                     ArrayImageSet(hwc(un), None), list(tr.classes))
     except RuntimeError as e:
-        raise DataError(f"torchvision dataset {name} not available in {root}: {str(e).splitlines()[0]} "
+        raise DataError(f"torchvision dataset {name} not available in {root}: {error_reason(e)} "
                         "(set data.download=true when online)") from None
     raise DataError(f"unknown torchvision dataset {name!r}")
 
@@ -478,7 +478,7 @@ def check_readable(images: ImageSet, full: bool) -> None:
             with Image.open(path) as im:
                 im.size  # noqa: B018 - parses the header
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-            raise DataError(f"unreadable image {path}: {str(e).splitlines()[0]}") from None
+            raise DataError(f"unreadable image {path}: {error_reason(e)}") from None
 
 
 class ConcatImageSet(ImageSet):

@@ -23,7 +23,7 @@ from PIL import Image
 
 from ..data.pool import UnlabeledSource, Unreadable, decode_image
 from ..data.transforms import ImageTransform
-from ..runtime.errors import ConfigError
+from ..runtime.errors import ConfigError, error_reason
 
 DECODERS = ("auto", "cpu", "cuda")
 JPEG_MAGIC = b"\xff\xd8\xff"
@@ -95,8 +95,6 @@ class GpuJpegDecoder:
     def __call__(self, items: list[torch.Tensor]) -> tuple[torch.Tensor | None, list[int], list[tuple[int, str]]]:
         from torchvision.io import decode_jpeg
 
-        from .inference import _reason
-
         images: dict[int, torch.Tensor] = {i: t.to(self.device, non_blocking=True)
                                            for i, t in enumerate(items) if t.dim() != 1}
         encoded = [i for i, t in enumerate(items) if t.dim() == 1]
@@ -116,7 +114,7 @@ class GpuJpegDecoder:
             try:
                 images[i] = self._geometry(img) if img is not None else self._on_cpu(items[i])
             except Exception as e:  # noqa: BLE001 - as on the CPU path: any decoder error is a bad image
-                bad.append((i, _reason(e)))
+                bad.append((i, error_reason(e, with_type=True)))
         order = sorted(images)
         return (torch.stack([images[i] for i in order]) if order else None), order, bad
 
@@ -225,6 +223,6 @@ def choose_decoder(requested: str, device: torch.device, transform: Callable, so
     try:
         rates = measure(jpegs, transform, GpuJpegDecoder(device, transform), workers, model)
     except Exception as e:  # noqa: BLE001 - a sample nvJPEG cannot decode: keep the CPU path
-        return False, {"decoder": "cpu", "reason": f"GPU decoding failed: {str(e).splitlines()[0] if str(e) else e}"}
+        return False, {"decoder": "cpu", "reason": f"GPU decoding failed: {error_reason(e)}"}
     use, reason = prefer_gpu_decoding(rates)
     return use, {"decoder": "cuda" if use else "cpu", "reason": reason, **rates}

@@ -185,5 +185,5 @@ def load_exported(directory: Path, device: str | torch.device = "cpu") -> tuple[
     try:
         model.load_state_dict(safetensors.torch.load_file(str(weights)))
     except (RuntimeError, safetensors.SafetensorError) as e:
-        raise CheckpointError(f"{weights}: weights do not fit {arch}: {str(e).splitlines()[0]}") from None
+        raise CheckpointError(f"{weights}: weights do not fit {arch}: {error_reason(e)}") from None
     return model.to(device).eval(), config

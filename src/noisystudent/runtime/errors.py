@@ -1,11 +1,24 @@
 """Errors a user can cause. The CLI prints them as one line and exits non-zero."""
 
+import re
 
-def error_reason(e: BaseException) -> str:
+_FILE_OBJECT = re.compile(r"<_io\.\w+ object at 0x[0-9a-fA-F]+>")
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+
+
+def error_reason(e: BaseException, *, with_type: bool = False) -> str:
     """The first line of an error's message (its type's name when it has none), to quote a
-    library's error inside one of ours."""
+    library's error inside one of ours: the one helper for it in the package.
+
+    Object addresses are dropped (``<_io.BytesIO object at 0x..>`` reads ``<bytes>``), so the same
+    error gives the same line in every run (a labeler's list of unreadable images compares equal
+    across reruns). ``with_type``: prefixed with the error's type, ``"OSError: ..."``.
+    """
     text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
+    line = _ADDRESS.sub("", _FILE_OBJECT.sub("<bytes>", text.splitlines()[0])) if text else ""
+    if with_type:
+        return f"{type(e).__name__}: {line}"
+    return line or type(e).__name__
 
 
 class NoisyStudentError(Exception):

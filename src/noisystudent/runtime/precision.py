@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from .errors import ConfigError
+from .errors import ConfigError, error_reason
 
 __all__ = ["BF16_MIN_SPEEDUP", "PRECISIONS", "resolve_precision", "choose_train_precision",
            "clear_precision_cache"]
@@ -149,7 +149,7 @@ def choose_train_precision(precision: str, net: nn.Module, x: torch.Tensor, targ
         try:
             info = (measure or measure_bf16)(net, x, targets, loss_fn)
         except RuntimeError as e:  # no bf16 kernel for some layer of this model on this CPU
-            info = {"error": str(e).splitlines()[0] if str(e) else type(e).__name__, "bf16_speedup": 0.0}
+            info = {"error": error_reason(e), "bf16_speedup": 0.0}
         faster = info["bf16_speedup"] >= BF16_MIN_SPEEDUP
         info = {"requested": "auto", **info, "chosen": "bf16" if faster else "fp32",
                 "reason": (f"bf16 measured {info['bf16_speedup']:.2f}x fp32 on this CPU "

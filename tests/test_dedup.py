@@ -220,3 +220,87 @@ def test_heldout_file_holds_every_split_image(tmp_path):
     assert t.column("content_hash").to_numpy().tolist() == exact.tolist()
     assert t.column("phash").to_numpy().tolist() == phash.tolist()
     assert t.column("index").to_pylist() == list(range(10)) + list(range(20))
+
+
+# ------------------------------------------------------------------------------ a whole run
+
+
+def test_labeler_stores_the_hashes_of_the_images_it_decodes(tmp_path):
+    from _label_helpers import TinyNet, transform
+    from noisystudent.data.pool import ImageSetSource
+    from noisystudent.label.inference import label_to_store
+
+    images = np.stack([np.asarray(im.convert("RGB")) for im in _smooth_rgb(23, 20)])
+    source = ImageSetSource(ArrayImageSet(images, None), shard_size=8)
+    label_to_store(TinyNet(), source, tmp_path / "store", transform=transform(), num_classes=10, teacher="t",
+                   device="cpu", num_workers=1, batch_size=5, progress=False, precision="fp32")
+    t = pq.read_table(tmp_path / "store" / "shards")
+    exact, phash = hash_images([Image.fromarray(a) for a in images], "RGB")  # at 20 px, not the 8 px input
+    order = np.argsort([int(k) for k in t.column("key").to_pylist()])
+    assert t.column("content_hash").to_numpy()[order].tolist() == exact.tolist()
+    assert t.column("phash").to_numpy()[order].tolist() == phash.tolist()
+    label_to_store(TinyNet(), source, tmp_path / "plain", transform=transform(), num_classes=10, teacher="t",
+                   device="cpu", num_workers=0, progress=False, precision="fp32", hashes=False)
+    assert "phash" not in pq.read_table(tmp_path / "plain" / "shards").column_names
+
+
+def test_run_drops_planted_copies_of_test_images(tmp_path, tiny_overrides, caplog):
+    """A digits run whose pool folder holds copies of test images (exact, resized, JPEG q75): the
+    select stage drops exactly the pool images within the distance of a val/test image (checked
+    against hashes computed here), the planted ones among them, and says so."""
+    import json
+    import logging
+
+    from noisystudent import pipeline
+    from noisystudent.config.schema import load_config
+    from noisystudent.data.datasets import build_splits
+
+    overrides = [o for o in tiny_overrides if not o.startswith("data.max_unlabeled")] + ["students=[{model: ns_cnn_s}]"]
+    cfg = load_config(None, overrides)
+    splits = build_splits(cfg.data, cfg.seed, require_unlabeled=False, log_moved=False)
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    for i in range(120):  # ordinary pool images: digits that are in no split
+        splits.unlabeled.load(i).save(pool / f"u{i:03d}.png")
+    planted = {}
+    for j, t in enumerate(range(0, len(splits.test), 7)):
+        img, kind = splits.test.load(t), ("exact", "resized", "jpeg")[j % 3]
+        if kind == "exact":
+            img.save(pool / f"x{j:02d}-{kind}.png")
+        elif kind == "resized":
+            img.resize((32, 32), Image.BICUBIC).save(pool / f"x{j:02d}-{kind}.png")
+        else:
+            img.resize((32, 32), Image.BICUBIC).save(pool / f"x{j:02d}-{kind}.jpg", quality=75)
+        planted[f"x{j:02d}-{kind}.{'jpg' if kind == 'jpeg' else 'png'}"] = t
+    run = tmp_path / "run"
+    with caplog.at_level(logging.INFO, logger="noisystudent"):
+        pipeline.run_pipeline(load_config(None, overrides + [f"data.unlabeled={pool}", "pseudo.shard_size=256",
+                                                             "pseudo.balance=false"]), run, progress=False)
+
+    summary = json.loads((run / "select-1" / "selection.json").read_text())["dedup"]
+    # the reference, by brute force: every pool image (the folder, and the digits moved to the pool
+    # by labels_per_class) against every val/test image
+    names = sorted(p.name for p in pool.iterdir())
+    in_dataset = [splits.unlabeled.load(i) for i in range(len(splits.unlabeled))]
+    pool_exact, pool_phash = hash_images([Image.open(pool / n) for n in names] + in_dataset, "L")
+    close = np.zeros(len(pool_exact), bool)
+    for images in (splits.val, splits.test):
+        e, p = hash_images([images.load(i) for i in range(len(images))], "L")
+        close |= (hamming(pool_phash[:, None], p[None, :]) <= cfg.pseudo.dedup_distance).any(1)
+        close |= np.isin(pool_exact, e)
+    expected = {n for n, c in zip(names, close) if c}
+    assert set(planted) <= expected  # every planted copy is within the distance
+    assert summary["dropped"] == int(close.sum()) > len(planted)
+    assert summary["heldout"] == {"test": len(splits.test), "val": len(splits.val)}
+    assert summary["exact"] >= sum(k.endswith("exact.png") for k in planted)
+    t = pq.read_table(run / "select-1" / "selection.parquet")
+    keys = t.column("key").to_pylist()
+    assert not {k.rsplit("/", 1)[-1] for k in keys} & expected  # the student never sees a copy
+    assert len(t) == len(close) - int(close.sum())  # threshold 0, no balancing: all the rest is kept
+    assert sum(k.rsplit("/", 1)[-1] in names for k in keys) == len(names) - len(expected)
+    for e in summary["examples"]:
+        name = e["key"].rsplit("/", 1)[-1]
+        if name in planted:
+            assert e["split"] == "test" and e["heldout_index"] == planted[name]
+    assert f"dropped {int(close.sum())} of {len(close)} pool image(s)" in caplog.text
+    assert (run / "select-1" / "heldout_hashes.parquet").is_file()

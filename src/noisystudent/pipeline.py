@@ -37,6 +37,7 @@ from .data.datasets import DataSplits, TransformedSet, build_splits
 from .data.pool import ImageSetSource, UnlabeledSource, build_pool, pool_size
 from .data.transforms import eval_transform, train_transform
 from .evaluate.classifier import evaluate_checkpoints, evaluate_classifier
+from .label.hashing import write_heldout_hashes
 from .label.inference import label_to_store, model_fingerprint
 from .label.select import Selection, select_from_store
 from .label.store import LabelStore
@@ -161,7 +162,7 @@ def label_stage(out: Path, name: str, teacher: dict, pool: UnlabeledSource, labe
                   top_k=labeling.top_k, temperature=labeling.temperature, hard=labeling.hard,
                   batch_size=labeling.batch_size, ctx=ctx)
     manifest = label_to_store(model, pool, out, num_workers=env.num_workers, precision=cfg.pseudo.precision,
-                              progress=env.progress, **common)
+                              progress=env.progress, hashes=cfg.pseudo.dedup != "none", **common)
     if manifest.num_bad:
         log.warning(f"[{name}] skipped {manifest.num_bad} unreadable unlabeled image(s); "
                     f"listed in {out / 'bad_images.tsv'}")
@@ -173,7 +174,8 @@ def label_stage(out: Path, name: str, teacher: dict, pool: UnlabeledSource, labe
              f"{manifest.bytes_per_image:.1f} bytes/image")
     probe_dir = out / "probe-store"
     probe = label_to_store(model, ImageSetSource(splits.val, shard_size=max(1, len(splits.val))), probe_dir,
-                           num_workers=0, precision=manifest.header.precision, progress=False, **common)
+                           num_workers=0, precision=manifest.header.precision, progress=False, hashes=False,
+                           **common)
     labels = LabelStore(probe_dir, probe).to_pseudo_labels()
     table = pa.table({"confidence": pa.array(labels.confidence, pa.float32()),
                       "predicted": pa.array(labels.predicted, pa.int32()),
@@ -182,11 +184,19 @@ def label_stage(out: Path, name: str, teacher: dict, pool: UnlabeledSource, labe
     return LabelStore.open(out, require_complete=True)
 
 
-def select_stage(out: Path, name: str, store: LabelStore, labeling: ResolvedLabeling, cfg: Config) -> Selection:
-    """Threshold and balance the store's pseudo labels (one DuckDB query over its shards)."""
+def select_stage(out: Path, name: str, store: LabelStore, labeling: ResolvedLabeling, cfg: Config,
+                 splits: DataSplits | None = None) -> Selection:
+    """Threshold and balance the store's pseudo labels (one DuckDB query over its shards), after
+    dropping pool images that copy a held-out image of ``splits`` (``pseudo.dedup``)."""
     p = cfg.pseudo
+    heldout = None
+    if p.dedup != "none" and splits is not None:
+        heldout = out / layout.HELDOUT_HASHES
+        write_heldout_hashes(heldout, {"val": splits.val, "test": splits.test} if p.dedup == "val+test"
+                             else {"test": splits.test}, "L" if splits.channels == 1 else "RGB")
     selection = select_from_store(store.store_dir, out / layout.SELECTION, threshold=p.threshold,
-                                  balance=p.balance, per_class=p.per_class, seed=labeling.select_seed)
+                                  balance=p.balance, per_class=p.per_class, seed=labeling.select_seed,
+                                  heldout=heldout, dedup_distance=p.dedup_distance)
     write_json_atomic(out / layout.SELECTION_SUMMARY, selection.summary())
     log.info(f"[{name}] kept {sum(selection.kept_per_class)}/{store.num_rows} above threshold {p.threshold}; "
              f"{selection.num_selected} images ({selection.num_unique} unique) "
@@ -316,7 +326,7 @@ def _loop(cfg: Config, stages: list[ResolvedStage], run: RunDir, runner: StageRu
                 runner.write_json(run.root / layout.DATA, data | {"num_unlabeled": store.num_rows,
                                                                    "num_unlabeled_unreadable": store.manifest.num_bad})
             select_name = layout.select_stage(i)
-            selection = step(select_name, "select", lambda out: select_stage(out, select_name, store, st.labeling, cfg),
+            selection = step(select_name, "select", lambda out: select_stage(out, select_name, store, st.labeling, cfg, splits),
                              lambda d: Selection.open(d / layout.SELECTION), every_rank=False)
             _check_selection(selection, store)
             pseudo = lambda noisy: pseudo_labeled_set(selection, pool, noisy)  # noqa: E731

@@ -33,6 +33,7 @@ def _opt(default: Any, help: str, *, min: float | None = None, max: float | None
 
 
 DATA_SOURCES = ("digits", "fashion-mnist", "image-folder", "torchvision")
+DEDUP_MODES = ("val+test", "test", "none")  # pseudo.dedup: which held-out splits the pool is cleaned of
 
 # The paper's ablations (``--ablation`` / config key ``ablation``), applied by apply_ablation.
 ABLATIONS = {
@@ -141,6 +142,13 @@ class PseudoLabelConfig:
     precision: str = _opt("auto", "Labeling precision: auto (bf16 autocast only where a calibration finds it "
                           "faster and agreeing with fp32 on >= 99.9% of top-1 labels), fp32 or bf16.",
                           choices=("auto", "fp32", "bf16"))
+    dedup: str = _opt("val+test", "Pool hygiene: before selecting, drop pool images that copy a held-out image "
+                      "(the same decoded pixels, or a perceptual hash within dedup_distance bits: resized or "
+                      "re-encoded copies) of the validation and test splits (val+test) or the test split only "
+                      "(test); none: keep them, and the labeler stores no image hashes.",
+                      choices=DEDUP_MODES)
+    dedup_distance: int = _opt(4, "Largest Hamming distance between 64-bit perceptual hashes (pHash) that counts "
+                               "as a copy (0: identical hashes only).", min=0, max=63)
 
 
 @dataclass

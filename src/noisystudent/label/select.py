@@ -441,11 +441,11 @@ def find_duplicates(con, store: LabelStore, files: list[str], heldout_path: Path
                "by_split": {k: int(v) for k, v in sorted(by_split.items())},
                "heldout": {k: int(v) for k, v in sorted(splits.items())}, "bands": m,
                "examples": _with_keys(store, examples)}
-    if dropped:
-        log.info(f"pool hygiene: dropped {dropped} pool image(s) that copy a held-out image "
-                 f"({exact} exact, {dropped - exact} within {distance} bits): "
-                 + "; ".join(f"{e['key']} ~ {e['split']}[{e['heldout_index']}] ({e['distance']} bits)"
-                             for e in summary["examples"][:3]))
+    held = " and ".join(f"{n} {k}" for k, n in summary["heldout"].items()) or "no"
+    log.info(f"pool hygiene: dropped {dropped} of {store.num_rows} pool image(s) that copy one of {held} "
+             f"held-out images ({exact} exact, {dropped - exact} within {distance} bits)"
+             + "".join(f"; {e['key']} ~ {e['split']}[{e['heldout_index']}] ({e['distance']} bits)"
+                       for e in summary["examples"][:3]))
     return summary
 
 

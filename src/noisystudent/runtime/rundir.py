@@ -5,7 +5,7 @@ Layout (everything that writes or reads a run uses the names below)::
     RUN/config.yaml  manifest.json  data.json  run.log  summary.json  .lock
     RUN/teacher/     model.pt  metrics.json  metrics.jsonl
     RUN/label-1/     a pseudo-label store (noisystudent.label.store) + probe.parquet
-    RUN/select-1/    selection.parquet  selection.json
+    RUN/select-1/    selection.parquet  selection.json  heldout_hashes.parquet
     RUN/student-1/   model.pt  metrics.json  metrics.jsonl
     ...
     RUN/fixres/      model.pt  metrics.json  metrics.jsonl   (when fix-res runs)
@@ -102,7 +102,8 @@ METRICS = "metrics.json"  # training stages: the summary row
 HISTORY = "metrics.jsonl"  # training stages: one record per epoch
 PROBE = "probe.parquet"  # label stages: the teacher on the labeled val split (confidence, predicted, target)
 SELECTION = "selection.parquet"  # select stages: key, copies, top-k classes and probabilities
-SELECTION_SUMMARY = "selection.json"  # select stages: counts per class, K
+SELECTION_SUMMARY = "selection.json"  # select stages: counts per class, K, what pool hygiene dropped
+HELDOUT_HASHES = "heldout_hashes.parquet"  # select stages: the val/test images' hashes the pool is cleaned of
 ROBUSTNESS = "robustness.json"  # the evaluate stage
 REPORT_HTML = "report.html"
 REPORT_MD = "report.md"

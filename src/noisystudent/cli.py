@@ -205,6 +205,23 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_predict(args: argparse.Namespace) -> int:
+    from .evaluate.predict import Predictor, load_for_prediction, output_format
+
+    output_format(Path(args.out))  # a wrong suffix fails before the model loads
+    model, meta, what = load_for_prediction(args.model)
+    predictor = Predictor(model, meta, device=args.device, top_k=args.top_k, batch_size=args.batch_size,
+                          num_workers=args.workers, precision=args.precision)
+    if not args.quiet:
+        print(f"model: {what}, {len(predictor.classes)} classes, on {predictor.device}", file=sys.stderr)
+    result = predictor.predict_to_file(args.source, Path(args.out), progress=not args.quiet)
+    rate = result.images / result.seconds if result.seconds > 0 else float("nan")
+    print(f"predictions: {result.out} ({result.images} images, top-{predictor.top_k}, {rate:.0f} img/s "
+          f"on {result.device})")
+    print(f"unreadable: {result.unreadable} (listed in {result.unreadable_file})")
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from .models.zoo import format_chain_presets, format_model_table
 
@@ -216,6 +233,16 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
+    if args.list:
+        from .config.packaged import config_description, packaged_configs
+
+        shipped = packaged_configs()
+        width = max(map(len, shipped))
+        for name, config in shipped.items():
+            print(f"{name:<{width}}  {config_description(config)}")
+        print("\nuse by name from any folder: noisystudent run NAME (or configs/NAME.yaml); "
+              "noisystudent config NAME prints one")
+        return 0
     if args.markdown:
         print(config_reference_markdown())
         return 0
@@ -266,7 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add_config_args(p: argparse.ArgumentParser) -> None:
-        p.add_argument("config", nargs="?", help="YAML config (default: the built-in digits experiment)")
+        p.add_argument("config", nargs="?", help="YAML config file, or a packaged config by name: digits, "
+                       "fashion-mnist, image-folder (config --list; default: the built-in digits experiment)")
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config key, e.g. --set train.epochs=5 --set students.0.model=ns_cnn_m")
         p.add_argument("--ablation", choices=sorted(ABLATIONS),
@@ -355,6 +383,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--onnx", action="store_true", help="also write model.onnx (torch.onnx.export)")
     p.set_defaults(func=cmd_export)
 
+    p = sub.add_parser("predict", help="classify images with a trained model: top-k classes to CSV, JSONL or Parquet",
+                       description="Classify images (folders searched recursively, file lists, WebDataset .tar "
+                                   "shards or image files) with a run's final model, a model.pt or a folder "
+                                   "`noisystudent export` wrote, preprocessed as the labeler does (the "
+                                   "checkpoint's size, crop, interpolation, mean and std). Writes one row per "
+                                   "image in the sources' order: image, class_1, prob_1, ..., class_K, prob_K; "
+                                   "unreadable images are skipped and listed in OUT's .unreadable.tsv.")
+    p.add_argument("source", nargs="+", metavar="SOURCE", help="folder, file list (.txt), .tar shards "
+                   "('pool-{000..009}.tar') or image files")
+    p.add_argument("--model", required=True, metavar="RUN_DIR|MODEL.pt|EXPORT_DIR", help="the model to use")
+    p.add_argument("--out", required=True, metavar="FILE", help="output: .csv, .jsonl or .parquet (replaced "
+                   "if it exists, only once complete)")
+    p.add_argument("--top-k", type=int, default=5, help="classes per image, best first (default 5)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
+    p.add_argument("--workers", type=int, default=None, help="DataLoader workers decoding images "
+                   "(default: the cores less one, at most 8)")
+    p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N")
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"), help="fp32, or bf16 autocast")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_predict)
+
     p = sub.add_parser("models", help="list the paper's model family and the chain presets",
                        description="EfficientNet-B0..B7, L0, L1, L2 and the CPU nets: parameters and "
                                    "multiply-adds (measured on the meta device), train and test "
@@ -367,6 +416,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "--markdown, the reference of every key (docs/configuration.md).")
     add_config_args(p)
     p.add_argument("--markdown", action="store_true", help="print the configuration reference")
+    p.add_argument("--list", action="store_true",
+                   help="list the configs shipped with the package (usable by name: run fashion-mnist)")
     p.set_defaults(func=cmd_config)
     return parser
 

@@ -456,9 +456,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     ablation (:func:`config_from_dict`), then validation."""
     raw: dict = {}
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
+        from .packaged import resolve_config_path
+
+        p = resolve_config_path(path)  # a file, else a packaged config by name: fashion-mnist, configs/digits.yaml
         try:
             raw = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as e:

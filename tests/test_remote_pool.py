@@ -66,12 +66,14 @@ def _model() -> nn.Module:
     return nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
 
 
-def label(pool: str, out: Path, workers: int = 0):
+def label(pool: str, out: Path, workers: int = 0, ctx=None):
     """Label ``pool`` (a data.unlabeled string) into ``out/store``; select into ``out/sel``."""
     source = path_source(pool, shard_size=32)
     label_to_store(_model(), source, out / "store", transform=eval_transform(8, 1, (0.5,), (0.25,)),
                    num_classes=10, teacher="t", device="cpu", num_workers=workers, precision="fp32",
-                   progress=False)
+                   progress=False, ctx=ctx)
+    if ctx is not None:
+        return None
     selection = select_from_store(out / "store", out / "sel" / "selection.parquet", threshold=0.0, per_class=5)
     return pq.read_table(out / "store" / "shards").sort_by("key"), selection
 
@@ -113,6 +115,20 @@ def test_s3_shards_from_a_local_endpoint_label_as_local_ones(shards, local, tmp_
     with s3_server(monkeypatch) as endpoint:
         upload_to_s3(endpoint, shards, "pool", "pool-*.tar")
         assert_same(local, label(f"s3://pool/pool-{{0000..{SHARDS - 1:04d}}}.tar", tmp_path))
+
+
+@pytest.mark.slow
+def test_under_torchrun_each_rank_streams_only_its_own_shards(shards, local, tmp_path):
+    from _tiny import torchrun
+
+    with ShardServer(shards) as server:
+        torchrun(__file__, "label", f"{server.url}/pool-{{0000..{SHARDS - 1:04d}}}.tar", str(tmp_path))
+        assert dict(server.gets) == {f"pool-{s:04d}.tar": 1 for s in range(SHARDS)}  # each read once, by one rank
+    two = pq.read_table(tmp_path / "store" / "shards").sort_by("key")
+    assert json.loads((tmp_path / "store" / "manifest.json").read_text())["run"]["world_size"] == 2
+    assert two.column("key").equals(local[0].column("key"))
+    assert two.column("topk_class").equals(local[0].column("topk_class"))
+    np.testing.assert_allclose(two.column("confidence").to_numpy(), local[0].column("confidence").to_numpy(), rtol=1e-5)
 
 
 def test_a_file_list_at_a_url_labels_as_the_local_list(shards, tmp_path):
@@ -185,6 +201,7 @@ def _selected(run: Path) -> list[str]:
     return pq.read_table(run / "select-1" / "selection.parquet", columns=["key"]).column(0).to_pylist()
 
 
+@pytest.mark.slow
 def test_run_over_http_completes_resumes_after_kill_and_selects_as_local(tmp_path):
     """Digits plus a 4-shard WebDataset pool on a loopback HTTP server; shard 2 is held back until
     the run has been killed (-9) in label-1, so the kill lands there every time."""
@@ -215,3 +232,11 @@ def test_run_over_http_completes_resumes_after_kill_and_selects_as_local(tmp_pat
     assert _selected(run) == _selected(tmp_path / "ref") and any(k.startswith("pool-0002/") for k in _selected(run))
     a, b = (json.loads((d / "summary.json").read_text())["stages"] for d in (tmp_path / "ref", run))
     assert [(s["name"], s["num_pseudo"]) for s in a] == [(s["name"], s["num_pseudo"]) for s in b]
+
+
+if __name__ == "__main__":  # ``label POOL OUT`` under torchrun: each rank labels its share
+    from noisystudent.runtime.distributed import cleanup, init_distributed
+
+    _ctx = init_distributed("cpu")
+    label(sys.argv[2], Path(sys.argv[3]), workers=1, ctx=_ctx)
+    cleanup(_ctx)

@@ -88,7 +88,7 @@ def check_exists(url: str) -> None:
     except FileNotFoundError:
         raise DataError(f"not found: {url}") from None
     except Exception as e:  # noqa: BLE001 - whatever the transport raises (aiohttp, botocore): one line
-        raise DataError(f"cannot reach {url}: {type(e).__name__}: {error_reason(e)}") from None
+        raise DataError(f"cannot reach {url}: {error_reason(e, with_type=True)}") from None
 
 
 class _PipeStream(io.RawIOBase):
@@ -192,13 +192,13 @@ class RetryingReader(io.RawIOBase):
                     raise ShardReadError(f"{self.url}: not found") from None
                 if isinstance(e, DataError):
                     raise
-                raise ShardReadError(f"{self.url}: {type(e).__name__}: {error_reason(e)}") from None
+                raise ShardReadError(f"{self.url}: {error_reason(e, with_type=True)}") from None
             except Exception as e:  # noqa: BLE001 - transports raise many types (aiohttp, botocore, OSError)
                 self._drop_stream()
                 self.failures += 1
                 if self.failures > self.retries:
                     raise ShardReadError(f"{self.url} could not be read (failed {self.failures} times, last at "
-                                         f"byte {self.pos}: {type(e).__name__}: {error_reason(e)})") from None
+                                         f"byte {self.pos}: {error_reason(e, with_type=True)})") from None
                 time.sleep(self.delay_s * 2 ** (self.failures - 1))
 
     def close(self) -> None:

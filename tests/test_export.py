@@ -1,7 +1,9 @@
-"""`noisystudent export`: a run's final model as safetensors + timm config.json (+ ONNX), loaded
-back through noisystudent, through timm alone and through onnxruntime, predicting as the original."""
+"""`noisystudent export`: a run's final model as safetensors + timm config.json + model card (+ ONNX),
+loaded back through noisystudent, through timm alone and through onnxruntime, predicting as the
+original; what would be pushed to the hub, with the hub library's calls replaced (no network)."""
 
 import json
+from pathlib import Path
 import shutil
 
 import numpy as np
@@ -14,9 +16,9 @@ from noisystudent.config.schema import load_config
 from noisystudent.data.datasets import TransformedSet, build_splits
 from noisystudent.data.transforms import eval_transform
 from noisystudent.models.checkpoint import load_model
-from noisystudent.models.export import export_model, final_stage, load_exported
+from noisystudent.models.export import RECORD, export_model, final_stage, load_exported
 from noisystudent.pipeline import run_pipeline
-from noisystudent.runtime.errors import CheckpointError
+from noisystudent.runtime.errors import CheckpointError, NoisyStudentError
 from noisystudent.runtime.rundir import FIXRES, MANIFEST, MODEL, SUMMARY, TEACHER, RunDir
 
 # One epoch of a digits teacher and nothing else: a real run directory in seconds.
@@ -67,7 +69,10 @@ def test_cli_export_of_a_cpu_net_loads_back_and_predicts_the_same(cnn_run, tmp_p
     assert main(["export", str(run_dir), "--out", str(out), "--onnx"]) == 0
     printed = capsys.readouterr().out
     assert "exported fixres" in printed and str(out / "model.safetensors") in printed
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.onnx", "model.safetensors"]
+    assert "onnx checked against PyTorch: max abs difference" in printed
+    assert sorted(p.name for p in out.iterdir()) == [RECORD, "README.md", "config.json", "model.onnx",
+                                                     "model.safetensors"]
+    assert all(p.stat().st_mode & 0o777 == 0o644 for p in out.iterdir())  # readable by others, as published
 
     original, meta = _original(run_dir, FIXRES)
     x = _batch(cfg, meta)
@@ -99,7 +104,7 @@ def test_timm_architecture_loads_through_timm_alone(timm_run, tmp_path):
     run_dir, cfg = timm_run
     out = tmp_path / "export"
     result = export_model(run_dir, out)
-    assert result["architecture"] == "resnet18" and set(result["files"]) == {"weights", "config"}
+    assert result["architecture"] == "resnet18" and set(result["files"]) == {"weights", "config", "card"}
     original, meta = _original(run_dir)
     x = _batch(cfg, meta, n=8)
     with torch.no_grad():
@@ -152,3 +157,132 @@ def test_bad_run_dirs_are_one_line_errors(cnn_run, tmp_path, capsys):
     assert not (tmp_path / "out" / "model.safetensors").exists()
     with pytest.raises(CheckpointError, match="not an exported model"):
         load_exported(empty)
+
+
+# ------------------------------------------------------------------ model card, files, push
+
+
+def _front_matter(card: str) -> tuple[dict, str]:
+    import yaml
+
+    assert card.startswith("---\n")
+    head, body = card[4:].split("\n---\n", 1)
+    return yaml.safe_load(head), body
+
+
+def test_model_card_renders_the_run(timm_run, tmp_path):
+    run_dir, _ = timm_run
+    summary = json.loads((run_dir / SUMMARY).read_text())
+    out = tmp_path / "export"
+    export_model(run_dir, out, license_id="cc-by-4.0")
+    meta, body = _front_matter((out / "README.md").read_text())
+    assert meta["library_name"] == "timm" and meta["license"] == "cc-by-4.0" and meta["metrics"] == ["accuracy"]
+    assert {"image-classification", "timm", "noisy-student", "resnet18"} <= set(meta["tags"])
+    for stage in summary["stages"]:  # each stage's accuracy, as summary.json has it
+        assert f"| {stage['name']}" in body and f"{stage['test_top1']:.2f}" in body
+    assert "source | `digits`" in body and "0, 1, 2, 3, 4, 5, 6, 7, 8, 9" in body
+    assert f'timm.create_model("local-dir:{out}", pretrained=True)' in body  # resnet18 is timm's own
+    assert "teacher:\n  model: resnet18" in body  # the run's config.yaml
+    assert ("Noisy Student gain" in body) == bool(summary.get("ns_gain"))  # a teacher-only run has none
+    for model, figures in summary["robustness"].items():  # the final evaluation's headlines
+        assert f"| {model} | " in body and all(k in body and f"{v:.2f}" in body for k, v in figures.items())
+
+    from noisystudent.models.model_card import render_model_card
+
+    measured = {**summary, "ns_gain": {"val": 2.5, "test": 1.25, "student": "student-1", "student_model": "resnet18",
+                                       "baseline": "baseline", "baseline_model": "resnet18"},
+                "robustness": {"teacher": {"corruptions.mean_error": 41.5}, "student-1": {"corruptions.mean_error": 30.25}}}
+    card = render_model_card(summary=measured, config={"data": {"source": "fashion-mnist"}},
+                             export_config=json.loads((out / "config.json").read_text()), stage="student-1",
+                             repo_id="someone/digits-ns")
+    meta, body = _front_matter(card)
+    assert meta["datasets"] == ["zalando-datasets/fashion_mnist"]
+    assert "**Noisy Student gain**: +1.25 test top-1 (+2.50 val) for student-1" in body
+    assert "| corruptions.mean_error |" in body and "| student-1 | 30.25 |" in body
+    assert 'timm.create_model("hf-hub:someone/digits-ns", pretrained=True)' in body
+
+
+def test_export_never_overwrites_what_it_did_not_write(cnn_run, tmp_path, capsys):
+    run_dir, _ = cnn_run
+    a_file = tmp_path / "model-out"
+    a_file.write_text("mine")
+    assert main(["export", str(run_dir), "--out", str(a_file)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is a file" in err and a_file.read_text() == "mine"
+
+    out = tmp_path / "export"
+    out.mkdir()
+    (out / "README.md").write_text("my own notes")
+    with pytest.raises(NoisyStudentError, match="README.md exists and was not written by noisystudent export"):
+        export_model(run_dir, out)
+    assert (out / "README.md").read_text() == "my own notes" and not (out / "model.safetensors").exists()
+    (out / "README.md").unlink()
+    export_model(run_dir, out, onnx=True)
+    export_model(run_dir, out)  # its own files: replaced; the stale ONNX file it wrote is removed
+    assert not (out / "model.onnx").exists() and (out / "model.safetensors").is_file()
+    (out / "config.json").write_text("{}")  # edited since: no longer what the export wrote
+    assert main(["export", str(run_dir), "--out", str(out)]) == 2
+    assert "config.json exists and was not written" in capsys.readouterr().err
+    assert (out / "config.json").read_text() == "{}"
+
+
+def test_onnx_extra_missing_checked_and_out_of_tolerance(cnn_run, tmp_path, monkeypatch, capsys, caplog):
+    import importlib.util
+    import sys
+
+    run_dir, _ = cnn_run
+    with pytest.raises(NoisyStudentError, match="differs from the PyTorch model by"):
+        export_model(run_dir, tmp_path / "strict", onnx=True, onnx_tolerance=-1.0)
+    assert not (tmp_path / "strict" / "model.onnx").exists()  # nothing half-written moved in
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # onnxruntime not installed: written, not checked
+    with caplog.at_level("WARNING", logger="noisystudent"):
+        result = export_model(run_dir, tmp_path / "unchecked", onnx=True)
+    assert result["onnx_max_abs_diff"] is None and (tmp_path / "unchecked" / "model.onnx").is_file()
+    assert "pip install 'noisystudent[onnx]'" in caplog.text
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxscript"
+                        else real_find_spec(name, *a))
+    assert main(["export", str(run_dir), "--out", str(tmp_path / "no-extra"), "--onnx"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pip install 'noisystudent[onnx]'" in err
+    assert not (tmp_path / "no-extra" / "model.safetensors").exists()
+
+
+def test_push_to_hub_uploads_the_exported_folder(timm_run, tmp_path, monkeypatch, capsys):
+    import huggingface_hub
+
+    run_dir, _ = timm_run
+    calls = []
+
+    class Repo:
+        repo_id = "someone/digits-ns"
+
+    class Commit:
+        commit_url = "https://huggingface.co/someone/digits-ns/commit/abc"
+
+    def upload_folder(**kwargs):  # what would go over the network: the folder and the files in it
+        folder = Path(kwargs["folder_path"])
+        calls.append(("upload", kwargs, {p: (folder / p).read_bytes() for p in kwargs["allow_patterns"]}))
+        return Commit()
+
+    monkeypatch.setattr(huggingface_hub, "create_repo", lambda repo_id, **kw: calls.append(("create", repo_id, kw))
+                        or Repo())
+    monkeypatch.setattr(huggingface_hub, "upload_folder", upload_folder)
+    out = tmp_path / "export"
+    assert main(["export", str(run_dir), "--out", str(out), "--push-to-hub", "someone/digits-ns", "--private"]) == 0
+    assert "pushed to https://huggingface.co/someone/digits-ns" in capsys.readouterr().out
+    (kind, repo_id, kw), (_, upload, files) = calls
+    assert (kind, repo_id, kw["private"], kw["exist_ok"]) == ("create", "someone/digits-ns", True, True)
+    assert upload["repo_id"] == "someone/digits-ns" and Path(upload["folder_path"]) == out
+    assert sorted(files) == ["README.md", "config.json", "model.safetensors"]  # not the export record
+    assert files["model.safetensors"] == (out / "model.safetensors").read_bytes()
+    assert b'timm.create_model("hf-hub:someone/digits-ns", pretrained=True)' in files["README.md"]
+
+    def offline(**kwargs):
+        raise ConnectionError("Name or service not known")
+
+    monkeypatch.setattr(huggingface_hub, "upload_folder", offline)
+    assert main(["export", str(run_dir), "--out", str(out), "--push-to-hub", "someone/digits-ns"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]  # after export's log line
+    assert len(errors) == 1 and "push to the hub repository someone/digits-ns failed" in errors[0]
+    assert (out / "model.safetensors").is_file()  # the local export stays

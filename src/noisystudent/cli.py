@@ -196,12 +196,19 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .models.export import export_model
+    from .models.export import export_model, push_to_hub
 
-    result = export_model(Path(args.run_dir), Path(args.out), onnx=args.onnx)
+    result = export_model(Path(args.run_dir), Path(args.out), onnx=args.onnx, license_id=args.license,
+                          repo_id=args.push_to_hub)
     print(f"exported {result['stage']} ({result['architecture']}, {result['num_classes']} classes):")
     for path in result["files"].values():
         print(f"  {path}")
+    if result["onnx_max_abs_diff"] is not None:
+        print(f"onnx checked against PyTorch: max abs difference {result['onnx_max_abs_diff']:.2e}")
+    elif args.onnx:
+        print("onnx not checked (onnxruntime is not installed: pip install 'noisystudent[onnx]')")
+    if args.push_to_hub:
+        print(f"pushed to https://huggingface.co/{args.push_to_hub}: {push_to_hub(Path(args.out), args.push_to_hub, private=args.private)}")
     return 0
 
 
@@ -371,16 +378,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("export", help="write a run's final model as safetensors + timm config.json (+ ONNX)",
-                       description="Write the run's final model (fix-res if it ran, else the last student, "
-                                   "else the teacher) to DIR: model.safetensors and a timm-style config.json "
-                                   "(architecture, classes, input size, mean/std), loadable with "
-                                   "timm.create_model('local-dir:DIR', pretrained=True) for timm architectures "
-                                   "and with noisystudent.models.export.load_exported for all; --onnx adds "
-                                   "model.onnx.")
+    p = sub.add_parser("export", help="write a run's final model as safetensors + timm config.json + model card "
+                                      "(+ ONNX), optionally pushed to the Hugging Face hub",
+                       description="Write the run's final model (summary.json's final stage) to DIR with timm's "
+                                   "save_for_hf: model.safetensors and a timm config.json (architecture, classes, "
+                                   "input size and the preprocessing the model was trained with), plus README.md, "
+                                   "a model card (data, chain, accuracies, Noisy Student gain, robustness, config). "
+                                   "Loadable with timm.create_model('local-dir:DIR', pretrained=True) for timm "
+                                   "architectures and with noisystudent.models.export.load_exported for all. "
+                                   "Files in DIR that an earlier export did not write are never overwritten.")
     p.add_argument("run_dir", metavar="RUN_DIR")
-    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
-    p.add_argument("--onnx", action="store_true", help="also write model.onnx (torch.onnx.export)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder (new, or one an earlier export wrote)")
+    p.add_argument("--onnx", action="store_true", help="also write model.onnx (torch.onnx.export), checked against "
+                   "PyTorch with onnxruntime; needs: pip install 'noisystudent[onnx]'")
+    p.add_argument("--push-to-hub", metavar="REPO_ID", default=None,
+                   help="then upload DIR to this Hugging Face hub repository (created if needed; uses your "
+                        "huggingface_hub login or HF_TOKEN)")
+    p.add_argument("--private", action="store_true", help="with --push-to-hub: create the repository private")
+    p.add_argument("--license", default="apache-2.0", help="the model card's license (hub identifier; default "
+                   "apache-2.0): the license of your data may decide it")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("predict", help="classify images with a trained model: top-k classes to CSV, JSONL or Parquet",

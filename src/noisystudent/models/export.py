@@ -1,23 +1,34 @@
-"""Export a run's final model for use outside noisystudent: safetensors + timm config (+ ONNX).
+"""Export a run's final model for use outside noisystudent: safetensors + timm config + model card
+(+ ONNX), and optionally push the folder to the Hugging Face hub.
 
-``export_model(RUN, OUT)`` writes, from the last stage of the run (fix-res if it ran, else the
-last student, else the teacher):
+``export_model(RUN, OUT)`` writes, from the run's final model (``summary.json``'s ``final``
+stage: best on validation by default, see ``final_model``; a run without it: its last stage):
 
-* ``OUT/model.safetensors``: the weights (a plain state dict, no pickled code);
-* ``OUT/config.json``: timm's Hugging Face-style model config (``architecture``, ``num_classes``,
-  ``label_names``, ``model_args`` and a ``pretrained_cfg`` with ``input_size``, ``test_input_size``,
-  ``mean``, ``std``, ``interpolation``, ``crop_pct``, ``crop_mode``), written by timm's own
-  ``save_config_for_hf``, plus a ``noisystudent`` section (stage, accuracies, how to rebuild);
-* ``OUT/model.onnx`` with ``onnx=True`` (``torch.onnx.export``; input ``image``, N x C x H x W
-  at the test resolution, normalised with ``mean``/``std``; output ``logits``; N is dynamic).
+* ``OUT/model.safetensors`` and ``OUT/config.json``, written by timm's public
+  ``timm.models.save_for_hf``: the weights (a plain state dict, no pickled code) and timm's
+  Hugging Face-style config (``architecture``, ``num_classes``, ``label_names``, ``model_args``
+  and a ``pretrained_cfg`` with ``input_size``, ``test_input_size``, ``mean``, ``std``,
+  ``interpolation``, ``crop_pct``, ``crop_mode``: the checkpoint's recorded data config, so a
+  model started from pretrained weights keeps their preprocessing), plus a ``noisystudent``
+  section (stage, accuracies, how to rebuild);
+* ``OUT/README.md``: the model card (:mod:`noisystudent.models.model_card`);
+* ``OUT/model.onnx`` with ``onnx=True`` (``torch.onnx.export`` with the dynamo exporter; input
+  ``image``, N x C x H x W at the test resolution, normalised with ``mean``/``std``; output
+  ``logits``; N is dynamic), run by onnxruntime on a batch against the PyTorch model when
+  onnxruntime is installed: the max abs difference is reported, and above ``onnx_tolerance`` the
+  export fails.
+
+Files are mode 0644. ``OUT`` may be new or a folder; a file there that this export would write
+and that an earlier export did not write (or that was changed since) stops the export with a
+one-line error, so nothing of the user's is overwritten. ``OUT/.noisystudent-export.json``
+records what was written (and is not pushed).
 
 Loading it back:
 
 * any timm architecture (``efficientnet_b0``, ``resnet18``...), without noisystudent::
 
       timm.create_model("local-dir:OUT", pretrained=True)            # config.json + weights
-      timm.create_model(arch, pretrained=True, num_classes=K, in_chans=C,
-                        pretrained_cfg_overlay=dict(file="OUT/model.safetensors", num_classes=K))
+      timm.create_model("hf-hub:ORG/REPO", pretrained=True)          # after --push-to-hub
 
 * every model, including noisystudent's own architectures (the CPU nets ``ns_cnn_*``, which
   take no pretrained weights, and EfficientNet-L0/L1, known to timm once
@@ -28,6 +39,8 @@ Loading it back:
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 import json
 import logging
 import os
@@ -38,43 +51,54 @@ import safetensors.torch
 import timm
 import torch
 import torch.nn as nn
+import yaml
 
-from ..data.transforms import CENTER_CROP_FRACTION, SMALL_IMAGE
+from ..data.transforms import eval_crop
 from ..runtime.errors import CheckpointError, NoisyStudentError, error_reason
-from ..runtime.rundir import MODEL, SUMMARY, RunDir
-from .checkpoint import eval_size, load_model
+from ..runtime.rundir import CONFIG as RUN_CONFIG
+from ..runtime.rundir import MODEL, SUMMARY, RunDir, write_json_atomic
+from .checkpoint import data_config, eval_size, load_model
 from .factory import create_model
+from .model_card import render_model_card
 
 log = logging.getLogger("noisystudent")
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 ONNX = "model.onnx"
+ONNX_DATA = "model.onnx.data"  # the weights of a large model, beside the graph
+CARD = "README.md"
+RECORD = ".noisystudent-export.json"  # what this export wrote (name -> sha256): the only files it replaces
+ONNX_INSTALL = "pip install 'noisystudent[onnx]'"
+ONNX_TOLERANCE = 1e-4  # max abs logit difference accepted between onnxruntime and PyTorch (fp32)
 
 # pretrained_cfg fields that describe these weights; the others timm carries over from the
 # architecture's default config (tag, license, origin_url, paper_ids...) describe ImageNet weights.
 _CFG_FIELDS = ("input_size", "test_input_size", "fixed_input_size", "interpolation", "crop_pct",
                "crop_mode", "mean", "std", "num_classes", "pool_size", "first_conv", "classifier", "custom_load")
+_ARCH_FIELDS = ("architecture", "first_conv", "classifier", "fixed_input_size", "pool_size")
 _ONNX_SINGLE_FILE_BYTES = 1 << 30  # larger models keep their weights beside the graph (model.onnx.data)
 
 
 def final_stage(run_dir: Path) -> str:
-    """The stage whose model a run ends with: the last of ``summary.json``'s stages (fix-res if it
-    ran, else the last student, else the teacher). A run without ``summary.json`` (still running,
-    or stopped) falls back to its latest finished training stage in the manifest, with a warning.
-    Raises :class:`CheckpointError` if there is no finished model."""
+    """The stage whose model a run hands over: ``summary.json``'s ``final`` stage (or, in a summary
+    without one, its last stage: fix-res if it ran, else the last student, else the teacher). A
+    run without ``summary.json`` (still running, or stopped) falls back to its latest finished
+    training stage in the manifest, with a warning. Raises :class:`CheckpointError` if there is
+    no finished model."""
     run = RunDir(run_dir)
     if not run.root.is_dir():
         raise CheckpointError(f"export: {run.root} is not a run directory")
     summary = run.root / SUMMARY
     if summary.is_file():
         try:
-            stages = json.loads(summary.read_text())["stages"]
-            name = stages[-1]["name"]
-        except (json.JSONDecodeError, KeyError, IndexError, TypeError):
+            content = json.loads(summary.read_text())
+            final = content.get("final") or {}
+            name = final["stage"] if isinstance(final, dict) and final.get("stage") else content["stages"][-1]["name"]
+        except (json.JSONDecodeError, KeyError, IndexError, TypeError, AttributeError):
             raise CheckpointError(f"export: {summary} lists no stages") from None
         if not run.file(name, MODEL).is_file():
-            raise CheckpointError(f"export: {run.file(name, MODEL)} is missing (the last stage of {summary})")
+            raise CheckpointError(f"export: {run.file(name, MODEL)} is missing (the final stage of {summary})")
         return name
     trained = [s for s in run.finished() if run.file(s, MODEL).is_file()]
     if not trained:
@@ -85,86 +109,211 @@ def final_stage(run_dir: Path) -> str:
     return trained[-1]
 
 
-def _data_config(meta: dict) -> dict:
-    """The preprocessing of noisystudent's eval transform, in timm's terms."""
+def timm_data_config(meta: dict) -> dict:
+    """A checkpoint's preprocessing (:func:`~noisystudent.models.checkpoint.data_config`) in timm's
+    ``pretrained_cfg`` terms, with the crop its eval transform applies at its sizes."""
     c, size = meta["in_chans"], meta["image_size"]
     test = eval_size(meta)
-    small = test < SMALL_IMAGE  # resized whole ("squash"); large images: resize + centre crop
-    cfg = dict(input_size=(c, size, size), mean=tuple(meta["mean"]), std=tuple(meta["std"]),
-               interpolation="bilinear", crop_pct=1.0 if small else CENTER_CROP_FRACTION,
-               crop_mode="squash" if small else "center")
+    pre = data_config(meta)
+    crop_pct, crop_mode = eval_crop(test, pre["crop_pct"], pre["crop_mode"])
+    cfg = dict(input_size=(c, size, size), mean=tuple(pre["mean"]), std=tuple(pre["std"]),
+               interpolation=pre["interpolation"], crop_pct=crop_pct, crop_mode=crop_mode)
     if test != size:
         cfg["test_input_size"] = (c, test, test)
     return cfg
 
 
-def _write_config(model: nn.Module, meta: dict, stage: str, metrics: dict, path: Path) -> dict:
-    from timm.models._hub import save_config_for_hf
+def _write_weights_and_config(model: nn.Module, meta: dict, stage: str, metrics: dict, folder: Path) -> dict:
+    """model.safetensors + config.json through timm's public ``save_for_hf``: the model's
+    ``pretrained_cfg`` is set to describe these weights (the architecture's fields plus the
+    checkpoint's data config) first, which every timm version writes out as it is."""
+    from timm.models import save_for_hf
 
-    cfg = dict(getattr(model, "pretrained_cfg", None) or {})
-    cfg.setdefault("input_size", (meta["in_chans"], meta["image_size"], meta["image_size"]))  # ns_cnn_*
-    model.pretrained_cfg = cfg
-    save_config_for_hf(model, str(path), model_config={"label_names": list(meta["classes"])},
-                       data_config=_data_config(meta))
+    arch_cfg = dict(getattr(model, "pretrained_cfg", None) or {})
+    model.pretrained_cfg = {**{k: arch_cfg[k] for k in _ARCH_FIELDS if k in arch_cfg},
+                            **timm_data_config(meta), "num_classes": meta["num_classes"]}
+    try:
+        save_for_hf(model, str(folder), model_config={"label_names": list(meta["classes"])},
+                    model_args={"in_chans": meta["in_chans"]}, safe_serialization=True)
+    except Exception as e:  # noqa: BLE001 - timm's writer: one line for the user
+        raise NoisyStudentError(f"export: timm could not save {meta['model']} ({error_reason(e)})") from None
+    path = folder / CONFIG
     config = json.loads(path.read_text())
     config["pretrained_cfg"] = {k: v for k, v in config["pretrained_cfg"].items() if k in _CFG_FIELDS}
     architecture = config["architecture"]
     ours = timm.models.model_entrypoint(architecture).__module__ == create_model.__module__
+    recorded = meta.get("data_config") or {}
     config["noisystudent"] = {
         "stage": stage,
         "create_model": "noisystudent.models.factory.create_model",
         "load": "noisystudent.models.export.load_exported",
         "timm_native": not ours,  # ns_cnn_*, efficientnet_l0/l1: known to timm once noisystudent is imported
         "in_chans": meta["in_chans"], "train_size": meta.get("train_size") or meta["image_size"],
-        "test_size": eval_size(meta),
+        "test_size": eval_size(meta), "preprocessing_from": recorded.get("source", "data"),
         **{k: metrics[k] for k in ("val_top1", "val_top5", "test_top1", "test_top5") if k in metrics},
     }
     path.write_text(json.dumps(config, indent=2))
     return config
 
 
+def _check_onnx_installed() -> None:
+    missing = [m for m in ("onnx", "onnxscript") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise NoisyStudentError(f"export --onnx needs {' and '.join(missing)}: {ONNX_INSTALL}")
+
+
 def _write_onnx(model: nn.Module, meta: dict, path: Path) -> None:
     size = eval_size(meta)
     example = torch.zeros(2, meta["in_chans"], size, size)
     big = sum(t.numel() * t.element_size() for t in model.state_dict().values()) > _ONNX_SINGLE_FILE_BYTES
-    try:
+    try:  # dynamic_shapes is the dynamo exporter's argument: ask for it by name on every torch
         torch.onnx.export(model, (example,), str(path), input_names=["image"], output_names=["logits"],
-                          dynamic_shapes=({0: torch.export.Dim("batch")},), external_data=big, verbose=False)
+                          dynamo=True, dynamic_shapes=({0: torch.export.Dim("batch")},), external_data=big,
+                          verbose=False)
     except Exception as e:  # noqa: BLE001 - the exporter raises many types; one line for the user
         raise NoisyStudentError(f"export: ONNX export of {meta['model']} failed: {error_reason(e)}") from None
 
 
-def export_model(run_dir: Path, out_dir: Path, onnx: bool = False) -> dict:
-    """Write a run's final model to ``out_dir`` as ``model.safetensors`` + ``config.json`` (and
-    ``model.onnx`` with ``onnx``); see the module docstring for how to load them. The files are
-    written to a temporary folder inside ``out_dir`` and moved in when all of them are complete.
-    Returns ``{"stage", "architecture", "num_classes", "files": {"weights", "config"[, "onnx"]}}``.
-    Raises :class:`CheckpointError` (one line) when the run has no finished model."""
+def check_onnx(model: nn.Module, path: Path, meta: dict, *, batch: int = 4,
+               tolerance: float = ONNX_TOLERANCE) -> float | None:
+    """Run ``path`` with onnxruntime on a batch of ``batch`` normalised-image-like inputs (a
+    fixed seed) and compare with ``model``: returns the max abs logit difference, or None when
+    onnxruntime is not installed (with a warning naming the install command). Raises
+    :class:`NoisyStudentError` above ``tolerance``."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        log.warning(f"export: {path.name} not checked against PyTorch (onnxruntime is not installed: {ONNX_INSTALL})")
+        return None
+    size = eval_size(meta)
+    x = torch.randn(batch, meta["in_chans"], size, size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model(x).float().numpy()
+    try:
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        (got,) = session.run(["logits"], {"image": x.numpy()})
+    except Exception as e:  # noqa: BLE001 - onnxruntime's errors: one line
+        raise NoisyStudentError(f"export: onnxruntime cannot run {path.name}: {error_reason(e)}") from None
+    diff = float(abs(got - expected).max())
+    if not diff <= tolerance:
+        raise NoisyStudentError(f"export: {path.name} differs from the PyTorch model by {diff:.3g} (max abs logit "
+                                f"difference on a batch of {batch}; tolerance {tolerance:g})")
+    log.info(f"export: {path.name} matches PyTorch on a batch of {batch} (max abs difference {diff:.2e})")
+    return diff
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _written_before(out: Path) -> dict:
+    try:
+        record = json.loads((out / RECORD).read_text())
+        return dict(record["files"]) if isinstance(record.get("files"), dict) else {}
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError):
+        return {}
+
+
+def _check_out(out: Path, names: list[str]) -> None:
+    """``out`` must be a folder (or not exist), and every file of ``names`` in it must be one an
+    earlier export wrote, unchanged since: the export replaces only its own files."""
+    if out.exists() and not out.is_dir():
+        raise NoisyStudentError(f"export: --out {out} is a file; give a folder (new or one an earlier export wrote)")
+    ours = _written_before(out)
+    for name in names:
+        path = out / name
+        if path.exists() and (not path.is_file() or ours.get(name) != _sha256(path)):
+            raise NoisyStudentError(f"export: {path} exists and was not written by noisystudent export (or was changed "
+                                    "since); choose another --out folder or move it away")
+
+
+def export_model(run_dir: Path, out_dir: Path, onnx: bool = False, *, license_id: str = "apache-2.0",
+                 repo_id: str | None = None, onnx_tolerance: float = ONNX_TOLERANCE) -> dict:
+    """Write a run's final model to ``out_dir`` as ``model.safetensors`` + ``config.json`` +
+    ``README.md`` (and ``model.onnx`` with ``onnx``, checked by onnxruntime when installed); see the
+    module docstring. The files are written to a temporary folder inside ``out_dir`` and moved in
+    when all of them are complete. ``repo_id``: the hub repository the folder is meant for (the
+    card's loading example names it; :func:`push_to_hub` pushes). Returns ``{"stage",
+    "architecture", "num_classes", "files": {"weights", "config", "card"[, "onnx"]},
+    "onnx_max_abs_diff"}``. Raises :class:`CheckpointError` (one line) when the run has no
+    finished model, :class:`NoisyStudentError` for an ``out_dir`` holding files it did not write."""
     run = RunDir(run_dir)
     stage = final_stage(run.root)
+    out = Path(out_dir)
+    names = [WEIGHTS, CONFIG, CARD, ONNX, ONNX_DATA]  # ONNX files are written, or removed as stale
+    _check_out(out, names)
+    if onnx:
+        _check_onnx_installed()
     model, meta = load_model(run.file(stage, MODEL))
     model.eval()
     metrics_path = run.file(stage, "metrics.json")
     metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
-    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    files = {"weights": out / WEIGHTS, "config": out / CONFIG}
+    files = {"weights": out / WEIGHTS, "config": out / CONFIG, "card": out / CARD}
+    diff = None
     with tempfile.TemporaryDirectory(dir=out, prefix=".export-") as scratch:
         tmp = Path(scratch)
-        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        safetensors.torch.save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
-        config = _write_config(model, meta, stage, metrics, tmp / CONFIG)
+        config = _write_weights_and_config(model, meta, stage, metrics, tmp)
         if onnx:
             _write_onnx(model, meta, tmp / ONNX)
+            diff = check_onnx(model, tmp / ONNX, meta, tolerance=onnx_tolerance)
             files["onnx"] = out / ONNX
-        for p in sorted(tmp.iterdir()):  # model.onnx.data (external weights) moves along with model.onnx
+        (tmp / CARD).write_text(_card(run, config, stage, license_id, repo_id, diff, out), encoding="utf-8")
+        written = sorted(p for p in tmp.iterdir() if p.is_file())
+        for p in written:
+            p.chmod(0o644)  # files for others to read (tempfile makes them private)
+        record = {p.name: _sha256(p) for p in written}
+        for p in written:  # model.onnx.data (external weights) moves along with model.onnx
             os.replace(p, out / p.name)
     if not onnx:
-        for stale in (out / ONNX, out / f"{ONNX}.data"):  # from an earlier export: they would not match
+        for stale in (out / ONNX, out / ONNX_DATA):  # from an earlier export (checked above): they would not match
             stale.unlink(missing_ok=True)
+    write_json_atomic(out / RECORD, {"run": str(run.root), "stage": stage, "files": record})
+    (out / RECORD).chmod(0o644)
     log.info(f"export: {stage} ({config['architecture']}) -> {out}")
     return {"stage": stage, "architecture": config["architecture"], "num_classes": config["num_classes"],
-            "files": files}
+            "files": files, "onnx_max_abs_diff": diff}
+
+
+def _card(run: RunDir, config: dict, stage: str, license_id: str, repo_id: str | None, diff: float | None,
+          out: Path) -> str:
+    def read(path: Path, parse) -> dict:
+        try:
+            return parse(path.read_text()) or {} if path.is_file() else {}
+        except (OSError, ValueError, yaml.YAMLError):
+            return {}
+
+    return render_model_card(summary=read(run.root / SUMMARY, json.loads),
+                             config=read(run.root / RUN_CONFIG, yaml.safe_load), export_config=config, stage=stage,
+                             license_id=license_id, repo_id=repo_id, onnx_max_abs_diff=diff, local_dir=str(out))
+
+
+def push_to_hub(out_dir: Path, repo_id: str, *, private: bool = False, token: str | None = None,
+                commit_message: str = "Add model (noisystudent export)") -> str:
+    """Upload an exported folder (what :func:`export_model` wrote, as recorded) to the Hugging Face
+    hub repository ``repo_id``, created if needed, through ``huggingface_hub``'s ``create_repo`` and
+    ``upload_folder`` (its login or ``token``). Returns the commit URL. One-line
+    :class:`NoisyStudentError` on failure (offline, not logged in); the local files stay."""
+    import huggingface_hub
+
+    out = Path(out_dir)
+    files = sorted(_written_before(out))
+    if not files:
+        raise NoisyStudentError(f"export: {out} holds no export to push ({RECORD} is missing)")
+    try:
+        repo = huggingface_hub.create_repo(repo_id, private=private, exist_ok=True, token=token)
+        commit = huggingface_hub.upload_folder(repo_id=getattr(repo, "repo_id", repo_id), folder_path=str(out),
+                                               allow_patterns=files, commit_message=commit_message, token=token)
+    except Exception as e:  # noqa: BLE001 - network, auth and hub errors: one line
+        raise NoisyStudentError(f"export: push to the hub repository {repo_id} failed ({error_reason(e)}); "
+                                f"the export is in {out}") from None
+    url = str(getattr(commit, "commit_url", None) or commit)
+    log.info(f"export: pushed {len(files)} files to {repo_id}")
+    return url
 
 
 def load_exported(directory: Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:

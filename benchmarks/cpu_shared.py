@@ -39,7 +39,9 @@ def worker(args: argparse.Namespace) -> None:
     """One process: warm up (and calibrate the precision), then time ``--steps`` training steps."""
     import dataclasses
 
-    import noisystudent  # noqa: F401 - first: its start-up CPU settings must precede `import torch`
+    import noisystudent
+
+    noisystudent.configure_cpu()  # first: the start-up CPU settings must precede `import torch`
     import numpy as np
     import torch
     from torch.utils.data import Dataset, Subset
@@ -217,7 +219,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.worker:
         return worker(args)
-    env = dict(os.environ)  # copied before importing noisystudent, whose start-up may set OMP_NUM_THREADS
+    env = dict(os.environ)  # copied before noisystudent's start-up (configure_cpu) may set OMP_NUM_THREADS
     if args.baseline:
         env["NOISYSTUDENT_CPU_TUNING"] = "0"
     for kv in args.env:

@@ -30,7 +30,7 @@ from noisystudent.data.datasets import build_splits
 from noisystudent.data.transforms import eval_transform, train_transform
 from noisystudent.models.checkpoint import save_model
 from noisystudent.models.factory import create_model
-from noisystudent.models.pretrained import check_pretrained_files
+from noisystudent.models.preflight import check_pretrained_files
 from noisystudent.runtime.errors import CheckpointError
 from noisystudent.runtime.rundir import RunDir
 from test_data import folder_cfg, folders, make_folder  # noqa: F401 - folders is a fixture

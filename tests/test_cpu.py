@@ -76,10 +76,12 @@ def test_other_processes_cpu_use_is_measured():
 
 @pytest.mark.parametrize("user_threads", [None, "1"])
 def test_the_cli_chooses_threads_before_torch_loads(user_threads):
-    """`noisystudent ...` imports the package (and so configure) before anything imports torch:
-    the thread count it chose is the one torch starts with; the user's OMP_NUM_THREADS reaches
-    torch untouched."""
-    code = ("import noisystudent.cli, json, torch; from noisystudent.runtime import cpu; c = cpu.cpu_settings(); "
+    """`noisystudent ...` (cli.main) configures first, before anything imports torch: the thread
+    count it chose is the one torch starts with; the user's OMP_NUM_THREADS reaches torch untouched."""
+    code = ("import contextlib, io, json, sys; import noisystudent.cli as cli; assert 'torch' not in sys.modules; "
+            "out = io.StringIO(); redirect = contextlib.redirect_stdout(out); redirect.__enter__(); "
+            "cli.main(['config', '--markdown']); redirect.__exit__(None, None, None); "
+            "import torch; from noisystudent.runtime import cpu; c = cpu.cpu_settings(); "
             "print(json.dumps({'threads': torch.get_num_threads(), "
             "'chosen': c['configured']['threads'].get('threads'), 'note': c['configured']['note']}))")
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", cpu.OURS_VARIABLE, cpu.OFF_VARIABLE)}
@@ -144,3 +146,29 @@ def test_the_cpu_description_names_the_model_and_native_bf16(tmp_path):
     assert cpu.cpu_description(info)["native_bf16"] is False
     missing = cpu.cpu_description(tmp_path / "absent")
     assert missing["native_bf16"] is None and missing["model"]
+
+
+def test_importing_the_package_has_no_side_effects():
+    """`import noisystudent` (and its API modules) leaves the environment as it was and loads no
+    torch: choosing the CPU threads is an explicit call (configure_cpu), which the CLI makes."""
+    code = ("import json, os, sys; before = dict(os.environ); "
+            "import noisystudent, noisystudent.cli, noisystudent.config.schema; "
+            "from noisystudent.runtime import cpu; "
+            "print(json.dumps({'same_env': dict(os.environ) == before, 'torch': 'torch' in sys.modules, "
+            "'configured': bool(cpu._applied)}))")
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", cpu.OURS_VARIABLE, cpu.OFF_VARIABLE)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == {"same_env": True, "torch": False, "configured": False}
+
+
+def test_configure_decides_once_per_process():
+    """The CLI configures, then run_pipeline configures again: the second call returns the first
+    decision (no second sample, no change to the environment)."""
+    code = ("import json, os; from noisystudent.runtime import cpu; "
+            "first = cpu.configure(); env = dict(os.environ); second = cpu.configure(); "
+            "print(json.dumps({'same': first == second, 'env_same': env == dict(os.environ)}))")
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", cpu.OURS_VARIABLE, cpu.OFF_VARIABLE)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == {"same": True, "env_same": True}

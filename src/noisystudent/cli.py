@@ -10,8 +10,8 @@ import time
 from pathlib import Path
 
 from .config.schema import ABLATIONS, PseudoLabelConfig, config_reference_markdown, load_config
-from .runtime.errors import NoisyStudentError
-from .train.state import TrainingPreempted
+from .runtime.cpu import configure as configure_cpu
+from .runtime.errors import NoisyStudentError, TrainingPreempted
 
 LABEL_DEFAULTS = PseudoLabelConfig()  # `noisystudent label` labels as the pipeline's label stage does
 
@@ -439,6 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    configure_cpu()  # first: the thread count must be chosen before anything imports torch
     args = build_parser().parse_args(argv)
     quiet = getattr(args, "quiet", False)
     console = logging.StreamHandler(sys.stderr)

@@ -44,8 +44,10 @@ from .label.store import LabelStore
 from .label.pseudo_labeled import pseudo_labeled_set
 from .models.checkpoint import clean_transform, data_config, eval_size, load_model, save_model
 from .models.factory import count_parameters, create_model
-from .models.pretrained import check_pretrained_files, stage_data_config
+from .models.preflight import check_pretrained_files
+from .models.pretrained import stage_data_config
 from .runtime import rundir as layout
+from .runtime.cpu import configure as configure_cpu
 from .runtime.distributed import DistContext, cleanup, init_distributed
 from .runtime.errors import ConfigError, DataError
 from .runtime.files import atomic_write
@@ -254,6 +256,7 @@ def run_pipeline(cfg: Config, run_dir: Path, *, resume: bool = False, progress: 
     that kind: the per-stage commands (``noisystudent train | label | select``), so each stage can
     have its own job and allocation. Returns ``{"ran": stage}`` then.
     """
+    configure_cpu()  # the CPU thread choice (a no-op after the CLI's, or once torch is loaded)
     if only is not None and only not in STAGE_KINDS:
         raise ConfigError(f"unknown stage kind {only!r}; one of {', '.join(STAGE_KINDS)}")
     stages = resolve_stages(cfg)

@@ -42,9 +42,9 @@ log = logging.getLogger("noisystudent")
 LOCAL_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors", ".tar")
 _WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "module", "net")
 _PREFIXES = ("module.", "_orig_mod.")
-_HUB_PREFIXES = ("hf-hub:", "hf_hub:")
+HUB_PREFIXES = ("hf-hub:", "hf_hub:")
 LOCAL_DIR_PREFIX = "local-dir:"
-_TIMM_SOURCE_PREFIXES = (*_HUB_PREFIXES, LOCAL_DIR_PREFIX)  # names timm.create_model resolves itself
+_TIMM_SOURCE_PREFIXES = (*HUB_PREFIXES, LOCAL_DIR_PREFIX)  # names timm.create_model resolves itself
 
 
 def model_architecture(model: nn.Module) -> str:
@@ -188,7 +188,7 @@ def tag_pretrained_cfg(tag: str) -> dict:
     or, for ``hf-hub:org/repo``, from the repository's ``config.json`` (a download)."""
     if tag.startswith(LOCAL_DIR_PREFIX):
         return local_dir_pretrained_cfg(tag)
-    if tag.startswith(_HUB_PREFIXES):
+    if tag.startswith(HUB_PREFIXES):
         from timm.models import load_model_config_from_hf
 
         try:
@@ -494,46 +494,3 @@ def stage_data_config(model_name: str, pretrained: str | None, model: nn.Module,
 
 def _fmt(values) -> str:
     return "(" + ", ".join(f"{v:.4g}" for v in values) + ")"
-
-
-# ------------------------------------------------------------------------------ preflight
-
-
-def check_pretrained_files(stages, *, num_classes: int, channels: int, classes: list[str] | None = None) -> None:
-    """Check every stage's ``pretrained`` source before the first stage trains, so that a
-    student's file for another architecture stops the run in seconds, not after the teacher.
-
-    ``stages`` are the run's :class:`~noisystudent.config.stages.ResolvedStage` records
-    (``resolve_stages(cfg)``); ``num_classes``, ``channels`` and ``classes`` are the data's. A
-    local file must exist, be a weight file, fit the stage's model by name and shape (the same
-    rules as :func:`apply_state_dict`) and, when it names its classes, name the data's
-    (:func:`check_class_names`; a stage of 0 epochs uses the weights as they are). Files are read
-    lazily (memory-mapped tensors, or safetensors headers) and models are built on the meta
-    device, so the check costs little even for L2. A timm tag is checked to exist in timm's
-    registry; its weights are fetched only when the stage runs. Raises :class:`CheckpointError`
-    or :class:`DataError` prefixed with the config key at fault.
-    """
-    from .factory import create_model
-
-    for stage in stages:
-        source = weights_source(stage.model, stage.pretrained)
-        if not source:
-            continue
-        try:
-            if not is_local_source(source):
-                if source.startswith(LOCAL_DIR_PREFIX):  # the folder and its config.json, no weights read
-                    names = local_dir_pretrained_cfg(source).get("label_names")
-                    if classes is not None and isinstance(names, (list, tuple)):
-                        check_class_names(source, [str(c) for c in names], classes, stage.epochs == 0)
-                elif not source.startswith(_HUB_PREFIXES):
-                    timm_pretrained_cfg(source)
-                continue
-            state, file_arch, file_classes = read_weight_file(source, lazy=True)
-            if classes is not None and file_classes is not None:
-                check_class_names(source, file_classes, classes, stage.epochs == 0)
-            with torch.device("meta"):
-                model = create_model(stage.model, num_classes, channels, pretrained=False)
-            apply_state_dict(model, state, source=str(source), num_classes=num_classes, file_arch=file_arch,
-                             check_only=True)
-        except (CheckpointError, DataError) as e:
-            raise type(e)(f"config key '{stage.config_key}.pretrained': {e}") from None

@@ -10,8 +10,9 @@ per core the others leave free, remove the collapse. Shortening the spin instead
 (``OMP_WAIT_POLICY=PASSIVE``, or ``GOMP_SPINCOUNT`` of 1,000-3,000) also helps when shared, but
 capped the idle speed of small networks at about half, so the wait policy is left alone.
 
-* At start-up, :func:`configure` (run from ``noisystudent/__init__.py``, before anything imports
-  torch) watches for :data:`SAMPLE_SECONDS` how many of the usable cores (CPU affinity, and a
+* At start-up, :func:`configure` (called by the command line first thing, and by
+  ``run_pipeline``; an API user calls ``noisystudent.configure_cpu()`` before importing torch)
+  watches for :data:`SAMPLE_SECONDS` how many of the usable cores (CPU affinity, and a
   container's cgroup CPU quota) other processes keep busy, and when they keep at least
   :data:`BUSY_THRESHOLD` of a core busy sets ``OMP_NUM_THREADS`` to what they leave free.
 * While training, :class:`ThreadGovernor` looks again every :data:`RECHECK_SECONDS` and moves the
@@ -20,9 +21,10 @@ capped the idle speed of small networks at about half, so the wait policy is lef
 
 On an idle machine neither changes anything. The user always wins: an ``OMP_NUM_THREADS`` in the
 environment, or a ``torch.set_num_threads`` call, turns both off, as does
-``NOISYSTUDENT_CPU_TUNING=0``. If torch was imported before noisystudent, start-up sets nothing
-(it would come too late) and the governor stays off. Child processes inherit ``OMP_NUM_THREADS``;
-one that imports noisystudent chooses again.
+``NOISYSTUDENT_CPU_TUNING=0``. If torch was imported before :func:`configure` ran, it sets nothing
+(it would come too late) and the governor stays off. Importing noisystudent changes nothing:
+configuring is an explicit call, made once per process (later calls return the first decision).
+Child processes inherit ``OMP_NUM_THREADS``; one that calls :func:`configure` chooses again.
 """
 
 from __future__ import annotations
@@ -164,7 +166,12 @@ def configure(environ: MutableMapping[str, str] | None = None,
     (variables this call set), ``kept`` (the user's own, untouched), ``threads`` (the choice and
     what it was based on), ``governed`` (whether the thread count is ours to change later) and
     ``note`` (why nothing was decided). ``environ``, ``busy`` and ``cores`` are for tests.
+
+    For this process (``environ`` None) it decides once: a second call (the CLI, then
+    ``run_pipeline``) returns the first decision without sampling again.
     """
+    if environ is None and _applied:
+        return dict(_applied)
     env = os.environ if environ is None else environ
     user_threads = "OMP_NUM_THREADS" in env and env.get(OURS_VARIABLE) != env["OMP_NUM_THREADS"]
     kept = {k: env[k] for k in WAIT_KNOBS if k in env} | ({"OMP_NUM_THREADS": env["OMP_NUM_THREADS"]}
@@ -173,7 +180,7 @@ def configure(environ: MutableMapping[str, str] | None = None,
     if env.get(OFF_VARIABLE, "").strip().lower() in ("0", "off", "false", "no"):
         decided["note"] = f"{OFF_VARIABLE}={env[OFF_VARIABLE]}: CPU thread choice disabled"
     elif environ is None and "torch" in sys.modules:
-        decided["note"] = "torch was imported before noisystudent: its OpenMP settings are already fixed"
+        decided["note"] = "torch was imported before configure(): its OpenMP settings are already fixed"
     elif user_threads:
         decided["note"] = "OMP_NUM_THREADS is set in the environment"
     else:

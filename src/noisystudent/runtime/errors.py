@@ -1,6 +1,7 @@
 """Errors a user can cause. The CLI prints them as one line and exits non-zero."""
 
 import re
+from pathlib import Path
 
 _FILE_OBJECT = re.compile(r"<_io\.\w+ object at 0x[0-9a-fA-F]+>")
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
@@ -33,6 +34,11 @@ class DataError(NoisyStudentError):
     """A missing, empty or unreadable dataset, image or class list."""
 
 
+class DamagedOutputError(DataError):
+    """A finished stage's files are missing or damaged (a shard deleted, a file cut short): the
+    stage that wrote them writes them again when the run resumes (runtime.runner)."""
+
+
 class CheckpointError(NoisyStudentError):
     """A checkpoint that cannot be loaded into the requested model."""
 
@@ -43,3 +49,11 @@ class StorageError(NoisyStudentError):
 
 class DistributedError(NoisyStudentError):
     """A collective operation failed because another process of the job stopped."""
+
+
+class TrainingPreempted(NoisyStudentError):
+    """SIGTERM arrived during training: a checkpoint was written and training stopped cleanly."""
+
+    def __init__(self, message: str, checkpoint: Path):
+        super().__init__(message)
+        self.checkpoint = checkpoint

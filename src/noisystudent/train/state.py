@@ -29,7 +29,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from ..runtime.errors import CheckpointError, NoisyStudentError
+from ..runtime.errors import CheckpointError, TrainingPreempted  # noqa: F401 - the loop raises it from here
 from ..runtime.files import atomic_write, read_torch_file, write_error
 from ..runtime.workers import ignore_sigterm_in_worker  # noqa: F401 - the loop's loaders use it from here
 
@@ -38,14 +38,6 @@ log = logging.getLogger("noisystudent")
 CHECKPOINT_FORMAT = 1
 _NAME = re.compile(r"^step-(\d+)\.pt$")
 _TEMP = re.compile(r"^\.step-(\d+)\.pt(?:\.\d+)?\.tmp$")
-
-
-class TrainingPreempted(NoisyStudentError):
-    """SIGTERM arrived during training: a checkpoint was written and training stopped cleanly."""
-
-    def __init__(self, message: str, checkpoint: Path):
-        super().__init__(message)
-        self.checkpoint = checkpoint
 
 
 # ------------------------------------------------------------------------------ RNG states

@@ -108,7 +108,9 @@ def test_http_shards_label_as_local_ones_and_a_dropped_connection_is_retried(sha
 
 
 def test_pipe_shards_label_as_local_ones(shards, local, tmp_path):
-    assert_same(local, label(f"pipe:cat {shards}/pool-{{0000..{SHARDS - 1:04d}}}.tar", tmp_path))
+    assert_same(local, label(f"pipe:cat {shards}/pool-{{0000..{SHARDS - 1:04d}}}.tar", tmp_path / "cat"))
+    # compressed on the way: told by its magic bytes and read through gzip
+    assert_same(local, label(f"pipe:gzip -c {shards}/pool-{{0000..{SHARDS - 1:04d}}}.tar", tmp_path / "gzip"))
 
 
 def test_s3_shards_from_a_local_endpoint_label_as_local_ones(shards, local, tmp_path, monkeypatch):

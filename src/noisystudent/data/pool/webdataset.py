@@ -31,6 +31,7 @@ from .remote import READ_CHUNK, check_exists, is_url, open_stream, url_path
 
 LISTING = "shards.txt"  # the frozen shard list in the prepare folder (RUN/pool/ for a run)
 _BLOCK = 512
+_WINDOW = 1 << 16  # bytes kept behind the read position: where tarfile looked for its next header
 _MAGIC = ((b"\x1f\x8b", gzip.GzipFile), (b"BZh", bz2.BZ2File), (b"\xfd7zXZ\x00", lzma.LZMAFile))
 
 
@@ -49,13 +50,17 @@ class _TarBytes:
         head = stream.peek(6)[:6]
         self.stream = next((cls(fileobj=stream) for magic, cls in _MAGIC if head.startswith(magic)), stream)
         self.pos = 0
-        self.recent: deque[tuple[int, bytes]] = deque(maxlen=4)  # (start, bytes) of the last reads
+        self.recent: deque[tuple[int, bytes]] = deque()  # (start, bytes) of the last reads, >= _WINDOW bytes
+        self.kept = 0
 
     def read(self, size: int = -1) -> bytes:
         data = self.stream.read(size)
         if data:
             self.recent.append((self.pos, data))
             self.pos += len(data)
+            self.kept += len(data)
+            while self.kept - len(self.recent[0][1]) >= _WINDOW:  # tarfile reads 10 KiB records at a time
+                self.kept -= len(self.recent.popleft()[1])
         return data
 
     def ends_at(self, offset: int) -> bool:

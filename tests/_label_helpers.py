@@ -1,4 +1,5 @@
-"""Shared pieces of the label-store tests: a tiny teacher, a tiny transform, synthetic stores.
+"""Shared pieces of the label-store tests: a tiny teacher (tests/_tiny.py's TinyNet), a tiny
+transform, synthetic stores.
 
 Also imported by the subprocess scripts of those tests (kill/resume, torchrun), which put this
 folder on ``sys.path``.
@@ -14,6 +15,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from _tiny import TinyNet
 from noisystudent.label.store import StoreHeader, write_header, write_shard
 from noisystudent.data.transforms import eval_transform
 
@@ -21,25 +23,10 @@ SIZE = 8
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 
 
-class TinyNet(nn.Module):
-    """Conv-BN-ReLU x2 and a linear head: enough structure for BN folding and varied predictions."""
-
-    def __init__(self, num_classes: int = 10, seed: int = 0):
-        super().__init__()
-        torch.manual_seed(seed)
-        self.conv1, self.bn1 = nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16)
-        self.conv2, self.bn2 = nn.Conv2d(16, 32, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(32)
-        self.fc = nn.Linear(32 * (SIZE // 2) ** 2, num_classes)
-        for bn in (self.bn1, self.bn2):  # non-trivial running statistics, so folding matters
-            bn.running_mean.uniform_(-0.2, 0.2)
-            bn.running_var.uniform_(0.5, 2.0)
-            bn.weight.data.uniform_(0.5, 1.5)
-        self.fc.weight.data.mul_(12.0)  # confident enough that top-1 is not a coin toss
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = torch.relu(self.bn1(self.conv1(x)))
-        x = torch.relu(self.bn2(self.conv2(x)))
-        return self.fc(x.flatten(1))
+def teacher_net(num_classes: int = 10) -> TinyNet:
+    """The tests' TinyNet with BatchNorm on three channels: enough structure for BN folding and
+    varied, confident predictions."""
+    return TinyNet(num_classes, in_chans=3, batch_norm=True)
 
 
 class KillAfter(nn.Module):
@@ -116,12 +103,12 @@ def main(argv: list[str]) -> None:
     ``dist STORE``: label under torchrun."""
     mode, store = argv[0], Path(argv[1])
     if mode == "kill":
-        label(store, KillAfter(TinyNet(NUM_CLASSES), int(argv[2])))
+        label(store, KillAfter(teacher_net(NUM_CLASSES), int(argv[2])))
     elif mode == "dist":
         from noisystudent.runtime.distributed import cleanup, init_distributed
 
         ctx = init_distributed("cpu")
-        label(store, TinyNet(NUM_CLASSES), ctx=ctx, num_workers=1)
+        label(store, teacher_net(NUM_CLASSES), ctx=ctx, num_workers=1)
         cleanup(ctx)
     else:
         raise SystemExit(f"unknown mode {mode}")

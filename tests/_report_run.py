@@ -1,4 +1,4 @@
-"""Run directories for the report tests, written by the pipeline itself.
+"""Run directories for the tests that read a run (the report's above all), written by the pipeline itself.
 
 ``make_run(root)`` is one ``run_pipeline(load_config(None, overrides), root)`` on the embedded
 digits: a teacher, three students (the last one tested at 24 px, so a fix-res fine-tune runs
@@ -8,6 +8,8 @@ the digits the labeled split leaves over (``data.labels_per_class``) followed by
 it ends; the tests read what it wrote through the names of :mod:`noisystudent.runtime.rundir`,
 and find the pool's images for thumbnails with :func:`noisystudent.pipeline.open_pool`, as
 ``noisystudent report`` does.
+
+conftest.py's session fixture ``finished_run`` builds ``make_run`` once for the whole suite.
 
 ``make_stopped_run(root)`` is a run still going: the per-stage commands' ``run_pipeline(...,
 only=kind)`` ran the teacher, ``label-1``, ``select-1`` and ``student-1`` of a two-student chain.
@@ -20,6 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from _tiny import DIGITS
 from noisystudent.config.schema import load_config
 from noisystudent.pipeline import run_pipeline
 from noisystudent.runtime.rundir import MANIFEST
@@ -28,15 +31,13 @@ READABLE = 24  # PNGs in the pool folder that decode
 UNREADABLE = {"bad-empty.png": b"", "bad-text.png": b"this is not an image"}  # + one truncated PNG below
 NUM_UNREADABLE = len(UNREADABLE) + 1
 
-SMALL = ["train.batch_size=16", "data.val_per_class=5", "data.test_per_class=10", "train.precision=fp32",
-         "pseudo.precision=fp32"]
-RUN = SMALL + [
+RUN = DIGITS + [
     "teacher.epochs=30", "train.epochs=20", "pseudo.shard_size=512", "pseudo.per_class=16",
     "students=[{model: ns_cnn_s}, {model: ns_cnn_s}, {model: ns_cnn_m, test_size: 24}]",
     "finetune.enabled=true", "finetune.epochs=1",
     "evaluate.suites=[clean, corruptions, perturbations, fgsm, pgd]", "evaluate.max_images=8",
     "evaluate.severities=[1]", "evaluate.fgsm_eps=[0, 8]", "evaluate.pgd_steps=2", "evaluate.normalizer=alexnet"]
-STOPPED = SMALL + ["teacher.epochs=2", "train.epochs=1", "data.max_unlabeled=200", "pseudo.shard_size=64",
+STOPPED = DIGITS + ["teacher.epochs=2", "train.epochs=1", "data.max_unlabeled=200", "pseudo.shard_size=64",
                    "students=[{model: ns_cnn_s}, {model: ns_cnn_s}]"]
 
 

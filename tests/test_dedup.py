@@ -226,20 +226,20 @@ def test_heldout_file_holds_every_split_image(tmp_path):
 
 
 def test_labeler_stores_the_hashes_of_the_images_it_decodes(tmp_path):
-    from _label_helpers import TinyNet, transform
+    from _label_helpers import teacher_net, transform
     from noisystudent.data.pool import ImageSetSource
     from noisystudent.label.inference import label_to_store
 
     images = np.stack([np.asarray(im.convert("RGB")) for im in _smooth_rgb(23, 20)])
     source = ImageSetSource(ArrayImageSet(images, None), shard_size=8)
-    label_to_store(TinyNet(), source, tmp_path / "store", transform=transform(), num_classes=10, teacher="t",
+    label_to_store(teacher_net(), source, tmp_path / "store", transform=transform(), num_classes=10, teacher="t",
                    device="cpu", num_workers=1, batch_size=5, progress=False, precision="fp32")
     t = pq.read_table(tmp_path / "store" / "shards")
     exact, phash = hash_images([Image.fromarray(a) for a in images], "RGB")  # at 20 px, not the 8 px input
     order = np.argsort([int(k) for k in t.column("key").to_pylist()])
     assert t.column("content_hash").to_numpy()[order].tolist() == exact.tolist()
     assert t.column("phash").to_numpy()[order].tolist() == phash.tolist()
-    label_to_store(TinyNet(), source, tmp_path / "plain", transform=transform(), num_classes=10, teacher="t",
+    label_to_store(teacher_net(), source, tmp_path / "plain", transform=transform(), num_classes=10, teacher="t",
                    device="cpu", num_workers=0, progress=False, precision="fp32", hashes=False)
     assert "phash" not in pq.read_table(tmp_path / "plain" / "shards").column_names
 

@@ -69,7 +69,7 @@ def test_cpu_runs_never_take_the_gpu_path(tmp_path):
     with pytest.raises(ConfigError, match="decode must be one of"):
         J.choose_decoder("nvjpeg", CUDA, clean, pool, 2)
     with pytest.raises(ConfigError, match="decode='cuda' needs a CUDA device, labeling runs on cpu"):
-        label_to_store(H.TinyNet(), pool, tmp_path / "store", transform=clean, num_classes=10, teacher="t",
+        label_to_store(H.teacher_net(), pool, tmp_path / "store", transform=clean, num_classes=10, teacher="t",
                        device="cpu", decode="cuda", num_workers=0, progress=False)
 
 
@@ -124,11 +124,11 @@ def test_labeling_through_the_gpu_path_matches_the_cpu_path(tmp_path, monkeypatc
     pool = _pool(tmp_path / "pool", n=12, bad=(4,))
     common = dict(transform=eval_transform(8, 3, H.MEAN, H.STD), num_classes=10, teacher="t", top_k=3,
                   batch_size=4, num_workers=1, precision="fp32", progress=False, device="cpu")
-    cpu = label_to_store(H.TinyNet(), pool, tmp_path / "cpu", **common)
+    cpu = label_to_store(H.teacher_net(), pool, tmp_path / "cpu", **common)
     assert cpu.run["decode"]["decoder"] == "cpu"
     # The check that keeps CPU runs off the GPU path, bypassed: GpuJpegDecoder runs with device="cpu".
     monkeypatch.setattr(inference, "choose_decoder", lambda *a, **k: (True, {"decoder": "cuda", "reason": "test"}))
-    gpu = label_to_store(H.TinyNet(), pool, tmp_path / "gpu", **common)
+    gpu = label_to_store(H.teacher_net(), pool, tmp_path / "gpu", **common)
     assert gpu.run["decode"]["decoder"] == "cuda" and gpu.num_rows == cpu.num_rows == 11 and gpu.num_bad == 1
     a, b = load_pseudo_labels(tmp_path / "cpu"), load_pseudo_labels(tmp_path / "gpu")
     assert a.keys == b.keys

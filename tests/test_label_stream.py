@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 import _label_helpers as H
+from _tiny import torchrun
 from noisystudent.data.datasets import ArrayImageSet
 from noisystudent.runtime.errors import DataError
 from noisystudent.label.store import LabelStore, load_pseudo_labels
@@ -32,7 +33,7 @@ def _png(rng, size=10) -> bytes:
 def _label(source, store, model=None, **kw):
     args = dict(transform=H.transform(), num_classes=H.NUM_CLASSES, teacher="tiny", top_k=3, batch_size=4,
                 num_workers=1, precision="fp32", progress=False)
-    return label_to_store(model or H.TinyNet(H.NUM_CLASSES), source, store, **(args | kw))
+    return label_to_store(model or H.teacher_net(), source, store, **(args | kw))
 
 
 def test_folder_and_file_list_sources_skip_bad_images(tmp_path):
@@ -100,7 +101,7 @@ def test_webdataset_tar_shards(tmp_path):
 def test_streamed_labels_equal_in_memory_labeling(tmp_path):
     rng = np.random.default_rng(2)
     images = ArrayImageSet(rng.integers(0, 256, (37, 8, 8, 3), dtype=np.uint8), None)
-    model = H.TinyNet(H.NUM_CLASSES)
+    model = H.teacher_net()
     m = _label(imageset_source(images, shard_size=10), tmp_path / "store", model=model, batch_size=8)
     streamed = load_pseudo_labels(tmp_path / "store")
 
@@ -147,7 +148,7 @@ def test_bf16_is_chosen_when_it_agrees_and_is_fast_enough(monkeypatch):
 
 
 def test_resume_after_sigkill_mid_shard_matches_uninterrupted_run(tmp_path):
-    ref = H.label(tmp_path / "ref", H.KillAfter(H.TinyNet(H.NUM_CLASSES), None))
+    ref = H.label(tmp_path / "ref", H.KillAfter(H.teacher_net(), None))
     killed = subprocess.run([sys.executable, str(HELPERS), "kill", str(tmp_path / "run"), "10"],
                             capture_output=True, text=True, timeout=300)
     assert killed.returncode == -9, killed.stderr[-2000:]  # really killed (SIGKILL), not an exception
@@ -156,7 +157,7 @@ def test_resume_after_sigkill_mid_shard_matches_uninterrupted_run(tmp_path):
     assert 0 < len(before.shards) < before.num_shards
     stamps = {s.file: os.stat(tmp_path / "run" / s.file).st_mtime_ns for s in before.shards}
 
-    resumed = H.label(tmp_path / "run", H.KillAfter(H.TinyNet(H.NUM_CLASSES), None))
+    resumed = H.label(tmp_path / "run", H.KillAfter(H.teacher_net(), None))
     assert resumed.complete
     assert resumed.run["shards_skipped"] == len(before.shards)
     assert resumed.run["shards_labeled"] == before.num_shards - len(before.shards)
@@ -170,15 +171,11 @@ def test_resume_after_sigkill_mid_shard_matches_uninterrupted_run(tmp_path):
 
 
 def test_torchrun_two_processes_label_like_one(tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(HELPERS), "dist", str(tmp_path / "two")],
-                          capture_output=True, text=True, timeout=600, env=env)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    torchrun(str(HELPERS), "dist", str(tmp_path / "two"))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the same arithmetic as each torchrun process
     try:
-        one = H.label(tmp_path / "one", H.TinyNet(H.NUM_CLASSES), num_workers=1)
+        one = H.label(tmp_path / "one", H.teacher_net(), num_workers=1)
     finally:
         torch.set_num_threads(threads)
     two = LabelStore.open(tmp_path / "two").manifest

@@ -302,7 +302,7 @@ def test_eval_transform_with_a_data_config_is_timms(tmp_path):
         assert ours.geometry is None  # GPU JPEG decoding reproduces bilinear only: this one stays on the CPU
 
 
-@pytest.mark.parametrize("kind", ["local-dir", "file"])
+@pytest.mark.parametrize("kind", ["local-dir", "file", "model-name"])
 def test_a_pretrained_teacher_is_recorded_and_labels_with_its_own_preprocessing(hf_folder, tmp_path, kind):
     """A teacher used as trained elsewhere (epochs 0): the run records the weights' data config in
     model.pt, and the labeler (clean_transform of the checkpoint) normalises with it."""
@@ -317,9 +317,12 @@ def test_a_pretrained_teacher_is_recorded_and_labels_with_its_own_preprocessing(
     from noisystudent.runtime.rundir import MODEL, TEACHER, RunDir
 
     folder, _ = hf_folder
-    source = f"local-dir:{folder}" if kind == "local-dir" else str(folder / "model.safetensors")
-    cfg = load_config(None, ["teacher.model=test_resnet", f"teacher.pretrained={source}", "teacher.epochs=0",
-                             "students=[]", "data.val_per_class=2", "data.test_per_class=2"])
+    source = str(folder / "model.safetensors") if kind == "file" else f"local-dir:{folder}"
+    # model-name: the folder as the model, as timm.create_model("local-dir:...") takes it
+    model_keys = [f"teacher.model={source}"] if kind == "model-name" else \
+        ["teacher.model=test_resnet", f"teacher.pretrained={source}"]
+    cfg = load_config(None, [*model_keys, "teacher.epochs=0", "students=[]", "data.val_per_class=2",
+                             "data.test_per_class=2"])
     run_pipeline(cfg, tmp_path / "run", progress=False)
     ckpt = RunDir(tmp_path / "run").file(TEACHER, MODEL)
     meta = load_checkpoint(ckpt)
@@ -328,6 +331,7 @@ def test_a_pretrained_teacher_is_recorded_and_labels_with_its_own_preprocessing(
     assert recorded["mean"] == list(FOLDER_MEAN) and recorded["interpolation"] == "bicubic"
     assert recorded["source"] == source and recorded["crop_pct"] == 0.9
     assert clean_transform(meta).normalize.mean == FOLDER_MEAN
+    assert meta["model"] == "test_resnet"  # the architecture the folder names, rebuilt without it
 
     pool = tmp_path / "pool"
     pool.mkdir()

@@ -14,19 +14,12 @@ from torch.utils.data import Dataset, Subset
 import noisystudent.data.device_input as D
 from noisystudent.config.schema import NoiseConfig
 from noisystudent.data.datasets import ArrayImageSet, TransformedSet
-from noisystudent.data.device_input import DeviceInput, eval_batches, host_view, wants_channels_last
+from noisystudent.data.device_input import DeviceInput, EvalCache, eval_batches, host_view, wants_channels_last
 from noisystudent.data.transforms import ImageTransform, Normalize, eval_transform, train_transform
 from noisystudent.evaluate.classifier import evaluate_classifier
 from noisystudent.runtime.errors import ConfigError
 
 CPU = torch.device("cpu")
-
-
-@pytest.fixture(autouse=True)
-def empty_cache():
-    D.clear_cache()
-    yield
-    D.clear_cache()
 
 
 def _images(n=10, shape=(20, 18, 3), seed=0):
@@ -120,29 +113,32 @@ def _net(seed=0):
 
 
 def test_evaluation_is_cached_after_its_first_full_pass():
-    loads = []
+    """In the EvalCache the caller passes; without one nothing is kept."""
+    loads, cache = [], EvalCache()
     val = Counting(_images(10), eval_transform(8, 3, (0.5,) * 3, (0.25,) * 3), loads)
     net = _net()
-    first = evaluate_classifier(net, val, CPU, batch_size=4)
-    assert len(loads) == 10
+    first = evaluate_classifier(net, val, CPU, batch_size=4, cache=cache)
+    assert len(loads) == 10 and len(cache) == 1 and cache.nbytes() == 10 * 3 * 8 * 8 + 10 * 8
+    assert evaluate_classifier(net, val, CPU, batch_size=4) == first and len(loads) == 20  # no cache: read again
+    del loads[10:]
     rng_after = []
     for _ in range(2):
         state = torch.get_rng_state()
-        assert evaluate_classifier(net, val, CPU, batch_size=4) == first
+        assert evaluate_classifier(net, val, CPU, batch_size=4, cache=cache) == first
         rng_after.append(torch.rand(1))
         torch.set_rng_state(state)
     assert len(loads) == 10  # nothing loaded again
     # An uncached pass draws the same from torch's RNG as a cached one (dropout masks stay the same).
     state = torch.get_rng_state()
-    evaluate_classifier(net, Counting(_images(10), val.transform, []), CPU, batch_size=4)
+    evaluate_classifier(net, Counting(_images(10), val.transform, []), CPU, batch_size=4, cache=EvalCache())
     assert torch.equal(torch.rand(1), rng_after[0])
     torch.set_rng_state(state)
     # Another batch size (or world size) is another pass; a pass stopped early caches nothing.
-    evaluate_classifier(net, val, CPU, batch_size=5)
+    evaluate_classifier(net, val, CPU, batch_size=5, cache=cache)
     assert len(loads) == 20
     other = Counting(_images(10), val.transform, [])
-    next(iter(eval_batches(other, CPU, batch_size=4)))
-    next(iter(eval_batches(other, CPU, batch_size=4)))
+    next(iter(eval_batches(other, CPU, batch_size=4, cache=cache)))
+    next(iter(eval_batches(other, CPU, batch_size=4, cache=cache)))
     assert len(other.loads) == 8
 
 
@@ -150,14 +146,15 @@ def test_augmented_and_oversized_sets_are_never_cached(monkeypatch):
     noisy = train_transform(8, 3, (0.5,) * 3, (0.25,) * 3, NoiseConfig(), flip=True)
     loads = []
     train = Counting(_images(6), noisy, loads)
+    cache = EvalCache()
     for _ in range(2):
-        evaluate_classifier(_net(), train, CPU, batch_size=4)
-    assert len(loads) == 12
+        evaluate_classifier(_net(), train, CPU, batch_size=4, cache=cache)
+    assert len(loads) == 12 and len(cache) == 0
     monkeypatch.setattr(D, "CACHE_CPU_BYTES", 6 * 3 * 8 * 8 - 1)  # one byte short of the whole set
     loads = []
     val = Counting(_images(6), eval_transform(8, 3, (0.5,) * 3, (0.25,) * 3), loads)
     for _ in range(2):
-        evaluate_classifier(_net(), val, CPU, batch_size=4)
+        evaluate_classifier(_net(), val, CPU, batch_size=4, cache=cache)
     assert len(loads) == 12 and D.cache_budget(CPU) == 6 * 3 * 8 * 8 - 1
 
 

@@ -6,19 +6,12 @@ import pytest
 import torch
 
 import noisystudent.runtime.precision as precision
-from noisystudent.runtime.precision import choose_train_precision, measure_bf16
+from noisystudent.runtime.precision import PrecisionCache, choose_train_precision, measure_bf16
 from noisystudent.runtime.distributed import DistContext
 from noisystudent.train.loop import train_classifier
 from noisystudent.train.state import list_checkpoints
 from noisystudent.runtime.cpu import cpu_description
 from _train_scenarios import NUM_CLASSES, digits_data, noisy_model, student_config
-
-
-@pytest.fixture(autouse=True)
-def fresh_cache():
-    precision.clear_precision_cache()
-    yield
-    precision.clear_precision_cache()
 
 
 def rates(fp32: float, bf16: float):
@@ -54,13 +47,18 @@ def test_auto_on_cpu_keeps_bf16_only_where_measured_faster(fp32, bf16, chosen):
 
 
 def test_the_choice_is_cached_per_model_and_batch_shape():
+    """In the cache the caller holds (a run holds one for all its stages); without one, every call measures."""
     x, t = batch()
-    measure = rates(100.0, 300.0)
-    choose_train_precision("auto", noisy_model(), x, t, loss_fn, measure=measure)
-    name, _, info = choose_train_precision("auto", noisy_model(seed=1), x, t, loss_fn, measure=measure)
+    measure, cache = rates(100.0, 300.0), PrecisionCache()
+    choose_train_precision("auto", noisy_model(), x, t, loss_fn, measure=measure, cache=cache)
+    name, _, info = choose_train_precision("auto", noisy_model(seed=1), x, t, loss_fn, measure=measure, cache=cache)
     assert name == "bf16" and info["cached"] and info["bf16_img_s"] == 300.0 and len(measure.calls) == 1
-    choose_train_precision("auto", noisy_model(), *batch(4), loss_fn, measure=measure)  # another batch size
-    assert len(measure.calls) == 2
+    choose_train_precision("auto", noisy_model(), *batch(4), loss_fn, measure=measure, cache=cache)  # another batch size
+    assert len(measure.calls) == 2 and len(cache) == 2
+    name, _, info = choose_train_precision("auto", noisy_model(), x, t, loss_fn, measure=measure)  # no cache
+    assert name == "bf16" and not info["cached"] and len(measure.calls) == 3
+    assert choose_train_precision("auto", noisy_model(), x, t, loss_fn, measure=measure, cache=PrecisionCache())[2][
+        "cached"] is False and len(measure.calls) == 4  # another run's cache: measured again
 
 
 def test_explicit_precision_is_not_measured():
@@ -132,7 +130,6 @@ def test_a_resumed_stage_keeps_the_precision_it_started_with(tmp_path, monkeypat
     first = train_classifier(noisy_model(), labeled, val, student_config(precision="auto"), **kwargs)
     assert first.precision == "bf16"
     list_checkpoints(tmp_path)[-1].unlink()  # as if killed after step 3
-    precision.clear_precision_cache()
     monkeypatch.setattr(precision, "measure_bf16", rates(400.0, 100.0))  # would now choose fp32
     resumed = train_classifier(noisy_model(), labeled, val, student_config(precision="auto"), **kwargs)
     assert resumed.resumed_from_step == 3 and resumed.precision == "bf16"

@@ -12,11 +12,13 @@ Not timm's ``PrefetchLoader``: it takes ``(input, target)`` batches only (the la
 dicts), and normalises as ``(x - 255 mean) / (255 std)``, which rounds differently from
 ``ToTensor`` + ``Normalize`` and so would change CPU results; its stream handling is copied.
 
-Evaluation (:func:`eval_batches`) also caches: a deterministic dataset (an un-augmented
-transform: validation, test, fix-res's clean sets) whose uint8 tensors fit the budget
-(:func:`cache_budget`: 5% of the GPU's memory, or 512 MiB of RAM on a CPU, over all cached sets
-together) is kept on the device after its first full pass, so the per-epoch validation of later
-epochs reads no file and starts no worker. A cache entry lives as long as the dataset object.
+Evaluation (:func:`eval_batches`) also caches, given an :class:`EvalCache` (the caller holds it:
+a training stage for its per-epoch validation, the pipeline for the whole run): a deterministic
+dataset (an un-augmented transform: validation, test, fix-res's clean sets) whose uint8 tensors
+fit the budget (:func:`cache_budget`: 5% of the GPU's memory, or 512 MiB of RAM on a CPU, over all
+sets in the cache together) is kept on the device after its first full pass, so the per-epoch
+validation of later epochs reads no file and starts no worker. An entry lives as long as the
+dataset object and the cache.
 """
 
 from __future__ import annotations
@@ -34,8 +36,8 @@ from ..runtime.distributed import DistContext, shard_indices
 from ..runtime.workers import ignore_sigterm_in_worker  # the main process stops its workers, also on SIGTERM
 from .transforms import ImageTransform, Normalize
 
-__all__ = ["DeviceInput", "host_view", "eval_batches", "cache_budget", "wants_channels_last",
-           "CACHE_CPU_BYTES", "CACHE_CUDA_FRACTION", "clear_cache"]
+__all__ = ["DeviceInput", "host_view", "eval_batches", "EvalCache", "cache_budget", "wants_channels_last",
+           "CACHE_CPU_BYTES", "CACHE_CUDA_FRACTION"]
 
 CACHE_CPU_BYTES = 512 * 2**20  # evaluation cache on a CPU device (host RAM)
 CACHE_CUDA_FRACTION = 0.05  # evaluation cache on a GPU: this share of its memory (7 GiB of an H200)
@@ -140,12 +142,35 @@ class _Cached:
     nbytes: int
 
 
-_cache: "weakref.WeakKeyDictionary[Dataset, _Cached]" = weakref.WeakKeyDictionary()
+class EvalCache:
+    """Evaluation sets kept on the device after a full pass, by dataset object (weakly: an entry
+    goes with its dataset). Whoever evaluates the same set repeatedly holds one and passes it to
+    :func:`eval_batches`; dropping the cache gives the memory back."""
 
+    def __init__(self) -> None:
+        self._sets: "weakref.WeakKeyDictionary[Dataset, _Cached]" = weakref.WeakKeyDictionary()
 
-def clear_cache() -> None:
-    """Drop every cached evaluation set (tests; or to give the memory back at once)."""
-    _cache.clear()
+    def get(self, dataset: Dataset, key: tuple) -> _Cached | None:
+        """The entry of ``dataset`` made with the same ``key`` (rank, world size, batch size,
+        length), else None; None also for a dataset that cannot be weakly referenced."""
+        try:
+            cached = self._sets.get(dataset)
+        except TypeError:
+            return None
+        return cached if cached is not None and cached.key == key else None
+
+    def put(self, dataset: Dataset, entry: _Cached) -> None:
+        self._sets[dataset] = entry
+
+    def nbytes(self) -> int:
+        """Bytes held, over all sets."""
+        return sum(c.nbytes for c in self._sets.values())
+
+    def __len__(self) -> int:
+        return len(self._sets)
+
+    def clear(self) -> None:
+        self._sets.clear()
 
 
 def cache_budget(device: torch.device) -> int:
@@ -164,16 +189,17 @@ def _nbytes(batch: tuple) -> int:
 class eval_batches:  # noqa: N801 - used like the function it is to its callers
     """``(model input, targets)`` on ``device`` for this rank's share of ``dataset``, in order:
     from the device cache when an earlier full pass left it there, else through a pinned loader
-    (``num_workers`` workers) and :class:`DeviceInput`, caching the pass if the dataset is
-    deterministic (an :class:`ImageTransform` without augmentation) and fits :func:`cache_budget`.
+    (``num_workers`` workers) and :class:`DeviceInput`, caching the pass in ``cache`` (None: no
+    caching) if the dataset is deterministic (an :class:`ImageTransform` without augmentation) and
+    fits :func:`cache_budget`.
 
     An iterable like the DataLoader it stands for: each ``iter()`` draws the loader's seeds from
     torch's global RNG, cached or not, so a training run's dropout masks do not depend on whether
     its validation set was cached (CPU runs stay bit-identical to uncached ones)."""
 
     def __init__(self, dataset: Dataset, device: torch.device, *, batch_size: int = 256, num_workers: int = 0,
-                 ctx: DistContext | None = None, channels_last: bool = False):
-        self.dataset, self.device = dataset, torch.device(device)
+                 ctx: DistContext | None = None, channels_last: bool = False, cache: EvalCache | None = None):
+        self.dataset, self.device, self.cache = dataset, torch.device(device), cache
         self.ctx = ctx or DistContext(device=self.device)
         view, self.transform = host_view(dataset)
         self.input = DeviceInput(self.device, self.transform.normalize if self.transform else None, channels_last)
@@ -186,15 +212,8 @@ class eval_batches:  # noqa: N801 - used like the function it is to its callers
     def __len__(self) -> int:
         return len(self.loader)
 
-    def _cached(self) -> _Cached | None:
-        try:
-            cached = _cache.get(self.dataset)
-        except TypeError:  # a dataset that cannot be weakly referenced (or hashed): never cached
-            return None
-        return cached if cached is not None and cached.key == self.key else None
-
     def __iter__(self) -> Iterator[tuple]:
-        cached = self._cached()
+        cached = self.cache.get(self.dataset, self.key) if self.cache is not None else None
         if cached is not None:
             iter(DataLoader(range(0)))  # the seeds the loader's iterator would have drawn; loads nothing
             return ((self.input(x), y) for x, y in cached.batches)
@@ -204,11 +223,11 @@ class eval_batches:  # noqa: N801 - used like the function it is to its callers
         try:
             weakref.ref(self.dataset)
             hash(self.dataset)
-            cacheable = self.transform is not None and self.transform.deterministic
-        except TypeError:
+            cacheable = self.cache is not None and self.transform is not None and self.transform.deterministic
+        except TypeError:  # a dataset that cannot be weakly referenced (or hashed): never cached
             cacheable = False
         keep: list | None = [] if cacheable else None
-        budget = cache_budget(self.device) - sum(c.nbytes for c in _cache.values()) if cacheable else 0
+        budget = cache_budget(self.device) - self.cache.nbytes() if cacheable else 0
         nbytes, size = 0, len(self.loader.dataset)
         for x, y in self.input.batches(host):
             if keep is not None:
@@ -223,4 +242,4 @@ class eval_batches:  # noqa: N801 - used like the function it is to its callers
                                 t.record_stream(torch.cuda.current_stream(self.device))
             yield self.input(x), y
         if keep is not None and nbytes <= budget:  # a complete pass (a caller that stops early caches nothing)
-            _cache[self.dataset] = _Cached(self.key, keep, nbytes)
+            self.cache.put(self.dataset, _Cached(self.key, keep, nbytes))

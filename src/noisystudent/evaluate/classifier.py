@@ -13,7 +13,7 @@ from torch.utils.data import Dataset
 from ..models.checkpoint import clean_pixel_transform, load_model
 from ..config.schema import EvaluateConfig
 from ..data.datasets import ImageSet, TransformedSet
-from ..data.device_input import eval_batches, wants_channels_last
+from ..data.device_input import EvalCache, eval_batches, wants_channels_last
 from ..runtime.distributed import DistContext, all_reduce_sum
 from ..runtime.progress import progress_bar
 from ..robustness import evaluate_robustness, plot_robustness
@@ -26,13 +26,14 @@ log = logging.getLogger("noisystudent")
 @torch.inference_mode()
 def evaluate_classifier(model: nn.Module, dataset: Dataset, device: torch.device, *, batch_size: int = 256,
                         num_workers: int = 0, ctx: DistContext | None = None, progress: bool = False,
-                        desc: str = "eval", channels_last: bool | None = None) -> dict:
+                        desc: str = "eval", channels_last: bool | None = None,
+                        cache: EvalCache | None = None) -> dict:
     """Top-1 and top-5 accuracy (in %) of ``model`` in eval mode; sharded over ranks if distributed.
 
     Images come through the one device input path (:func:`noisystudent.data.device_input.eval_batches`:
-    uint8 from the workers, normalised on the device, cached there after the first pass when
-    the set is un-augmented and fits). ``channels_last``: the input's layout (None: as the
-    model's weights). Hits are counted on the device and read once, at the end.
+    uint8 from the workers, normalised on the device, kept there in ``cache`` after the first pass
+    when the set is un-augmented and fits; None: read every time). ``channels_last``: the input's
+    layout (None: as the model's weights). Hits are counted on the device and read once, at the end.
     """
     device = torch.device(device)
     ctx = ctx or DistContext(device=device)
@@ -43,7 +44,7 @@ def evaluate_classifier(model: nn.Module, dataset: Dataset, device: torch.device
     hits = torch.zeros(2, dtype=torch.int64, device=device)
     seen = 0
     batches = eval_batches(dataset, device, batch_size=batch_size, num_workers=num_workers, ctx=ctx,
-                           channels_last=channels_last)
+                           channels_last=channels_last, cache=cache)
     for x, y in progress_bar(batches, desc=desc, unit="batch", enabled=progress):
         logits = model(x).float()
         hit = logits.topk(min(5, logits.shape[1]), dim=1).indices == y.to(logits.device).view(-1, 1)

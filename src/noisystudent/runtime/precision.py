@@ -24,7 +24,7 @@ import torch.nn as nn
 from .errors import ConfigError, error_reason
 
 __all__ = ["BF16_MIN_SPEEDUP", "PRECISIONS", "resolve_precision", "choose_train_precision",
-           "clear_precision_cache"]
+           "PrecisionCache"]
 
 BF16_MIN_SPEEDUP = 1.05  # bf16 must be at least this much faster than fp32 to be chosen
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -33,7 +33,6 @@ CALIBRATION_BUDGET_S = 1.0  # past the minimum, stop adding rounds once this muc
 CLEARLY_SLOWER = 3.0  # bf16's best step this many times fp32's: no need for a third round
 
 _DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-_cache: dict[tuple, dict] = {}
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
@@ -56,9 +55,26 @@ def _name(dtype: torch.dtype | None) -> str:
     return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
 
 
-def clear_precision_cache() -> None:
-    """Forget the measured choices (tests; or after the machine's load has changed for good)."""
-    _cache.clear()
+class PrecisionCache:
+    """Measured ``auto`` choices, by model class and size, batch shape and layout, device and
+    thread count: a run holds one and passes it to every stage, so a stage whose model and batch
+    an earlier stage measured reuses that measurement instead of timing again."""
+
+    def __init__(self) -> None:
+        self._choices: dict[tuple, dict] = {}
+
+    def get(self, key: tuple) -> dict | None:
+        return self._choices.get(key)
+
+    def put(self, key: tuple, info: dict) -> None:
+        self._choices[key] = info
+
+    def __len__(self) -> int:
+        return len(self._choices)
+
+    def clear(self) -> None:
+        """Forget the measured choices (after the machine's load has changed for good)."""
+        self._choices.clear()
 
 
 def _cache_key(net: nn.Module, x: torch.Tensor, device: torch.device) -> tuple:
@@ -124,7 +140,7 @@ def measure_bf16(net: nn.Module, x: torch.Tensor, targets: torch.Tensor, loss_fn
 
 
 def choose_train_precision(precision: str, net: nn.Module, x: torch.Tensor, targets: torch.Tensor,
-                           loss_fn: Callable, *,
+                           loss_fn: Callable, *, cache: PrecisionCache | None = None,
                            measure: Callable[..., dict] | None = None) -> tuple[str, torch.dtype | None, dict]:
     """The training precision for ``train.precision`` = ``precision``: ``(name, autocast dtype, info)``.
 
@@ -133,7 +149,8 @@ def choose_train_precision(precision: str, net: nn.Module, x: torch.Tensor, targ
     CPU, bf16 only if :func:`measure_bf16` (or ``measure``, same signature) finds it at least
     :data:`BF16_MIN_SPEEDUP` faster for this model. ``info`` says what was requested and why the
     choice fell as it did, with the measured rates (``fp32_img_s``, ``bf16_img_s``,
-    ``bf16_speedup``) and ``cached: True`` when an earlier measurement in this process was reused.
+    ``bf16_speedup``) and ``cached: True`` when an earlier measurement held in ``cache`` was reused
+    (None: measure every time).
     """
     device = x.device
     dtype = resolve_precision(precision, device)
@@ -143,8 +160,9 @@ def choose_train_precision(precision: str, net: nn.Module, x: torch.Tensor, targ
         reason = "bf16 supported on this GPU" if dtype is not None else "no bf16 on this device"
         return _name(dtype), dtype, {"requested": "auto", "reason": reason}
     key = _cache_key(net, x, device)
-    if key in _cache:
-        info = dict(_cache[key], cached=True)
+    earlier = cache.get(key) if cache is not None else None
+    if earlier is not None:
+        info = dict(earlier, cached=True)
     else:
         try:
             info = (measure or measure_bf16)(net, x, targets, loss_fn)
@@ -155,7 +173,8 @@ def choose_train_precision(precision: str, net: nn.Module, x: torch.Tensor, targ
                 "reason": (f"bf16 measured {info['bf16_speedup']:.2f}x fp32 on this CPU "
                            f"({'>=' if faster else '<'} {BF16_MIN_SPEEDUP})" if "error" not in info
                            else "bf16 failed on this CPU")}
-        _cache[key] = info
+        if cache is not None:
+            cache.put(key, info)
         info = dict(info, cached=False)
     dtype = torch.bfloat16 if info["chosen"] == "bf16" else None
     return info["chosen"], dtype, info

@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import Dataset
 
+from _tiny import TinyNet
 from noisystudent.config.schema import DataConfig, NoiseConfig, TrainConfig
 from noisystudent.data.datasets import TransformedSet, build_splits
 from noisystudent.runtime.distributed import DistContext
@@ -55,19 +56,6 @@ class Recorder(Dataset):
         if len(self.fetched) == self.signal_at:
             os.kill(os.getpid(), self.signum)
         return self.dataset[i]
-
-
-class TinyNet(nn.Module):
-    """No BatchNorm and no dropout: a step depends only on the batch's contents, so one process
-    with batch B and two processes with B/2 each must make the same update."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(1, 8, 3, padding=1)
-        self.fc = nn.Linear(8 * 4 * 4, NUM_CLASSES)
-
-    def forward(self, x):
-        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(torch.relu(self.conv(x)), 4), 1))
 
 
 def digits_data(num_pseudo: int = 96, augment: bool = True):

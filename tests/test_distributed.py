@@ -13,17 +13,14 @@ import torch
 
 from noisystudent.runtime.distributed import DistContext
 from noisystudent.train.state import load_checkpoint_file
+from _tiny import torchrun
 from _train_scenarios import digits_data, run_distributed, tiny_stage
 
 SCRIPT = Path(__file__).with_name("_train_scenarios.py")
 
 
 def test_two_processes_match_one_and_stop_together_on_sigterm(tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(SCRIPT), "distributed", str(tmp_path / "two")],
-                          capture_output=True, text=True, timeout=600, env=env)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    proc = torchrun(str(SCRIPT), "distributed", str(tmp_path / "two"))
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

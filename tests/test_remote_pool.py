@@ -191,7 +191,7 @@ RUN = ["teacher.epochs=2", "train.epochs=1", "train.batch_size=16", "data.val_pe
 
 def _run(out: Path, pool: str, *extra: str, resume: bool = False, wait=True):
     args = ["--resume", str(out)] if resume else \
-        ["--out", str(out), *sum((["--set", s] for s in RUN + [f"data.unlabeled={pool}"]), [])]
+        ["--out", str(out), *sum((["--set", s] for s in RUN + [f"data.unlabeled={pool}", *extra]), [])]
     command = [sys.executable, "-m", "noisystudent", "run", *args, "--quiet"]
     env = os.environ | {"OMP_NUM_THREADS": "1"}
     if wait:
@@ -234,6 +234,23 @@ def test_run_over_http_completes_resumes_after_kill_and_selects_as_local(tmp_pat
     assert _selected(run) == _selected(tmp_path / "ref") and any(k.startswith("pool-0002/") for k in _selected(run))
     a, b = (json.loads((d / "summary.json").read_text())["stages"] for d in (tmp_path / "ref", run))
     assert [(s["name"], s["num_pseudo"]) for s in a] == [(s["name"], s["num_pseudo"]) for s in b]
+
+
+@pytest.mark.slow
+def test_a_run_over_an_empty_or_non_tar_webdataset_pool_stops_with_one_line(tmp_path):
+    """Issue 27: such a pool used to finish with exit 0 and "0 images labeled"; like a folder
+    without images it is now refused, in one line naming what was read."""
+    (tmp_path / "pool-0000.tar").write_bytes(b"<html>not found</html>")  # what a bad download leaves
+    with tarfile.open(tmp_path / "pool-0001.tar", "w"):
+        pass  # an empty tar
+    # labels_per_class=null: no digits move to the pool, which is then the tars alone
+    proc = _run(tmp_path / "run", str(tmp_path / "pool-{0000..0001}.tar"), "data.labels_per_class=null",
+                "teacher.epochs=1")
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(err) == 1, proc.stderr[-2000:]
+    assert "no readable images in its 2 shard(s)" in err[0] and "pool-0000/<rest of shard>" in err[0]
+    assert "corrupt tar" in err[0] and "bad_images.tsv" in err[0]
+    assert not (tmp_path / "run" / "summary.json").exists()
 
 
 if __name__ == "__main__":  # ``label POOL OUT`` under torchrun: each rank labels its share

@@ -128,10 +128,16 @@ def task_run_dir(out: Path, task: Task) -> Path:
     return out / f"seed{task.seed}" / task.variant
 
 
+# Every task: no in-run baseline stage (the benchmark trains the baseline once per seed as its own
+# task) and the chain's last stage as the run's result (the benchmark picks the Noisy Student model
+# on validation itself, from the stages it reports).
+TASK_DEFAULTS = ["baseline.enabled=false", "final_model=last"]
+
+
 def run_task(config: str, task: Task, out: Path) -> dict:
     """Run one variant in this (worker) process; returns its summary."""
     torch.set_num_threads(1)
-    cfg = load_config(config, task.overrides, task.ablation)
+    cfg = load_config(config, TASK_DEFAULTS + task.overrides, task.ablation)
     return run_pipeline(cfg, task_run_dir(out, task), progress=False)
 
 
@@ -345,7 +351,7 @@ def run_benchmark(config: str, seeds: list[int], extra: list[str], oracle_extra:
     converged_extra = converged_extra or []
     plan = plan_benchmark(config, seeds, extra, oracle_extra, converged_extra, cache_dir or out / ".cache")
     results: dict[int, dict[str, dict]] = {s: {} for s in seeds}
-    notes: dict = {"converged": {}, "ood": {s: {} for s in seeds}}
+    notes: dict = {"converged": {}, "ood": {s: {} for s in seeds}, "chosen": {}}
     ready = plan.ready
     running: dict[Future, Task] = {}
     labelers: dict[str, list[Path]] = {}  # first_labeling key -> runs that label (or labeled) it
@@ -364,7 +370,8 @@ def run_benchmark(config: str, seeds: list[int], extra: list[str], oracle_extra:
 
     def record(seed: int, name: str, stage: dict, seconds: float, wall: float | None = None) -> None:
         results[seed][name] = {"test_top1": stage["test_top1"], "val_top1": stage["val_top1"], "seconds": seconds,
-                               "wall_seconds": wall, "precision": stage.get("precision")}
+                               "wall_seconds": wall, "precision": stage.get("precision"),
+                               "best_epoch": stage.get("best_epoch"), "epochs": stage.get("epochs")}
         print(f"  seed {seed} {name:<20} test top-1 {stage['test_top1']:6.2f}  val {stage['val_top1']:6.2f}  "
               f"({seconds:.0f}s)", file=sys.stderr, flush=True)
 
@@ -405,7 +412,11 @@ def run_benchmark(config: str, seeds: list[int], extra: list[str], oracle_extra:
                         for k in range(1, len(stages) - 1):
                             record(task.seed, f"noisy-student-iter{k}", stages[k],
                                    sum(s["seconds"] for s in stages[1:k + 1]))
-                    record(task.seed, task.variant, stages[-1], seconds, wall)
+                    chosen = stages[-1]
+                    if task.variant in CHAINS:  # the chain hands over its best student on validation
+                        chosen = max(reversed(stages[1:]), key=lambda s: s["val_top1"])
+                        notes["chosen"].setdefault(task.seed, {})[task.variant] = chosen["name"]
+                    record(task.seed, task.variant, chosen, seconds, wall)
                     if task.variant in OOD_VARIANTS:
                         notes["ood"][task.seed][task.variant] = ood_stats(
                             Path(summary["run_dir"]), OOD_VARIANTS[task.variant][1])
@@ -452,6 +463,35 @@ def gap_closed(table: dict, name: str, oracle: str = "oracle") -> float:
 def gap_closed_per_seed(per_seed: list[dict[str, dict]], name: str, oracle: str = "oracle") -> list[float]:
     """Each seed's own gap closed (its teacher and oracle), for the spread."""
     return [_gap(r[name]["test_top1"], r["teacher"]["test_top1"], r[oracle]["test_top1"]) for r in per_seed]
+
+
+def baseline_variant(per_seed: list[dict[str, dict]]) -> str:
+    """The yardstick of the Noisy Student gain: the final architecture on the labels alone
+    (supervised-final), or the teacher when it has the final architecture."""
+    return SUPERVISED_FINAL if SUPERVISED_FINAL in per_seed[0] else "teacher"
+
+
+def ns_gain(per_seed: list[dict[str, dict]], name: str = "noisy-student") -> dict:
+    """``name`` minus the baseline, test top-1 points, per seed then mean and std (the headline);
+    ``pays``: the mean is positive and more than twice the std."""
+    base = baseline_variant(per_seed)
+    test = [r[name]["test_top1"] - r[base]["test_top1"] for r in per_seed]
+    val = [r[name]["val_top1"] - r[base]["val_top1"] for r in per_seed]
+    mean, std = statistics.mean(test), statistics.stdev(test) if len(test) > 1 else 0.0
+    return {"mean": round(mean, 2), "std": round(std, 2), "per_seed": [round(g, 2) for g in test],
+            "val_mean": round(statistics.mean(val), 2), "vs": base, "pays": mean > 0 and mean > 2 * std}
+
+
+def plateau_check(per_seed: list[dict[str, dict]], name: str) -> list[dict]:
+    """Per seed, whether ``name`` reached its plateau: its best epoch not among its last few
+    (10% of its epochs, at least 2), so a gain is not bought with an undertrained baseline."""
+    out = []
+    for r in per_seed:
+        best, epochs = r[name].get("best_epoch"), r[name].get("epochs")
+        last_few = max(2, math.ceil(0.1 * epochs)) if epochs else None
+        out.append({"best_epoch": best, "epochs": epochs,
+                    "plateau": None if best is None or not epochs else best <= epochs - last_few})
+    return out
 
 
 def _rounded(x: float) -> float | None:
@@ -566,7 +606,17 @@ def main(argv: list[str] | None = None) -> int:
     students = [n for n in table if n != "teacher" and n not in ORACLES]
     per_seed_gaps = {o: {n: [_rounded(g) for g in gap_closed_per_seed(per_seed, n, o)] for n in CHAINS}
                      for o in ORACLES}
+    baseline = baseline_variant(per_seed)
+    gains = {n: ns_gain(per_seed, n) for n in CHAINS + ("no-iteration",) if n in table}
+    plateau = plateau_check(per_seed, baseline)
+    for s, p in zip(seeds, plateau):
+        if p["plateau"] is False:
+            print(f"  seed {s} {baseline}: best epoch {p['best_epoch']} of {p['epochs']}: still improving, the "
+                  "gain may be bought with an undertrained baseline (raise its epochs)", file=sys.stderr)
     result = {"dataset": args.dataset, "quick": args.quick, "seeds": seeds, "overrides": extra,
+              # the headline: the Noisy Student model minus the same architecture on the labels alone
+              "ns_gain": gains["noisy-student"], "ns_gain_by_variant": gains, "baseline": baseline,
+              "baseline_plateau": plateau, "chosen_student": {str(s): c for s, c in notes["chosen"].items()},
               "machine": f"{platform.machine()}, {os.cpu_count()} cores, {args.jobs} worker(s) x 1 thread",
               # what makes the minutes comparable between machines: without native bf16, every stage
               # trains in fp32 and the same run takes far longer
@@ -591,8 +641,10 @@ def main(argv: list[str] | None = None) -> int:
               "shared_label_stores": notes["shared_labels"]}
     out.mkdir(parents=True, exist_ok=True)
     gaps = ["n/a" if g is None else f"{g:.2f}" for g in (result["gap_closed"], result["gap_closed_converged"])]
-    plot(table, out / "accuracy.png", f"{args.dataset}: test top-1 over {len(seeds)} seed(s); Noisy Student's gap "
-         f"closed {gaps[0]} (compute-matched oracle), {gaps[1]} (converged oracle)")
+    g = result["ns_gain"]
+    plot(table, out / "accuracy.png", f"{args.dataset}: test top-1 over {len(seeds)} seed(s); Noisy Student gain "
+         f"{g['mean']:+.2f} +- {g['std']:.2f} over {baseline}; gap closed {gaps[0]} (compute-matched), "
+         f"{gaps[1]} (converged)")
     (out / "accuracy.json").write_text(json.dumps({"table": table, **result}, indent=2, allow_nan=False))
     print(f"{'variant':<20} {'test top-1':>16} {'val top-1':>9} {'gap closed':>11} {'(converged)':>11} {'time':>8}  vs")
     for n, v in table.items():
@@ -602,6 +654,8 @@ def main(argv: list[str] | None = None) -> int:
         vs = f"  {d['points']:+.2f} vs {d['vs']}" if d else ""
         print(f"{n:<20} {v['mean']:>8.2f} +- {v['std']:<5.2f} {v['val_mean']:>9.2f} {g:>11} {gc:>11} "
               f"{v['seconds']:>7.0f}s{vs}")
+    print(f"Noisy Student gain over {baseline}: {g['mean']:+.2f} +- {g['std']:.2f} test top-1 "
+          f"(per seed {g['per_seed']}; val {g['val_mean']:+.2f})")
     print(f"plot: {out / 'accuracy.png'}")
     print(json.dumps(result))
     return 0

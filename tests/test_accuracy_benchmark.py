@@ -216,7 +216,8 @@ def test_benchmark_runs_every_variant_and_prints_json_last(tmp_path, tiny_overri
     for variant in last["test_top1"]:
         if variant != "teacher" and not variant.startswith("noisy-student-iter"):
             stages = json.loads((run / "seed0" / variant / "summary.json").read_text())["stages"]
-            precisions.append(stages[-1]["precision"])
+            chosen = last["chosen_student"]["0"].get(variant, stages[-1]["name"])
+            precisions.append(next(s for s in stages if s["name"] == chosen)["precision"])
     precisions += [s["precision"] for s in json.loads((run / "seed0" / "noisy-student" / "summary.json")
                                                       .read_text())["stages"][1:-1]]
     assert last["precision_by_stage"] == {p: precisions.count(p) for p in set(precisions)}
@@ -241,6 +242,16 @@ def test_benchmark_runs_every_variant_and_prints_json_last(tmp_path, tiny_overri
     assert (supervised[0]["num_labeled"], supervised[0]["epochs"]) == (teacher["num_labeled"], teacher["epochs"])
     assert last["test_top1"][accuracy.SUPERVISED_FINAL] == supervised[0]["test_top1"]
     assert last["ablation_delta"][accuracy.SUPERVISED_FINAL]["vs"] == "noisy-student"
+    # the headline: the chain's best student on validation minus the final architecture on the labels alone
+    chain = json.loads((run / "seed0" / "noisy-student" / "summary.json").read_text())["stages"][1:]
+    chosen = max(reversed(chain), key=lambda s: s["val_top1"])
+    assert last["chosen_student"]["0"]["noisy-student"] == chosen["name"]
+    assert last["ns_gain"]["vs"] == accuracy.SUPERVISED_FINAL == last["baseline"]
+    assert last["ns_gain"]["per_seed"] == [round(chosen["test_top1"] - supervised[0]["test_top1"], 2)]
+    assert last["ns_gain"]["mean"] == last["ns_gain"]["per_seed"][0] and last["ns_gain"]["std"] == 0.0
+    assert set(last["ns_gain_by_variant"]) == {"noisy-student", "no-noise", "no-iteration"}
+    assert last["baseline_plateau"][0]["epochs"] == supervised[0]["epochs"]
+    assert last["baseline_plateau"][0]["best_epoch"] == supervised[0]["best_epoch"]
     for name in accuracy.ORACLES:
         oracle = json.loads((run / "seed0" / name / "summary.json").read_text())["stages"]
         assert len(oracle) == 1 and oracle[0]["num_labeled"] > teacher["num_labeled"]

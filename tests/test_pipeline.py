@@ -1,4 +1,5 @@
 import json
+import shutil
 
 import pytest
 
@@ -8,28 +9,44 @@ from noisystudent.cli import main
 from noisystudent.config.schema import load_config
 from noisystudent.runtime.errors import ConfigError
 from noisystudent.label.store import LabelStore
+from noisystudent.train.trainer import Trainer
+from noisystudent.train.trainer import Trainer
 
 SUMMARY_FIELDS = {"name", "model", "val_top1", "test_top1", "num_labeled", "num_pseudo", "seconds"}
 
 
-def test_end_to_end_writes_every_artifact(tmp_path, tiny_overrides):
-    run_dir = tmp_path / "run"
-    assert main(["run", "--out", str(run_dir), "--quiet", *sum([["--set", o] for o in tiny_overrides], [])]) == 0
+def test_end_to_end_writes_every_artifact(tiny_run):
+    """What `noisystudent run` of the tiny preset wrote (conftest's shared tiny_run)."""
+    run_dir = tiny_run
     summary = json.loads((run_dir / "summary.json").read_text())
     names = [s["name"] for s in summary["stages"]]
-    assert names == ["teacher", "student-1", "student-2"]
-    assert summary["result"] == "student-2"
+    assert names == ["teacher", "baseline", "student-1", "student-2"]
+    stages = {s["name"]: s for s in summary["stages"]}
+    # the baseline: the final architecture on the labeled images alone, with the teacher's recipe
+    assert stages["baseline"]["model"] == stages["student-2"]["model"] == "ns_cnn_m"
+    assert stages["baseline"]["num_pseudo"] == 0 and stages["baseline"]["epochs"] == stages["teacher"]["epochs"]
+    # the final model: the best on validation (later chain stages win ties, the baseline only if strictly best)
+    order = ["student-2", "student-1", "teacher", "baseline"]
+    best = max(order, key=lambda n: (stages[n]["val_top1"], -order.index(n)))
+    assert summary["result"] == summary["final"]["stage"] == best
+    # the gain: the best student on validation minus the baseline
+    student = max(["student-2", "student-1"], key=lambda n: (stages[n]["val_top1"], n))
+    gain = summary["ns_gain"]
+    assert (gain["student"], gain["baseline"]) == (student, "baseline")
+    assert gain["test"] == pytest.approx(stages[student]["test_top1"] - stages["baseline"]["test_top1"])
+    assert gain["val"] == pytest.approx(stages[student]["val_top1"] - stages["baseline"]["val_top1"])
     for s in summary["stages"]:
         assert SUMMARY_FIELDS <= set(s)
         assert 0 <= s["test_top1"] <= 100 and 0 <= s["val_top1"] <= 100
     assert summary["stages"][0]["num_pseudo"] == 0
-    assert summary["stages"][1]["num_pseudo"] > 0
+    assert stages["student-1"]["num_pseudo"] > 0
     manifest = json.loads((run_dir / "manifest.json").read_text())
-    assert set(manifest["stages"]) == {"teacher", "label-1", "select-1", "student-1", "label-2", "select-2",
-                                       "student-2", "evaluate"}
+    assert set(manifest["stages"]) == {"teacher", "baseline", "label-1", "select-1", "student-1", "label-2",
+                                       "select-2", "student-2", "evaluate"}
     robustness = json.loads((run_dir / "evaluate" / "robustness.json").read_text())
-    assert set(robustness) == {"teacher", "student-2"}
-    assert robustness["student-2"]["clean"]["top1"] == pytest.approx(summary["stages"][-1]["test_top1"])
+    assert set(robustness) == {"teacher", "baseline", student, best}
+    for name in robustness:
+        assert robustness[name]["clean"]["top1"] == pytest.approx(stages[name]["test_top1"])
     assert (run_dir / "label-1" / "probe.parquet").is_file()
     assert (run_dir / "label-1" / "bad_images.tsv").read_text() == "key\treason\n"
     for f in ("config.yaml", "data.json", "run.log"):
@@ -42,9 +59,10 @@ def test_end_to_end_writes_every_artifact(tmp_path, tiny_overrides):
     assert store.num_rows == 200 and store.header.teacher.startswith("teacher:ns_cnn_s:")
     assert (run_dir / "select-1" / "selection.parquet").is_file()
     sel = json.loads((run_dir / "select-1" / "selection.json").read_text())
-    assert sel["num_selected"] == summary["stages"][1]["num_pseudo"]
+    assert sel["num_selected"] == stages["student-1"]["num_pseudo"]
     assert not list(run_dir.glob(".partial-*"))
-    assert "student-2" in (run_dir / "report" / "report.html").read_text()
+    html = (run_dir / "report" / "report.html").read_text()
+    assert "student-2" in html and "Noisy Student gain" in html and f"{gain['test']:+.2f} pts" in html
     # the reported test top-1 is reproducible from the saved checkpoint alone
     student, meta = load_model(run_dir / "student-2" / "model.pt")
     assert meta["image_size"] == 16
@@ -55,47 +73,44 @@ def test_resume_skips_finished_stages(tmp_path, tiny_overrides, monkeypatch, cap
     config.yaml must reload to the same fingerprint (a default int 0 of a float key once read back
     as 0.0 and refused every default run), and the finished stages are skipped."""
     run_dir = tmp_path / "run"
-    real_train = pipeline.train_classifier
+    real_fit = Trainer.fit
     calls = []
 
-    def crash_on_second_student(*args, desc="", **kwargs):
-        calls.append(desc)
-        if desc == "student-2":
+    def crash_on_second_student(trainer, *args, **kwargs):
+        calls.append(trainer.recipe.name)
+        if trainer.recipe.name == "student-2":
             raise RuntimeError("simulated crash")
-        return real_train(*args, desc=desc, **kwargs)
+        return real_fit(trainer, *args, **kwargs)
 
-    monkeypatch.setattr(pipeline, "train_classifier", crash_on_second_student)
+    monkeypatch.setattr(Trainer, "fit", crash_on_second_student)
     with pytest.raises(RuntimeError, match="simulated crash"):
         main(["run", "--out", str(run_dir), "--quiet", *sum([["--set", o] for o in tiny_overrides], [])])
-    assert calls == ["teacher", "student-1", "student-2"]
+    assert calls == ["teacher", "baseline", "student-1", "student-2"]
     assert not (run_dir / "student-2").exists() and not (run_dir / "summary.json").exists()
     teacher_bytes = (run_dir / "teacher" / "model.pt").read_bytes()
 
     calls.clear()
-    monkeypatch.setattr(pipeline, "train_classifier", lambda *a, desc="", **k: (calls.append(desc), real_train(*a, desc=desc, **k))[1])
+    monkeypatch.setattr(Trainer, "fit", lambda t, *a, **k: (calls.append(t.recipe.name), real_fit(t, *a, **k))[1])
     capsys.readouterr()
     assert main(["run", "--resume", str(run_dir), "--quiet"]) == 0, capsys.readouterr().err
     assert calls == ["student-2"]
     assert (run_dir / "teacher" / "model.pt").read_bytes() == teacher_bytes
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert [s["name"] for s in summary["stages"]] == ["teacher", "student-1", "student-2"]
+    assert [s["name"] for s in summary["stages"]] == ["teacher", "baseline", "student-1", "student-2"]
 
 
-def test_resume_refuses_another_config(tmp_path, tiny_overrides):
+def test_resume_refuses_another_config(tmp_path, tiny_run):
     run_dir = tmp_path / "run"
-    pipeline.run_pipeline(load_config(None, tiny_overrides + ["students=[{model: ns_cnn_s}]"]), run_dir,
-                          progress=False)
-    other = load_config(None, tiny_overrides + ["seed=7", "students=[{model: ns_cnn_s}]"])
+    shutil.copytree(tiny_run, run_dir)
+    other = load_config(run_dir / "config.yaml", ["seed=7"])
     with pytest.raises(ConfigError, match="different config"):
         pipeline.run_pipeline(other, run_dir, resume=True, progress=False)
     with pytest.raises(ConfigError, match="already holds a run"):
         pipeline.run_pipeline(other, run_dir, resume=False, progress=False)
 
 
-def test_tensorboard_logging(tmp_path, tiny_overrides):
-    cfg = load_config(None, tiny_overrides + ["tensorboard=true", "students=[]"])
-    pipeline.run_pipeline(cfg, tmp_path / "run", progress=False)
-    events = list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
+def test_tensorboard_logging(tiny_run):
+    events = list((tiny_run / "tensorboard").glob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 0
 
 
@@ -133,12 +148,12 @@ def test_chain_with_fixres_stage_end_to_end(tmp_path, tiny_overrides):
                                               "finetune.epochs=1"])
     summary = pipeline.run_pipeline(cfg, tmp_path / "run", progress=False)
     names = [s["name"] for s in summary["stages"]]
-    assert names == ["teacher", "student-1", "fixres"]
+    assert names == ["teacher", "baseline", "student-1", "fixres"]  # the baseline: ns_cnn_s at 12 px
     fixres = summary["stages"][-1]
     assert fixres["train_size"] == 12 and fixres["test_size"] == 16
     assert {"test_top1_before", "test_top1_after"} <= set(fixres)
     assert fixres["test_top1"] == fixres["test_top1_after"]
-    assert summary["stages"][1]["test_size"] == 16  # the student itself is reported at 16 px too
+    assert summary["stages"][2]["test_size"] == 16  # the student itself is reported at 16 px too
     robustness = json.loads((tmp_path / "run" / "evaluate" / "robustness.json").read_text())
     assert "fixres" in robustness
     assert "fix-res at 16px" in pipeline.format_summary_table(summary)
@@ -160,3 +175,28 @@ def test_teacher_with_other_class_names_is_refused(tmp_path, tiny_overrides, cap
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"teacher checkpoint {ckpt} was trained on classes ['class-0'" in err[0]
     assert not (tmp_path / "run" / "teacher").exists()
+
+
+def test_stop_iterating_skips_the_rest_of_the_chain_when_a_student_does_not_gain(tmp_path, tiny_overrides):
+    """A student that learns nothing (lr 0: its random initialisation) is not above its trained
+    teacher on validation: with stop_iterating the chain stops there and says so; the run hands
+    over the best model on validation, never that student."""
+    cfg = load_config(None, tiny_overrides + ["teacher.epochs=25", "stop_iterating=true", "baseline.enabled=false",
+                                              "students=[{model: ns_cnn_s, lr: 0}, {model: ns_cnn_s}]"])
+    summary = pipeline.run_pipeline(cfg, tmp_path / "run", progress=False)
+    stages = {s["name"]: s for s in summary["stages"]}
+    assert stages["student-1"]["val_top1"] <= stages["teacher"]["val_top1"]
+    assert list(stages) == ["teacher", "student-1"] and not (tmp_path / "run" / "label-2").exists()
+    assert len(summary["skipped"]) == 1 and summary["skipped"][0].startswith("student-2 (ns_cnn_s): stop_iterating")
+    assert summary["result"] == "teacher" and summary["baseline"] == "teacher"  # same architecture: the yardstick
+    assert summary["ns_gain"]["test"] == pytest.approx(stages["student-1"]["test_top1"] - stages["teacher"]["test_top1"])
+    table = pipeline.format_summary_table(summary)
+    assert "skipped: student-2" in table and "final model (*): teacher" in table
+
+
+def test_final_model_last_hands_over_the_chains_last_stage(tmp_path, tiny_overrides):
+    cfg = load_config(None, tiny_overrides + ["teacher.epochs=25", "final_model=last", "baseline.enabled=false",
+                                              "students=[{model: ns_cnn_s, lr: 0}]"])
+    summary = pipeline.run_pipeline(cfg, tmp_path / "run", progress=False)
+    assert summary["result"] == "student-1" and summary["final"]["rule"] == "last"
+    assert set(json.loads((tmp_path / "run" / "evaluate" / "robustness.json").read_text())) == {"teacher", "student-1"}

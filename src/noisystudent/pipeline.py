@@ -19,12 +19,14 @@ over the store, and read back by position or as a stream (noisystudent.label.pse
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable, Generator
 
 import numpy as np
 import pyarrow as pa
@@ -32,20 +34,22 @@ import pyarrow.parquet as pq
 import torch
 
 from .config.schema import Config
-from .config.stages import ResolvedLabeling, ResolvedStage, resolve_stages
+from .config.stages import ResolvedLabeling, ResolvedStage, baseline_of, resolve_stages
 from .data.datasets import DataSplits, TransformedSet, build_splits
 from .data.pool import ImageSetSource, UnlabeledSource, build_pool, pool_size
 from .data.transforms import eval_transform, train_transform
 from .evaluate.classifier import evaluate_checkpoints, evaluate_classifier
 from .label.hashing import write_heldout_hashes
 from .label.inference import label_to_store, model_fingerprint
-from .label.select import Selection, select_from_store
+from .label.select import Selection, dedup_wanted, select_from_store
 from .label.store import LabelStore
 from .label.pseudo_labeled import pseudo_labeled_set
 from .models.checkpoint import clean_transform, data_config, eval_size, load_model, save_model
 from .models.factory import count_parameters, create_model
 from .models.preflight import check_pretrained_files
 from .models.pretrained import stage_data_config
+from .outcome import (TrainedModel, choose_final, format_gain, format_summary_table, noisy_student_gain,
+                      noisy_student_model)
 from .runtime import rundir as layout
 from .runtime.cpu import configure as configure_cpu
 from .runtime.distributed import DistContext, cleanup, init_distributed
@@ -53,8 +57,8 @@ from .runtime.errors import ConfigError, DataError
 from .runtime.files import atomic_write
 from .runtime.rundir import RunDir, write_json_atomic
 from .runtime.runner import StageRunner
-from .train.fixres import finetune_fixres
-from .train.loop import TrainOutcome, train_classifier
+from .train.fixres import finetune
+from .train.trainer import Hooks, Recipe, RunContext, Trainer, TrainOutcome
 
 log = logging.getLogger("noisystudent")
 
@@ -123,14 +127,10 @@ def train_stage(out: Path, stage: ResolvedStage, env: Env, pseudo=None) -> dict:
     log.info(f"[{stage.name}] {stage.model} ({count_parameters(model) / 1e6:.2f}M params) at {stage.image_size}px, "
              f"{len(labeled)} labeled + {0 if pseudo_set is None else len(pseudo_set)} pseudo-labeled, "
              f"dropout {stage.dropout}, drop path {stage.drop_path}, augment {stage.noise.augment}")
-    train_cfg = _stage_train_config(cfg, stage)
     with _History(out, env, stage.name) as history:
         if stage.epochs > 0:
-            outcome = train_classifier(model, labeled, val, train_cfg, num_classes=splits.num_classes,
-                                       epochs=stage.epochs, lr=stage.lr, ctx=env.ctx, pseudo=pseudo_set,
-                                       seed=stage.seed, num_workers=env.num_workers, progress=env.progress,
-                                       desc=stage.name, on_epoch=history.add,
-                                       checkpoint_dir=env.run.checkpoint_dir(stage.name))
+            trainer = Trainer(Recipe.of_stage(stage, splits.num_classes), _run_context(env, stage, history))
+            outcome = trainer.fit(model, labeled, val, pseudo_set)
         else:  # epochs 0: use the (pretrained) model as it is, e.g. a teacher trained elsewhere
             model.to(env.ctx.device)
             outcome = TrainOutcome(state_dict=model.state_dict(), best_epoch=0, best_val_top1=float("nan"),
@@ -142,7 +142,8 @@ def train_stage(out: Path, stage: ResolvedStage, env: Env, pseudo=None) -> dict:
                "epochs": outcome.epochs, "steps": outcome.steps, "images_seen": outcome.images_seen,
                "image_size": stage.image_size, "test_size": stage.test_size, "dropout": stage.dropout,
                "drop_path": stage.drop_path, "seed": stage.seed, "precision": outcome.precision,
-               "precision_info": outcome.precision_info, "thread_changes": outcome.thread_changes}
+               "precision_info": outcome.precision_info, "thread_changes": outcome.thread_changes,
+               "stopped_early": outcome.stopped_early, "stopped_at_epoch": outcome.stopped_at_epoch}
     _save(out, model, stage, env, stage.image_size, metrics, data_cfg)
     log.info(f"[{stage.name}] val top-1 {metrics['val_top1']:.2f}  test top-1 {metrics['test_top1']:.2f}  "
              f"best epoch {outcome.best_epoch}/{outcome.epochs}  {outcome.seconds:.1f}s  ({outcome.precision})")
@@ -164,7 +165,7 @@ def label_stage(out: Path, name: str, teacher: dict, pool: UnlabeledSource, labe
                   top_k=labeling.top_k, temperature=labeling.temperature, hard=labeling.hard,
                   batch_size=labeling.batch_size, ctx=ctx)
     manifest = label_to_store(model, pool, out, num_workers=env.num_workers, precision=cfg.pseudo.precision,
-                              progress=env.progress, hashes=cfg.pseudo.dedup != "none", **common)
+                              progress=env.progress, hashes=dedup_wanted(cfg), **common)
     if manifest.num_bad:
         log.warning(f"[{name}] skipped {manifest.num_bad} unreadable unlabeled image(s); "
                     f"listed in {out / 'bad_images.tsv'}")
@@ -192,7 +193,7 @@ def select_stage(out: Path, name: str, store: LabelStore, labeling: ResolvedLabe
     dropping pool images that copy a held-out image of ``splits`` (``pseudo.dedup``)."""
     p = cfg.pseudo
     heldout = None
-    if p.dedup != "none" and splits is not None:
+    if dedup_wanted(cfg) and splits is not None:
         heldout = out / layout.HELDOUT_HASHES
         write_heldout_hashes(heldout, {"val": splits.val, "test": splits.test} if p.dedup == "val+test"
                              else {"test": splits.test}, "L" if splits.channels == 1 else "RGB")
@@ -209,7 +210,7 @@ def select_stage(out: Path, name: str, store: LabelStore, labeling: ResolvedLabe
 def fixres_stage(out: Path, stage: ResolvedStage, last: dict, env: Env) -> dict:
     """Fix-res: fine-tune the last model at its test resolution on un-augmented labeled images,
     shallow blocks frozen, with the one training loop (checkpoints, resume, precision)."""
-    cfg, splits = env.cfg, env.splits
+    splits = env.splits
     seed_everything(stage.seed)
     model, last_meta = load_model(env.run.file(last["name"], layout.MODEL), stage.dropout, stage.drop_path)
     data_cfg = {**(last_meta.get("data_config") or {}), **data_config(last_meta)}  # what it was trained with
@@ -217,11 +218,8 @@ def fixres_stage(out: Path, stage: ResolvedStage, last: dict, env: Env) -> dict:
     log.info(f"[{stage.name}] {stage.model} trained at {last['image_size']}px: fine-tune at {stage.test_size}px for "
              f"{stage.epochs:g} epochs on {len(labeled)} un-augmented labeled images, lr {stage.lr:g}")
     with _History(out, env, stage.name) as history:
-        outcome = finetune_fixres(model, labeled, val, _stage_train_config(cfg, stage), num_classes=splits.num_classes,
-                                  epochs=stage.epochs, lr=stage.lr, ctx=env.ctx, test=test,
-                                  frozen_blocks=stage.frozen_blocks, batch_size=stage.batch_size, seed=stage.seed,
-                                  num_workers=env.num_workers, progress=env.progress, desc=stage.name,
-                                  on_epoch=history.add, checkpoint_dir=env.run.checkpoint_dir(stage.name))
+        trainer = Trainer(Recipe.of_stage(stage, splits.num_classes), _run_context(env, stage, history))
+        outcome = finetune(trainer, model, labeled, val, test)
         history.write_all(outcome.history)
     metrics = {"name": stage.name, "model": stage.model, **outcome.metrics(),
                "val_top1": outcome.after["val_top1"], "val_top5": outcome.after["val_top5"],
@@ -278,19 +276,148 @@ def run_pipeline(cfg: Config, run_dir: Path, *, resume: bool = False, progress: 
         cleanup(ctx)
 
 
-class _Stop(Exception):
-    """The per-stage command's stage is done."""
+@dataclass
+class StageSpec:
+    """One stage of the plan: its name, its kind (what the per-stage commands run: train, label,
+    select; ``finish`` for the evaluation), the work that makes it and the loader of a finished one."""
+
+    name: str
+    kind: str
+    work: Callable[[Path], Any]
+    load: Callable[[Path], Any]
+    every_rank: bool = True
+    in_place: bool = False
+
+
+@dataclass
+class ChainOutcome:
+    """What the plan produced: the chain's models in order, the baseline, the evaluation."""
+
+    chain: list[TrainedModel]
+    baseline: TrainedModel | None
+    robustness: dict
+    skipped: list[str]
+
+
+def _read_trained(stage_dir: Path) -> TrainedModel:
+    return TrainedModel.from_metrics(json.loads((stage_dir / layout.METRICS).read_text()))
+
+
+def _plan(stages: list[ResolvedStage], pool: UnlabeledSource | None, env: Env,
+          on_first_store: Callable[[LabelStore], None]) -> Generator[StageSpec, Any, ChainOutcome]:
+    """The Noisy Student loop as a plan: yields each stage's spec and receives its result (made or
+    loaded by the runner), so the loop below reads as the algorithm, top to bottom."""
+    cfg = env.cfg
+    teacher_stage, students = stages[0], [s for s in stages if s.role == "student"]
+    banner(f"Teacher: {teacher_stage.model} on labeled images")
+    teacher = yield _train_spec(teacher_stage, env)
+    baseline = None
+    own_baseline = next((s for s in stages if s.role == "baseline"), None)
+    if own_baseline is not None:
+        banner(f"Baseline: {own_baseline.model} on labeled images alone (the Noisy Student gain's yardstick)")
+        baseline = yield _train_spec(own_baseline, env)
+    elif baseline_of(stages) is not None:
+        baseline = teacher  # the final architecture is the teacher's: nothing extra trains
+    chain, skipped = [teacher], []
+    for i, st in enumerate(students, start=1):
+        banner(f"Iteration {i}: {teacher.model} teaches {st.model}")
+        store = yield _label_spec(i, teacher, pool, st.labeling, env)
+        if i == 1:
+            on_first_store(store)
+        selection = yield _select_spec(i, store, st.labeling, cfg, env.splits)
+        _check_selection(selection, store)
+        pseudo = functools.partial(pseudo_labeled_set, selection, pool)
+        student = yield _train_spec(st, env, pseudo)
+        if student.params < teacher.params:
+            log.warning(f"[{st.name}] is smaller than its teacher; the paper uses equal-or-larger students")
+        chain.append(student)
+        if cfg.stop_iterating and i < len(students) and student.val_top1 <= teacher.val_top1:
+            skipped = [f"{s.name} ({s.model}): stop_iterating, {st.name} val top-1 {student.val_top1:.2f} is not "
+                       f"above its teacher's {teacher.val_top1:.2f}" for s in students[i:]]
+            log.info(f"[{st.name}] no gain on validation over {teacher.name}: the chain stops here (stop_iterating)")
+            break
+        teacher = student
+    fixres = next((s for s in stages if s.role == "fixres"), None)
+    if fixres is not None and skipped:
+        skipped.append(f"{fixres.name}: it fine-tunes the configured last student, which did not train")
+    elif fixres is not None:
+        banner(f"Fix-res: {fixres.model} at {fixres.test_size}px")
+        last = chain[-1]
+        made = lambda out: TrainedModel.from_metrics(fixres_stage(out, fixres, last.metrics, env))  # noqa: E731
+        chain.append((yield StageSpec(fixres.name, "train", made, _read_trained)))
+    banner(f"Evaluate: {', '.join(cfg.evaluate.suites)}")
+    final, _ = choose_final(chain, baseline, cfg.final_model)
+    ends = _evaluated_models(chain, baseline, final)
+    robustness = yield StageSpec(layout.EVALUATE, "finish", lambda out: evaluate_stage(out, ends, env),
+                                 lambda d: json.loads((d / layout.ROBUSTNESS).read_text()), every_rank=False)
+    return ChainOutcome(chain, baseline, robustness, skipped)
+
+
+def _train_spec(stage: ResolvedStage, env: Env, pseudo=None) -> StageSpec:
+    return StageSpec(stage.name, "train", lambda out: TrainedModel.from_metrics(train_stage(out, stage, env, pseudo)),
+                     _read_trained)
+
+
+def _label_spec(i: int, teacher: TrainedModel, pool, labeling: ResolvedLabeling, env: Env) -> StageSpec:
+    name = layout.label_stage(i)
+    return StageSpec(name, "label", lambda out: label_stage(out, name, teacher.metrics, pool, labeling, env),
+                     lambda d: LabelStore.open(d, require_complete=True), in_place=True)
+
+
+def _select_spec(i: int, store: LabelStore, labeling: ResolvedLabeling, cfg: Config,
+                 splits: DataSplits | None = None) -> StageSpec:
+    name = layout.select_stage(i)
+    return StageSpec(name, "select", lambda out: select_stage(out, name, store, labeling, cfg, splits),
+                     lambda d: Selection.open(d / layout.SELECTION), every_rank=False)
+
+
+def _evaluated_models(chain: list[TrainedModel], baseline: TrainedModel | None, final: TrainedModel) -> list[dict]:
+    """The models the robustness suites compare: the first teacher, the baseline (the paper's
+    comparison), the Noisy Student model and the final model, each once."""
+    models = [chain[0], baseline, noisy_student_model(chain), final]
+    seen, ends = set(), []
+    for m in models:
+        if m is not None and m.name not in seen:
+            seen.add(m.name)
+            ends.append(m.metrics)
+    return ends
+
+
+def _execute(plan: Generator[StageSpec, Any, ChainOutcome], runner: StageRunner,
+             only: str | None) -> tuple[ChainOutcome | None, list[str]]:
+    """Run the plan's stages through the runner (finished ones are loaded). ``only``: the
+    per-stage commands, a filter over the plan: run just the first unfinished stage, which must be
+    of that kind. Returns the outcome (None when the filter stopped the plan) and what ran."""
+    ran: list[str] = []
+    try:
+        spec = next(plan)
+        while True:
+            if only is not None and not runner.done(spec.name):
+                if ran:
+                    plan.close()
+                    return None, ran
+                if spec.kind != only:
+                    command = f"run --resume {runner.run.root}" if spec.kind == "finish" else \
+                        f"{spec.kind} {runner.run.root}"
+                    raise ConfigError(f"the next unfinished stage of {runner.run.root} is {spec.name} "
+                                      f"('{spec.kind}'): run `noisystudent {command}`")
+                ran.append(spec.name)
+            result = runner.stage(spec.name, spec.work, spec.load, every_rank=spec.every_rank,
+                                  in_place=spec.in_place)
+            spec = plan.send(result)
+    except StopIteration as stop:
+        return (None if only is not None else stop.value), ran
 
 
 def _loop(cfg: Config, stages: list[ResolvedStage], run: RunDir, runner: StageRunner, ctx: DistContext,
           progress: bool, only: str | None) -> dict:
     start = time.time()
     banner(f"Data: {cfg.data.source}")
-    splits = build_splits(cfg.data, cfg.seed, require_unlabeled=len(stages) > 1 and stages[1].role == "student")
+    students = [s for s in stages if s.role == "student"]
+    splits = build_splits(cfg.data, cfg.seed, require_unlabeled=bool(students))
     # every stage's `pretrained` file, checked before anything trains
     check_pretrained_files(stages, num_classes=splits.num_classes, channels=splits.channels, classes=splits.classes)
     env = Env(ctx=ctx, run=run, cfg=cfg, splits=splits, progress=progress)
-    students = [s for s in stages if s.role == "student"]
     pool = build_pool(cfg.data, splits.unlabeled, cfg.pseudo.shard_size) if students else None
     if pool is not None:
         pool.prepare(run.root / layout.POOL, ctx)  # a folder is walked once per run, on rank 0
@@ -301,65 +428,37 @@ def _loop(cfg: Config, stages: list[ResolvedStage], run: RunDir, runner: StageRu
              f"{'(' + pool.kind + ')' if pool else ''}, {len(splits.val)} val, {len(splits.test)} test images; "
              f"{splits.num_classes} classes; device {ctx.device}, {ctx.world_size} process(es)")
 
-    ran: list[str] = []
+    def on_first_store(store: LabelStore) -> None:  # readable and unreadable counts are known now
+        runner.write_json(run.root / layout.DATA, data | {"num_unlabeled": store.num_rows,
+                                                           "num_unlabeled_unreadable": store.manifest.num_bad})
 
-    def step(name: str, kind: str, work, load, **how):
-        """One stage through the runner; with ``only``, the first unfinished stage ends the run."""
-        if only is not None and not runner.done(name):
-            if ran:
-                raise _Stop()
-            if kind != only:
-                command = f"run --resume {run.root}" if kind == "finish" else f"{kind} {run.root}"
-                raise ConfigError(f"the next unfinished stage of {run.root} is {name} ('{kind}'): "
-                                  f"run `noisystudent {command}`")
-            ran.append(name)
-        return runner.stage(name, work, load, **how)
-
-    read_metrics = lambda d: json.loads((d / layout.METRICS).read_text())  # noqa: E731
-    try:
-        banner(f"Teacher: {stages[0].model} on labeled images")
-        teacher = step(stages[0].name, "train", lambda out: train_stage(out, stages[0], env), read_metrics)
-        results = [teacher]
-        for i, st in enumerate(students, start=1):
-            banner(f"Iteration {i}: {teacher['model']} teaches {st.model}")
-            label_name = layout.label_stage(i)
-            store = step(label_name, "label", lambda out: label_stage(out, label_name, teacher, pool, st.labeling, env),
-                         lambda d: LabelStore.open(d, require_complete=True), in_place=True)
-            if i == 1:  # readable and unreadable counts are known now
-                runner.write_json(run.root / layout.DATA, data | {"num_unlabeled": store.num_rows,
-                                                                   "num_unlabeled_unreadable": store.manifest.num_bad})
-            select_name = layout.select_stage(i)
-            selection = step(select_name, "select", lambda out: select_stage(out, select_name, store, st.labeling, cfg, splits),
-                             lambda d: Selection.open(d / layout.SELECTION), every_rank=False)
-            _check_selection(selection, store)
-            pseudo = lambda noisy: pseudo_labeled_set(selection, pool, noisy)  # noqa: E731
-            student = step(st.name, "train", lambda out: train_stage(out, st, env, pseudo), read_metrics)
-            if student["params"] < teacher["params"]:
-                log.warning(f"[{st.name}] is smaller than its teacher; the paper uses equal-or-larger students")
-            results.append(student)
-            teacher = student
-        fixres = next((s for s in stages if s.role == "fixres"), None)
-        if fixres is not None:
-            banner(f"Fix-res: {fixres.model} at {fixres.test_size}px")
-            last = results[-1]
-            results.append(step(fixres.name, "train", lambda out: fixres_stage(out, fixres, last, env), read_metrics))
-        banner(f"Evaluate: {', '.join(cfg.evaluate.suites)}")
-        ends = [results[0], results[-1]]
-        robustness = step(layout.EVALUATE, "finish", lambda out: evaluate_stage(out, ends, env),
-                          lambda d: json.loads((d / layout.ROBUSTNESS).read_text()), every_rank=False)
-    except _Stop:
+    outcome, ran = _execute(_plan(stages, pool, env, on_first_store), runner, only)
+    if outcome is None:
         return {"ran": ran}
-    if only is not None:
-        return {"ran": ran}
-
-    summary = {"run_dir": str(run.root), "config_fingerprint": cfg.fingerprint(), "seconds": time.time() - start,
-               "stages": results, "result": results[-1]["name"], "robustness": _headlines_of(robustness),
-               "pool": None if pool is None else {"kind": pool.kind, "listed": data["num_unlabeled"]}}
+    summary = _summary(cfg, run, outcome, pool, data, time.time() - start)
     runner.write_json(run.root / layout.SUMMARY, summary)
     if ctx.is_main:
         log.info("\n" + format_summary_table(summary))
         _write_report(run.root, pool)
     return summary
+
+
+def _summary(cfg: Config, run: RunDir, outcome: ChainOutcome, pool, data: dict, seconds: float) -> dict:
+    """summary.json: every stage's metrics, the final model and why, the Noisy Student gain."""
+    chain, baseline = outcome.chain, outcome.baseline
+    final, reason = choose_final(chain, baseline, cfg.final_model)
+    rows = [chain[0].metrics] + ([baseline.metrics] if baseline is not None and baseline.name == layout.BASELINE
+                                 else []) + [m.metrics for m in chain[1:]]
+    gain = noisy_student_gain(chain, baseline)
+    if gain is not None:
+        log.info(format_gain(gain))
+    return {"run_dir": str(run.root), "config_fingerprint": cfg.fingerprint(), "seconds": seconds,
+            "stages": rows, "result": final.name,
+            "final": {"stage": final.name, "model": final.model, "rule": cfg.final_model, "reason": reason,
+                      "chain_last": chain[-1].name},
+            "baseline": None if baseline is None else baseline.name, "ns_gain": gain, "skipped": outcome.skipped,
+            "robustness": _headlines_of(outcome.robustness),
+            "pool": None if pool is None else {"kind": pool.kind, "listed": data["num_unlabeled"]}}
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -371,9 +470,10 @@ def _check_selection(selection: Selection, store: LabelStore) -> None:
                         f"{store.store_dir} (teacher {selection.store.get('teacher')}); select again")
 
 
-def _stage_train_config(cfg: Config, stage: ResolvedStage):
-    """The run's ``train`` section with this stage's batch size and unlabeled ratio."""
-    return dataclasses.replace(cfg.train, batch_size=stage.batch_size, unlabeled_ratio=stage.unlabeled_ratio)
+def _run_context(env: Env, stage: ResolvedStage, history: "_History") -> RunContext:
+    """Where a stage's recipe runs: the job's ranks and workers, its checkpoint folder, its history."""
+    return RunContext(ctx=env.ctx, num_workers=env.num_workers, progress=env.progress,
+                      checkpoint_dir=env.run.checkpoint_dir(stage.name), callbacks=[Hooks(on_epoch=history.add)])
 
 
 def _measure(model, test_size: int, env: Env, data_cfg: dict | None = None) -> dict:
@@ -455,7 +555,7 @@ def open_pool(run_dir: Path) -> UnlabeledSource | None:
     from .config.schema import load_config
 
     cfg = load_config(Path(run_dir) / layout.CONFIG)
-    splits = build_splits(cfg.data, cfg.seed, require_unlabeled=False)
+    splits = build_splits(cfg.data, cfg.seed, require_unlabeled=False, log_moved=False)
     pool = build_pool(cfg.data, splits.unlabeled, cfg.pseudo.shard_size)
     if pool is not None:
         pool.prepare(Path(run_dir) / layout.POOL)
@@ -470,22 +570,6 @@ def _write_report(run_dir: Path, pool: UnlabeledSource | None = None) -> None:
         log.info(f"report: {build_report(run_dir, pool=pool)['html']}")
     except Exception as e:  # noqa: BLE001 - the run's results are already safe on disk
         log.warning(f"report not written ({type(e).__name__}: {e}); rebuild it with: noisystudent report {run_dir}")
-
-
-def format_summary_table(summary: dict) -> str:
-    """The teacher and each student: model, val/test top-1, images used, time."""
-    head = f"{'stage':<11} {'model':<24} {'val top-1':>9} {'test top-1':>10} {'labeled':>8} {'pseudo':>8} {'time':>8}"
-    lines = [head, "-" * len(head)]
-    for s in summary["stages"]:
-        lines.append(f"{s['name']:<11} {s['model']:<24} {s['val_top1']:>9.2f} {s['test_top1']:>10.2f} "
-                     f"{s['num_labeled']:>8} {s['num_pseudo']:>8} {s['seconds']:>7.1f}s")
-    for s in summary["stages"]:
-        if "test_top1_before" in s:
-            lines.append(f"fix-res at {s['test_size']}px (trained at {s['train_size']}px): test top-1 "
-                         f"{s['test_top1_before']:.2f} before, {s['test_top1_after']:.2f} after "
-                         f"({s['test_top1_after'] - s['test_top1_before']:+.2f}); "
-                         f"{s['frozen_blocks']}/{s['total_blocks']} blocks frozen")
-    return "\n".join(lines)
 
 
 def _attach_log_file(path: Path) -> logging.Handler:

@@ -108,6 +108,12 @@ class TrainConfig:
     label_smoothing: float = _opt(0.1, "Label smoothing on labeled images (paper: 0.1).", min=0, max=1)
     eval_every: int = _opt(1, "Evaluate on the validation split every N epochs; the best epoch is kept.",
                            min=1)
+    patience: int | None = _opt(None, "Early stopping: end a stage when validation top-1 has not improved for this "
+                                "many evaluations in a row (null: off). epochs stays the cap and the learning-rate "
+                                "schedule spans it; the best epoch is kept either way.", min=1)
+    patience: int | None = _opt(None, "Early stopping: end a stage when validation top-1 has not improved for this "
+                                "many evaluations in a row (null: off). epochs stays the cap and the learning-rate "
+                                "schedule spans it; the best epoch is kept either way.", min=1)
     precision: str = _opt("auto", "auto (bf16 autocast on CUDA where supported; on a CPU, bf16 only if a "
                           "few timed steps of the model find it >= 1.05x faster than fp32, else fp32), fp32, "
                           "bf16 (autocast, CPU or CUDA), fp16 (autocast + gradient scaler, CUDA).",
@@ -145,7 +151,9 @@ class PseudoLabelConfig:
     dedup: str = _opt("val+test", "Pool hygiene: before selecting, drop pool images that copy a held-out image "
                       "(the same decoded pixels, or a perceptual hash within dedup_distance bits: resized or "
                       "re-encoded copies) of the validation and test splits (val+test) or the test split only "
-                      "(test); none: keep them, and the labeler stores no image hashes.",
+                      "(test); none: keep them, and the labeler stores no image hashes. Checked for pools from "
+                      "outside the labeled dataset (data.unlabeled, a torchvision dataset's unlabeled split); "
+                      "the dataset's own training images moved to the pool are not.",
                       choices=DEDUP_MODES)
     dedup_distance: int = _opt(4, "Largest Hamming distance between 64-bit perceptual hashes (pHash) that counts "
                                "as a copy (0: identical hashes only).", min=0, max=63)
@@ -161,6 +169,8 @@ class StageConfig:
     drop_path: float | None = _opt(None, "Override noise.drop_path for this stage.", min=0, max=0.95)
     augment: bool | None = _opt(None, "Override noise.augment for this stage (input noise).")
     lr: float | None = _opt(None, "Override train.lr for this stage.", min=0)
+    patience: int | None = _opt(None, "Override train.patience for this stage (early stopping).", min=1)
+    patience: int | None = _opt(None, "Override train.patience for this stage (early stopping).", min=1)
     test_size: int | None = _opt(None, "Evaluation resolution (default: the training resolution); above "
                                  "it, a fix-res fine-tune runs at the end of the chain.", min=4)
     pretrained: str | None = _opt(None, "Initial weights: a timm pretrained tag (e.g. "
@@ -177,6 +187,19 @@ class FinetuneConfig:
     frozen_blocks: int | None = _opt(None, "Shallow blocks kept frozen (null: the paper's recipe, all "
                                      "but the last stage's blocks and the head).", min=0)
     batch_size: int | None = _opt(None, "Fine-tune batch size (null: train.batch_size).", min=1)
+
+
+@dataclass
+class BaselineConfig:
+    enabled: bool = _opt(True, "Train the baseline stage: the final student's architecture on the labeled images "
+                         "alone with the teacher's recipe (noise, epochs, lr), so the run reports the Noisy "
+                         "Student gain over it (the paper's comparison). Nothing extra trains when the final "
+                         "architecture is the teacher's: the teacher is the baseline. Turn off for runs at scale.")
+    epochs: float | None = _opt(None, "Baseline epochs (null: the teacher's). With train.patience it stops "
+                                "when validation stops improving.", min=0)
+
+
+FINAL_MODEL_RULES = ("best-val", "last")
 
 
 @dataclass
@@ -224,6 +247,14 @@ class Config:
                                 "; ".join(f"{k}: {v}" for k, v in ABLATIONS.items()) + ".",
                                 choices=(None, *ABLATIONS))
     finetune: FinetuneConfig = _opt(None, "Fix-res fine-tune at the end of the chain.", factory=FinetuneConfig)
+    baseline: BaselineConfig = _opt(None, "The yardstick: the final architecture on the labels alone.",
+                                    factory=BaselineConfig)
+    final_model: str = _opt("best-val", "Which model the run hands over (summary's result, export, evaluate): "
+                            "best-val: the stage with the best validation top-1 among the teacher, the students, "
+                            "fix-res and the baseline (so never one worse on validation than the labels alone "
+                            "gave); last: the chain's last stage, as in the paper.", choices=FINAL_MODEL_RULES)
+    stop_iterating: bool = _opt(False, "Stop the chain early when a student's validation top-1 is not above its "
+                                "teacher's (the remaining iterations are skipped and reported).")
     evaluate: EvaluateConfig = _opt(None, "Final evaluation.", factory=EvaluateConfig)
 
     def to_dict(self) -> dict:
@@ -331,7 +362,43 @@ def config_from_dict(raw: dict) -> Config:
         raw = apply_ablation(raw, raw["ablation"])
     cfg = _build(Config, raw)
     _check_consistency(cfg)
+    _check_registry_names(cfg)
     return cfg
+
+
+def _check_registry_names(cfg: Config) -> None:
+    """Keys that name a registry entry (optimizer, model, device) are checked against the registry
+    the run will look them up in, so ``noisystudent config`` refuses them too, before any run
+    directory exists. The scheduler is a fixed choice, checked by its key's ``choices``."""
+    import timm.optim
+    import torch
+
+    # torch.device's own parser (availability of a CUDA device is checked when the run starts)
+    if cfg.device != "auto":
+        try:
+            torch.device(cfg.device)
+        except (RuntimeError, ValueError):
+            raise ConfigError(f"config key 'device': {cfg.device!r} is not a device torch knows; "
+                              "use auto, cpu, cuda or cuda:N") from None
+    # timm.optim.create_optimizer_v2 reads "[lookahead_]name"; its registry lists the names (timm >= 1.0.12)
+    list_optimizers = getattr(timm.optim, "list_optimizers", None)
+    if list_optimizers is not None:
+        known = set(list_optimizers())
+        parts = cfg.train.optimizer.lower().split("_")
+        if parts[-1] not in known or (len(parts) > 1 and parts[:-1] != ["lookahead"]):
+            close = difflib.get_close_matches(cfg.train.optimizer.lower(), sorted(known), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(f"config key 'train.optimizer': unknown optimizer {cfg.train.optimizer!r}{hint}; "
+                              "see timm.optim.list_optimizers()")
+    # the rule create_model applies (paper aliases such as B7, then timm's registry, where this
+    # package registers its own models; hf-hub:/local-dir: names are read when the model is built);
+    # imported here, at validation, not when the module loads
+    from ..models.factory import is_known_model
+
+    for key, stage in (("teacher", cfg.teacher), *((f"students[{i}]", s) for i, s in enumerate(cfg.students))):
+        if not is_known_model(stage.model):
+            raise ConfigError(f"config key '{key}.model': unknown model {stage.model!r}; "
+                              "see `noisystudent models` or timm.list_models()")
 
 
 def expand_chain(raw: dict) -> dict:
@@ -468,6 +535,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     else:
         raw = default_config_dict()
     raw = apply_overrides(raw, overrides or [])
+    if path is None:
+        raw = _demo_label_budget_stays_with_digits(raw, overrides or [])
     if ablation:
         recorded = raw.get("ablation")
         if recorded is not None and recorded != ablation:
@@ -475,6 +544,19 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
                               "(config key 'ablation'); one ablation at a time")
         raw = {**raw, "ablation": ablation}
     return config_from_dict(raw)
+
+
+def _demo_label_budget_stays_with_digits(raw: dict, overrides: list[str]) -> dict:
+    """The built-in demo's ``data.labels_per_class`` (5) makes the digits a semi-supervised
+    benchmark; it belongs to the digits source. When ``--set data.source=...`` replaces the source
+    and the user did not set ``data.labels_per_class`` too, it goes back to the schema default
+    (null: every label of the user's data is kept)."""
+    data = raw.get("data")
+    if not isinstance(data, dict) or data.get("source") == default_config_dict()["data"]["source"]:
+        return raw
+    if any(parse_override(o)[0] in (["data", "labels_per_class"], ["data"]) for o in overrides):
+        return raw
+    return {**raw, "data": {k: v for k, v in data.items() if k != "labels_per_class"}}
 
 
 def default_config_dict() -> dict:

@@ -20,10 +20,10 @@ import dataclasses
 import hashlib
 from dataclasses import dataclass
 
-from ..runtime.rundir import FIXRES, TEACHER, select_stage, student_stage
-from .schema import Config, NoiseConfig, StageConfig
+from ..runtime.rundir import BASELINE, FIXRES, TEACHER, select_stage, student_stage
+from .schema import Config, NoiseConfig, StageConfig, TrainConfig
 
-ROLES = ("teacher", "student", "fixres")
+ROLES = ("teacher", "baseline", "student", "fixres")
 
 
 @dataclass(frozen=True)
@@ -66,6 +66,8 @@ class ResolvedStage:
     unlabeled_ratio: float = 0.0  # pseudo-labeled images per labeled image; students only
     labeling: ResolvedLabeling | None = None  # students only: how their pseudo labels are made
     config_key: str = ""  # where the stage's settings live in the config: "teacher", "students[0]", "finetune"
+    train: TrainConfig | None = None  # the stage's training recipe: the train section with its batch size, ratio, patience
+    train: TrainConfig | None = None  # the stage's training recipe: the train section with its batch size, ratio, patience
 
 
 def stage_seed(seed: int, name: str) -> int:
@@ -96,7 +98,25 @@ def _training_stage(cfg: Config, stage: StageConfig, name: str, role: str, **ext
                          test_size=_or(stage.test_size, image_size), dropout=dropout, drop_path=drop_path,
                          noise=noise, lr=_or(stage.lr, cfg.train.lr), epochs=_or(stage.epochs, cfg.train.epochs),
                          batch_size=cfg.train.batch_size, seed=stage_seed(cfg.seed, name),
-                         pretrained=stage.pretrained, **extra)
+                         pretrained=stage.pretrained, train=_stage_train(cfg, stage, extra.get("unlabeled_ratio", 0.0)),
+                         **extra)
+
+
+def _stage_train(cfg: Config, stage: StageConfig, unlabeled_ratio: float) -> TrainConfig:
+    """The ``train`` section as one stage trains: its unlabeled ratio (0 without pseudo labels)
+    and its patience (``stage.patience``, else ``train.patience``)."""
+    return dataclasses.replace(cfg.train, unlabeled_ratio=unlabeled_ratio,
+                               patience=_or(stage.patience, cfg.train.patience))
+
+
+def fixres_train_config(train: TrainConfig, batch_size: int | None = None) -> TrainConfig:
+    """The training settings of the fix-res fine-tune: the run's optimizer, weight decay, label
+    smoothing, precision and checkpointing, with its own batch size (None: ``train.batch_size``)
+    and a short schedule of its own: cosine from the lr to 0 without warm-up, no EMA, no early
+    stopping, no pseudo labels. ``sync_bn`` is off: it would replace the frozen BatchNorm layers by
+    new ones that no longer stay in eval mode."""
+    return dataclasses.replace(train, batch_size=batch_size or train.batch_size, unlabeled_ratio=0.0,
+                               scheduler="cosine", warmup_epochs=0.0, ema=False, sync_bn=False, patience=None)
 
 
 def _fixres_stage(cfg: Config, last: ResolvedStage) -> ResolvedStage:
@@ -108,11 +128,34 @@ def _fixres_stage(cfg: Config, last: ResolvedStage) -> ResolvedStage:
                          noise=dataclasses.replace(last.noise, augment=False), lr=_or(ft.lr, last.lr / 10),
                          epochs=ft.epochs, batch_size=_or(ft.batch_size, cfg.train.batch_size),
                          seed=stage_seed(cfg.seed, FIXRES), pretrained=None, frozen_blocks=ft.frozen_blocks,
-                         config_key="finetune")
+                         config_key="finetune", train=fixres_train_config(cfg.train, ft.batch_size))
+
+
+def _baseline_stage(cfg: Config, teacher: ResolvedStage, final: ResolvedStage) -> ResolvedStage:
+    """The final student's architecture (model, resolutions, pretrained weights) trained on the
+    labeled images alone with the teacher's recipe (noise, lr, epochs unless ``baseline.epochs``)."""
+    return dataclasses.replace(teacher, name=BASELINE, role="baseline", model=final.model,
+                               image_size=final.image_size, test_size=final.test_size,
+                               pretrained=final.pretrained, epochs=_or(cfg.baseline.epochs, teacher.epochs),
+                               seed=stage_seed(cfg.seed, BASELINE), config_key="baseline")
+
+
+def baseline_of(stages: list[ResolvedStage]) -> ResolvedStage | None:
+    """The stage the Noisy Student gain is measured against: the baseline stage when the run has
+    one, else the teacher when it has the final student's architecture; None otherwise."""
+    students = [s for s in stages if s.role == "student"]
+    own = next((s for s in stages if s.role == "baseline"), None)
+    if own is not None or not students:
+        return own
+    teacher = stages[0]
+    same = (teacher.model, teacher.image_size, teacher.pretrained) == \
+        (students[-1].model, students[-1].image_size, students[-1].pretrained)
+    return teacher if same else None
 
 
 def resolve_stages(cfg: Config) -> list[ResolvedStage]:
-    """The run's training stages in order: the teacher, each student, then fix-res when it runs
+    """The run's training stages in order: the teacher, the baseline (``baseline.enabled`` and the
+    final architecture not the teacher's), each student, then fix-res when it runs
     (``finetune.enabled``, or by default when the last stage's test resolution is above its
     training resolution)."""
     pseudo = cfg.pseudo
@@ -125,6 +168,8 @@ def resolve_stages(cfg: Config) -> list[ResolvedStage]:
                                       unlabeled_ratio=cfg.train.unlabeled_ratio, labeling=labeling,
                                       config_key=f"students[{i - 1}]"))
     last = stages[-1]
+    if cfg.baseline.enabled and len(stages) > 1 and baseline_of(stages) is None:
+        stages.insert(1, _baseline_stage(cfg, stages[0], last))
     if fixres_enabled(cfg.finetune.enabled, last.image_size, last.test_size):
         stages.append(_fixres_stage(cfg, last))
     return stages

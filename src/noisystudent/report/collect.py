@@ -25,7 +25,7 @@ import numpy as np
 
 from ..runtime.errors import NoisyStudentError
 from ..runtime.rundir import (CONFIG, DATA, EVALUATE, FIXRES, HISTORY, MANIFEST, METRICS, PROBE, ROBUSTNESS,
-                              SELECTION_SUMMARY, SUMMARY, TEACHER, iteration_of, label_stage, select_stage,
+                              SELECTION_SUMMARY, SUMMARY, TEACHER, BASELINE, iteration_of, label_stage, select_stage,
                               student_stage, teacher_of)
 
 HIST_BINS = 40  # confidence histogram bins on [0, 1]
@@ -305,9 +305,11 @@ def _scan_store(run: RunData, path: Path, threshold: float | None, gallery_size:
 
 
 def _stage_order(name: str) -> tuple[int, int] | None:
-    """Sort key of a training stage of the chain (teacher, student-1, ...); None for other names."""
+    """Sort key of a training stage (teacher, baseline, student-1, ...); None for other names."""
     if name == TEACHER:
         return (0, 0)
+    if name == BASELINE:
+        return (0, 1)
     i = iteration_of(name)
     return (1, i) if i is not None and name == student_stage(i) else None
 

@@ -18,7 +18,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from ..runtime.rundir import FIXRES, TEACHER, iteration_of, student_stage
+from ..runtime.rundir import BASELINE, FIXRES, TEACHER, iteration_of, student_stage
 
 DPI = 110
 TEACHER_COLOUR = "#6e7781"
@@ -32,7 +32,7 @@ RC = {"font.size": 9, "axes.titlesize": 10, "axes.labelsize": 9, "legend.fontsiz
 def colour_for(name: str, i: int = 0) -> str:
     """One colour per stage in every plot: the teacher grey, student-N the N-th tab10 colour, the
     fix-res fine-tune purple; other names their ``i``-th."""
-    if name == TEACHER:
+    if name in (TEACHER, BASELINE):
         return TEACHER_COLOUR
     if name == FIXRES:
         return FIXRES_COLOUR
@@ -83,11 +83,15 @@ def _finite(values: Sequence) -> list[float]:
 
 
 @_styled
-def accuracy_by_iteration(labels: Sequence[str], val_top1: Sequence, test_top1: Sequence) -> bytes | None:
-    """Val and test top-1 (%) of the teacher and each student, in chain order."""
+def accuracy_by_iteration(labels: Sequence[str], val_top1: Sequence, test_top1: Sequence,
+                          baseline: tuple[str, float, float] | None = None) -> bytes | None:
+    """Val and test top-1 (%) of the teacher and each student, in chain order; ``baseline``
+    (label, val, test): the final architecture on the labels alone, drawn as two horizontal lines,
+    so the Noisy Student gain is the distance from a student's point to its line."""
     if not labels:
         return None
     val, test = _finite(val_top1), _finite(test_top1)
+    base = _finite(baseline[1:]) if baseline else []
     fig, (ax,) = _figure(max(4.5, 1.25 * len(labels) + 2), 3.2)
     x = np.arange(len(labels))
     ax.plot(x, val, marker="o", color=ORANGE, label="val top-1", linestyle="--")
@@ -96,9 +100,13 @@ def accuracy_by_iteration(labels: Sequence[str], val_top1: Sequence, test_top1: 
         if math.isfinite(t):
             ax.annotate(f"{t:.1f}", (xi, t), textcoords="offset points", xytext=(0, -14), ha="center",
                         fontsize=8, color=BLUE, bbox=dict(boxstyle="round,pad=0.15", fc="white", ec="none", alpha=0.85))
+    if baseline and all(math.isfinite(v) for v in base):
+        ax.axhline(base[0], color=ORANGE, linestyle=":", linewidth=1)
+        ax.axhline(base[1], color=GREY, linestyle="-", linewidth=1.5, zorder=0,
+                   label=f"{baseline[0]}: test {base[1]:.1f}, val {base[0]:.1f} (dotted)")
     ax.set_xticks(x, labels)
     ax.set_xlim(-0.4, len(labels) - 0.6)
-    lo = np.nanmin(val + test) if any(math.isfinite(v) for v in val + test) else 0
+    lo = np.nanmin(val + test + base) if any(math.isfinite(v) for v in val + test + base) else 0
     ax.set_ylim(max(0, lo - 8), 100 if lo > 50 else None)
     ax.set_ylabel("top-1 accuracy (%)")
     ax.legend(loc="best", frameon=False)

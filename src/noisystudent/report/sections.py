@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from ..runtime.version import package_version
-from ..runtime.rundir import FIXRES, SUMMARY, TEACHER, label_stage, select_stage, student_stage
+from ..runtime.rundir import BASELINE, FIXRES, SUMMARY, TEACHER, label_stage, select_stage, student_stage
 from . import plots
 from .appendix import config_section, run_section
 from .collect import RunData
@@ -29,7 +29,7 @@ def build_document(run: RunData, load_image: ImageLoader | None = None) -> Docum
     """Assemble the report's content from what :func:`.collect.collect_run` read (no I/O);
     ``load_image`` (key -> PIL image of the unlabeled pool) adds the pseudo-label thumbnails."""
     teacher = next((s for s in run.stages if s["name"] == TEACHER), None)
-    students = [s for s in run.stages if s["name"] != TEACHER]
+    students = [s for s in run.stages if s["name"] not in (TEACHER, BASELINE)]
     sections = [results_section(run, teacher, students), fixres_section(run, students or [teacher]),
                 data_section(run), pseudo_section(run), look_section(run, load_image)]
     if run.robustness is not None:
@@ -53,6 +53,30 @@ def build_document(run: RunData, load_image: ImageLoader | None = None) -> Docum
 # ============================================================================ headline
 
 
+def gain_cards(run: RunData) -> tuple[list[Card], list[str]]:
+    """The first cards: the Noisy Student gain over the final architecture on the labels alone (the
+    paper's comparison) and the model the run hands over; a finding when the pool did not help."""
+    summary = run.summary or {}
+    cards: list[Card] = []
+    findings: list[str] = []
+    gain = summary.get("ns_gain")
+    if isinstance(gain, dict) and is_num(gain.get("test")) and is_num(gain.get("val")):
+        tone = "good" if gain["test"] > 0 else "bad" if gain["test"] < 0 else ""
+        cards.append(Card("Noisy Student gain", f"{gain['test']:+.2f} pts",
+                          f"test top-1, {gain.get('student', '?')} − {gain.get('baseline_model', '?')} on the labels "
+                          f"alone ({gain.get('baseline', '?')}); val {gain['val']:+.2f}", tone))
+        if gain["val"] <= 0:
+            findings.append(f"The unlabeled images did not help on validation: {gain.get('student')} is "
+                            f"{gain['val']:+.2f} points against {gain.get('baseline_model')} trained on the labels "
+                            "alone.")
+    final = summary.get("final")
+    if isinstance(final, dict) and final.get("stage"):
+        cards.append(Card("Final model", str(final["stage"]), f"{final.get('model', '?')}: {final.get('reason', '')}"))
+    for skipped in summary.get("skipped") or []:
+        findings.append(f"Skipped {skipped}.")
+    return cards, findings
+
+
 def _fixres_numbers(run: RunData) -> dict | None:
     """The fix-res stage's accuracies after (and before) fine-tuning, at its test size."""
     f = run.fixres
@@ -74,8 +98,7 @@ def _expected_stages(run: RunData) -> list[str] | None:
 def headline(run: RunData, teacher: dict | None, students: list[dict]) -> Headline:
     """Cards (teacher, final student, change, relative error reduction, fix-res), one sentence,
     and findings that need a reader's attention."""
-    cards: list[Card] = []
-    findings: list[str] = []
+    cards, findings = gain_cards(run)
     final = students[-1] if students else None
     t1 = teacher.get("test_top1") if teacher else None
     f1 = final.get("test_top1") if final else None
@@ -193,10 +216,16 @@ def results_section(run: RunData, teacher: dict | None, students: list[dict]) ->
         val.append(fx.get("val_top1_after"))
         test.append(fx["test_top1_after"])
     figs = []
-    png = plots.accuracy_by_iteration(labels, val, test)
+    base = next((b for b in run.stages if b["name"] == BASELINE), None)
+    chain = [i for i, st in enumerate(run.stages) if st is not base]
+    labels, val, test = ([xs[i] for i in chain] + xs[len(run.stages):] for xs in (labels, val, test))
+    png = plots.accuracy_by_iteration(labels, val, test, None if base is None else (
+        f"baseline {base.get('model', '')}", base.get("val_top1"), base.get("test_top1")))
     if png:
         figs.append(Plot("accuracy", png, "Accuracy by iteration: validation and test top-1 of the teacher and "
-                                          "each student (each student is the next iteration's teacher).",
+                                          "each student (each student is the next iteration's teacher); the "
+                                          "grey line is the baseline, the final architecture trained on the "
+                                          "labels alone: a student above it is the Noisy Student gain.",
                          "accuracy by iteration"))
     lengths = {s["name"]: s.get("epochs") for s in run.stages + ([run.fixres] if run.fixres else [])}
     png = plots.training_curves(run.curves, lengths)

@@ -4,6 +4,7 @@ Layout (everything that writes or reads a run uses the names below)::
 
     RUN/config.yaml  manifest.json  data.json  run.log  summary.json  .lock
     RUN/teacher/     model.pt  metrics.json  metrics.jsonl
+    RUN/baseline/    model.pt  metrics.json  metrics.jsonl   (when the final architecture is not the teacher's)
     RUN/label-1/     a pseudo-label store (noisystudent.label.store) + probe.parquet
     RUN/select-1/    selection.parquet  selection.json  heldout_hashes.parquet
     RUN/student-1/   model.pt  metrics.json  metrics.jsonl
@@ -67,6 +68,7 @@ LOCK = ".lock"  # host and PID of the process writing the run (RunDir.acquire_lo
 
 # Stage names.
 TEACHER = "teacher"
+BASELINE = "baseline"  # the final architecture on the labels alone (the Noisy Student gain's yardstick)
 FIXRES = "fixres"
 EVALUATE = "evaluate"
 REPORT = "report"
@@ -192,6 +194,21 @@ def _jsonable(o: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
+def _manifest_problem(manifest: Any) -> str | None:
+    """What makes a parsed manifest.json not one :class:`RunDir` wrote (None: nothing)."""
+    if not isinstance(manifest, dict):
+        return f"a JSON {type(manifest).__name__}, not an object"
+    if not isinstance(manifest.get("fingerprint", ""), str):
+        return "'fingerprint' is not a string"
+    stages = manifest.get("stages")
+    if not isinstance(stages, dict):
+        return "'stages' is not an object"
+    for name, record in stages.items():
+        if not isinstance(record, dict) or not isinstance(record.get("finished"), (int, float)):
+            return f"stage {name!r} has no finish time"
+    return None
+
+
 class RunDir:
     """A run's folder and its manifest."""
 
@@ -219,9 +236,14 @@ class RunDir:
         if not self.manifest_path.is_file():
             return {"stages": {}}
         try:
-            return json.loads(self.manifest_path.read_text())
-        except json.JSONDecodeError:
-            raise ConfigError(f"corrupt run manifest {self.manifest_path}") from None
+            manifest = json.loads(self.manifest_path.read_text())
+            problem = _manifest_problem(manifest)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            problem = "not JSON"
+        if problem:
+            raise ConfigError(f"corrupt run manifest {self.manifest_path} ({problem}); restore it from a copy, "
+                              "or start a new run directory")
+        return manifest
 
     @classmethod
     def open(cls, root: Path, cfg: RunConfig, resume: bool) -> "RunDir":
@@ -234,6 +256,8 @@ class RunDir:
         run = cls(root)
         if resume and not run.manifest_path.is_file():
             raise ConfigError(f"--resume: {root} is not a run directory (no {MANIFEST})")
+        if not resume and not run.manifest_path.is_file():
+            run._refuse_foreign_files()
         try:
             run.root.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -248,13 +272,33 @@ class RunDir:
             elif run.manifest_path.is_file() and manifest.get("stages"):
                 raise ConfigError(f"run directory {root} already holds a run; use --resume {root} or another --out")
             if not run.manifest_path.is_file() or not resume:
-                cfg.save(run.root / CONFIG)
-                write_json_atomic(run.manifest_path, {"fingerprint": cfg.fingerprint(), "created": time.time(),
-                                                      "stages": {}})
+                try:
+                    cfg.save(run.root / CONFIG)
+                    write_json_atomic(run.manifest_path, {"fingerprint": cfg.fingerprint(), "created": time.time(),
+                                                          "stages": {}})
+                except StorageError as e:  # no manifest yet: --resume (its advice) would find no run
+                    if "; free some space" not in str(e):
+                        raise
+                    raise StorageError(f"{str(e).split('; free some space')[0]}; the run in {root} has not "
+                                       "started: free some space and run the same command again") from None
         except BaseException:
             run.release_lock()
             raise
         return run
+
+    def _refuse_foreign_files(self) -> None:
+        """A new run goes into a missing or empty folder, or one holding only what a run that
+        stopped before its manifest left (config.yaml, a lock): never over files it did not write."""
+        try:
+            foreign = sorted(p.name for p in self.root.iterdir() if p.name not in (CONFIG, LOCK))
+        except FileNotFoundError:
+            return
+        except OSError as e:
+            raise StorageError(f"cannot read the run directory {self.root}: {e.strerror or e}") from None
+        if foreign:
+            shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+            raise ConfigError(f"run directory {self.root} is not empty and holds no run (no {MANIFEST}; it has "
+                              f"{shown}); choose a new --out folder or empty this one")
 
     # -------------------------------------------------------------------------- the lock
 
@@ -309,6 +353,12 @@ class RunDir:
 
     def is_done(self, stage: str) -> bool:
         return stage in self.manifest()["stages"] and (self.root / stage).is_dir()
+
+    def unfinish(self, stage: str) -> None:
+        """Drop a finished stage from the manifest (its files stay): it runs again on resume."""
+        manifest = self.manifest()
+        if manifest["stages"].pop(stage, None) is not None:
+            write_json_atomic(self.manifest_path, manifest)
 
     def path(self, stage: str) -> Path:
         return self.root / stage

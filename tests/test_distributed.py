@@ -1,12 +1,15 @@
 """Two CPU processes under torchrun (gloo) train the teacher and the student exactly as one
 process with the whole global batch does, with the pseudo:labeled ratio of every step kept, and
 stop together on a SIGTERM that reaches only one of them. One torchrun launch (about 10 s of
-process start-up) serves all the checks."""
+process start-up) serves all the checks. A whole run under torchrun reports the numbers of the
+models it saves, also after one rank is killed and the run resumed."""
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -90,3 +93,94 @@ def test_missing_cuda_devices_are_a_one_line_config_error(monkeypatch):
     assert select_device("auto", 1) == torch.device("cpu")
     with pytest.raises(ConfigError, match="no CUDA device"):
         select_device("cuda", 0)
+
+
+# ------------------------------------------------------------------------------ a whole run under torchrun
+
+# Teacher and one student of the same architecture (so no baseline stage), with BatchNorm (ns_cnn_s),
+# long enough for a kill to land in the middle of the student (6 epochs, a checkpoint every 2 steps).
+RUN = ["teacher.epochs=3", "train.epochs=6", "train.batch_size=16", "train.checkpoint_every=2",
+       "train.precision=fp32", "pseudo.precision=fp32", "data.val_per_class=5", "data.test_per_class=10",
+       "data.max_unlabeled=200", "pseudo.threshold=0.0", "students=[{model: ns_cnn_s}]"]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+            "noisystudent"]
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+
+
+def _sets(overrides):
+    return [a for o in overrides for a in ("--set", o)]
+
+
+def _reported(run: Path) -> list[tuple]:
+    summary = json.loads((run / "summary.json").read_text())
+    return [(s["name"], s["val_top1"], s["test_top1"], s["test_top5"]) for s in summary["stages"]]
+
+
+def _reevaluated(run: Path) -> list[tuple]:
+    """Each stage's saved model.pt evaluated again by one process, on the run's own splits."""
+    from noisystudent.config.schema import load_config
+    from noisystudent.data.datasets import TransformedSet, build_splits
+    from noisystudent.evaluate.classifier import evaluate_classifier
+    from noisystudent.models.checkpoint import clean_transform, load_model
+
+    cfg = load_config(run / "config.yaml")
+    splits = build_splits(cfg.data, cfg.seed, require_unlabeled=False)
+    out = []
+    for name, *_ in _reported(run):
+        model, meta = load_model(run / name / "model.pt")
+        m = {split: evaluate_classifier(model, TransformedSet(images, clean_transform(meta)), torch.device("cpu"))
+             for split, images in (("val", splits.val), ("test", splits.test))}
+        out.append((name, m["val"]["top1"], m["test"]["top1"], m["test"]["top5"]))
+    return out
+
+
+def _rank_pid(agent: int, rank: int) -> int | None:
+    """The PID of torchrun worker ``rank`` (a child of the agent with RANK=rank in its environment)."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            environ = (proc / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == agent and f"RANK={rank}".encode() in environ:
+            return int(proc.name)
+    return None
+
+
+def test_two_process_run_reports_its_saved_models_also_after_a_rank_is_killed(tmp_path):
+    """Under torchrun every rank evaluates with rank 0's BatchNorm statistics, the ones saved: the
+    summary equals a one-process evaluation of each model.pt. A kill -9 of rank 1 in the middle of
+    the student, then --resume, ends with the same numbers as the uninterrupted run."""
+    whole = tmp_path / "whole"
+    proc = subprocess.run([*TORCHRUN, "run", "--out", str(whole), "--quiet", *_sets(RUN)], env=ENV,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    reported = _reported(whole)
+    assert [r[0] for r in reported] == ["teacher", "student-1"]
+    assert reported == _reevaluated(whole)
+
+    killed = tmp_path / "killed"
+    agent = subprocess.Popen([*TORCHRUN, "run", "--out", str(killed), "--quiet", *_sets(RUN)], env=ENV,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 600
+        while not list((killed / "checkpoints" / "student-1").glob("step-*.pt")):
+            assert agent.poll() is None and time.time() < deadline, "the run ended before the student checkpointed"
+            time.sleep(0.05)
+        pid = _rank_pid(agent.pid, 1)
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        assert agent.wait(timeout=300) != 0
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+            agent.wait()
+    assert not (killed / "summary.json").exists()
+    proc = subprocess.run([*TORCHRUN, "run", "--resume", str(killed), "--quiet"], env=ENV,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "[student-1] resuming from" in (killed / "run.log").read_text()
+    assert _reported(killed) == reported
+    assert _reevaluated(killed) == reported

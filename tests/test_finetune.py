@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-import noisystudent.train.loop as loop
+import noisystudent.train.trainer as trainer_module
 from noisystudent.config.schema import TrainConfig, load_config
 from noisystudent.data.datasets import TransformedSet, build_splits
 from noisystudent.runtime.distributed import DistContext
@@ -82,8 +82,8 @@ def test_frozen_blocks_unchanged_and_the_rest_trained(name, n, monkeypatch):
     data = _toy(size=size)
     before = copy.deepcopy(model.state_dict())
     built = []
-    real_build = loop.build_optimizer
-    monkeypatch.setattr(loop, "build_optimizer", lambda *a, **k: built.append(real_build(*a, **k)) or built[-1])
+    real_build = trainer_module.build_optimizer
+    monkeypatch.setattr(trainer_module, "build_optimizer", lambda *a, **k: built.append(real_build(*a, **k)) or built[-1])
     outcome = _finetune(model, data, frozen_blocks=n)
     after = model.state_dict()
     layout = block_layout(model)
@@ -107,8 +107,8 @@ def test_optimizer_settings_come_from_the_train_config(monkeypatch):
     """rmsproptf gets the official epsilon from build_optimizer; the schedule is the fine-tune's own
     cosine from lr to 0 without warm-up, whatever the run's scheduler and warm-up."""
     built = []
-    real_build = loop.build_optimizer
-    monkeypatch.setattr(loop, "build_optimizer", lambda *a, **k: built.append(real_build(*a, **k)) or built[-1])
+    real_build = trainer_module.build_optimizer
+    monkeypatch.setattr(trainer_module, "build_optimizer", lambda *a, **k: built.append(real_build(*a, **k)) or built[-1])
     model = create_model("ns_cnn_s", 3, 1)
     cfg = TrainConfig(optimizer="rmsproptf", weight_decay=1e-5, scheduler="step", warmup_epochs=5, ema=True)
     out = _finetune(model, _toy(), cfg=cfg, epochs=1, lr=0.01)

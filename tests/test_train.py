@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch.utils.data import Dataset
 
-from noisystudent.config.schema import TrainConfig
+from noisystudent.config.schema import TrainConfig, load_config
+from noisystudent.config.stages import resolve_stages
 from noisystudent.runtime.distributed import DistContext, all_gather_object, any_rank, local_batch_size
 from noisystudent.runtime.errors import CheckpointError, ConfigError
 from noisystudent.evaluate.classifier import evaluate_classifier
@@ -17,6 +18,8 @@ from noisystudent.train.loop import (SeededSamples, StreamSampler, build_optimiz
 from noisystudent.train.state import (capture_rng_state, catch_sigterm, list_checkpoints,
                                       load_checkpoint_file, load_latest_checkpoint, restore_rng_state,
                                       save_checkpoint)
+from noisystudent.train.trainer import (Hooks, Recipe, RunContext, Trainer, evaluations_without_improvement,
+                                        patience_exhausted)
 from _train_scenarios import NUM_CLASSES, TinyNet, digits_data, noisy_model, student_config
 
 
@@ -202,3 +205,117 @@ def test_checkpoint_of_another_setup_is_refused(tmp_path):
     assert again.resumed_from_step == 7 and again.best_val_top1 == first.best_val_top1  # nothing left to do
     with pytest.raises(CheckpointError, match="another training setup.*total_steps"):
         train_classifier(TinyNet(), labeled, val, student_config(), epochs=2, **kwargs)
+
+
+# ------------------------------------------------------------------------------ the Trainer API
+
+
+class Crash(Exception):
+    pass
+
+
+class CrashAt(Dataset):
+    """Raises when loading its ``at``-th image: a process killed mid-step, nothing saved then."""
+
+    def __init__(self, dataset, at=None):
+        self.dataset, self.at, self.loaded = dataset, at, 0
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        self.loaded += 1
+        if self.loaded == self.at:
+            raise Crash("killed")
+        return self.dataset[i]
+
+
+def _tiny_fit(labeled, val, checkpoint_dir=None, callbacks=(), **train):
+    """TinyNet on the digits, 8 labeled images a step (7 steps an epoch), up to 12 epochs."""
+    torch.manual_seed(0)
+    model = TinyNet()
+    recipe = Recipe(name="teacher", num_classes=NUM_CLASSES, epochs=12, lr=0.2, seed=2,
+                    train=student_config(checkpoint_every=4, **train))
+    run = RunContext(ctx=DistContext(), progress=False, checkpoint_dir=checkpoint_dir, callbacks=list(callbacks))
+    return model, Trainer(recipe, run).fit(model, labeled, val)
+
+
+def _strip(history):
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in history]
+
+
+def test_patience_rule():
+    h = [{"val_top1": v} for v in (10.0, 20.0, 20.0, 15.0)]
+    assert [evaluations_without_improvement(h[:n]) for n in range(5)] == [0, 0, 0, 1, 2]  # a tie is no improvement
+    assert patience_exhausted(h, 2) and not patience_exhausted(h, 3) and not patience_exhausted(h, None)
+    assert not patience_exhausted([], 1)
+
+
+def test_early_stopping_stops_within_the_cap_and_resumes_to_the_same_stop(tmp_path):
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # bit-identical runs to compare
+    try:
+        labeled, _, val = digits_data(augment=False)
+        _, full = _tiny_fit(labeled, val)  # no patience: all 12 epochs
+        model, stopped = _tiny_fit(labeled, val, tmp_path / "a", patience=2)
+        with pytest.raises(Crash):  # killed in epoch 3 (the 8th step), after the checkpoint of step 16
+            _tiny_fit(CrashAt(labeled, 8 * 16 + 5), val, tmp_path / "b", patience=2)
+        resumed_model, resumed = _tiny_fit(labeled, val, tmp_path / "b", patience=2)
+        _, again = _tiny_fit(labeled, val, tmp_path / "b", patience=2)  # the stop's checkpoint: nothing left
+    finally:
+        torch.set_num_threads(before)
+    n = len(stopped.history)
+    assert full.steps == 84 and not full.stopped_early and full.stopped_at_epoch is None
+    assert stopped.stopped_early and stopped.stopped_at_epoch == n < 12 and stopped.steps == 7 * n
+    assert stopped.epochs == n and stopped.images_seen == 8 * 7 * n
+    # the same steps as the capped run until the stop (the lr schedule spans the cap), and the rule held
+    assert _strip(stopped.history) == _strip(full.history[:n])
+    assert evaluations_without_improvement(stopped.history) == 2
+    assert all(evaluations_without_improvement(stopped.history[:k]) < 2 for k in range(1, n))
+    assert stopped.best_epoch == max(stopped.history, key=lambda r: r["val_top1"])["epoch"]
+    assert list_checkpoints(tmp_path / "a")[-1].name == f"step-{7 * n:09d}.pt"
+    assert resumed.resumed_from_step == 16 and _strip(resumed.history) == _strip(stopped.history)
+    assert (resumed.stopped_early, resumed.stopped_at_epoch, resumed.steps) == (True, n, 7 * n)
+    for key, value in model.state_dict().items():
+        assert torch.equal(resumed_model.state_dict()[key], value), key
+    assert again.resumed_from_step == 7 * n and again.stopped_early and again.steps == 7 * n
+
+
+class Collect:
+    def __init__(self):
+        self.steps, self.epochs = [], []
+
+    def on_step(self, record):
+        self.steps.append(record)
+
+    def on_epoch(self, record):
+        self.epochs.append(record)
+
+
+def test_callbacks_get_every_evaluation_and_every_nth_step():
+    labeled, _, val = digits_data(augment=False)
+    collect, epochs_only = Collect(), []
+    torch.manual_seed(0)
+    recipe = Recipe(name="teacher", num_classes=NUM_CLASSES, epochs=2, lr=0.1, train=student_config())
+    run = RunContext(progress=False, callbacks=[collect, Hooks(on_epoch=epochs_only.append)], step_every=3)
+    outcome = Trainer(recipe, run).fit(TinyNet(), labeled, val)
+    assert collect.epochs == epochs_only == outcome.history and len(outcome.history) == 2
+    assert [r["step"] for r in collect.steps] == [3, 6, 9, 12]
+    for r in collect.steps:
+        assert set(r) == {"step", "epoch", "loss", "lr", "img_s", "seconds"}
+        assert r["img_s"] > 0 and np.isfinite(r["loss"]) and r["epoch"] == pytest.approx(r["step"] / 7)
+
+
+def test_stage_patience_resolves_from_train_and_stage_keys():
+    cfg = load_config(None, ["train.patience=4", "students=[{model: ns_cnn_s, patience: 2}, {model: ns_cnn_s}]",
+                             "finetune.enabled=true"])
+    by_name = {s.name: s for s in resolve_stages(cfg)}
+    assert by_name["teacher"].train.patience == 4 and by_name["student-1"].train.patience == 2
+    assert by_name["student-2"].train.patience == 4 and by_name["fixres"].train.patience is None
+    assert by_name["student-1"].train.unlabeled_ratio == cfg.train.unlabeled_ratio
+    assert by_name["teacher"].train.unlabeled_ratio == 0
+    recipe = Recipe.of_stage(by_name["fixres"], 10)
+    assert not recipe.keep_best and recipe.frozen_blocks is None and recipe.train.scheduler == "cosine"
+    assert Recipe.of_stage(by_name["teacher"], 10).frozen_blocks == 0
+    with pytest.raises(ConfigError, match="patience"):
+        load_config(None, ["train.patience=0"])

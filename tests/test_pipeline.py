@@ -1,5 +1,6 @@
 import json
 import shutil
+import shutil
 
 import pytest
 

@@ -358,3 +358,24 @@ def test_a_pretrained_teacher_is_recorded_and_labels_with_its_own_preprocessing(
     expected = probs(FOLDER_MEAN, FOLDER_STD)
     np.testing.assert_allclose(stored, expected, atol=2e-3)
     assert np.abs(probs((0.309,), (0.377,)) - expected).max() > 0.01  # the data's statistics would differ
+
+
+def test_a_timm_tag_gives_its_registry_data_config(monkeypatch, tmp_path):
+    """A timm tag's preprocessing comes from timm's registry record of the tag (no download):
+    test_resnet.r160_in1k was trained with mean = std = 0.5 and crop 0.95; for grayscale data the
+    RGB statistics are averaged. The stage's checkpoint records them and its clean transform uses them."""
+    from noisystudent.models.checkpoint import clean_transform, load_checkpoint
+
+    weights = tmp_path / "test_resnet.safetensors"
+    save_file(create_model("test_resnet", 1000, 3).state_dict(), str(weights))
+    _tag_served_from(monkeypatch, weights)
+    model = create_model("test_resnet", 10, 1, pretrained="test_resnet.r160_in1k")
+    stage = pretrained.stage_data_config("test_resnet", "test_resnet.r160_in1k", model, mean=(0.31,), std=(0.38,))
+    assert (stage["mean"], stage["std"], stage["crop_pct"]) == ((0.5,), (0.5,), 0.95)
+    assert stage["source"] == "test_resnet.r160_in1k" and stage["pretrained_input_size"] == [3, 160, 160]
+    path = tmp_path / "teacher.pt"
+    save_model(path, model, name="test_resnet", num_classes=10, in_chans=1, classes=DIGITS, image_size=96,
+               mean=stage["mean"], std=stage["std"], data_config=stage)
+    transform = clean_transform(load_checkpoint(path))
+    assert transform.normalize.mean == (0.5,) and transform.normalize.std == (0.5,)
+    assert transform.geometry == ("resize-crop", 101, 96)  # floor(96 / 0.95), then the centre 96 px

@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
 # Run the tests on any machine, a fresh one included: set up what they need, then python -m pytest.
 #
-#   scripts/test.sh                      # the whole suite
+#   scripts/test.sh                      # the whole suite (what CI runs)
 #   scripts/test.sh tests/test_data.py   # arguments go to pytest
+#   scripts/test.sh -m "not slow"        # leave out the slowest tests while working on the code
+#
+# pytest runs on one pytest-xdist worker per core (-n auto; PYTEST_WORKERS=2 or =0 to choose, 0:
+# no workers), each test module on one worker (--dist loadscope: its module fixtures built once).
 #
 # What it sets up, each step skipped when already done (so a second call starts pytest at once):
 #   * Debian packages the tests use: chromium (the report is rendered headless) and
@@ -54,4 +58,4 @@ then
   touch "$stamp"
 fi
 
-exec "$py" -m pytest "$@"
+exec "$py" -m pytest -n "${PYTEST_WORKERS:-auto}" --dist loadscope "$@"

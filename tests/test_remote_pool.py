@@ -203,14 +203,25 @@ def _selected(run: Path) -> list[str]:
     return pq.read_table(run / "select-1" / "selection.parquet", columns=["key"]).column(0).to_pylist()
 
 
-@pytest.mark.slow
-def test_run_over_http_completes_resumes_after_kill_and_selects_as_local(tmp_path):
-    """Digits plus a 4-shard WebDataset pool on a loopback HTTP server; shard 2 is held back until
-    the run has been killed (-9) in label-1, so the kill lands there every time."""
-    shards = write_shards(tmp_path / "shards", per_shard=50, offset=1500)
-    pattern = "/pool-{0000..0003}.tar"
-    ref = _run(tmp_path / "ref", str(shards) + pattern)
+PATTERN = "/pool-{0000..0003}.tar"
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory) -> tuple[Path, Path]:
+    """Digits plus a 4-shard WebDataset pool read from local disk: the run the remote ones must equal."""
+    root = tmp_path_factory.mktemp("reference")
+    shards = write_shards(root / "shards", per_shard=50, offset=1500)
+    ref = _run(root / "ref", str(shards) + PATTERN)
     assert ref.returncode == 0, ref.stderr[-2000:]
+    return shards, root / "ref"
+
+
+@pytest.mark.slow
+def test_run_over_http_completes_resumes_after_kill_and_selects_as_local(reference_run, tmp_path):
+    """The reference pool on a loopback HTTP server; shard 2 is held back until the run has been
+    killed (-9) in label-1, so the kill lands there every time."""
+    shards, ref_dir = reference_run
+    pattern = PATTERN
     with ShardServer(shards) as server:
         server.hold["pool-0002.tar"] = gate = threading.Event()
         run = tmp_path / "run"
@@ -224,16 +235,32 @@ def test_run_over_http_completes_resumes_after_kill_and_selects_as_local(tmp_pat
         proc.wait()
         gate.set()
         kept = sorted(done.glob("part-*.json"))
-        total = json.loads((tmp_path / "ref" / "label-1" / "manifest.json").read_text())["num_shards"]
+        total = json.loads((ref_dir / "label-1" / "manifest.json").read_text())["num_shards"]
         assert 2 <= len(kept) < total, "the kill did not land inside label-1"
         stamps = {p.name: p.stat().st_mtime_ns for p in kept}
         resumed = _run(run, "", resume=True)
         assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert all((done / n).stat().st_mtime_ns == t for n, t in stamps.items())  # not labeled again
     assert (run / "pool" / "part-1" / "shards.txt").read_text().splitlines()[0] == server.url + "/pool-0000.tar"
-    assert _selected(run) == _selected(tmp_path / "ref") and any(k.startswith("pool-0002/") for k in _selected(run))
-    a, b = (json.loads((d / "summary.json").read_text())["stages"] for d in (tmp_path / "ref", run))
+    assert _selected(run) == _selected(ref_dir) and any(k.startswith("pool-0002/") for k in _selected(run))
+    a, b = (json.loads((d / "summary.json").read_text())["stages"] for d in (ref_dir, run))
     assert [(s["name"], s["num_pseudo"]) for s in a] == [(s["name"], s["num_pseudo"]) for s in b]
+
+
+@pytest.mark.slow
+def test_runs_over_pipe_and_s3_select_as_local(reference_run, tmp_path, monkeypatch):
+    """The reference pool through ``pipe:cat`` and from moto's S3 server on 127.0.0.1 (reached by
+    the run's process through FSSPEC_S3_ENDPOINT_URL, as a user would); the reference run's
+    teacher labels, so the selections must be the reference's."""
+    shards, ref_dir = reference_run
+    teacher = [f"teacher.pretrained={ref_dir / 'teacher' / 'model.pt'}", "teacher.epochs=0"]
+    with s3_server(monkeypatch) as endpoint:
+        upload_to_s3(endpoint, shards, "pool", "pool-*.tar")
+        for name, pool in (("pipe", f"pipe:cat {shards}{PATTERN}"), ("s3", f"s3://pool{PATTERN}")):
+            proc = _run(tmp_path / name, pool, *teacher)
+            assert proc.returncode == 0, proc.stderr[-2000:]
+            assert (tmp_path / name / "summary.json").is_file()
+            assert _selected(tmp_path / name) == _selected(ref_dir), name
 
 
 @pytest.mark.slow

@@ -10,10 +10,14 @@ splits are built, the checkpoint cases when the file is opened.
 from __future__ import annotations
 
 import io
+import json
+import os
 import re
 import shutil
+import struct
 import subprocess
 import sys
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -96,6 +100,22 @@ def _label(ckpt: Callable[[Path], Path]) -> Callable[[Path], list[str]]:
 
 GARBAGE = bytes(range(128, 256)) * 4  # starts like a pickle (0x80), is none: torch warns, then fails
 
+
+class _RunsCode:
+    """Unpickling this would call os.system: torch (weights_only) refuses it as a blocked GLOBAL."""
+
+    def __reduce__(self):
+        return (os.system, ("echo never run",))
+
+
+def _bad_manifest(manifest: object) -> Callable[[Path], list[str]]:
+    """A run directory whose manifest.json (its real writer's) was replaced by ``manifest``."""
+    def argv(r: Path) -> list[str]:
+        run = _made_run(r)
+        (run / "manifest.json").write_text(json.dumps(manifest))
+        return ["run", "--resume", str(run), "--quiet"]
+    return argv
+
 CASES = [
     # --- config
     Case("unknown key", _run_with("train.epoch=3"), "unknown config key 'train.epoch' (did you mean 'train.epochs'?)"),
@@ -112,6 +132,17 @@ CASES = [
          "config key 'pseudo.threshold' must be a finite number, got nan"),
     Case("-infinity in a list", _run_with("evaluate.fgsm_eps=[0, -.inf]"),
          "config key 'evaluate.fgsm_eps[1]' must be a finite number, got -inf"),
+    # --- keys that name a registry entry: checked with the config (REGISTRY_CASES: `config` too)
+    *[Case(name, _run_with(setting), expected) for name, setting, expected in [
+        ("unknown optimizer", "train.optimizer=adamx",
+         "config key 'train.optimizer': unknown optimizer 'adamx' (did you mean 'adamax'?)"),
+        ("unknown scheduler", "train.scheduler=linear", "config key 'train.scheduler' must be one of cosine, step"),
+        ("unknown teacher model", "teacher.model=resnet_bogus", "config key 'teacher.model': unknown model "
+         "'resnet_bogus'; see `noisystudent models`"),
+        ("unknown student model", "students.1.model=ns_cnn_xl", "config key 'students[1].model': unknown model"),
+        ("unknown device", "device=bogus", "config key 'device': 'bogus' is not a device torch knows"),
+        ("malformed device", "device=cuda:x", "config key 'device': 'cuda:x' is not a device torch knows"),
+    ]],
     # --- run directories
     Case("resume: the config passed again is missing",
          lambda r: ["run", "--resume", str(_made_run(r)), str(r / "missing.yaml"), "--quiet"],
@@ -122,6 +153,16 @@ CASES = [
          "--resume: run directory not found: {r}/nope"),
     Case("resume: another config", lambda r: ["run", "--resume", str(_made_run(r)), "--set", "seed=7", "--quiet"],
          "--resume: {r}/made was made by a different config"),
+    Case("resume: a manifest of another shape", _bad_manifest([]),
+         "corrupt run manifest {r}/made/manifest.json (a JSON list, not an object); restore it"),
+    Case("resume: a manifest with a wrong type", _bad_manifest({"fingerprint": 5, "stages": {}}),
+         "corrupt run manifest {r}/made/manifest.json ('fingerprint' is not a string)"),
+    Case("resume: a manifest whose stages are a list", _bad_manifest({"fingerprint": "x", "stages": []}),
+         "corrupt run manifest {r}/made/manifest.json ('stages' is not an object)"),
+    Case("--out: a folder of other files, no manifest", lambda r: [
+        *_run_with()(r)[:1], "--out", str(_file("run/mine.txt", "my notes")(r).parent), "--quiet"],
+         "run directory {r}/run is not empty and holds no run (no manifest.json; it has mine.txt); choose a new "
+         "--out folder or empty this one"),
     # --- checkpoints
     Case("garbage checkpoint", _label(_file("garbage.pt", GARBAGE)),
          "not a noisystudent checkpoint: {r}/garbage.pt (not a file written by torch.save)"),
@@ -133,6 +174,9 @@ CASES = [
     Case("checkpoint holding Python objects", _label(lambda r: _file("obj.pt", _torch_file({"x": io.BytesIO}))(r)),
          "not a noisystudent checkpoint: {r}/obj.pt (it holds Python objects, such as _io.BytesIO, besides "
          "tensors; they are not loaded, since loading them could run code)"),
+    Case("checkpoint whose pickle would run code", _label(lambda r: _file("evil.pt", _torch_file(
+        {"model": _RunsCode()}))(r)), f"not a noisystudent checkpoint: {{r}}/evil.pt (it holds Python objects, "
+         f"such as {os.system.__module__}.system, besides tensors; they are not loaded"),
     Case("another kind of PyTorch file", _label(lambda r: _file("sd.pt", _torch_file({"w": torch.zeros(2)}))(r)),
          "not a noisystudent checkpoint: {r}/sd.pt (it lacks the 'model' and 'state_dict' entries"),
     Case("missing checkpoint", _label(lambda r: r / "absent.pt"), "checkpoint not found: {r}/absent.pt"),
@@ -157,6 +201,39 @@ def test_bad_input_is_one_line_naming_the_key_or_file(tmp_path, capsys, case):
     assert not (tmp_path / "run" / "teacher").exists()  # nothing trained
 
 
+@pytest.mark.parametrize("setting", ["train.optimizer=adamx", "teacher.model=resnet_bogus", "device=bogus",
+                                     "train.scheduler=linear"])
+def test_noisystudent_config_refuses_registry_names_as_run_does(capsys, setting):
+    """A key naming a registry entry is checked with the config, so `noisystudent config` (which
+    creates no run directory) refuses it with the same line as `run`."""
+    assert main(["config", "--set", setting]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    key = setting.split("=")[0]
+    assert len(err) == 1 and err[0].startswith(f"noisystudent: error: config key '{key}'"), err
+
+
+def test_lookahead_optimizers_and_paper_model_aliases_are_accepted():
+    """What timm's factories accept passes: a lookahead_ prefix, any case, the paper's B7 alias."""
+    cfg = load_config(None, ["train.optimizer=lookahead_AdamW", "students.0.model=B7", "device=cpu"])
+    assert cfg.train.optimizer == "lookahead_AdamW" and cfg.students[0].model == "B7"
+
+
+def test_run_out_never_touches_a_folder_of_files_it_did_not_write(tmp_path, capsys):
+    """A folder with a run's files but no manifest.json (copied, or its manifest lost) is refused
+    before anything is written: the user's files and the old model stay as they were."""
+    out = tmp_path / "out"
+    (out / "teacher").mkdir(parents=True)
+    (out / "teacher" / "model.pt").write_bytes(b"an old model")
+    (out / "teacher" / "notes.txt").write_text("mine")
+    before = sorted((p.relative_to(out), p.read_bytes()) for p in out.rglob("*") if p.is_file())
+    for argv in (["run", "--out", str(out), "--quiet"], ["train", str(out), "--quiet"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [f"noisystudent: error: run directory {out} is not empty and holds no run (no manifest.json; "
+                       "it has teacher); choose a new --out folder or empty this one"]
+        assert sorted((p.relative_to(out), p.read_bytes()) for p in out.rglob("*") if p.is_file()) == before
+
+
 def test_garbage_checkpoint_in_a_real_process_prints_one_line(tmp_path):
     """In a process of its own, where nothing (pytest) captures warnings: torch's warning about
     the file's pickle protocol must not reach the user either."""
@@ -170,6 +247,16 @@ def test_garbage_checkpoint_in_a_real_process_prints_one_line(tmp_path):
 
 
 # ------------------------------------------------------------------------------ image folders
+
+
+def _png_claiming(width: int, height: int) -> bytes:
+    """A valid PNG header claiming ``width`` x ``height`` 1-bit pixels: PIL refuses to open it as a
+    decompression bomb (Image.DecompressionBombError) when the size is over twice its pixel limit,
+    so the file costs a few bytes instead of 400 MB of pixels."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
 
 
 def _folder_yaml(tmp_path, **over):
@@ -190,8 +277,15 @@ def _folder_yaml(tmp_path, **over):
     (lambda r: (r / "test" / "dog").rename(r / "test" / "wolf"), "test folder {r}/test has classes ['cat', 'wolf']"),
     (lambda r: shutil.rmtree(r / "train" / "dog"), "has only one class (cat)"),
     (lambda r: [p.unlink() for p in (r / "pool").rglob("*.png")], "{r}/pool"),
+    (lambda r: (r / "train" / "dog" / "3.png").write_bytes(_png_claiming(20000, 20000)),
+     "image {r}/train/dog/3.png is too large to decode (Image size (400000000 pixels) exceeds limit"),
+    (lambda r: [(r / "train" / "dog" / f"{i}.png").unlink() for i in range(2, 12)],
+     "data.val_per_class=2: class 'dog' has 2 training images and all would be held out (2 requested); lower it"),
+    (lambda r: [(r / "train" / "dog" / f"{i}.png").unlink() for i in range(1, 12)],
+     "data.val_per_class=2: class 'dog' has 1 images, fewer than the 2 requested"),
 ], ids=["no train folder", "empty class folder", "no class folders", "zero-byte image", "non-image file",
-        "truncated image", "truncated test image", "mismatched class lists", "single class", "empty pool"])
+        "truncated image", "truncated test image", "mismatched class lists", "single class", "empty pool",
+        "decompression bomb", "val_per_class takes every image", "val_per_class above the images"])
 def test_bad_folders_fail_in_one_line_with_nothing_left(folders, capsys, breakage, expected):
     breakage(folders)
     cfg = folders / "cfg.yaml"
@@ -272,3 +366,58 @@ def test_a_students_pretrained_file_for_another_architecture_is_found_before_any
     with pytest.raises(CheckpointError, match=r"^config key 'teacher\.pretrained': unknown pretrained tag"):
         check_pretrained_files(resolve_stages(load_config(None, ["teacher.pretrained=resnet18.no_such_tag"])),
                                num_classes=10, channels=1, classes=classes)
+
+
+# ------------------------------------------------------------------------------ data left unused
+
+
+def test_a_file_named_with_a_line_break_is_named_for_what_it_is(folders, caplog):
+    """'0.png\\n' is not an image by extension only because of its line break: the warning says
+    so, quoted, on one line (the name printed raw would break the line)."""
+    import logging
+
+    (folders / "train" / "cat" / "0.png").rename(folders / "train" / "cat" / "0.png\n")
+    with caplog.at_level(logging.WARNING, logger="noisystudent"):
+        splits = build_splits(folder_cfg(folders), seed=0)
+    assert len(splits.labeled) + len(splits.val) == 23
+    [warning] = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warning == (f"train folder {folders / 'train'}: skipped 1 file(s) whose name holds a line break or "
+                       "other control character ('cat/0.png\\n'); rename them to use them")
+
+
+def _user_folder_run(folders: Path, *sets: str) -> list[str]:
+    """`noisystudent run` on the user's own folders through --set, over the built-in demo config."""
+    return ["run", "--out", str(folders / "run"), "--quiet",
+            *[a for s in (f"data.source=image-folder", f"data.train_dir={folders / 'train'}",
+                          f"data.test_dir={folders / 'test'}", f"data.unlabeled={folders / 'pool'}",
+                          "data.val_per_class=2", "data.image_size=8", "teacher.epochs=0", "students=[]", *sets)
+              for a in ("--set", s)]]
+
+
+def test_the_demos_label_budget_stays_with_the_demo(folders, capsys):
+    """The demo's data.labels_per_class (5 per class) belongs to its digits: a user's folder that
+    replaces the source keeps every label (10 per class here, 2 of each for validation), unless the
+    user sets the budget too, which then warns under --quiet."""
+    assert load_config(None).data.labels_per_class == 5
+    assert load_config(None, ["data.source=image-folder", "data.train_dir=x"]).data.labels_per_class is None
+    assert load_config(None, ["data.source=image-folder", "data.train_dir=x",
+                              "data.labels_per_class=3"]).data.labels_per_class == 3
+    assert main(_user_folder_run(folders)) == 0
+    data = json.loads((folders / "run" / "data.json").read_text())
+    assert data["labeled_per_class"] == [10, 10] and data["num_labels_moved_to_pool"] is None
+    assert "labels_per_class" not in capsys.readouterr().err
+    shutil.rmtree(folders / "run")
+    assert main(_user_folder_run(folders, "data.labels_per_class=4")) == 0
+    err = capsys.readouterr().err
+    assert ("data.labels_per_class=4: kept 8 labeled training images and moved 12 to the unlabeled pool; with no "
+            "student (students=[]) nothing reads the pool: these images are not used at all") in err
+
+
+def test_moved_labels_no_stage_reads_are_a_warning_under_quiet(tmp_path, capsys):
+    """students=[] with the demo's label budget: the moved images are used by nothing, which
+    --quiet still shows (a warning); with students they are the pool, as the demo intends."""
+    argv = ["run", "--out", str(tmp_path / "run"), "--quiet", "--set", "teacher.epochs=0", "--set", "students=[]"]
+    assert main(argv) == 0
+    [warning] = [ln for ln in capsys.readouterr().err.splitlines() if "labels_per_class" in ln]
+    assert warning.startswith("data.labels_per_class=5: kept 50 labeled training images and moved ")
+    assert "nothing reads the pool: these images are not used at all" in warning

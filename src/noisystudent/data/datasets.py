@@ -93,6 +93,8 @@ def read_image(path: Path, mode: str) -> Image.Image:
         with Image.open(path) as im:
             im.load()
             return convert_image(im, mode)
+    except Image.DecompressionBombError as e:  # not an OSError: PIL refuses to decode it at all
+        raise DataError(f"image {path} is too large to decode ({e}); remove it or shrink it") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         reason = "empty file" if path.exists() and path.stat().st_size == 0 else error_reason(e)
         raise DataError(f"unreadable image {path}: {reason}") from None
@@ -265,8 +267,14 @@ class SkippedFiles:
 
     def __init__(self, kind: str = NOT_IMAGES, keep: int = 3):
         self.kind, self.count, self.first, self.keep = kind, 0, [], keep
+        self.control_count, self.control_first = 0, []  # names with a line break or control character
 
     def add(self, path: str) -> None:
+        if self.kind == NOT_IMAGES and any(ch < " " or ch == "\x7f" for ch in path):  # "cat.png\n": not by extension
+            self.control_count += 1
+            if len(self.control_first) < self.keep:
+                self.control_first.append(repr(path))  # quoted, so the warning stays one line
+            return
         self.count += 1
         if len(self.first) < self.keep:
             self.first.append(path)
@@ -276,6 +284,10 @@ class SkippedFiles:
             hint = f"; images end in {', '.join(IMAGE_EXTENSIONS)}" if self.kind == NOT_IMAGES else ""
             log.warning(f"{where}: skipped {self.count} {self.kind} "
                         f"({', '.join(self.first)}{', ...' if self.count > len(self.first) else ''}){hint}")
+        if self.control_count:
+            more = ", ..." if self.control_count > len(self.control_first) else ""
+            log.warning(f"{where}: skipped {self.control_count} file(s) whose name holds a line break or other "
+                        f"control character ({', '.join(self.control_first)}{more}); rename them to use them")
 
 
 def class_folder_samples(root: str | Path, what: str,
@@ -353,13 +365,20 @@ def load_torchvision(name: str, root: str | None, download: bool):
 
 
 def split_per_class(targets: np.ndarray, per_class: int, rng: np.random.Generator,
-                    what: str) -> tuple[np.ndarray, np.ndarray]:
-    """Pick ``per_class`` random indices of every class; returns (picked, rest), both sorted."""
+                    what: str, classes: Sequence[str] | None = None,
+                    leave: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Pick ``per_class`` random indices of every class; returns (picked, rest), both sorted.
+    ``leave``: images each class must keep in the rest (a held-out split must leave training
+    images). Errors name the class by ``classes`` (its folder name), not its index."""
     picked = []
     for c in np.unique(targets):
         idx = np.flatnonzero(targets == c)
-        if len(idx) < per_class:
-            raise DataError(f"{what}: class {c} has {len(idx)} images, fewer than the {per_class} requested")
+        name = repr(classes[c]) if classes is not None else str(c)
+        if len(idx) < per_class + leave:
+            if len(idx) >= per_class:  # enough to pick, none left over for training
+                raise DataError(f"{what}: class {name} has {len(idx)} training images and all would be held "
+                                f"out ({per_class} requested); lower it so every class keeps training images")
+            raise DataError(f"{what}: class {name} has {len(idx)} images, fewer than the {per_class} requested")
         picked.append(rng.choice(idx, size=per_class, replace=False))
     picked = np.sort(np.concatenate(picked))
     rest = np.setdiff1d(np.arange(len(targets)), picked)
@@ -371,11 +390,14 @@ def pool_path(cfg: DataConfig) -> str | None:
     return cfg.unlabeled or cfg.unlabeled_dir
 
 
-def build_splits(cfg: DataConfig, seed: int, require_unlabeled: bool = True) -> DataSplits:
+def build_splits(cfg: DataConfig, seed: int, require_unlabeled: bool = True, *,
+                 log_moved: bool = True) -> DataSplits:
     """Build labeled / unlabeled / val / test splits for the configured source.
 
     The validation split is held out of the labeled training images (never the test split);
-    ``labels_per_class`` keeps N labels per class and moves the rest to the unlabeled pool.
+    ``labels_per_class`` keeps N labels per class and moves the rest to the unlabeled pool, with a
+    warning (``log_moved``: off for callers that do not train on the splits, such as evaluation).
+    ``require_unlabeled``: a student will read the pool (False: nothing does, which the warning says).
     ``unlabeled`` holds that in-dataset remainder (and a torchvision dataset's own unlabeled split);
     a pool named by ``data.unlabeled`` is never listed here: :func:`noisystudent.data.pool.build_pool`
     streams it.
@@ -419,24 +441,32 @@ def build_splits(cfg: DataConfig, seed: int, require_unlabeled: bool = True) -> 
         if cfg.test_per_class is None:
             raise DataError(f"data source {cfg.source} has no test split: set data.test_per_class "
                             "or data.test_dir")
-        test_idx, pool = split_per_class(train.targets, cfg.test_per_class, rng, "test split")
+        test_idx, pool = split_per_class(train.targets, cfg.test_per_class, rng,
+                                         f"data.test_per_class={cfg.test_per_class}", classes, leave=1)
         test = SubsetImageSet(train, test_idx)
     if val is None:
-        val_local, pool_local = split_per_class(train.targets[pool], cfg.val_per_class, rng, "validation split")
+        val_local, pool_local = split_per_class(train.targets[pool], cfg.val_per_class, rng,
+                                                f"data.val_per_class={cfg.val_per_class}", classes, leave=1)
         val = SubsetImageSet(train, pool[val_local])
         pool = pool[pool_local]
     unlabeled_parts: list[ImageSet] = []
     moved = None
     if cfg.labels_per_class is not None:
-        lab_local, rest_local = split_per_class(train.targets[pool], cfg.labels_per_class, rng, "labeled split")
+        lab_local, rest_local = split_per_class(train.targets[pool], cfg.labels_per_class, rng,
+                                                f"data.labels_per_class={cfg.labels_per_class}", classes)
         labeled = SubsetImageSet(train, pool[lab_local])
         moved = len(rest_local)
         if moved:
             unlabeled_parts.append(SubsetImageSet(train, pool[rest_local], drop_targets=True))
-        # never silent: the user's labels are set aside, however intentionally
-        log.info(f"data.labels_per_class={cfg.labels_per_class}: kept {len(labeled)} labeled training images "
-                 f"and moved {moved} to the unlabeled pool (their labels unused); "
-                 "data.labels_per_class=null keeps every label")
+        if moved and log_moved:  # never silent: the user's labels are set aside, however intentionally
+            unused = (" their labels are unused" if require_unlabeled else
+                      " with no student (students=[]) nothing reads the pool: these images are not used at all")
+            # a warning (--quiet shows it) for a user's own data, or data no stage uses; the built-in
+            # digits demo is a semi-supervised benchmark by design (its pool is those images): info
+            level = logging.INFO if cfg.source == "digits" and require_unlabeled else logging.WARNING
+            log.log(level, f"data.labels_per_class={cfg.labels_per_class}: kept {len(labeled)} labeled training "
+                           f"images and moved {moved} to the unlabeled pool;{unused}; "
+                           "data.labels_per_class=null keeps every label")
     else:
         labeled = SubsetImageSet(train, pool)
     if extra_unlabeled is not None:
@@ -477,6 +507,8 @@ def check_readable(images: ImageSet, full: bool) -> None:
         try:
             with Image.open(path) as im:
                 im.size  # noqa: B018 - parses the header
+        except Image.DecompressionBombError as e:
+            raise DataError(f"image {path} is too large to decode ({e}); remove it or shrink it") from None
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
             raise DataError(f"unreadable image {path}: {error_reason(e)}") from None
 

@@ -43,7 +43,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..runtime.errors import ConfigError, DataError
+from ..runtime.errors import ConfigError, DamagedOutputError, DataError, error_reason
 from ..runtime.files import atomic_write
 from .hashing import PHASH_BITS
 from .store import HASH_COLUMNS, LabelStore
@@ -95,13 +95,33 @@ class Selection:
         path = Path(path)
         try:
             meta = json.loads((pq.ParquetFile(path).metadata.metadata or {})[SELECTION_METADATA_KEY])
-        except (OSError, KeyError, ValueError, pa.ArrowException) as e:
-            raise DataError(f"not a selection file: {path} ({type(e).__name__}: {e})") from None
+        except (OSError, KeyError, ValueError, pa.ArrowException) as e:  # in a run: the select stage runs again
+            raise DamagedOutputError(f"not a selection file: {path} ({type(e).__name__}: {e})") from None
+        expanded = path.with_suffix(EXPANDED_SUFFIX)
+        try:  # its twin the students read: its footer lists every batch, so a cut file fails here
+            with pa.memory_map(str(expanded)) as f:
+                pa.ipc.open_file(f)
+        except (OSError, pa.ArrowException) as e:
+            raise DamagedOutputError(f"selection file {expanded} is missing or damaged "
+                                     f"({type(e).__name__}: {e}); select again") from None
         s = meta["summary"]
         return cls(path=path, per_class=s["per_class"], kept_per_class=s["kept_per_class"],
                    selected_per_class=s["selected_per_class"], num_below_threshold=s["num_below_threshold"],
                    num_unique=s["num_unique"], num_classes=meta["num_classes"], top_k=meta["top_k"],
                    hard=meta["hard"], store=meta["store"], dedup=s.get("dedup"))
+
+
+def _store_read_error(store: LabelStore, error: Exception) -> DataError:
+    """One line for a DuckDB error, which rarely names the file: the shard pyarrow cannot read
+    either, and what to do (read only after the failure, so a healthy selection pays nothing)."""
+    for rec in store.shards:
+        path = store.store_dir / rec.file
+        try:
+            pq.read_table(path)
+        except (OSError, pa.ArrowException) as e:
+            return DataError(f"damaged pseudo-label shard {path} ({error_reason(e)}); delete it and run the "
+                             "command again: its images are labeled again")
+    return DataError(f"selecting from pseudo-label store {store.store_dir} failed: {error_reason(error)}")
 
 
 def store_identity(store: LabelStore) -> dict:
@@ -186,6 +206,8 @@ def select_from_store(store_dir: Path | str, out_path: Path | str, *, threshold:
                 "threshold": threshold, "balance": balance, "seed": seed, "store": store_identity(store)}
         selected, unique = _write_outputs(con, query, params, out_path, h.num_classes, meta,
                                           kept, k, num_rows - int(kept.sum()), dedup, dropped)
+    except duckdb.Error as e:
+        raise _store_read_error(store, e) from None
     finally:
         con.close()
         shutil.rmtree(temp_dir, ignore_errors=True)

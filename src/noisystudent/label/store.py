@@ -51,7 +51,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..runtime.errors import DataError
+from ..runtime.errors import DamagedOutputError, DataError
 from ..runtime.files import atomic_write
 
 FORMAT_VERSION = 1
@@ -274,7 +274,10 @@ def read_manifest(store_dir: Path) -> StoreManifest:
     records = []
     for path in sorted((store_dir / DONE_DIR).glob("part-*.json")):
         rec = ShardRecord.from_dict(_read_done(path))
-        if (store_dir / rec.file).is_file():  # a record whose data vanished does not count
+        data = store_dir / rec.file
+        # a record whose data vanished or was cut short (not the size it was written with) does not
+        # count: the shard is pending again, and a resumed labeling run labels it again
+        if data.is_file() and data.stat().st_size == rec.bytes:
             records.append(rec)
     records.sort(key=lambda r: r.index)
     return StoreManifest(store_dir=store_dir, header=header, num_shards=int(header.source["num_shards"]),
@@ -404,9 +407,9 @@ class LabelStore:
     def open(cls, store_dir: Path | str, require_complete: bool = False) -> "LabelStore":
         """Open a store; ``require_complete`` refuses one whose labeling has not finished."""
         manifest = read_manifest(Path(store_dir))
-        if require_complete and not manifest.complete:
-            raise DataError(f"pseudo-label store {store_dir} is incomplete: {len(manifest.shards)} of "
-                            f"{manifest.num_shards} shards finished (resume the labeling run)")
+        if require_complete and not manifest.complete:  # in a run, the runner labels the missing shards again
+            raise DamagedOutputError(f"pseudo-label store {store_dir} is incomplete: {len(manifest.shards)} of "
+                                     f"{manifest.num_shards} shards finished or intact (resume the labeling run)")
         return cls(Path(store_dir), manifest)
 
     @property

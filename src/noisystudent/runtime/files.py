@@ -134,7 +134,8 @@ def read_torch_file(path: str | Path, what: str, *, mmap: bool = False,
 
 def _read_reason(path: Path, what: str, e: Exception, is_zip: bool) -> str:
     text = str(e)
-    if "Unsupported global" in text or "not an allowed global" in text:
+    # torch words it "Unsupported global", "unsupported GLOBAL ... is blocked", "not an allowed global"
+    if "unsupported global" in text.lower() or "not an allowed global" in text.lower():
         name = text.split("GLOBAL", 1)[1].split()[0] if "GLOBAL" in text else "an object"
         return (f"not a {what}: {path} (it holds Python objects, such as {name}, besides tensors; "
                 "they are not loaded, since loading them could run code)")

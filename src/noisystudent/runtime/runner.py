@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable, TypeVar
 
 from .distributed import DistContext, barrier, broadcast_object
-from .errors import NoisyStudentError
+from .errors import DamagedOutputError, NoisyStudentError
 from .rundir import RunDir, write_json_atomic
 
 log = logging.getLogger("noisystudent")
@@ -60,8 +60,12 @@ class StageRunner:
         """Run ``work(out_dir)`` for stage ``name`` unless it finished; returns its result, or
         ``load(stage_dir)`` for a finished stage (and on ranks that did not run a rank-0 stage)."""
         if self.done(name):
-            log.info(f"[{name}] finished earlier; skipping (resume)")
-            return load(self.run.path(name))
+            try:
+                finished = load(self.run.path(name))
+                log.info(f"[{name}] finished earlier; skipping (resume)")
+                return finished
+            except DamagedOutputError as e:  # every rank reads the same files, so all take this branch
+                self._damaged(name, e)
         runs_here = every_rank or self.ctx.is_main
         result, error = None, None
         if runs_here:
@@ -80,6 +84,15 @@ class StageRunner:
         if self.ctx.is_main:  # its resumable training checkpoints are no longer needed
             shutil.rmtree(self.run.checkpoint_dir(name), ignore_errors=True)
         return result if runs_here and every_rank else load(self.run.path(name))
+
+    def _damaged(self, name: str, error: DamagedOutputError) -> None:
+        """A finished stage whose files were lost or cut short since: it is no longer finished
+        (rank 0 drops it from the manifest) and runs again; an in-place stage (labeling) redoes only
+        what is missing. Never advise a resume that would skip it again."""
+        log.warning(f"[{name}] finished earlier, but {error}; running it again")
+        if self.ctx.is_main:
+            self.run.unfinish(name)
+        barrier(self.ctx)
 
     def write_json(self, path: Path, obj) -> None:
         """A run-level file (data.json, summary.json), written once by rank 0."""

@@ -104,16 +104,18 @@ class WebDatasetSource(UnlabeledSource):
         return any(is_url(u) for u in self.urls)
 
     def prepare(self, work_dir: Path, ctx: DistContext | None = None) -> None:
-        """Check the shards are there (every local one; the first of remote ones, one request) and
-        freeze their list in ``work_dir/shards.txt``; a resumed run must name the same shards."""
+        """Check the shards are there (every local one; the first remote one, one request, when the
+        list is first frozen) and freeze their list in ``work_dir/shards.txt``; a resumed run must
+        name the same shards."""
         ctx = ctx or DistContext()
         if self._prepared:
             return
         problem = None
         if ctx.is_main:
             try:
-                self._check_shards()
-                self._freeze(Path(work_dir) / LISTING)
+                listing = Path(work_dir) / LISTING
+                self._check_shards(remote=not listing.is_file())  # a report of a finished run reads no shard
+                self._freeze(listing)
             except (DataError, OSError) as e:
                 problem = str(e)
         problem = broadcast_object(problem, ctx)
@@ -121,14 +123,14 @@ class WebDatasetSource(UnlabeledSource):
             raise DataError(problem)
         self._prepared = True
 
-    def _check_shards(self) -> None:
+    def _check_shards(self, remote: bool = True) -> None:
         local = [u for u in self.urls if not is_url(u)]
         missing = [u for u in local if not Path(u).is_file()]
         if missing:
             raise DataError(f"WebDataset shard(s) not found: {', '.join(missing[:5])}"
                             + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
         first_remote = next((u for u in self.urls if is_url(u)), None)
-        if first_remote is not None:
+        if remote and first_remote is not None:
             try:
                 check_exists(first_remote)
             except DataError as e:

@@ -25,7 +25,6 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-from noisystudent import cli
 from noisystudent.data.datasets import load_digits_arrays
 from noisystudent.data.pool import ShardReadError, path_source
 from noisystudent.data.transforms import eval_transform

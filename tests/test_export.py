@@ -81,6 +81,11 @@ def test_cli_export_of_a_cpu_net_loads_back_and_predicts_the_same(cnn_run, tmp_p
     model, config = load_exported(out)
     with torch.no_grad():
         assert torch.allclose(model(x), expected, atol=1e-6)
+        # timm too, once noisystudent's factory (imported by the above) has registered ns_cnn_s, as the card says
+        by_timm = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+        assert torch.allclose(by_timm(x), expected, atol=1e-6)
+    assert timm.data.resolve_model_data_config(by_timm)["mean"] == pytest.approx(meta["mean"])
+    assert 'timm.create_model("local-dir:' in (out / "README.md").read_text()
     assert config["architecture"] == "ns_cnn_s" and config["num_classes"] == 10
     assert config["label_names"] == meta["classes"]
     assert config["pretrained_cfg"]["input_size"] == [1, 16, 16]  # fix-res: the test resolution

@@ -114,15 +114,25 @@ SMALL_NETS = {
 
 
 def _small(name: str, pretrained: bool, kwargs: dict) -> SmallResNet:
-    if pretrained:
-        raise ConfigError(f"{name} has no pretrained weights")
-    kwargs.pop("pretrained_cfg", None)
+    cfg = kwargs.pop("pretrained_cfg", None)
+    cfg = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg or {})
     kwargs.pop("pretrained_cfg_overlay", None)
     kwargs.pop("cache_dir", None)
+    # pretrained=True only for weights timm found for us: an export read by
+    # timm.create_model("local-dir:DIR" or "hf-hub:ORG/REPO", pretrained=True), whose config timm passes here
+    if pretrained and not (cfg.get("file") or cfg.get("hf_hub_id") or cfg.get("state_dict")):
+        raise ConfigError(f"{name} has no pretrained weights (an export of one loads with "
+                          "timm.create_model('local-dir:DIR', pretrained=True))")
     net = SmallResNet(**SMALL_NETS[name], **kwargs)
     # The keys timm models carry, so checkpoint tools treat both kinds alike.
     net.pretrained_cfg = {"architecture": name, "first_conv": "stem.0", "classifier": "fc",
                           "num_classes": net.num_classes}
+    if pretrained:
+        from timm.models import load_pretrained as timm_load_pretrained
+
+        net.pretrained_cfg = {**cfg, **net.pretrained_cfg}  # the export's preprocessing, for resolve_data_config
+        timm_load_pretrained(net, pretrained_cfg=cfg, num_classes=net.num_classes,
+                             in_chans=net.stem[0].in_channels)
     return net
 
 

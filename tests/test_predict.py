@@ -232,7 +232,7 @@ def test_cli_predict_writes_and_counts(run_dir, images, tmp_path, capsys):
                  "--device", "cpu", "--workers", "0", "--quiet"]) == 0
     printed = capsys.readouterr().out.splitlines()
     assert printed[0].startswith(f"predictions: {out} (12 images, top-2, ")
-    assert printed[1] == f"unreadable: 2 (listed in {tmp_path / 'cli.unreadable.tsv'})"
+    assert printed[1] == f"unreadable: 2 (listed in {tmp_path / 'cli.parquet.unreadable.tsv'})"
     table = pq.read_table(out)
     assert table.num_rows == 12 and table.column_names == ["image", "class_1", "prob_1", "class_2", "prob_2"]
     assert set(table.column("class_1").to_pylist()) <= set(load_model(RunDir(run_dir).file(TEACHER, MODEL))[1]["classes"])

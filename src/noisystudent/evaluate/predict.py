@@ -65,9 +65,10 @@ class PredictResult:
 
 
 def unreadable_path(out: Path) -> Path:
-    """Where the images ``out``'s run could not read are listed: ``preds.csv`` -> ``preds.unreadable.tsv``."""
+    """Where the images ``out``'s run could not read are listed: ``preds.csv`` ->
+    ``preds.csv.unreadable.tsv`` (one per output, so outputs that differ only in format keep theirs)."""
     out = Path(out)
-    return out.with_name(f"{out.name[: len(out.name) - len(out.suffix)]}.unreadable.tsv")
+    return out.with_name(f"{out.name}.unreadable.tsv")
 
 
 def output_format(out: Path) -> str:

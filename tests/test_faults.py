@@ -193,7 +193,8 @@ def test_full_disk_during_a_run_is_one_line_on_the_cli(tmp_path, tiny_overrides,
                         raising=False)
     run = tmp_path / "run"
     code = main(["run", "--out", str(run), "--quiet", *_sets(tiny_overrides + ["students=[]",
-                                                                               "train.checkpoint_every=1"])])
+                                                                               "train.checkpoint_every=1",
+                                                                               "data.labels_per_class=null"])])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1, err
     assert err[0].startswith("noisystudent: error: disk full: no space left on the device holding "
@@ -342,3 +343,98 @@ def test_evaluate_into_a_run_continues_after_a_crash(tmp_path, tiny_overrides, m
     assert {"clean", "fgsm"} <= set(results["teacher"]) and results["teacher"]["clean"]["n"] == 20
     assert (run / "evaluate" / "fgsm" / "teacher.json").is_file()  # the committed stage keeps them too
     assert not (run / CHECKPOINTS / "evaluate").exists() and not (run / LOCK).exists()
+
+
+def test_full_disk_before_the_manifest_advises_the_same_command_not_resume(tmp_path, monkeypatch, capsys):
+    """Before manifest.json exists there is no run to resume: the line says to run the same
+    command again, and that command then starts the run in the same folder."""
+    from noisystudent.config.schema import load_config
+
+    monkeypatch.setattr(files, "open", _full_disk_after(0, when=lambda name: name.startswith(f".{MANIFEST}.")),
+                        raising=False)
+    run = tmp_path / "run"
+    assert main(["run", "--out", str(run), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"noisystudent: error: disk full: no space left on the device holding {run} (while writing "
+                   f"{MANIFEST}); the run in {run} has not started: free some space and run the same command again"]
+    assert not (run / MANIFEST).exists() and not list(run.glob(".*.tmp")) and not (run / LOCK).exists()
+    monkeypatch.undo()
+    RunDir.open(run, load_config(None), resume=False).release_lock()  # what the same command does first
+    assert RunDir(run).manifest()["stages"] == {}
+
+
+# ------------------------------------------------------------------------------ damaged stage outputs
+
+# A run stopped after its label stage (per-stage commands): 4 shards of 25 pool images.
+LABELED = ["teacher.epochs=1", "train.epochs=1", "train.batch_size=16", "data.val_per_class=5",
+           "data.test_per_class=10", "data.max_unlabeled=100", "pseudo.threshold=0.0", "pseudo.shard_size=25",
+           "train.precision=fp32", "pseudo.precision=fp32", "students=[{model: ns_cnn_s}]"]
+
+
+@pytest.fixture(scope="module")
+def labeled_run(tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("labeled") / "run"
+    sets = [a for o in LABELED for a in ("--set", o)]
+    assert main(["train", str(run), "--quiet", *sets]) == 0
+    assert main(["label", str(run), "--quiet"]) == 0
+    return run
+
+
+def _copy(run: Path, to: Path) -> Path:
+    import shutil
+
+    shutil.copytree(run, to / "run")
+    return to / "run"
+
+
+@pytest.mark.parametrize("damage", ["cut short", "deleted"])
+def test_a_finished_label_stage_with_a_damaged_shard_labels_it_again(labeled_run, tmp_path, capsys, damage):
+    """A shard cut short or deleted after its label stage finished: `select` (and `run --resume`)
+    does not advise a resume that would skip the stage again; the runner labels the shard again
+    (the same rows: the same teacher) and selects."""
+    import pyarrow.parquet as pq
+
+    run = _copy(labeled_run, tmp_path)
+    shard = run / "label-1" / "shards" / "part-000001.parquet"
+    if damage == "deleted":
+        shard.unlink()
+    else:
+        shard.write_bytes(shard.read_bytes()[:300])
+    assert main(["select", str(run), "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert (f"[label-1] finished earlier, but pseudo-label store {run / 'label-1'} is incomplete: 3 of 4 shards "
+            "finished or intact") in err and "running it again" in err
+    original = pq.read_table(labeled_run / "label-1" / "shards" / "part-000001.parquet")
+    assert pq.read_table(shard).equals(original)
+    assert (run / "select-1" / "selection.parquet").is_file()
+
+
+def test_a_corrupt_shard_of_the_same_size_is_one_line_naming_it(labeled_run, tmp_path, capsys):
+    """Bytes overwritten in place (the size unchanged): DuckDB's error names no file, so the line
+    names the shard pyarrow cannot read either and says what to do; doing it works."""
+    run = _copy(labeled_run, tmp_path)
+    shard = run / "label-1" / "shards" / "part-000002.parquet"
+    data = bytearray(shard.read_bytes())
+    data[4:-200] = b"\xff" * (len(data) - 204)
+    shard.write_bytes(bytes(data))
+    assert main(["select", str(run), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"noisystudent: error: damaged pseudo-label shard {shard} ("), err
+    assert err[0].endswith("); delete it and run the command again: its images are labeled again")
+    assert not (run / "select-1").exists()
+    shard.unlink()
+    assert main(["select", str(run), "--quiet"]) == 0
+
+
+def test_a_finished_selection_cut_short_is_selected_again(labeled_run, tmp_path, capsys):
+    """selection.arrow (what students read) cut short after select-1 finished: the student's
+    command selects again (the same bytes) instead of dying in pyarrow."""
+    run = _copy(labeled_run, tmp_path)
+    assert main(["select", str(run), "--quiet"]) == 0
+    expanded = run / "select-1" / "selection.arrow"
+    whole = expanded.read_bytes()
+    expanded.write_bytes(whole[: len(whole) // 2])
+    assert main(["train", str(run), "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert f"[select-1] finished earlier, but selection file {expanded} is missing or damaged" in err
+    assert expanded.read_bytes() == whole and (run / "student-1" / "model.pt").is_file()

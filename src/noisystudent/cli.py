@@ -27,7 +27,7 @@ def _stage_command(args: argparse.Namespace, kind: str) -> int:
     """``noisystudent train | label | select RUN_DIR``: the next unfinished stage of a run, which
     must be of this kind; a RUN_DIR without a run is created from the config (as ``run --out``)."""
     from .pipeline import run_pipeline
-    from .runtime.distributed import RankFailure
+    from .runtime.distributed import RankFailure, launch_rank
     from .runtime.rundir import CONFIG, MANIFEST
 
     run_dir = Path(args.run_dir)
@@ -41,7 +41,7 @@ def _stage_command(args: argparse.Namespace, kind: str) -> int:
     except RankFailure as e:
         e.run_dir = run_dir
         raise
-    if int(os.environ.get("RANK", "0")) == 0:
+    if launch_rank() == 0:
         print(f"{', '.join(result['ran']) or 'nothing to do'}: {run_dir}")
     return 0
 
@@ -57,7 +57,7 @@ def cmd_select(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from .pipeline import format_summary_table, run_pipeline
 
-    from .runtime.distributed import RankFailure
+    from .runtime.distributed import RankFailure, launch_rank
     from .runtime.rundir import CONFIG
 
     if args.resume:
@@ -79,7 +79,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     except RankFailure as e:  # the one place that knows the run directory to resume
         e.run_dir = run_dir
         raise
-    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 speaks for the job
+    if launch_rank() != 0:  # under torchrun, rank 0 speaks for the job
         return 0
     if args.quiet:
         print(format_summary_table(summary))
@@ -88,60 +88,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    import json
-
-    from .data.datasets import build_splits
-    from .runtime.distributed import select_device
-    from .evaluate.classifier import evaluate_checkpoints
-    from .runtime.rundir import RunDir
+    from .runs import evaluate_config, evaluate_run
 
     target = Path(args.target)
-    overrides = list(args.set)
-    if args.suite:
-        overrides.append(f"evaluate.suites=[{args.suite}]")
-    if args.max_images:
-        overrides.append(f"evaluate.max_images={args.max_images}")
-    if target.is_dir():
-        summary_path = target / "summary.json"
-        if not summary_path.is_file():
-            raise NoisyStudentError(f"{target} is not a finished run directory (no summary.json)")
-        stages = json.loads(summary_path.read_text())["stages"]
-        checkpoints = {s["name"]: target / s["name"] / "model.pt" for s in (stages[0], stages[-1])}
-        cfg = load_config(args.config or target / "config.yaml", overrides)
-        out = Path(args.out) if args.out else None
-    elif target.is_file():
-        checkpoints = {target.stem: target}
-        cfg = load_config(args.config, overrides)
-        out = Path(args.out) if args.out else target.parent / f"evaluate-{target.stem}"
-    else:
-        raise NoisyStudentError(f"evaluate: {target} is neither a run directory nor a checkpoint file")
-    splits = build_splits(cfg.data, cfg.seed, require_unlabeled=False)
-    device = select_device(cfg.device)
-    kwargs = dict(channels=splits.channels, device=device, seed=cfg.seed, progress=not args.quiet)
-    if out is None:  # into the run directory, as its "evaluate" stage
-        import shutil
-
-        from .runtime.rundir import EVALUATE
-
-        run = RunDir(target)
-        run.acquire_lock()
-        try:
-            # finished (suite, model) results survive a kill in the run's checkpoints folder
-            progress_dir = run.checkpoint_dir(EVALUATE)
-            with run.stage(EVALUATE) as scratch:
-                results = evaluate_checkpoints(checkpoints, splits.test, cfg.evaluate, out_dir=scratch,
-                                               progress_dir=progress_dir, **kwargs)
-            shutil.rmtree(progress_dir, ignore_errors=True)
-        finally:
-            run.release_lock()
-        out = target / EVALUATE
-        from .report.build import build_report
-
-        print(f"report: {build_report(target)['html']}")
-    else:
-        out.mkdir(parents=True, exist_ok=True)
-        results = evaluate_checkpoints(checkpoints, splits.test, cfg.evaluate, out_dir=out, **kwargs)
-    for name, res in results.items():
+    cfg = evaluate_config(target, args.config, args.set, suites=args.suite, max_images=args.max_images)
+    done = evaluate_run(target, cfg, out=Path(args.out) if args.out else None, progress=not args.quiet)
+    if done.report is not None:
+        print(f"report: {done.report}")
+    for name, res in done.results.items():
         clean = res.get("clean", {})
         line = f"{name:<12} clean top-1 {clean.get('top1', float('nan')):6.2f}"
         if "corruptions" in res:
@@ -149,7 +103,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         if "fgsm" in res:
             line += "  fgsm top-1 " + " ".join(f"{e:g}:{a:.1f}" for e, a in zip(res["fgsm"]["eps"], res["fgsm"]["top1"]))
         print(line)
-    print(f"results: {out / 'robustness.json'}")
+    print(f"results: {done.results_file}")
     return 0
 
 
@@ -159,37 +113,21 @@ def cmd_label(args: argparse.Namespace) -> int:
         return _stage_command(args, "label")
     if args.out is None:
         raise NoisyStudentError("label CHECKPOINT POOL needs --out STORE_DIR")
-    from .data.pool import path_source
-    from .label.inference import label_to_store
-    from .models.checkpoint import clean_transform, load_model
-    from .runtime.distributed import cleanup, init_distributed
+    from .runs import label_pool
 
-    model, meta = load_model(Path(args.checkpoint))
-    source = path_source(args.source, args.shard_size)  # what data.unlabeled accepts, read the same way
-    ctx = init_distributed(args.device)
-    try:
-        label_to_store(
-            model, source, Path(args.out), transform=clean_transform(meta),
-            num_classes=meta["num_classes"], teacher=str(args.checkpoint), top_k=args.top_k,
-            temperature=args.temperature, hard=args.hard, batch_size=args.batch_size,
-            num_workers=args.workers, ctx=ctx, precision=args.precision, progress=not args.quiet)
-    finally:
-        cleanup(ctx)
-    if ctx.is_main:
-        print(f"pseudo-label store: {args.out}")
+    done = label_pool(Path(args.checkpoint), args.source, Path(args.out), shard_size=args.shard_size,
+                      device=args.device, top_k=args.top_k, temperature=args.temperature, hard=args.hard,
+                      batch_size=args.batch_size, num_workers=args.workers, precision=args.precision,
+                      progress=not args.quiet)
+    if done.is_main:
+        print(f"pseudo-label store: {done.store}")
     return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .pipeline import open_pool
-    from .report.build import build_report
+    from .runs import report_run
 
-    try:  # thumbnails of the pseudo labels need the run's pool; the report is useful without
-        pool = open_pool(Path(args.run_dir))
-    except (NoisyStudentError, OSError) as e:
-        logging.getLogger("noisystudent").warning(f"report: no pseudo-label thumbnails ({e})")
-        pool = None
-    paths = build_report(Path(args.run_dir), pool=pool)
+    paths = report_run(Path(args.run_dir))
     print(f"report: {paths['html']}")
     print(f"markdown: {paths['md']}")
     return 0

@@ -13,7 +13,10 @@ models (parameters, multiply-adds) needs them built, which is the models layer's
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+
+import timm
 
 from ..runtime.errors import ConfigError
 
@@ -121,3 +124,35 @@ def chain_preset(name: str) -> list[dict]:
     if name not in CHAIN_PRESETS:
         raise ConfigError(f"unknown chain preset {name!r}; known: {', '.join(CHAIN_PRESETS)}")
     return [dict(d) for d in CHAIN_PRESETS[name][1]()]
+
+
+# ------------------------------------------------------------------------------ model names
+
+# timm's model sources: a name that is a Hugging Face hub repository or a local folder (config.json + weights)
+MODEL_SOURCE_PREFIXES = ("hf-hub:", "hf_hub:", "local-dir:")
+_ALIAS = re.compile(r"^(?:efficientnet[-_ ]?)?([bl])([0-9])$")
+
+
+def _buildable(name: str) -> bool:
+    """A model timm builds: one of its own, or one of the family this package registers with timm
+    (EfficientNet-L0/L1, the ns_cnn nets) when noisystudent.models.factory is imported. Named here
+    so that checking a config does not need the models layer."""
+    return any(s.name == name for s in FAMILY + CPU_NETS) or timm.is_model(name)
+
+
+def resolve_model_name(name: str) -> str:
+    """Paper-style names to registered ones: ``B7``, ``EfficientNet-L0``, ``efficientnet-l2`` ->
+    ``efficientnet_b7``, ``efficientnet_l0``, ``efficientnet_l2``. Other names pass unchanged."""
+    m = _ALIAS.match(name.strip().lower())
+    if m and not _buildable(name):
+        candidate = f"efficientnet_{m.group(1)}{m.group(2)}"
+        if _buildable(candidate):
+            return candidate
+    return name
+
+
+def is_known_model(name: str) -> bool:
+    """A name :func:`noisystudent.models.factory.create_model` can build: a registered model (paper
+    aliases such as ``B7`` included), or a ``hf-hub:org/repo`` / ``local-dir:PATH`` source, whose
+    architecture is read from its ``config.json`` when the model is built."""
+    return name.startswith(MODEL_SOURCE_PREFIXES) or _buildable(resolve_model_name(name))

@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from ..runtime.errors import ConfigError, error_reason
-from .family import chain_preset
+from .family import chain_preset, is_known_model
 
 
 def _opt(default: Any, help: str, *, min: float | None = None, max: float | None = None,
@@ -391,10 +391,7 @@ def _check_registry_names(cfg: Config) -> None:
             raise ConfigError(f"config key 'train.optimizer': unknown optimizer {cfg.train.optimizer!r}{hint}; "
                               "see timm.optim.list_optimizers()")
     # the rule create_model applies (paper aliases such as B7, then timm's registry, where this
-    # package registers its own models; hf-hub:/local-dir: names are read when the model is built);
-    # imported here, at validation, not when the module loads
-    from ..models.factory import is_known_model
-
+    # package registers its own models; hf-hub:/local-dir: names are read when the model is built)
     for key, stage in (("teacher", cfg.teacher), *((f"students[{i}]", s) for i, s in enumerate(cfg.students))):
         if not is_known_model(stage.model):
             raise ConfigError(f"config key '{key}.model': unknown model {stage.model!r}; "

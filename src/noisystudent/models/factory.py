@@ -14,8 +14,6 @@ multipliers, exactly as timm builds B0-B8 and L2, so their layers (and weight na
 
 from __future__ import annotations
 
-import re
-
 import timm
 import torch
 import torch.nn as nn
@@ -24,6 +22,7 @@ from timm.layers import DropPath
 from timm.models import generate_default_cfgs, register_model
 from timm.models.efficientnet import _gen_efficientnet
 
+from ..config.family import MODEL_SOURCE_PREFIXES, is_known_model, resolve_model_name  # noqa: F401
 from ..runtime.errors import ConfigError
 from .pretrained import load_pretrained, model_architecture, tag_pretrained_cfg  # noqa: F401 - model_architecture is used from here too
 
@@ -173,31 +172,6 @@ def efficientnet_l1(pretrained: bool = False, **kwargs) -> nn.Module:
     """EfficientNet-L1 (Noisy Student paper): width 3.9, depth 3.7 of B0; ~273M params."""
     return _gen_efficientnet("efficientnet_l1", channel_multiplier=3.9, depth_multiplier=3.7,
                              pretrained=pretrained, **kwargs)
-
-
-_ALIAS = re.compile(r"^(?:efficientnet[-_ ]?)?([bl])([0-9])$")
-
-
-def resolve_model_name(name: str) -> str:
-    """Paper-style names to registered ones: ``B7``, ``EfficientNet-L0``, ``efficientnet-l2`` ->
-    ``efficientnet_b7``, ``efficientnet_l0``, ``efficientnet_l2``. Other names pass unchanged."""
-    m = _ALIAS.match(name.strip().lower())
-    if m and not timm.is_model(name):
-        candidate = f"efficientnet_{m.group(1)}{m.group(2)}"
-        if timm.is_model(candidate):
-            return candidate
-    return name
-
-
-# timm's model sources: a name that is a Hugging Face hub repository or a local folder (config.json + weights)
-MODEL_SOURCE_PREFIXES = ("hf-hub:", "hf_hub:", "local-dir:")
-
-
-def is_known_model(name: str) -> bool:
-    """A name :func:`create_model` can build: a registered model (paper aliases such as ``B7``
-    included), or a ``hf-hub:org/repo`` / ``local-dir:PATH`` source, whose architecture is read
-    from its ``config.json`` when the model is built."""
-    return name.startswith(MODEL_SOURCE_PREFIXES) or timm.is_model(resolve_model_name(name))
 
 
 def create_model(name: str, num_classes: int, in_chans: int, dropout: float = 0.0,

@@ -59,6 +59,12 @@ def select_device(preference: str = "auto", local_rank: int = 0) -> torch.device
     return device
 
 
+def launch_rank() -> int:
+    """The rank the launcher (torchrun) gave this process, 0 without one: whether it speaks for
+    the job, also before or after its process group exists."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def init_distributed(device_preference: str = "auto") -> DistContext:
     """Join the torchrun process group if launched by torchrun; otherwise a single process."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))

@@ -43,6 +43,7 @@ from ..label.jpeg_decode import DecodeAndTransform
 from ..models.checkpoint import clean_transform, load_model
 from ..runtime.distributed import select_device
 from ..runtime.errors import CheckpointError, ConfigError, DataError
+from ..runtime.files import atomic_write, temp_path
 from ..runtime.progress import progress_bar
 from ..runtime.workers import ignore_sigterm_in_worker
 
@@ -196,9 +197,7 @@ class _RowWriter:
         self.out, self.format = Path(out), output_format(out)
         self.columns = _columns(top_k)
         self.out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.out.parent, prefix=f".{self.out.name}.", suffix=".partial")
-        os.close(fd)
-        self.tmp = Path(tmp)
+        self.tmp = temp_path(self.out)  # hidden, beside out, this process's own (as atomic_write's)
         self.k = top_k
         self._parquet = None
         self._buffer: list = []  # Parquet: rows waiting for a full row group
@@ -264,8 +263,6 @@ class _RowWriter:
 
 
 def _write_unreadable(path: Path, bad: list[tuple[str, str]]) -> None:
-    from ..runtime.files import atomic_write
-
     def write(f) -> None:
         f.write(b"image\treason\n")
         for key, reason in bad:

@@ -84,7 +84,7 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="resnet18")
     ap.add_argument("--shards", type=int, default=16)
-    ap.add_argument("--per-shard", type=int, default=256)
+    ap.add_argument("--per-shard", type=int, default=128)
     ap.add_argument("--file-size", type=int, default=96, help="side of the JPEG images")
     ap.add_argument("--input-size", type=int, default=64, help="side of the model input")
     ap.add_argument("--batch-size", type=int, default=128)

@@ -21,6 +21,17 @@ from _tiny import cli_sets, tiny
 TINY_CLI_RUN = tiny("tensorboard=true")
 
 
+SHARED_RUNS = ("finished_run", "tiny_run")
+
+
+def pytest_collection_modifyitems(items):
+    """A test that reads a shared run is `slow`: alone, it waits for the whole run to be built.
+    Other slow tests carry @pytest.mark.slow themselves."""
+    for item in items:
+        if set(SHARED_RUNS) & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def one_torch_thread_per_session():
     """Session- and module-scoped fixtures (the shared runs) run before the per-test fixture below;

@@ -187,6 +187,7 @@ def test_ood_folder_holds_upscaled_digits_none_of_them_a_fashion_class(tmp_path)
     assert pool_size(pool) == len(splits.unlabeled) + count
 
 
+@pytest.mark.slow
 def test_benchmark_runs_every_variant_and_prints_json_last(tmp_path, tiny_overrides, capsys):
     overrides = [o for o in tiny_overrides if not o.startswith("train.epochs")] + ["train.epochs=1"]
     cache = tmp_path / "cache"

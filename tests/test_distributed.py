@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from noisystudent.runtime.distributed import DistContext
@@ -22,6 +23,7 @@ from _train_scenarios import digits_data, run_distributed, tiny_stage
 SCRIPT = Path(__file__).with_name("_train_scenarios.py")
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_and_stop_together_on_sigterm(tmp_path):
     proc = torchrun(str(SCRIPT), "distributed", str(tmp_path / "two"))
     before = torch.get_num_threads()

@@ -94,6 +94,7 @@ KILLS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kill", KILLS, ids=[k.stage for k in KILLS])
 def test_sigkill_during_a_stage_then_resume_equals_an_uninterrupted_run(tmp_path, reference, kill):
     run = tmp_path / "run"
@@ -313,6 +314,7 @@ def test_a_dead_peer_in_ddp_backward_is_one_line_naming_the_run(tmp_path, monkey
 # ------------------------------------------------------------------------------ evaluate
 
 
+@pytest.mark.slow
 def test_evaluate_into_a_run_continues_after_a_crash(tmp_path, tiny_overrides, monkeypatch, capsys):
     """`noisystudent evaluate RUN` keeps each finished (suite, model) in RUN/checkpoints/evaluate:
     after a crash the rerun computes only what was missing, and the lock is released either way."""

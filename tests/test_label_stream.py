@@ -147,6 +147,7 @@ def test_bf16_is_chosen_when_it_agrees_and_is_fast_enough(monkeypatch):
     assert precision == "bf16" and info["calibration_images"] == 300 and info["bf16_top1_agreement"] >= 0.999
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_mid_shard_matches_uninterrupted_run(tmp_path):
     ref = H.label(tmp_path / "ref", H.KillAfter(H.teacher_net(), None))
     killed = subprocess.run([sys.executable, str(HELPERS), "kill", str(tmp_path / "run"), "10"],
@@ -170,6 +171,7 @@ def test_resume_after_sigkill_mid_shard_matches_uninterrupted_run(tmp_path):
     assert ref.num_bad == resumed.num_bad > 0
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_label_like_one(tmp_path):
     torchrun(str(HELPERS), "dist", str(tmp_path / "two"))
     threads = torch.get_num_threads()

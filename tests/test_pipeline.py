@@ -68,6 +68,7 @@ def test_end_to_end_writes_every_artifact(tiny_run):
     assert meta["image_size"] == 16
 
 
+@pytest.mark.slow
 def test_resume_skips_finished_stages(tmp_path, tiny_overrides, monkeypatch, capsys):
     """The documented form: `noisystudent run --resume RUN_DIR`, config not passed again. The run's
     config.yaml must reload to the same fingerprint (a default int 0 of a float key once read back
@@ -141,6 +142,7 @@ def test_mixed_image_modes_in_a_folder_run_convert(tmp_path):
     assert (tmp_path / "run" / "label-1" / "bad_images.tsv").read_text() == "key\treason\n"
 
 
+@pytest.mark.slow
 def test_chain_with_fixres_stage_end_to_end(tmp_path, tiny_overrides):
     """A student trained at 12 px and tested at 16 px gets a fix-res stage; the summary shows
     top-1 before and after at the test resolution, and evaluation uses the fine-tuned model."""

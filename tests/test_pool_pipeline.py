@@ -83,6 +83,7 @@ def _overrides(root: Path, pool: str) -> list[str]:
             f"data.unlabeled={pool}", *TINY]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("form", ["folder", "file-list", "webdataset"])
 def test_run_with_a_pool_folder_file_list_or_webdataset(tmp_path, form):
     images = make_dataset(tmp_path)
@@ -108,6 +109,7 @@ def test_run_with_a_pool_folder_file_list_or_webdataset(tmp_path, form):
         np.testing.assert_allclose(conf, np.load(reference), rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_stage_commands_one_after_another_equal_run(tmp_path, capsys):
     images = make_dataset(tmp_path)
     pool = write_pool(tmp_path, images, "folder")
@@ -132,6 +134,7 @@ def _label_done(run: Path) -> int:
     return len(list(done.glob("part-*.json"))) if done.is_dir() else 0
 
 
+@pytest.mark.slow
 def test_kill_during_label_stage_resumes_at_first_unfinished_shard(tmp_path):
     """Digits with 8-image shards: kill -9 once some shards are labeled; the resumed run keeps
     them (not relabeled) and ends with the store and summary of an uninterrupted run."""
@@ -165,6 +168,7 @@ def test_kill_during_label_stage_resumes_at_first_unfinished_shard(tmp_path):
     assert [(s["name"], s["test_top1"]) for s in ra] == [(s["name"], s["test_top1"]) for s in rb]
 
 
+@pytest.mark.slow
 def test_two_processes_label_every_shard_once_and_match_one(tmp_path):
     """Under torchrun (gloo), both ranks label their own shards; the store equals a one-process
     run's and the student trains from it."""

@@ -592,6 +592,7 @@ def test_no_thumbnails_without_the_pool(run_copy):
 # ------------------------------------------------------------------------------ partial and broken runs
 
 
+@pytest.mark.slow
 def test_incomplete_run_without_optional_files(tmp_path):
     run = R.make_stopped_run(tmp_path / "run")  # student-1 of two finished; no summary, fix-res or evaluation
     for probe in run.glob(f"label-*/{PROBE}"):

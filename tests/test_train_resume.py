@@ -33,6 +33,7 @@ def assert_same_run(resumed: dict, reference: dict) -> None:
         assert torch.equal(resumed["weights"][key], value), key
 
 
+@pytest.mark.slow
 def test_sigkill_mid_stage_then_resume_matches_uninterrupted(tmp_path, uninterrupted):
     # 8 labeled images per step, checkpoints every 3 steps: the 84th image is loaded in step 11,
     # after the checkpoint of step 9 and before the one of step 12.
@@ -47,6 +48,7 @@ def test_sigkill_mid_stage_then_resume_matches_uninterrupted(tmp_path, uninterru
     assert_same_run(resumed, uninterrupted)
 
 
+@pytest.mark.slow
 def test_sigterm_writes_a_checkpoint_and_stops_cleanly(tmp_path, uninterrupted):
     def previous_handler(signum, frame):
         raise AssertionError("the training loop should have handled SIGTERM")

@@ -111,8 +111,7 @@ def collective_failure(e: BaseException, op: str = "a collective operation") -> 
         isinstance(e, RuntimeError) and any(w in str(e).lower() for w in _PEER_GONE))
     if not is_dist:
         return None
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    reason = lines[0] if lines else type(e).__name__
+    reason = error_reason(e)
     if reason.startswith("[") and "] " in reason:  # drop gloo's "[/path/to/pair.cc:561] " prefix
         reason = reason.split("] ", 1)[1]
     reason = reason.split(". ")[0].rstrip(".")

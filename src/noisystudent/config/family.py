@@ -16,8 +16,6 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-import timm
-
 from ..runtime.errors import ConfigError
 
 
@@ -136,7 +134,10 @@ _ALIAS = re.compile(r"^(?:efficientnet[-_ ]?)?([bl])([0-9])$")
 def _buildable(name: str) -> bool:
     """A model timm builds: one of its own, or one of the family this package registers with timm
     (EfficientNet-L0/L1, the ns_cnn nets) when noisystudent.models.factory is imported. Named here
-    so that checking a config does not need the models layer."""
+    so that checking a config does not need the models layer. timm is imported here, when a name
+    is checked, not with the module: importing the package must not load torch (configure_cpu)."""
+    import timm
+
     return any(s.name == name for s in FAMILY + CPU_NETS) or timm.is_model(name)
 
 

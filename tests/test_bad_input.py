@@ -421,3 +421,45 @@ def test_moved_labels_no_stage_reads_are_a_warning_under_quiet(tmp_path, capsys)
     [warning] = [ln for ln in capsys.readouterr().err.splitlines() if "labels_per_class" in ln]
     assert warning.startswith("data.labels_per_class=5: kept 50 labeled training images and moved ")
     assert "nothing reads the pool: these images are not used at all" in warning
+
+
+# ------------------------------------------------------------------------------ what is left behind, what is shown
+
+
+def test_evaluate_a_bad_checkpoint_leaves_no_empty_folder(tmp_path, capsys, monkeypatch):
+    """`evaluate BAD.pt` (its results would go to evaluate-BAD/ beside it) stops in one line and
+    leaves no empty evaluate-BAD/; a folder the user made is kept."""
+    bad = _file("BAD.pt", GARBAGE)(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    assert main(["evaluate", str(bad), "--quiet"]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["BAD.pt"]
+    (tmp_path / "mine").mkdir()
+    assert main(["evaluate", str(bad), "--out", str(tmp_path / "mine"), "--quiet"]) == 2
+    assert (tmp_path / "mine").is_dir()
+
+
+def test_report_on_a_folder_that_is_no_run_is_one_line(tmp_path, capsys):
+    _file("other/notes.txt", "x")(tmp_path)
+    assert main(["report", str(tmp_path / "other")]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"noisystudent: error: report: {tmp_path / 'other'} is not a run directory (none of manifest.json, "
+        "config.yaml, summary.json)"]
+
+
+def test_report_md_shows_class_names_as_text_not_html(tmp_path):
+    """Class folders named like HTML: report.md (rendered by GitHub, editors, wikis) carries them
+    as entities, as report.html escapes them; the names themselves reach the report."""
+    names = ("<img src=x onerror=alert(1)>", "dogs & <b>cats")
+    for split, n in (("train", 4), ("test", 2)):
+        for name in names:
+            make_folder(tmp_path / split, classes=(name,), n=n)
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(f"data:\n  source: image-folder\n  train_dir: {tmp_path / 'train'}\n  test_dir: {tmp_path / 'test'}\n"
+                   "  val_per_class: 1\n  image_size: 8\nteacher:\n  epochs: 0\nstudents: []\n")
+    assert main(["run", str(cfg), "--out", str(tmp_path / "run"), "--quiet"]) == 0
+    md = (tmp_path / "run" / "report" / "report.md").read_text()
+    page = (tmp_path / "run" / "report" / "report.html").read_text()
+    assert "&lt;img src=x onerror=alert(1)&gt;" in md and "dogs &amp; &lt;b&gt;cats" in md
+    for text in (md, page):
+        assert "<img src=x" not in text and "<b>cats" not in text

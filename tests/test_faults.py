@@ -428,6 +428,34 @@ def test_a_corrupt_shard_of_the_same_size_is_one_line_naming_it(labeled_run, tmp
     assert main(["select", str(run), "--quiet"]) == 0
 
 
+def test_sigterm_during_labeling_says_how_to_resume(tmp_path, capsys):
+    """SIGTERM while the label stage runs (no checkpoint to write: its shards are its progress):
+    exit 143 with one line naming the command that resumes it, which then finishes the store."""
+    run = tmp_path / "run"
+    sets = [a for o in LABELED + ["data.max_unlabeled=800", "pseudo.shard_size=4"] for a in ("--set", o)]
+    assert main(["train", str(run), "--quiet", *sets]) == 0
+    proc = subprocess.Popen(_cli("label", str(run), "--quiet"), env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 300
+        while len(list((run / "label-1" / "done").glob("*.json"))) < 2 and proc.poll() is None:
+            assert time.time() < deadline, "the label stage did not start"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, err
+    assert err.strip().splitlines() == [f"noisystudent: stopped by SIGTERM; what finished is kept: resume with "
+                                        f"`noisystudent label {run}`"]
+    done_before = len(list((run / "label-1" / "done").glob("*.json")))
+    assert 2 <= done_before < 200
+    assert main(["label", str(run)]) == 0
+    assert f"resuming at the first unfinished shard: {done_before} of 200 shards were labeled earlier" in \
+        capsys.readouterr().err
+    assert len(list((run / "label-1" / "done").glob("*.json"))) == 200
+
+
 def test_a_finished_selection_cut_short_is_selected_again(labeled_run, tmp_path, capsys):
     """selection.arrow (what students read) cut short after select-1 finished: the student's
     command selects again (the same bytes) instead of dying in pyarrow."""

@@ -37,6 +37,7 @@ def _stage_command(args: argparse.Namespace, kind: str) -> int:
     else:
         cfg = load_config(args.config, args.set, args.ablation)
     try:
+        args.resume_hint = f"resume with `noisystudent {kind} {run_dir}`"  # if SIGTERM stops it
         result = run_pipeline(cfg, run_dir, resume=resume, progress=not args.quiet, only=kind)
     except RankFailure as e:
         e.run_dir = run_dir
@@ -75,6 +76,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         config = args.config
     cfg = load_config(config, args.set, args.ablation)
     try:
+        args.resume_hint = f"resume with `noisystudent run --resume {run_dir}`"  # if SIGTERM stops it
         summary = run_pipeline(cfg, run_dir, resume=bool(args.resume), progress=not args.quiet)
     except RankFailure as e:  # the one place that knows the run directory to resume
         e.run_dir = run_dir
@@ -202,6 +204,28 @@ def cmd_config(args: argparse.Namespace) -> int:
     print("\n# resolved stages (chain preset, then ablation, then per-stage overrides and defaults):")
     print("\n".join("# " + line for line in table))
     return 0
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived outside training (which checkpoints and raises TrainingPreempted itself).
+    A BaseException, as KeyboardInterrupt is, so no ``except Exception`` on the way swallows it."""
+
+
+def _stop_on_sigterm():
+    """Turn SIGTERM into :class:`Terminated` (a line saying how to resume, exit 143) instead of a
+    silent death; returns what restores the previous handler. Training replaces it with its own
+    (checkpoint first) for its duration. Only the main thread may install handlers."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def stop(signum, frame):
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    return lambda: signal.signal(signal.SIGTERM, previous)
 
 
 def one_line(error: Exception) -> str:
@@ -407,6 +431,7 @@ def main(argv: list[str] | None = None) -> int:
     logger = logging.getLogger("noisystudent")
     logger.setLevel(logging.INFO)  # the run's log file gets everything; the console may not
     logger.addHandler(console)
+    restore_sigterm = _stop_on_sigterm()
     try:
         return args.func(args)
     except TrainingPreempted as e:  # SIGTERM: a checkpoint was written; exit as the signal would
@@ -435,8 +460,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("noisystudent: interrupted", file=sys.stderr)
         return 130
+    except Terminated:  # SIGTERM outside training: finished stages and label shards are on disk
+        hint = getattr(args, "resume_hint", None) or (
+            "run the same command again" if args.command in ("label", "evaluate") else "")
+        print(f"noisystudent: stopped by SIGTERM{'; what finished is kept: ' + hint if hint else ''}",
+              file=sys.stderr)
+        return 143
     finally:
         logger.removeHandler(console)
+        restore_sigterm()
 
 
 if __name__ == "__main__":

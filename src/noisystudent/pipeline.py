@@ -414,7 +414,7 @@ def _loop(cfg: Config, stages: list[ResolvedStage], run: RunDir, runner: StageRu
     start = time.time()
     banner(f"Data: {cfg.data.source}")
     students = [s for s in stages if s.role == "student"]
-    splits = build_splits(cfg.data, cfg.seed, require_unlabeled=bool(students))
+    splits = build_splits(cfg.data, cfg.seed, require_unlabeled=bool(students), log_moved=True)
     # every stage's `pretrained` file, checked before anything trains
     check_pretrained_files(stages, num_classes=splits.num_classes, channels=splits.channels, classes=splits.classes)
     env = Env(ctx=ctx, run=run, cfg=cfg, splits=splits, progress=progress)
@@ -551,9 +551,12 @@ def _headlines(suite: str, res) -> list[tuple[str, float]]:
 
 
 def open_pool(run_dir: Path) -> UnlabeledSource | None:
-    """The unlabeled pool of a run, as its label stages read it (for the report's thumbnails)."""
+    """The unlabeled pool of a run, as its label stages read it (for the report's thumbnails);
+    None for a folder without the run's config.yaml (no run: the report then says what it is)."""
     from .config.schema import load_config
 
+    if not (Path(run_dir) / layout.CONFIG).is_file():
+        return None
     cfg = load_config(Path(run_dir) / layout.CONFIG)
     splits = build_splits(cfg.data, cfg.seed, require_unlabeled=False, log_moved=False)
     pool = build_pool(cfg.data, splits.unlabeled, cfg.pseudo.shard_size)

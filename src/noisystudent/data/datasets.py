@@ -391,12 +391,12 @@ def pool_path(cfg: DataConfig) -> str | None:
 
 
 def build_splits(cfg: DataConfig, seed: int, require_unlabeled: bool = True, *,
-                 log_moved: bool = True) -> DataSplits:
+                 log_moved: bool = False) -> DataSplits:
     """Build labeled / unlabeled / val / test splits for the configured source.
 
     The validation split is held out of the labeled training images (never the test split);
-    ``labels_per_class`` keeps N labels per class and moves the rest to the unlabeled pool, with a
-    warning (``log_moved``: off for callers that do not train on the splits, such as evaluation).
+    ``labels_per_class`` keeps N labels per class and moves the rest to the unlabeled pool;
+    ``log_moved`` (the pipeline, which trains on the splits) says so: a warning for a user's data.
     ``require_unlabeled``: a student will read the pool (False: nothing does, which the warning says).
     ``unlabeled`` holds that in-dataset remainder (and a torchvision dataset's own unlabeled split);
     a pool named by ``data.unlabeled`` is never listed here: :func:`noisystudent.data.pool.build_pool`

@@ -8,13 +8,25 @@ side by side with the confidences as text. Spanning table headers become column-
 from __future__ import annotations
 
 import html
+import re
 from typing import Any
 
 from .document import Bullets, Code, Document, Figures, Gallery, Heading, Row, Table, Text
 
 
+_CODE_SPAN = re.compile(r"(`[^`]+`)")
+
+
+def _md(text: Any) -> str:
+    """Text for Markdown: ``<``, ``>`` and ``&`` become entities outside code spans, so names from
+    the data (class folders, pool paths) never become raw HTML where the report is rendered, as the
+    HTML page escapes them too; inside a code span HTML is shown as written, and entities would be."""
+    return "".join(part if _CODE_SPAN.fullmatch(part) else html.escape(part, quote=False)
+                   for part in _CODE_SPAN.split(str(text)))
+
+
 def _cell(v: Any) -> str:
-    return str(v).replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
+    return _md(v).replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
 
 
 def _table(b: Table) -> str:
@@ -26,16 +38,16 @@ def _table(b: Table) -> str:
             cells = [f"**{c}**" if c and c != "–" else c for c in cells]
         lines.append("| " + " | ".join(cells) + " |")
     if b.caption:
-        lines += ["", f"Table {b.number}. {b.caption}"]
+        lines += ["", f"Table {b.number}. {_md(b.caption)}"]
     return "\n".join(lines)
 
 
 def _gallery(g: Gallery) -> str:
-    out = [g.note] if g.note else []
+    out = [_md(g.note)] if g.note else []
     for label, strips in g.rows:
-        out.append(f"**{label}**")
+        out.append(f"**{_md(label)}**")
         for s in strips:
-            out.append(f"{s.title}: ![{label}, {s.title}]({s.name}.png) "
+            out.append(f"{_md(s.title)}: ![{_cell(label)}, {_cell(s.title)}]({s.name}.png) "
                        + " · ".join(_cell(t.caption) for t in s.thumbs))
     return "\n\n".join(out)
 
@@ -43,18 +55,19 @@ def _gallery(g: Gallery) -> str:
 def _block(b: Any) -> str:
     if isinstance(b, Text):
         if b.kind == "warn":
-            return f"> {b.text}"
-        return f"_{b.text}_" if b.kind == "note" and "_" not in b.text else b.text
+            return f"> {_md(b.text)}"
+        return f"_{_md(b.text)}_" if b.kind == "note" and "_" not in b.text else _md(b.text)
     if isinstance(b, Bullets):
-        return "\n".join(f"- {x}" for x in b.items)
+        return "\n".join(f"- {_md(x)}" for x in b.items)
     if isinstance(b, Heading):
-        return f"### {b.text}"
+        return f"### {_md(b.text)}"
     if isinstance(b, Row):
         return "\n\n".join(_block(x) for x in b.blocks)
     if isinstance(b, Table):
         return _table(b)
     if isinstance(b, Figures):
-        return "\n\n".join(f"![{p.alt}]({p.name}.png)\n\nFigure {p.number}. {p.caption}" for p in b.plots)
+        return "\n\n".join(f"![{_cell(p.alt)}]({p.name}.png)\n\nFigure {p.number}. {_md(p.caption)}"
+                           for p in b.plots)
     if isinstance(b, Gallery):
         return _gallery(b)
     if isinstance(b, Code):
@@ -69,19 +82,19 @@ def _block(b: Any) -> str:
 def render_markdown(doc: Document) -> str:
     """The report as Markdown; plots and gallery strips are referenced as ``<name>.png`` beside it."""
     h = doc.headline
-    out = [f"# {doc.title}", "", f"{doc.subtitle}", ""]
+    out = [f"# {_md(doc.title)}", "", f"{_md(doc.subtitle)}", ""]
     if h.cards:
         out += ["| " + " | ".join(_cell(c.label) for c in h.cards) + " |",
                 "|" + "|".join("---:" for _ in h.cards) + "|",
                 "| " + " | ".join(f"**{_cell(c.value)}**" for c in h.cards) + " |",
                 "| " + " | ".join(_cell(c.note) for c in h.cards) + " |", ""]
-    out += [h.sentence, ""]
+    out += [_md(h.sentence), ""]
     if h.findings:
-        out += [f"> - {f}" for f in h.findings] + [""]
-    out += ["Contents: " + " · ".join(f"[{s.title}](#{s.id})" for s in doc.sections), ""]
+        out += [f"> - {_md(f)}" for f in h.findings] + [""]
+    out += ["Contents: " + " · ".join(f"[{_md(s.title)}](#{s.id})" for s in doc.sections), ""]
     for s in doc.sections:
-        out += [f'<a id="{s.id}"></a>', "", f"## {s.title}", ""]
+        out += [f'<a id="{s.id}"></a>', "", f"## {_md(s.title)}", ""]
         for b in s.blocks:
             out += [_block(b), ""]
-    out += ["---", "", doc.footer, ""]
+    out += ["---", "", _md(doc.footer), ""]
     return "\n".join(out)

@@ -93,8 +93,14 @@ def evaluate_run(target: Path, cfg: Config, *, out: Path | None = None, progress
     kwargs = dict(channels=splits.channels, device=select_device(cfg.device), seed=cfg.seed, progress=progress)
     if out is not None:
         out = Path(out)
+        created = not out.exists()
         out.mkdir(parents=True, exist_ok=True)
-        results = evaluate_checkpoints(checkpoints, splits.test, cfg.evaluate, out_dir=out, **kwargs)
+        try:
+            results = evaluate_checkpoints(checkpoints, splits.test, cfg.evaluate, out_dir=out, **kwargs)
+        except BaseException:  # a bad checkpoint: leave no empty evaluate-<name>/ behind (only ours)
+            if created and not any(out.iterdir()):
+                out.rmdir()
+            raise
         return Evaluation(results, out)
     run = RunDir(target)
     run.acquire_lock()

@@ -6,7 +6,8 @@
 #   scripts/test.sh -m "not slow"        # leave out the slowest tests while working on the code
 #
 # pytest runs on one pytest-xdist worker per core (-n auto; PYTEST_WORKERS=2 or =0 to choose, 0:
-# no workers), each test module on one worker (--dist loadscope: its module fixtures built once).
+# no workers), each test module on one worker (--dist loadscope: its module fixtures built once),
+# the modules in the order tests/conftest.py gives them (the slowest first).
 #
 # What it sets up, each step skipped when already done (so a second call starts pytest at once):
 #   * Debian packages the tests use: chromium (the report is rendered headless) and
@@ -58,4 +59,4 @@ then
   touch "$stamp"
 fi
 
-exec "$py" -m pytest -n "${PYTEST_WORKERS:-auto}" --dist loadscope "$@"
+exec "$py" -m pytest -n "${PYTEST_WORKERS:-auto}" --dist loadscope --no-loadscope-reorder "$@"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections import Counter
 from pathlib import Path
 from typing import Callable
 
@@ -26,10 +27,16 @@ SHARED_RUNS = ("finished_run", "tiny_run")
 
 def pytest_collection_modifyitems(items):
     """A test that reads a shared run is `slow`: alone, it waits for the whole run to be built.
-    Other slow tests carry @pytest.mark.slow themselves."""
+    Other slow tests carry @pytest.mark.slow themselves.
+
+    Then the modules with the most slow tests go first, each module's tests in their own order:
+    pytest-xdist (--dist loadscope) hands whole modules to workers in this order, and the longest
+    first keeps one worker from starting the slowest module when the other is nearly done."""
     for item in items:
         if set(SHARED_RUNS) & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+    slow = Counter(item.module.__name__ for item in items if item.get_closest_marker("slow"))
+    items.sort(key=lambda item: -slow[item.module.__name__])  # stable: the order within a module is kept
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -1,5 +1,6 @@
 """The training loop's building blocks: data streams, checkpoint files, precision, optimizer."""
 
+import json
 import random
 import signal
 
@@ -319,3 +320,15 @@ def test_stage_patience_resolves_from_train_and_stage_keys():
     assert Recipe.of_stage(by_name["teacher"], 10).frozen_blocks == 0
     with pytest.raises(ConfigError, match="patience"):
         load_config(None, ["train.patience=0"])
+
+
+def test_a_run_records_the_early_stop_in_metrics_json(tmp_path):
+    from noisystudent.pipeline import run_pipeline
+    from _tiny import tiny
+
+    cfg = load_config(None, tiny("students=[]", "teacher.epochs=40", "teacher.patience=1", "train.checkpoint_every=0"))
+    run_pipeline(cfg, tmp_path / "run", progress=False)
+    metrics = json.loads((tmp_path / "run" / "teacher" / "metrics.json").read_text())
+    history = [json.loads(line) for line in (tmp_path / "run" / "teacher" / "metrics.jsonl").read_text().splitlines()]
+    assert metrics["stopped_early"] is True and metrics["stopped_at_epoch"] == history[-1]["epoch"] < 40
+    assert metrics["epochs"] == len(history) and history[-1]["val_top1"] <= history[-2]["val_top1"]

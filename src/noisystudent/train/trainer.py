@@ -52,6 +52,7 @@ from timm.loss import SoftTargetCrossEntropy
 from torch.utils.data import Dataset
 
 from ..config.schema import TrainConfig
+from ..config.stages import ResolvedStage
 from ..data.device_input import EvalCache
 from ..evaluate.classifier import evaluate_classifier
 from ..runtime.cpu import ThreadGovernor
@@ -95,7 +96,7 @@ class Recipe:
     frozen_blocks: int | None = 0
 
     @classmethod
-    def of_stage(cls, stage, num_classes: int) -> "Recipe":
+    def of_stage(cls, stage: ResolvedStage, num_classes: int) -> "Recipe":
         """The recipe of a :class:`~noisystudent.config.stages.ResolvedStage` (its ``train``
         section, epochs, lr and seed); the fix-res stage keeps its last weights and freezes its
         shallow blocks."""

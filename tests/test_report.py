@@ -34,9 +34,10 @@ from noisystudent.runtime.rundir import (CONFIG, DATA, EVALUATE, FIXRES, HISTORY
 
 
 @pytest.fixture(scope="module")
-def base_run(tmp_path_factory):
-    """The finished run, with the report it wrote itself; tests that change it work on a copy."""
-    return R.make_run(tmp_path_factory.mktemp("report") / "run")
+def base_run(finished_run):
+    """The finished run (conftest's, shared by the suite), with the report it wrote itself; tests
+    that change it work on a copy."""
+    return finished_run
 
 
 @pytest.fixture(scope="module")

@@ -166,3 +166,22 @@ def test_channels_last_follows_the_weights():
     x, _ = next(iter(eval_batches(val, CPU, batch_size=6, channels_last=True)))
     assert x.is_contiguous(memory_format=torch.channels_last)
     assert evaluate_classifier(net, val, CPU) == evaluate_classifier(_net(), val, CPU, channels_last=False)
+
+
+def test_a_training_stage_reads_its_validation_set_once_and_shares_the_cache_it_is_given():
+    """The trainer evaluates through the EvalCache of its RunContext: its own by default (the
+    per-epoch validation reads the files once), or the caller's, which then holds the set."""
+    from _tiny import TinyNet
+    from _train_scenarios import NUM_CLASSES, digits_data, student_config
+    from noisystudent.train.trainer import Recipe, RunContext, Trainer
+
+    labeled, _, val = digits_data(augment=False)
+    recipe = Recipe(name="teacher", num_classes=NUM_CLASSES, epochs=3, lr=0.1, seed=0, train=student_config())
+    loads = []
+    counted = Counting(val.images, val.transform, loads)
+    outcome = Trainer(recipe, RunContext(progress=False)).fit(TinyNet(), labeled, counted)
+    assert len(outcome.history) == 3 and len(loads) == len(counted)  # 3 evaluations, one read
+    shared, loads[:] = EvalCache(), []
+    for _ in range(2):  # two stages given the same cache: the second reads nothing
+        Trainer(recipe, RunContext(progress=False, eval_cache=shared)).fit(TinyNet(), labeled, counted)
+    assert len(loads) == len(counted) and len(shared) == 1

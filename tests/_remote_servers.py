@@ -107,7 +107,7 @@ def upload_to_s3(endpoint: str, local: Path, bucket: str, pattern: str = "*") ->
     import s3fs
 
     fs = s3fs.S3FileSystem(endpoint_url=endpoint, key="testing", secret="testing", skip_instance_cache=True)
-    fs.mkdir(bucket)
+    fs.makedirs(bucket, exist_ok=True)  # moto keeps its buckets per process, across servers
     for path in sorted(Path(local).glob(pattern)):
         if path.is_file():
             fs.put_file(str(path), f"{bucket}/{path.relative_to(local).as_posix()}")

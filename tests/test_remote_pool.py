@@ -254,8 +254,8 @@ def test_runs_over_pipe_and_s3_select_as_local(reference_run, tmp_path, monkeypa
     shards, ref_dir = reference_run
     teacher = [f"teacher.pretrained={ref_dir / 'teacher' / 'model.pt'}", "teacher.epochs=0"]
     with s3_server(monkeypatch) as endpoint:
-        upload_to_s3(endpoint, shards, "pool", "pool-*.tar")
-        for name, pool in (("pipe", f"pipe:cat {shards}{PATTERN}"), ("s3", f"s3://pool{PATTERN}")):
+        upload_to_s3(endpoint, shards, "run-pool", "pool-*.tar")
+        for name, pool in (("pipe", f"pipe:cat {shards}{PATTERN}"), ("s3", f"s3://run-pool{PATTERN}")):
             proc = _run(tmp_path / name, pool, *teacher)
             assert proc.returncode == 0, proc.stderr[-2000:]
             assert (tmp_path / name / "summary.json").is_file()

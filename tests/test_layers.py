@@ -32,7 +32,7 @@ def lint_imports(cwd: Path, src: Path) -> subprocess.CompletedProcess:
 def module_cycles(package: str) -> list[tuple[str, str]]:
     """Pairs of modules of ``package`` that import each other, directly or through others
     (function-level imports included): ``(a, b)`` where ``a`` imports ``b`` and ``b`` reaches ``a``."""
-    graph = grimp.build_graph(package)
+    graph = grimp.build_graph(package, cache_dir=None)  # no cache folder left in the working directory
     return sorted((m, i) for m in graph.modules for i in graph.find_modules_directly_imported_by(m)
                   if graph.chain_exists(importer=i, imported=m))
 

@@ -58,7 +58,8 @@ from .runtime.files import atomic_write
 from .runtime.rundir import RunDir, write_json_atomic
 from .runtime.runner import StageRunner
 from .train.fixres import finetune
-from .train.trainer import Hooks, Recipe, RunContext, Trainer, TrainOutcome
+from .tracking import StageHistory, Tracking
+from .train.trainer import Recipe, RunContext, Trainer, TrainOutcome
 
 log = logging.getLogger("noisystudent")
 
@@ -84,6 +85,7 @@ class Env:
     cfg: Config
     splits: DataSplits
     progress: bool
+    tracking: Tracking = dataclasses.field(default_factory=Tracking)  # rank 0's trackers (none elsewhere)
 
     clean_sets: dict = dataclasses.field(default_factory=dict)
 
@@ -127,7 +129,7 @@ def train_stage(out: Path, stage: ResolvedStage, env: Env, pseudo=None) -> dict:
     log.info(f"[{stage.name}] {stage.model} ({count_parameters(model) / 1e6:.2f}M params) at {stage.image_size}px, "
              f"{len(labeled)} labeled + {0 if pseudo_set is None else len(pseudo_set)} pseudo-labeled, "
              f"dropout {stage.dropout}, drop path {stage.drop_path}, augment {stage.noise.augment}")
-    with _History(out, env, stage.name) as history:
+    with env.tracking.stage(out, stage.name) as history:
         if stage.epochs > 0:
             trainer = Trainer(Recipe.of_stage(stage, splits.num_classes), _run_context(env, stage, history))
             outcome = trainer.fit(model, labeled, val, pseudo_set)
@@ -145,6 +147,7 @@ def train_stage(out: Path, stage: ResolvedStage, env: Env, pseudo=None) -> dict:
                "precision_info": outcome.precision_info, "thread_changes": outcome.thread_changes,
                "stopped_early": outcome.stopped_early, "stopped_at_epoch": outcome.stopped_at_epoch}
     _save(out, model, stage, env, stage.image_size, metrics, data_cfg)
+    env.tracking.log_stage(stage.name, metrics)
     log.info(f"[{stage.name}] val top-1 {metrics['val_top1']:.2f}  test top-1 {metrics['test_top1']:.2f}  "
              f"best epoch {outcome.best_epoch}/{outcome.epochs}  {outcome.seconds:.1f}s  ({outcome.precision})")
     return metrics
@@ -184,13 +187,16 @@ def label_stage(out: Path, name: str, teacher: dict, pool: UnlabeledSource, labe
                       "predicted": pa.array(labels.predicted, pa.int32()),
                       "target": pa.array(splits.val.targets, pa.int32())})
     atomic_write(out / layout.PROBE, lambda f: pq.write_table(table, f))  # every rank writes the same table
-    return LabelStore.open(out, require_complete=True)
+    store = LabelStore.open(out, require_complete=True)
+    env.tracking.log_labeling(name, store, table)
+    return store
 
 
 def select_stage(out: Path, name: str, store: LabelStore, labeling: ResolvedLabeling, cfg: Config,
-                 splits: DataSplits | None = None) -> Selection:
+                 splits: DataSplits | None = None, tracking: Tracking | None = None) -> Selection:
     """Threshold and balance the store's pseudo labels (one DuckDB query over its shards), after
-    dropping pool images that copy a held-out image of ``splits`` (``pseudo.dedup``)."""
+    dropping pool images that copy a held-out image of ``splits`` (``pseudo.dedup``); the counts go
+    to ``tracking``'s trackers."""
     p = cfg.pseudo
     heldout = None
     if dedup_wanted(cfg) and splits is not None:
@@ -204,6 +210,8 @@ def select_stage(out: Path, name: str, store: LabelStore, labeling: ResolvedLabe
     log.info(f"[{name}] kept {sum(selection.kept_per_class)}/{store.num_rows} above threshold {p.threshold}; "
              f"{selection.num_selected} images ({selection.num_unique} unique) "
              f"{'balanced to K=' + str(selection.per_class) if selection.per_class else 'unbalanced'}")
+    if tracking is not None:
+        tracking.log_selection(name, selection, store.num_rows)
     return selection
 
 
@@ -217,7 +225,7 @@ def fixres_stage(out: Path, stage: ResolvedStage, last: dict, env: Env) -> dict:
     labeled, val, test = (env.clean(s, stage.test_size, data_cfg) for s in (splits.labeled, splits.val, splits.test))
     log.info(f"[{stage.name}] {stage.model} trained at {last['image_size']}px: fine-tune at {stage.test_size}px for "
              f"{stage.epochs:g} epochs on {len(labeled)} un-augmented labeled images, lr {stage.lr:g}")
-    with _History(out, env, stage.name) as history:
+    with env.tracking.stage(out, stage.name) as history:
         trainer = Trainer(Recipe.of_stage(stage, splits.num_classes), _run_context(env, stage, history))
         outcome = finetune(trainer, model, labeled, val, test)
         history.write_all(outcome.history)
@@ -229,6 +237,7 @@ def fixres_stage(out: Path, stage: ResolvedStage, last: dict, env: Env) -> dict:
                "image_size": stage.test_size, "train_size": last["image_size"], "test_size": stage.test_size,
                "frozen": outcome.frozen, "seed": stage.seed}
     _save(out, model, stage, env, stage.test_size, metrics, data_cfg, train_size=last["image_size"])
+    env.tracking.log_stage(stage.name, metrics)
     log.info(f"[{stage.name}] at {stage.test_size}px: test top-1 {outcome.before['test_top1']:.2f} -> "
              f"{outcome.after['test_top1']:.2f}; {outcome.frozen_blocks}/{outcome.total_blocks} blocks frozen")
     return metrics
@@ -265,7 +274,8 @@ def run_pipeline(cfg: Config, run_dir: Path, *, resume: bool = False, progress: 
         run = runner.run
         handler = _attach_log_file(run.root / layout.LOG) if ctx.is_main else None
         try:
-            return _loop(cfg, stages, run, runner, ctx, progress, only)
+            with Tracking.open(cfg, run.root, ctx) as tracking:
+                return _loop(cfg, stages, run, runner, ctx, progress, only, tracking)
         finally:
             if handler:
                 log.removeHandler(handler)
@@ -324,7 +334,7 @@ def _plan(stages: list[ResolvedStage], pool: UnlabeledSource | None, env: Env,
         store = yield _label_spec(i, teacher, pool, st.labeling, env)
         if i == 1:
             on_first_store(store)
-        selection = yield _select_spec(i, store, st.labeling, cfg, env.splits)
+        selection = yield _select_spec(i, store, st.labeling, cfg, env.splits, env.tracking)
         _check_selection(selection, store)
         pseudo = functools.partial(pseudo_labeled_set, selection, pool)
         student = yield _train_spec(st, env, pseudo)
@@ -365,9 +375,9 @@ def _label_spec(i: int, teacher: TrainedModel, pool, labeling: ResolvedLabeling,
 
 
 def _select_spec(i: int, store: LabelStore, labeling: ResolvedLabeling, cfg: Config,
-                 splits: DataSplits | None = None) -> StageSpec:
+                 splits: DataSplits | None = None, tracking: Tracking | None = None) -> StageSpec:
     name = layout.select_stage(i)
-    return StageSpec(name, "select", lambda out: select_stage(out, name, store, labeling, cfg, splits),
+    return StageSpec(name, "select", lambda out: select_stage(out, name, store, labeling, cfg, splits, tracking),
                      lambda d: Selection.open(d / layout.SELECTION), every_rank=False)
 
 
@@ -410,14 +420,14 @@ def _execute(plan: Generator[StageSpec, Any, ChainOutcome], runner: StageRunner,
 
 
 def _loop(cfg: Config, stages: list[ResolvedStage], run: RunDir, runner: StageRunner, ctx: DistContext,
-          progress: bool, only: str | None) -> dict:
+          progress: bool, only: str | None, tracking: Tracking | None = None) -> dict:
     start = time.time()
     banner(f"Data: {cfg.data.source}")
     students = [s for s in stages if s.role == "student"]
     splits = build_splits(cfg.data, cfg.seed, require_unlabeled=bool(students), log_moved=True)
     # every stage's `pretrained` file, checked before anything trains
     check_pretrained_files(stages, num_classes=splits.num_classes, channels=splits.channels, classes=splits.classes)
-    env = Env(ctx=ctx, run=run, cfg=cfg, splits=splits, progress=progress)
+    env = Env(ctx=ctx, run=run, cfg=cfg, splits=splits, progress=progress, tracking=tracking or Tracking())
     pool = build_pool(cfg.data, splits.unlabeled, cfg.pseudo.shard_size) if students else None
     if pool is not None:
         pool.prepare(run.root / layout.POOL, ctx)  # a folder is walked once per run, on rank 0
@@ -440,6 +450,7 @@ def _loop(cfg: Config, stages: list[ResolvedStage], run: RunDir, runner: StageRu
     if ctx.is_main:
         log.info("\n" + format_summary_table(summary))
         _write_report(run.root, pool)
+    env.tracking.log_run(summary, run.root / layout.REPORT)
     return summary
 
 
@@ -470,10 +481,11 @@ def _check_selection(selection: Selection, store: LabelStore) -> None:
                         f"{store.store_dir} (teacher {selection.store.get('teacher')}); select again")
 
 
-def _run_context(env: Env, stage: ResolvedStage, history: "_History") -> RunContext:
+def _run_context(env: Env, stage: ResolvedStage, history: StageHistory) -> RunContext:
     """Where a stage's recipe runs: the job's ranks and workers, its checkpoint folder, its history."""
     return RunContext(ctx=env.ctx, num_workers=env.num_workers, progress=env.progress,
-                      checkpoint_dir=env.run.checkpoint_dir(stage.name), callbacks=[Hooks(on_epoch=history.add)])
+                      checkpoint_dir=env.run.checkpoint_dir(stage.name), callbacks=[history.hooks()],
+                      step_every=env.tracking.step_every)
 
 
 def _measure(model, test_size: int, env: Env, data_cfg: dict | None = None) -> dict:
@@ -492,44 +504,6 @@ def _save(out: Path, model, stage: ResolvedStage, env: Env, image_size: int, met
                classes=s.classes, image_size=image_size, mean=data_cfg["mean"], std=data_cfg["std"],
                data_config=data_cfg, test_size=stage.test_size, **extra)
     write_json_atomic(out / layout.METRICS, metrics)
-
-
-class _History:
-    """Per-epoch records streamed to ``metrics.jsonl`` (and TensorBoard when configured)."""
-
-    def __init__(self, out: Path, env: Env, name: str):
-        self.out, self.env, self.name = out, env, name
-        self.file, self.board = None, None
-
-    def __enter__(self) -> "_History":
-        self.file = (self.out / layout.HISTORY).open("w")
-        if self.env.cfg.tensorboard and self.env.ctx.is_main:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                raise ConfigError("tensorboard: true needs the tensorboard package "
-                                  "(pip install 'noisystudent[tensorboard]')") from None
-            self.board = SummaryWriter(str(self.env.run.root / layout.TENSORBOARD))
-        return self
-
-    def add(self, record: dict) -> None:
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
-        if self.board:
-            for key in ("loss", "val_top1", "val_top5", "lr"):
-                self.board.add_scalar(f"{self.name}/{key}", record[key], record["step"])
-            self.board.flush()
-
-    def write_all(self, history: list[dict]) -> None:
-        """A resumed stage streamed only its last epochs; write the whole history."""
-        self.file.close()
-        (self.out / layout.HISTORY).write_text("".join(json.dumps(r) + "\n" for r in history))
-
-    def __exit__(self, *exc) -> None:
-        if not self.file.closed:
-            self.file.close()
-        if self.board:
-            self.board.close()
 
 
 def _headlines_of(results: dict) -> dict:

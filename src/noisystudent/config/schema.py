@@ -221,12 +221,36 @@ class EvaluateConfig:
     batch_size: int = _opt(256, "Evaluation batch size.", min=1)
 
 
+TRACKERS = ("tensorboard", "mlflow", "wandb")  # the `tracking` backends (noisystudent.tracking)
+
+
+@dataclass
+class TrackerConfig:
+    run_name: str | None = _opt(None, "The run's name in MLflow and W&B (null: the run directory's name).")
+    step_every: int = _opt(10, "Log the training loss, learning rate and img/s every this many steps.", min=1)
+    mlflow_uri: str | None = _opt(None, "MLflow tracking URI: a server (http://host:5000), a database "
+                                  "(sqlite:///mlflow.db), ... (null: MLFLOW_TRACKING_URI, else MLflow's default).")
+    mlflow_experiment: str | None = _opt(None, "MLflow experiment, created if missing (null: MLFLOW_EXPERIMENT_NAME, "
+                                         "else noisystudent).")
+    wandb_project: str | None = _opt(None, "W&B project (null: WANDB_PROJECT, else noisystudent).")
+    wandb_entity: str | None = _opt(None, "W&B entity, a user or team (null: WANDB_ENTITY, else your default).")
+    wandb_mode: str | None = _opt(None, "W&B mode: online; offline (files in <run>/wandb, upload later with `wandb "
+                                  "sync`); disabled (null: WANDB_MODE, else online).",
+                                  choices=(None, "online", "offline", "disabled"))
+
+
 @dataclass
 class Config:
     seed: int = _opt(0, "Random seed for splits, initialisation, augmentation and selection.")
     device: str = _opt("auto", "auto (CUDA if available, else CPU), cpu, cuda, cuda:N.")
-    tensorboard: bool = _opt(False, "Also log per-epoch metrics to TensorBoard in <run>/tensorboard "
-                             "(pip install 'noisystudent[tensorboard]').")
+    tracking: list[str] = _opt(None, "Experiment trackers the run logs to, from rank 0: the config as parameters, "
+                               "per-step loss, lr and img/s, per-epoch validation, each stage's summary, each "
+                               "iteration's labeling and selection statistics, the report as an artifact. Each is an "
+                               "extra: pip install 'noisystudent[mlflow]' (or [wandb], [tensorboard]); settings under "
+                               "`tracker`.", factory=list, choices=TRACKERS)
+    tensorboard: bool = _opt(False, "Alias: true adds tensorboard to `tracking` (logs in <run>/tensorboard).")
+    tracker: TrackerConfig = _opt(None, "Settings of the experiment trackers listed in `tracking`.",
+                                  factory=TrackerConfig)
     data: DataConfig = _opt(None, "Data sources and splits.", factory=DataConfig)
     noise: NoiseConfig = _opt(None, "Input and model noise of every training stage "
                                "(per-stage overrides under teacher / students[i]).", factory=NoiseConfig)
@@ -307,7 +331,8 @@ def _coerce(value: Any, tp: Any, key: str, meta: dict) -> Any:
         (item_tp,) = typing.get_args(base)
         if not isinstance(value, list):
             raise ConfigError(f"config key '{key}' must be a list, got {value!r}")
-        return [_coerce(v, item_tp, f"{key}[{i}]", {}) for i, v in enumerate(value)]
+        item_meta = {"choices": meta["choices"]} if meta.get("choices") else {}  # a list's choices are its items'
+        return [_coerce(v, item_tp, f"{key}[{i}]", item_meta) for i, v in enumerate(value)]
     if base is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"config key '{key}' must be true or false, got {value!r}")

@@ -64,6 +64,8 @@ SUMMARY = "summary.json"
 CHECKPOINTS = "checkpoints"
 POOL = "pool"  # the frozen listing of the unlabeled pool (folder and file-list pools), made once per run
 TENSORBOARD = "tensorboard"
+TRACKING = "tracking.json"  # the MLflow / W&B run ids, so a resumed run logs to the same runs (noisystudent.tracking)
+WANDB = "wandb"  # W&B's own folder (offline runs, its logs), unless WANDB_DIR is set
 LOCK = ".lock"  # host and PID of the process writing the run (RunDir.acquire_lock)
 
 # Stage names.

@@ -4,9 +4,13 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import cuda_check  # noqa: E402
+
+pytestmark = pytest.mark.slow
 
 
 def test_cpu_smoke_run_measures_training_and_labeling_against_the_model_bound_rate(capsys):

@@ -153,6 +153,7 @@ def _native_bf16() -> bool:
     return bool(cpu_description()["native_bf16"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("isa, chosen", [
     ("AVX2", "fp32"),  # oneDNN limited to AVX2: a CPU without native bf16, which emulates it slowly
     pytest.param("", "bf16", marks=pytest.mark.skipif(not _native_bf16(), reason="needs a CPU with bf16")),

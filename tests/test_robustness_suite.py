@@ -46,6 +46,7 @@ def test_sequence_lengths():
     assert sequence_length("rotate", 28, 28) == 31
 
 
+@pytest.mark.slow
 def test_evaluate_robustness_all_suites(tmp_path):
     data, model = tiny_data(), tiny_model()
     model.train()

@@ -8,10 +8,14 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import pipeline_scale  # noqa: E402
 import select_scale  # noqa: E402
+
+pytestmark = pytest.mark.slow  # whole benchmark runs, if tiny ones
 
 
 def _last_json(capsys) -> dict:

@@ -367,27 +367,6 @@ def build_parser() -> argparse.ArgumentParser:
                                    "`noisystudent export` wrote, preprocessed as the labeler does (the "
                                    "checkpoint's size, crop, interpolation, mean and std). Writes one row per "
                                    "image in the sources' order: image, class_1, prob_1, ..., class_K, prob_K; "
-                                   "unreadable images are skipped and listed in OUT's .unreadable.tsv.")
-    p.add_argument("source", nargs="+", metavar="SOURCE", help="folder, file list (.txt), .tar shards "
-                   "('pool-{000..009}.tar') or image files")
-    p.add_argument("--model", required=True, metavar="RUN_DIR|MODEL.pt|EXPORT_DIR", help="the model to use")
-    p.add_argument("--out", required=True, metavar="FILE", help="output: .csv, .jsonl or .parquet (replaced "
-                   "if it exists, only once complete)")
-    p.add_argument("--top-k", type=int, default=5, help="classes per image, best first (default 5)")
-    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
-    p.add_argument("--workers", type=int, default=None, help="DataLoader workers decoding images "
-                   "(default: the cores less one, at most 8)")
-    p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N")
-    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"), help="fp32, or bf16 autocast")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_predict)
-
-    p = sub.add_parser("predict", help="classify images with a trained model: top-k classes to CSV, JSONL or Parquet",
-                       description="Classify images (folders searched recursively, file lists, WebDataset .tar "
-                                   "shards or image files) with a run's final model, a model.pt or a folder "
-                                   "`noisystudent export` wrote, preprocessed as the labeler does (the "
-                                   "checkpoint's size, crop, interpolation, mean and std). Writes one row per "
-                                   "image in the sources' order: image, class_1, prob_1, ..., class_K, prob_K; "
                                    "unreadable images are skipped and listed in OUT.unreadable.tsv.")
     p.add_argument("source", nargs="+", metavar="SOURCE", help="folder, file list (.txt), .tar shards "
                    "('pool-{000..009}.tar') or image files")

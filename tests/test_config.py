@@ -78,13 +78,15 @@ def test_the_teacher_keeps_the_configs_noise_under_every_ablation(ablation):
 def test_chain_preset_first_then_ablation():
     # the preset writes every stage's dropout and drop path; applied after no-noise it would undo it
     stages = _stages(None, ["chain=cpu"], "no-noise")
-    assert list(stages) == ["teacher", "student-1", "student-2", "student-3"]
-    assert [s.model for s in stages.values()] == ["ns_cnn_s", "ns_cnn_s", "ns_cnn_m", "ns_cnn_l"]
+    assert list(stages) == ["teacher", "baseline", "student-1", "student-2", "student-3"]
+    assert [s.model for s in stages.values()] == ["ns_cnn_s", "ns_cnn_l", "ns_cnn_s", "ns_cnn_m", "ns_cnn_l"]
     assert all((s.dropout, s.drop_path, s.noise.augment) == (0, 0, False)
-               for name, s in stages.items() if name != "teacher")
+               for name, s in stages.items() if name not in ("teacher", "baseline"))
+    # the baseline is trained like the teacher: the ablation acts on students only
+    assert stages["baseline"].noise == stages["teacher"].noise and stages["baseline"].noise.augment
     # no-iteration keeps the preset's first student, not the config's student list cut then re-expanded
     assert [s.model for s in resolve_stages(load_config(None, ["chain=cpu"], "no-iteration"))] == \
-        ["ns_cnn_s", "ns_cnn_s"]
+        ["ns_cnn_s", "ns_cnn_s"]  # no baseline: the final architecture is the teacher's
     # the same order from a plain dict, where the preset sets a dropout the ablation must override
     plain = config_from_dict({"chain": "cpu", "ablation": "no-noise"})
     assert [(s.dropout, s.drop_path, s.augment) for s in plain.students] == [(0, 0, False)] * 3
@@ -102,14 +104,15 @@ def test_an_ablation_run_config_loads_back_the_same(tmp_path):
 def test_default_run_resolves_to_the_numbers_it_always_used():
     stages = resolve_stages(load_config(None))
     assert [(s.name, s.role, s.model) for s in stages] == [
-        ("teacher", "teacher", "ns_cnn_s"), ("student-1", "student", "ns_cnn_s"), ("student-2", "student", "ns_cnn_m")]
-    assert [s.epochs for s in stages] == [150, 30, 30]
+        ("teacher", "teacher", "ns_cnn_s"), ("baseline", "baseline", "ns_cnn_m"), ("student-1", "student", "ns_cnn_s"),
+        ("student-2", "student", "ns_cnn_m")]
+    assert [s.epochs for s in stages] == [150, 150, 30, 30]
     for s in stages:
         assert (s.image_size, s.test_size, s.dropout, s.drop_path, s.lr, s.batch_size) == (16, 16, 0.3, 0.1, 0.05, 32)
         assert (s.noise.augment, s.noise.randaugment_ops, s.noise.randaugment_magnitude) == (True, 2, 9)
-    assert stages[0].unlabeled_ratio == 0 and stages[0].labeling is None
+    assert stages[0].unlabeled_ratio == stages[1].unlabeled_ratio == 0 and stages[1].labeling is None
     assert all(s.unlabeled_ratio == 3 and s.labeling.top_k == 10 and s.labeling.temperature == 1.0
-               and s.labeling.hard is False and s.labeling.batch_size == 256 for s in stages[1:])
+               and s.labeling.hard is False and s.labeling.batch_size == 256 for s in stages[2:])
 
 
 def test_fixres_stage_resolves_from_the_last_student_and_finetune():

@@ -24,7 +24,7 @@ import torch.nn as nn
 # precision is chosen by timing, which two runs compared for equality could choose differently,
 # and timing it costs seconds on every stage).
 DIGITS = ["train.batch_size=16", "data.val_per_class=5", "data.test_per_class=10", "train.precision=fp32",
-          "pseudo.precision=fp32"]
+          "pseudo.precision=fp32", "evaluate.suites=[clean]"]  # the default's robustness suites: their own tests
 # ... and a short chain: 3 teacher epochs, 1 per student (two, the default), 200 pool images,
 # every pseudo label kept.
 TINY_RUN = DIGITS + ["teacher.epochs=3", "train.epochs=1", "data.max_unlabeled=200", "pseudo.threshold=0.0"]

@@ -7,7 +7,7 @@
 # It prints the versions it ran and ends with one "smoke: N passed, M failed" line.
 #
 #   scripts/smoke_latest.sh                                          # the newest releases
-#   scripts/smoke_latest.sh torch==2.5.1 torchvision==0.20.1 timm==1.0.16   # any other set (the lower bounds)
+#   scripts/smoke_latest.sh torch==2.5.1 torchvision==0.20.1 timm==1.0.21   # any other set (the lower bounds)
 #
 # SMOKE_VENV: the venv (default ~/.cache/noisystudent/smoke-venv, or smoke-venv-pinned with
 # arguments). It is kept between runs: the first run downloads torch with its CUDA libraries

@@ -243,6 +243,9 @@ def test_cli_predict_writes_and_counts(run_dir, images, tmp_path, capsys):
      "predict: --out {r}/p.txt: the suffix picks the format, one of .csv, .jsonl, .parquet"),
     (lambda r, i, c: [str(i), "--model", str(r / "nope"), "--out", str(r / "p.csv")],
      "predict: --model {r}/nope not found"),
+    (lambda r, i, c: [str(i), "--model", str(r), "--out", str(r / "p.csv")],
+     "predict: --model {r} is neither a run directory (no manifest.json) nor an exported folder "
+     "(no config.json + model.safetensors)"),
     (lambda r, i, c: [str(r / "missing"), "--model", str(c), "--out", str(r / "p.csv")],
      "unlabeled pool not found: {r}/missing"),
     (lambda r, i, c: [str(r / "gone.png"), "--model", str(c), "--out", str(r / "p.csv")],

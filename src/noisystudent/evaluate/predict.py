@@ -107,7 +107,7 @@ def load_for_prediction(path: str | Path) -> tuple[nn.Module, dict, str]:
     directory (its final model: the stage ``noisystudent export`` exports), a checkpoint file, or
     an exported folder (``config.json`` + ``model.safetensors``)."""
     from ..models.export import CONFIG, WEIGHTS, final_stage, load_exported
-    from ..runtime.rundir import MODEL, RunDir
+    from ..runtime.rundir import MANIFEST, MODEL, RunDir
 
     path = Path(path)
     if path.is_file():
@@ -119,6 +119,9 @@ def load_for_prediction(path: str | Path) -> tuple[nn.Module, dict, str]:
     if (path / CONFIG).is_file() and (path / WEIGHTS).is_file():
         model, config = load_exported(path)
         return model, _exported_meta(config, path), f"{path} (exported {config.get('architecture')})"
+    if not (path / MANIFEST).is_file():
+        raise CheckpointError(f"predict: --model {path} is neither a run directory (no {MANIFEST}) nor an "
+                              f"exported folder (no {CONFIG} + {WEIGHTS})")
     stage = final_stage(path)
     checkpoint = RunDir(path).file(stage, MODEL)
     model, meta = load_model(checkpoint)

@@ -84,7 +84,7 @@ def student_config(**overrides) -> TrainConfig:
 
 def outcome_summary(outcome) -> dict:
     return {"best_val_top1": outcome.best_val_top1, "best_epoch": outcome.best_epoch, "steps": outcome.steps,
-            "history": [{k: v for k, v in r.items() if k != "seconds"} for r in outcome.history],
+            "history": [{k: v for k, v in r.items() if not k.endswith("seconds")} for r in outcome.history],
             "resumed_from_step": outcome.resumed_from_step}
 
 

@@ -242,7 +242,7 @@ def _tiny_fit(labeled, val, checkpoint_dir=None, callbacks=(), **train):
 
 
 def _strip(history):
-    return [{k: v for k, v in r.items() if k != "seconds"} for r in history]
+    return [{k: v for k, v in r.items() if not k.endswith("seconds")} for r in history]  # timings vary
 
 
 def test_patience_rule():

@@ -59,6 +59,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .pipeline import format_summary_table, run_pipeline
 
     from .runtime.distributed import RankFailure, launch_rank
+    from .runtime.phases import process_start
     from .runtime.rundir import CONFIG
 
     if args.resume:
@@ -77,7 +78,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = load_config(config, args.set, args.ablation)
     try:
         args.resume_hint = f"resume with `noisystudent run --resume {run_dir}`"  # if SIGTERM stops it
-        summary = run_pipeline(cfg, run_dir, resume=bool(args.resume), progress=not args.quiet)
+        summary = run_pipeline(cfg, run_dir, resume=bool(args.resume), progress=not args.quiet,
+                               process_started=process_start())  # the start-up phase: since the process began
     except RankFailure as e:  # the one place that knows the run directory to resume
         e.run_dir = run_dir
         raise

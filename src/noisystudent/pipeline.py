@@ -55,6 +55,7 @@ from .runtime.cpu import configure as configure_cpu
 from .runtime.distributed import DistContext, cleanup, init_distributed
 from .runtime.errors import ConfigError, DataError
 from .runtime.files import atomic_write
+from .runtime.phases import PhaseClock, format_phases, training_breakdown
 from .runtime.rundir import RunDir, write_json_atomic
 from .runtime.runner import StageRunner
 from .train.fixres import finetune
@@ -88,6 +89,7 @@ class Env:
     tracking: Tracking = dataclasses.field(default_factory=Tracking)  # rank 0's trackers (none elsewhere)
 
     clean_sets: dict = dataclasses.field(default_factory=dict)
+    phases: PhaseClock = dataclasses.field(default_factory=PhaseClock)  # where the run's time goes
 
     @property
     def num_workers(self) -> int:
@@ -138,7 +140,11 @@ def train_stage(out: Path, stage: ResolvedStage, env: Env, pseudo=None) -> dict:
             outcome = TrainOutcome(state_dict=model.state_dict(), best_epoch=0, best_val_top1=float("nan"),
                                    epochs=0, steps=0, images_seen=0, seconds=0.0, precision="none")
         history.write_all(outcome.history)
-    metrics = {"name": stage.name, "model": stage.model, **_measure(model, stage.test_size, env, data_cfg),
+    measure_started = time.time()
+    measured = _measure(model, stage.test_size, env, data_cfg)
+    env.phases.stage_detail[stage.name] = {**training_breakdown(outcome.history, outcome.resumed_from_step),
+                                           "final_measurement": time.time() - measure_started}
+    metrics = {"name": stage.name, "model": stage.model, **measured,
                "num_labeled": len(labeled), "num_pseudo": 0 if pseudo_set is None else len(pseudo_set),
                "seconds": outcome.seconds, "params": count_parameters(model), "best_epoch": outcome.best_epoch,
                "epochs": outcome.epochs, "steps": outcome.steps, "images_seen": outcome.images_seen,
@@ -256,14 +262,18 @@ def evaluate_stage(out: Path, ends: list[dict], env: Env) -> dict:
 
 
 def run_pipeline(cfg: Config, run_dir: Path, *, resume: bool = False, progress: bool = True,
-                 only: str | None = None) -> dict:
+                 only: str | None = None, process_started: float | None = None) -> dict:
     """Run (or resume) the whole Noisy Student loop; returns the summary written to summary.json.
+
+    ``process_started``: when the process began (the CLI's, for the start-up phase of the
+    summary's ``phases``; None: the phases start with this call).
 
     ``only`` (one of :data:`STAGE_KINDS`) runs just the next unfinished stage, which must be of
     that kind: the per-stage commands (``noisystudent train | label | select``), so each stage can
     have its own job and allocation. Returns ``{"ran": stage}`` then.
     """
     configure_cpu()  # the CPU thread choice (a no-op after the CLI's, or once torch is loaded)
+    phases = PhaseClock(process_started)
     if only is not None and only not in STAGE_KINDS:
         raise ConfigError(f"unknown stage kind {only!r}; one of {', '.join(STAGE_KINDS)}")
     stages = resolve_stages(cfg)
@@ -275,7 +285,7 @@ def run_pipeline(cfg: Config, run_dir: Path, *, resume: bool = False, progress: 
         handler = _attach_log_file(run.root / layout.LOG) if ctx.is_main else None
         try:
             with Tracking.open(cfg, run.root, ctx) as tracking:
-                return _loop(cfg, stages, run, runner, ctx, progress, only, tracking)
+                return _loop(cfg, stages, run, runner, ctx, progress, only, tracking, phases)
         finally:
             if handler:
                 log.removeHandler(handler)
@@ -394,7 +404,7 @@ def _evaluated_models(chain: list[TrainedModel], baseline: TrainedModel | None, 
 
 
 def _execute(plan: Generator[StageSpec, Any, ChainOutcome], runner: StageRunner,
-             only: str | None) -> tuple[ChainOutcome | None, list[str]]:
+             only: str | None, phases: PhaseClock | None = None) -> tuple[ChainOutcome | None, list[str]]:
     """Run the plan's stages through the runner (finished ones are loaded). ``only``: the
     per-stage commands, a filter over the plan: run just the first unfinished stage, which must be
     of that kind. Returns the outcome (None when the filter stopped the plan) and what ran."""
@@ -412,22 +422,28 @@ def _execute(plan: Generator[StageSpec, Any, ChainOutcome], runner: StageRunner,
                     raise ConfigError(f"the next unfinished stage of {runner.run.root} is {spec.name} "
                                       f"('{spec.kind}'): run `noisystudent {command}`")
                 ran.append(spec.name)
-            result = runner.stage(spec.name, spec.work, spec.load, every_rank=spec.every_rank,
-                                  in_place=spec.in_place)
+            with (phases or PhaseClock()).stage(spec.name, spec.kind):
+                result = runner.stage(spec.name, spec.work, spec.load, every_rank=spec.every_rank,
+                                      in_place=spec.in_place)
             spec = plan.send(result)
     except StopIteration as stop:
         return (None if only is not None else stop.value), ran
 
 
 def _loop(cfg: Config, stages: list[ResolvedStage], run: RunDir, runner: StageRunner, ctx: DistContext,
-          progress: bool, only: str | None, tracking: Tracking | None = None) -> dict:
+          progress: bool, only: str | None, tracking: Tracking | None = None,
+          phases: PhaseClock | None = None) -> dict:
     start = time.time()
+    phases = phases or PhaseClock(start)
+    phases.add("startup", start - phases.started)  # interpreter, imports, config, run folder
+    scan_started = time.time()
     banner(f"Data: {cfg.data.source}")
     students = [s for s in stages if s.role == "student"]
     splits = build_splits(cfg.data, cfg.seed, require_unlabeled=bool(students), log_moved=True)
     # every stage's `pretrained` file, checked before anything trains
     check_pretrained_files(stages, num_classes=splits.num_classes, channels=splits.channels, classes=splits.classes)
-    env = Env(ctx=ctx, run=run, cfg=cfg, splits=splits, progress=progress, tracking=tracking or Tracking())
+    env = Env(ctx=ctx, run=run, cfg=cfg, splits=splits, progress=progress, tracking=tracking or Tracking(),
+              phases=phases)
     pool = build_pool(cfg.data, splits.unlabeled, cfg.pseudo.shard_size) if students else None
     if pool is not None:
         pool.prepare(run.root / layout.POOL, ctx)  # a folder is walked once per run, on rank 0
@@ -437,19 +453,24 @@ def _loop(cfg: Config, stages: list[ResolvedStage], run: RunDir, runner: StageRu
     log.info(f"{len(splits.labeled)} labeled, {data['num_unlabeled'] if pool else 0} unlabeled "
              f"{'(' + pool.kind + ')' if pool else ''}, {len(splits.val)} val, {len(splits.test)} test images; "
              f"{splits.num_classes} classes; device {ctx.device}, {ctx.world_size} process(es)")
+    phases.add("data_scan", time.time() - scan_started)
 
     def on_first_store(store: LabelStore) -> None:  # readable and unreadable counts are known now
         runner.write_json(run.root / layout.DATA, data | {"num_unlabeled": store.num_rows,
                                                            "num_unlabeled_unreadable": store.manifest.num_bad})
 
-    outcome, ran = _execute(_plan(stages, pool, env, on_first_store), runner, only)
+    outcome, ran = _execute(_plan(stages, pool, env, on_first_store), runner, only, phases)
     if outcome is None:
         return {"ran": ran}
     summary = _summary(cfg, run, outcome, pool, data, time.time() - start)
-    runner.write_json(run.root / layout.SUMMARY, summary)
+    runner.write_json(run.root / layout.SUMMARY, summary | {"phases": phases.as_dict()})
     if ctx.is_main:
         log.info("\n" + format_summary_table(summary))
-        _write_report(run.root, pool)
+        with phases.timed("report"):
+            _write_report(run.root, pool)
+    summary["phases"] = phases.as_dict()  # again, with the report's time
+    runner.write_json(run.root / layout.SUMMARY, summary)
+    log.info(f"time: {format_phases(summary['phases'])}")
     env.tracking.log_run(summary, run.root / layout.REPORT)
     return summary
 

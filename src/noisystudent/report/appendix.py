@@ -105,6 +105,36 @@ def config_section(run: RunData) -> Section:
     return Section("config", "Configuration", blocks)
 
 
+_PHASE_WORDS = {"startup": "start-up (process start to the run: imports, config, run folder)",
+                "data_scan": "data scan (splits, pool listing)", "report": "report",
+                "other": "other (summary, logging)"}
+
+
+def _phase_rows(phases: dict) -> list[list[str]]:
+    """The phases table: start-up, data scan, each stage (a training stage's epochs, training
+    and validation, and its final measurement below it), the rest, the total."""
+    total = phases["total"]
+
+    def row(name: str, seconds: Any) -> list[str]:
+        share = f"{100 * seconds / total:.0f}%" if is_num(seconds) and total > 0 else "–"
+        return [name, fmt_seconds(seconds), share]
+
+    rows = [row(_PHASE_WORDS.get(k, k), v) for k, v in phases.items()
+            if k not in ("total", "stages", "other", "report") and is_num(v)]
+    for s in phases.get("stages") or []:
+        if not isinstance(s, dict):
+            continue
+        rows.append(row(f"{s.get('stage')} ({s.get('phase')})", s.get("seconds")))
+        for e in s.get("epochs") or []:
+            if isinstance(e, dict):
+                rows.append(row(f"  epoch {e.get('epoch')}: training", e.get("train")))
+                rows.append(row(f"  epoch {e.get('epoch')}: validation", e.get("val")))
+        if is_num(s.get("final_measurement")):
+            rows.append(row("  final measurement (val and test splits)", s["final_measurement"]))
+    rows += [row(_PHASE_WORDS[k], phases[k]) for k in ("report", "other") if is_num(phases.get(k))]
+    return rows + [row("total", total)]
+
+
 def run_section(run: RunData) -> Section:
     """Finished stages (what ``--resume`` skips) and the files the report could not read."""
     blocks: list = []
@@ -123,6 +153,11 @@ def run_section(run: RunData) -> Section:
                             f"Finished stages, from `{MANIFEST}` (`--resume` skips these)."))
     else:
         blocks.append(Text(f"No finished stage in `{MANIFEST}`.", "note"))
+    phases = (run.summary or {}).get("phases")
+    if isinstance(phases, dict) and is_num(phases.get("total")):
+        blocks.append(Table(["phase", "seconds", "share"], _phase_rows(phases), [False, True, True],
+                            "Where this run's time went (summary.json `phases`; the report's own time "
+                            "is in summary.json only). A stage finished by an earlier run only loads."))
     if run.problems:
         blocks.append(Text("Files that could not be read:", "warn"))
         blocks.append(Bullets(list(run.problems), "warn"))

@@ -329,7 +329,7 @@ class _Fit:
 
     def loop(self) -> None:
         """Step, evaluate at epoch ends, checkpoint, until the cap, early stopping or SIGTERM."""
-        self.started = self.last_report = time.time()
+        self.started = self.last_report = self.epoch_started = time.time()
         steps = range(self.start_step, self.plan.total_steps if self.steps_left() else self.start_step)
         self.bar = progress_bar(steps, desc=self.recipe.name, unit="step", enabled=self.run.progress and self.ctx.is_main)
         with catch_sigterm(enabled=self.checkpointer.enabled) as preemption:
@@ -383,6 +383,7 @@ class _Fit:
     def evaluate(self, epoch: int, done: int) -> None:
         """Validation top-1/top-5 of the evaluated weights (EMA or live), on rank 0's buffers;
         keeps the selected epoch's weights and tells the callbacks."""
+        val_started = time.time()  # the epoch's training ends here (train_seconds, val_seconds)
         share_rank0_buffers(self.eval_net, self.ctx)
         metrics = evaluate_classifier(self.eval_net, self.val, self.ctx.device, ctx=self.ctx,
                                       num_workers=self.run.num_workers, channels_last=self.cfg.channels_last,
@@ -392,7 +393,9 @@ class _Fit:
         state = self.progress
         record = {"epoch": epoch, "step": done, "loss": loss_value, "val_top1": metrics["top1"],
                   "val_top5": metrics["top5"], "lr": self.optimizer.param_groups[0]["lr"],
-                  "seconds": state.seconds + time.time() - self.started}
+                  "seconds": state.seconds + time.time() - self.started,
+                  "train_seconds": val_started - self.epoch_started, "val_seconds": time.time() - val_started}
+        self.epoch_started = time.time()
         state.history.append(record)
         if metrics["top1"] > state.best_top1 or not self.recipe.keep_best:
             state.best_top1, state.best_epoch = metrics["top1"], epoch

@@ -1,0 +1,54 @@
+"""Where a run's time goes: summary.json's ``phases`` and the report's Run section (issue 28)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from noisystudent.runtime.phases import PhaseClock, format_phases, process_start, training_breakdown
+
+
+def test_a_finished_run_says_where_its_time_went(tiny_run):
+    summary = json.loads((tiny_run / "summary.json").read_text())
+    phases = summary["phases"]
+    assert {"total", "startup", "data_scan", "report", "stages", "other"} <= set(phases)
+    stages = {s["stage"]: s for s in phases["stages"]}
+    assert [stages[n]["phase"] for n in ("teacher", "label-1", "select-1", "student-1", "evaluate")] == \
+        ["training", "labeling", "selection", "training", "evaluate"]
+    teacher = stages["teacher"]
+    assert [e["epoch"] for e in teacher["epochs"]] == [1, 2, 3]  # teacher.epochs=3 in the tiny preset
+    numbers = [phases[k] for k in ("total", "startup", "data_scan", "report", "other")]
+    numbers += [s[k] for s in phases["stages"] for k in ("seconds", "train", "val", "final_measurement") if k in s]
+    numbers += [e[k] for s in phases["stages"] for e in s.get("epochs", []) for k in ("train", "val")]
+    assert all(v >= 0 for v in numbers)
+    assert teacher["train"] == pytest.approx(sum(e["train"] for e in teacher["epochs"]))
+    # a training stage's parts lie inside it, and the named phases add up to about the total
+    assert teacher["train"] + teacher["val"] + teacher["final_measurement"] <= teacher["seconds"]
+    named = phases["startup"] + phases["data_scan"] + phases["report"] + sum(s["seconds"] for s in phases["stages"])
+    assert named + phases["other"] == pytest.approx(phases["total"], rel=1e-6)
+    assert phases["other"] <= 0.1 * phases["total"] + 1.0
+    # the history records carry the same split
+    record = json.loads((tiny_run / "teacher" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert record["train_seconds"] > 0 and record["val_seconds"] > 0
+    report = (tiny_run / "report" / "report.md").read_text()
+    assert "Where this run's time went" in report and "epoch 3: validation" in report
+    assert "final measurement" in report
+
+
+def test_phase_clock_and_breakdown():
+    clock = PhaseClock(started=time.time())
+    clock.add("startup", 1.5)
+    with clock.stage("teacher", "train"):
+        clock.stage_detail["teacher"] = training_breakdown(
+            [{"epoch": 1, "step": 5, "train_seconds": 2.0, "val_seconds": 0.5},
+             {"epoch": 2, "step": 10, "train_seconds": 3.0, "val_seconds": 0.25}], first_step=5)
+    phases = clock.as_dict()
+    assert phases["startup"] == 1.5
+    (teacher,) = phases["stages"]
+    assert teacher["phase"] == "training" and teacher["epochs"] == [{"epoch": 2, "train": 3.0, "val": 0.25}]
+    assert (teacher["train"], teacher["val"]) == (3.0, 0.25)  # epoch 1 was trained before a resume
+    assert "teacher" in format_phases(phases) and "start-up 1.5s" in format_phases(phases)
+    started = process_start()
+    assert started is None or time.time() - 7 * 86400 < started <= time.time()  # this process began before now

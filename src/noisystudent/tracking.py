@@ -97,7 +97,8 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 def numbers(values: dict, prefix: str) -> dict[str, float]:
     """The numeric values of a flat mapping (booleans as 0/1), keys under ``prefix/``."""
-    return {f"{prefix}/{k}": float(v) for k, v in values.items() if isinstance(v, (int, float, np.integer, np.floating))}
+    kinds = (int, float, np.integer, np.floating)
+    return {f"{prefix}/{k}": float(v) for k, v in values.items() if isinstance(v, kinds)}
 
 
 # ------------------------------------------------------------------------------ the backends
@@ -247,8 +248,7 @@ class Tracking:
         require_packages(backends)
         if not backends or not ctx.is_main:
             return cls(step_every=cfg.tracker.step_every)
-        ids_file = run_dir / layout.TRACKING
-        ids = json.loads(ids_file.read_text()) if ids_file.is_file() else {}
+        ids = _read_ids(run_dir / layout.TRACKING)
         run_name = cfg.tracker.run_name or run_dir.resolve().name
         tracking = cls(step_every=cfg.tracker.step_every)
         try:
@@ -259,7 +259,7 @@ class Tracking:
             raise
         kept = {name: t.run_id for name, t in tracking.trackers.items() if t.run_id is not None}
         if kept != ids:
-            write_json_atomic(ids_file, kept)
+            write_json_atomic(run_dir / layout.TRACKING, kept)
         tracking._each("log_params", normalised_dict(cfg))
         return tracking
 
@@ -335,6 +335,18 @@ class Tracking:
             except Exception as e:  # noqa: BLE001 - a tracking service down must not stop training
                 log.warning(f"tracking: {name} failed ({type(e).__name__}: {e}); it logs nothing more in this run")
                 self.trackers.pop(name, None)
+
+
+def _read_ids(path: Path) -> dict:
+    """The backends' run ids a run kept; a missing or damaged file: none (new tracking runs start)."""
+    if not path.is_file():
+        return {}
+    try:
+        ids = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        log.warning(f"tracking: {path} is unreadable ({type(e).__name__}: {e}); new tracking runs start")
+        return {}
+    return ids if isinstance(ids, dict) else {}
 
 
 def _start(name: str, settings: TrackerConfig, run_name: str, run_dir: Path, run_id: str | None) -> Tracker:

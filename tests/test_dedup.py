@@ -11,8 +11,7 @@ from PIL import Image
 from sklearn.datasets import load_digits
 
 from noisystudent.data.datasets import ArrayImageSet
-from noisystudent.label.hashing import (content_hash, hamming, hash_images, heldout_hash_table,
-                                        phash_from_thumbnails, thumbnail, write_heldout_hashes)
+from noisystudent.label.hashing import content_hash, hamming, hash_images, heldout_hash_table, write_heldout_hashes
 from noisystudent.label.select import Selection, band_layout, select_from_store
 from noisystudent.label.store import LabelStore, StoreHeader, write_header, write_shard
 from noisystudent.runtime.errors import ConfigError, DataError
@@ -41,28 +40,29 @@ def _smooth_rgb(n: int, side: int, seed: int = 0) -> list[Image.Image]:
 # ------------------------------------------------------------------------------ the hashes
 
 
-def test_phash_is_the_dct_hash_of_the_thumbnail():
-    """The batched DCT equals SciPy's 2-D DCT-II of each thumbnail, low 8x8 against their median."""
+def test_phash_is_the_dct_hash_of_the_image():
+    """The per-image basis products equal SciPy's 2-D DCT-II of the grayscale image, low 8x8 against
+    their median; an image of 128 px and more is box-reduced by an integer factor first."""
     from scipy.fft import dct
 
-    thumbs = np.stack([thumbnail(im) for im in _digits(50) + _smooth_rgb(10, 100)])
-    ours = phash_from_thumbnails(thumbs)
-    for t, h in zip(thumbs, ours):
-        low = dct(dct(t.astype(np.float64), axis=0), axis=1)[:8, :8].reshape(-1)
+    images = _digits(40) + _smooth_rgb(8, 100) + _smooth_rgb(4, 300, seed=2)
+    _, ours = hash_images(images, "RGB")
+    for img, h in zip(images, ours):
+        gray = img.convert("L")
+        if min(gray.size) >= 128:
+            gray = gray.reduce(min(gray.size) // 64)
+        low = dct(dct(np.asarray(gray, np.float64), axis=0), axis=1)[:8, :8].reshape(-1)
         bits = low > np.median(low)
         assert int(h) == int("".join("1" if b else "0" for b in bits), 2)
 
 
-def test_phash_equals_imagehash_on_small_images_and_is_close_on_large():
+def test_phash_is_close_to_imagehash():
     imagehash = pytest.importorskip("imagehash")  # the reference implementation, when installed
-    small = _digits(80) + _smooth_rgb(10, 60)
-    _, ours = hash_images(small, "RGB")
-    ref = np.array([int(str(imagehash.phash(im)), 16) for im in small], np.uint64)
-    assert (ours == ref).all()
-    large = _smooth_rgb(10, 256, seed=1)  # box-reduced before the LANCZOS step (reducing_gap)
-    _, ours = hash_images(large, "RGB")
-    ref = np.array([int(str(imagehash.phash(im)), 16) for im in large], np.uint64)
-    assert hamming(ours, ref).max() <= 3
+    images = _digits(150) + _smooth_rgb(20, 60) + _smooth_rgb(10, 256, seed=1)
+    _, ours = hash_images(images, "RGB")
+    ref = np.array([int(str(imagehash.phash(im)), 16) for im in images], np.uint64)
+    d = hamming(ours, ref)
+    assert np.median(d) <= 2 and (d <= 4).mean() >= 0.9
 
 
 def test_hashes_identical_for_the_same_image_close_for_copies_far_for_others():
@@ -304,3 +304,7 @@ def test_run_drops_planted_copies_of_test_images(tmp_path, tiny_overrides, caplo
             assert e["split"] == "test" and e["heldout_index"] == planted[name]
     assert f"dropped {int(close.sum())} of {len(close)} pool image(s)" in caplog.text
     assert (run / "select-1" / "heldout_hashes.parquet").is_file()
+    report = (run / "report" / "report.md").read_text()  # the pseudo-label section's pool hygiene table
+    section = report[report.index("Pool hygiene: copies of held-out images"):]
+    assert f"| 1 | {summary['dropped']} | {summary['exact']} | {summary['near']} |" in section
+    assert f"`{summary['examples'][0]['key']}`" in section

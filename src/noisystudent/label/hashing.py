@@ -10,22 +10,28 @@ store (:mod:`noisystudent.label.store`); the validation and test splits are hash
   file bytes: the held-out splits are often arrays (MNIST-style IDX files), and a pool copy of a
   test image is a re-saved file whose bytes differ from anything in the split while its pixels
   are identical. BLAKE2b is in the standard library and runs at memory speed in C.
-* ``phash``: the DCT perceptual hash as ``imagehash.phash`` computes it (grayscale, LANCZOS
-  resize to 32x32, 2-D DCT-II, the 8x8 lowest frequencies against their median, first bit most
-  significant), so ``int(str(imagehash.phash(img)), 16) == phash``. Resized and re-encoded copies
-  land within a few bits; different images are ~32 bits apart. (Images over 64 px are box-reduced
-  before the LANCZOS step, see :func:`thumbnail`; their hash is then within a bit or two of
-  imagehash's.)
+* ``phash``: a 64-bit DCT perceptual hash, imagehash's ``phash`` computed without its thumbnail:
+  the 2-D DCT-II of the grayscale image, its 8x8 lowest frequencies against their median, first
+  bit most significant. imagehash first resamples the image to 32x32 (LANCZOS) and takes the DCT of
+  that; here the 8 lowest cosine basis functions are sampled at the image's own pixels, so the
+  coefficients come straight from the image (an image over 128 px a side is box-reduced by an
+  integer factor first, ``Image.reduce``, to keep the products small). The lowest frequencies are
+  what a 32x32 thumbnail keeps, so the hash is within a few bits of imagehash's (2 or fewer for 93%
+  of Fashion-MNIST's test images); resized and re-encoded copies land within a few bits; different
+  images are ~32 bits apart.
 
-Why not ``imagehash`` itself: it runs two full 32x32 SciPy DCTs and a median per PIL image in
-Python. Here only the per-image step that must see the image (convert + resize, in PIL's C code)
-runs per image, in the labeler's decoding workers at the original resolution; the DCT is one
-matrix product over a whole batch (only the 8 needed rows of the DCT matrix), the median and the
-bit packing are vectorised (:func:`phash_from_thumbnails`).
+Cost matters: the labeler hashes every pool image in its decoding workers, at the original
+resolution, where decoding and the transform already set the pace. The thumbnail alone (a PIL
+LANCZOS resize per image) cost as much as the labeler's whole transform, so it is gone; one
+``np.asarray`` of the decoded pixels feeds both hashes, two small matrix products per image give
+the 64 coefficients, and the median and bit packing run over a whole batch
+(:func:`phash_from_coefficients`). ``imagehash`` itself (two 32x32 SciPy DCTs and a median per PIL
+image in Python) costs more again.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from typing import Iterable
 
@@ -34,16 +40,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from ..data.datasets import convert_image
 from ..runtime.files import atomic_write
 
 PHASH_BITS = 64
 HASH_SIDE = 8  # 8x8 low-frequency DCT coefficients -> 64 bits
-THUMB_SIDE = 32  # grayscale thumbnail the DCT runs on (imagehash's highfreq_factor 4)
 HASH_COLUMNS = ("content_hash", "phash")
-REDUCING_GAP = 2.0
+MAX_DCT_SIDE = 64  # an image at least twice this on its short side is box-reduced before the DCT
 
 
-def _dct_rows(n: int = THUMB_SIDE, k: int = HASH_SIDE) -> np.ndarray:
+def _dct_rows(n: int, k: int = HASH_SIDE) -> np.ndarray:
     """The first ``k`` rows of the (unnormalised) DCT-II matrix of size ``n``: ``cos(pi u (2x+1) / 2n)``.
     SciPy's DCT-II is this times 2; a positive factor does not change which coefficients exceed
     their median."""
@@ -52,60 +58,69 @@ def _dct_rows(n: int = THUMB_SIDE, k: int = HASH_SIDE) -> np.ndarray:
     return np.cos(np.pi * u * (2 * x + 1) / (2 * n))
 
 
-_DCT8 = _dct_rows()  # a constant (no state): 8 x 32 float64
 _BIT_WEIGHTS = (np.uint64(1) << np.arange(PHASH_BITS - 1, -1, -1, dtype=np.uint64))  # first bit = MSB
+
+
+@functools.lru_cache(maxsize=1024)
+def _dct_basis(n: int) -> np.ndarray:
+    """The first 8 DCT-II basis rows for a side of ``n`` pixels (float32; memoised: sides repeat)."""
+    return _dct_rows(n).astype(np.float32)
 
 
 def to_mode(img: Image.Image, mode: str) -> Image.Image:
     """``img`` in ``mode`` (``L`` or ``RGB``) as the datasets convert it."""
-    from ..data.datasets import convert_image
-
     return img if img.mode == mode else convert_image(img, mode)
 
 
-def content_hash(img: Image.Image) -> int:
-    """First 8 bytes of BLAKE2b over mode, size and pixels, as an unsigned 64-bit integer."""
+def content_hash(img: Image.Image, raw: bytes | None = None) -> int:
+    """First 8 bytes of BLAKE2b over mode, size and pixels, as an unsigned 64-bit integer
+    (``raw``: ``img.tobytes()``, when the caller has it)."""
     h = hashlib.blake2b(digest_size=8)
     h.update(f"{img.mode}:{img.width}x{img.height}:".encode())
-    h.update(img.tobytes())
+    h.update(img.tobytes() if raw is None else raw)
     return int.from_bytes(h.digest(), "big")
 
 
-def thumbnail(img: Image.Image) -> np.ndarray:
-    """The 32x32 uint8 grayscale thumbnail the perceptual hash is computed from: imagehash's LANCZOS
-    resize, except that an image over twice the side is first box-reduced by an integer factor
-    (PIL's ``reducing_gap``): 3-4x faster from 256 px, the hash within a bit or two of imagehash's."""
-    gray = img if img.mode == "L" else img.convert("L")
-    return np.asarray(gray.resize((THUMB_SIDE, THUMB_SIDE), Image.LANCZOS, reducing_gap=REDUCING_GAP),
-                      dtype=np.uint8)
+def dct_coefficients(gray: Image.Image, pixels: np.ndarray | None = None) -> np.ndarray:
+    """The 8x8 lowest DCT-II coefficients (64 float32, row-major) of a grayscale (``L``) image
+    (``pixels``: its (H, W) uint8 array, when the caller has it)."""
+    factor = min(gray.size) // MAX_DCT_SIDE
+    if factor >= 2:  # a big image: an integer box reduction first (fast, in C)
+        gray, pixels = gray.reduce(factor), None
+    a = (np.asarray(gray) if pixels is None else pixels).astype(np.float32)
+    return (_dct_basis(a.shape[0]) @ a @ _dct_basis(a.shape[1]).T).reshape(HASH_SIDE * HASH_SIDE)
 
 
 def hash_inputs(img: Image.Image, mode: str) -> tuple[int, np.ndarray]:
-    """The per-image part of hashing, at the image's own resolution: ``(content_hash, thumbnail)``."""
+    """The per-image part of hashing, at the image's own resolution: ``(content_hash, coefficients)``.
+    One copy of the pixels (``tobytes``; ``np.asarray`` makes the same copy with more overhead)
+    serves both hashes of a grayscale image."""
     img = to_mode(img, mode)
-    return content_hash(img), thumbnail(img)
+    raw = img.tobytes()
+    if mode != "L":
+        return content_hash(img, raw), dct_coefficients(img.convert("L"))
+    return content_hash(img, raw), dct_coefficients(img, np.frombuffer(raw, np.uint8).reshape(img.height, img.width))
 
 
-def phash_from_thumbnails(thumbs: np.ndarray) -> np.ndarray:
-    """64-bit perceptual hashes (uint64) of a batch of 32x32 grayscale thumbnails (N, 32, 32)."""
-    thumbs = np.asarray(thumbs, dtype=np.float64).reshape(-1, THUMB_SIDE, THUMB_SIDE)
-    if not len(thumbs):
+def phash_from_coefficients(coefficients: np.ndarray) -> np.ndarray:
+    """64-bit perceptual hashes (uint64) from a batch of 8x8 low DCT coefficients (N, 64): the bits of
+    the coefficients above their image's median, first coefficient in the most significant bit."""
+    c = np.asarray(coefficients, dtype=np.float32).reshape(-1, HASH_SIDE * HASH_SIDE)
+    if not len(c):
         return np.empty(0, np.uint64)
-    # DCT along both axes, 8 lowest frequencies only: D (8x32) @ X (32x32) @ D^T (32x8)
-    low = np.matmul(np.matmul(_DCT8, thumbs), _DCT8.T).reshape(len(thumbs), HASH_SIDE * HASH_SIDE)
-    bits = low > np.median(low, axis=1, keepdims=True)
+    bits = c > np.median(c, axis=1, keepdims=True)
     return (bits.astype(np.uint64) * _BIT_WEIGHTS).sum(axis=1, dtype=np.uint64)
 
 
 def hash_images(images: Iterable[Image.Image], mode: str) -> tuple[np.ndarray, np.ndarray]:
     """``(content_hash, phash)`` uint64 arrays of PIL images, in ``mode`` (``L`` or ``RGB``)."""
-    exact, thumbs = [], []
+    exact, coefficients = [], []
     for img in images:
-        e, t = hash_inputs(img, mode)
+        e, c = hash_inputs(img, mode)
         exact.append(e)
-        thumbs.append(t)
-    thumbs_arr = np.stack(thumbs) if thumbs else np.empty((0, THUMB_SIDE, THUMB_SIDE), np.uint8)
-    return np.asarray(exact, dtype=np.uint64), phash_from_thumbnails(thumbs_arr)
+        coefficients.append(c)
+    stacked = np.stack(coefficients) if coefficients else np.empty((0, HASH_SIDE * HASH_SIDE), np.float32)
+    return np.asarray(exact, dtype=np.uint64), phash_from_coefficients(stacked)
 
 
 def hash_image_set(images, mode: str, batch: int = 4096) -> tuple[np.ndarray, np.ndarray]:
@@ -122,14 +137,13 @@ def hash_image_set(images, mode: str, batch: int = 4096) -> tuple[np.ndarray, np
 
 def hamming(a, b) -> np.ndarray:
     """Bitwise Hamming distance of uint64 hashes (broadcast)."""
-    x = np.bitwise_xor(np.asarray(a, dtype=np.uint64), np.asarray(b, dtype=np.uint64))
-    return np.unpackbits(np.ascontiguousarray(x).view(np.uint8).reshape(*x.shape, 8), axis=-1).sum(-1)
+    return np.bitwise_count(np.bitwise_xor(np.asarray(a, dtype=np.uint64), np.asarray(b, dtype=np.uint64)))
 
 
-def pack_hashes(exact: Iterable[int], thumbs: list[np.ndarray]) -> bytes:
+def pack_hashes(exact: Iterable[int], coefficients: list[np.ndarray]) -> bytes:
     """A worker batch's hashes as bytes (``(n, 2)`` uint64: content hash, phash): bytes pass through
     the DataLoader untouched, where a numpy array would become a tensor copied to the device."""
-    phash = phash_from_thumbnails(np.stack(thumbs)) if thumbs else np.empty(0, np.uint64)
+    phash = phash_from_coefficients(np.stack(coefficients)) if coefficients else np.empty(0, np.uint64)
     return np.stack([np.fromiter(exact, np.uint64, len(phash)), phash], axis=1).tobytes()
 
 

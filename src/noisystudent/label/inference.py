@@ -78,7 +78,7 @@ class ShardBatches(IterableDataset):
         tensors: list[torch.Tensor] = []
         bad: list[tuple[str, str]] = []
         exact: list[int] = []
-        thumbs: list[np.ndarray] = []
+        coefficients: list[np.ndarray] = []
         shape = None
         items = 0
         # the GPU path's load keeps JPEGs encoded: it gets the payload, the CPU path the decoded image
@@ -104,16 +104,16 @@ class ShardBatches(IterableDataset):
             tensors.append(x)
             if self.hash_mode is not None:
                 exact.append(image_hash[0])
-                thumbs.append(image_hash[1])
+                coefficients.append(image_hash[1])
             if len(keys) == self.batch_size:
                 yield {"shard": shard, "keys": keys, "pos": pos, "x": self._collate(tensors), "bad": bad,
-                       "last": False, "items": -1, "hashes": self._hashes(exact, thumbs)}
-                keys, pos, tensors, bad, exact, thumbs = [], [], [], [], [], []
+                       "last": False, "items": -1, "hashes": self._hashes(exact, coefficients)}
+                keys, pos, tensors, bad, exact, coefficients = [], [], [], [], [], []
         yield {"shard": shard, "keys": keys, "pos": pos, "x": self._collate(tensors),
-               "bad": bad, "last": True, "items": items, "hashes": self._hashes(exact, thumbs)}
+               "bad": bad, "last": True, "items": items, "hashes": self._hashes(exact, coefficients)}
 
-    def _hashes(self, exact: list[int], thumbs: list[np.ndarray]) -> bytes | None:
-        return pack_hashes(exact, thumbs) if self.hash_mode is not None else None
+    def _hashes(self, exact: list[int], coefficients: list[np.ndarray]) -> bytes | None:
+        return pack_hashes(exact, coefficients) if self.hash_mode is not None else None
 
 
 # ------------------------------------------------------------------------------ inference

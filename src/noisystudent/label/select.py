@@ -45,6 +45,7 @@ import pyarrow.parquet as pq
 
 from ..runtime.errors import ConfigError, DamagedOutputError, DataError, error_reason
 from ..runtime.files import atomic_write
+from ..config.schema import PseudoLabelConfig
 from .hashing import PHASH_BITS
 from .store import HASH_COLUMNS, LabelStore
 
@@ -146,7 +147,8 @@ def _connect(memory_limit: str, threads: int | None, temp_dir: Path) -> duckdb.D
 def select_from_store(store_dir: Path | str, out_path: Path | str, *, threshold: float = 0.3,
                       balance: bool = True, per_class: int | None = None, seed: int = 0,
                       memory_limit: str = "1GB", threads: int | None = None, heldout: Path | str | None = None,
-                      dedup_distance: int = 4, bands: int | None = None) -> Selection:
+                      dedup_distance: int = PseudoLabelConfig.dedup_distance,
+                      bands: int | None = None) -> Selection:
     """Select from a complete store into ``out_path`` (selection.parquet) and its expanded twin.
 
     ``heldout``: a Parquet file of held-out image hashes (:func:`~noisystudent.label.hashing.
@@ -182,7 +184,8 @@ def select_from_store(store_dir: Path | str, out_path: Path | str, *, threshold:
         if heldout is not None:
             dedup = find_duplicates(con, store, files, Path(heldout), dedup_distance, bands)
             if dedup["dropped"]:
-                source = "(SELECT l.* FROM labels l ANTI JOIN dropped d ON l.shard = d.shard AND l.\"index\" = d.\"index\")"
+                source = ("(SELECT l.* FROM labels l ANTI JOIN dropped d "
+                          "ON l.shard = d.shard AND l.\"index\" = d.\"index\")")
                 dropped = con.execute(f"SELECT {_POS_SQL} AS pos FROM dropped ORDER BY pos").fetchnumpy()["pos"]
         # float32 comparison, as the store holds float32 confidences; repr() round-trips the double
         above = f"confidence >= CAST({float(threshold)!r} AS FLOAT)"
@@ -335,6 +338,17 @@ def _write_outputs(con, query: str, params: dict, out_path: Path, num_classes: i
 
 
 # ------------------------------------------------------------------------------ pool hygiene
+
+
+def dedup_wanted(cfg) -> bool:
+    """Whether a run's pool is checked against its held-out splits (``pseudo.dedup``): not when it is
+    ``none``, and not when the whole pool is the labeled dataset's own training images (moved there
+    by ``data.labels_per_class``; no ``data.unlabeled``): the dataset's split already keeps those
+    apart from its test images, and on small look-alike images (28 px Fashion-MNIST) a perceptual
+    hash calls 16% of the training images near copies of some test image (docs/benchmarks.md)."""
+    if cfg.pseudo.dedup == "none":
+        return False
+    return cfg.data.unlabeled is not None or cfg.data.source == "torchvision"  # e.g. STL-10's unlabeled split
 
 
 def band_layout(distance: int, num_pool: int, num_heldout: int) -> int:

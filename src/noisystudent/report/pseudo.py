@@ -4,6 +4,7 @@
   share below the threshold, unreadable images), the probe's pseudo-label accuracy and
   calibration, and three plots: the confidence histogram, per-class counts before and after the
   threshold and balancing, and the reliability diagram.
+  Pool hygiene: the pool images dropped as copies of validation or test images (:func:`hygiene_blocks`).
 * **A look at the pseudo labels**: per iteration, the teacher's confusion matrix on the probe
   (the labeled validation split labeled the same way), its most frequent confusions, and, when
   the report can read the pool's images, thumbnail strips by class (:mod:`.gallery`).
@@ -63,6 +64,7 @@ def pseudo_section(run: RunData) -> Section:
                     "confidence, ECE the expected calibration error (%), probe kept the share above the "
                     "threshold and kept acc. the accuracy of those kept.")
     blocks: list = [Table(columns, rows, [True, False] + [True] * (len(columns) - 2), caption)]
+    blocks += hygiene_blocks(run)
     if not has_probe:
         blocks.append(Text("No probe files (`label-i/probe.parquet`): this run did not record the teacher's "
                            "predictions on labeled images, so the reliability diagram and pseudo-label accuracy "
@@ -110,6 +112,36 @@ def pseudo_section(run: RunData) -> Section:
         elif lab is None and it.selection is None:
             blocks.append(Text("Nothing recorded for this iteration yet.", "note"))
     return Section("pseudo-labels", "Pseudo labels", blocks)
+
+
+def hygiene_blocks(run: RunData) -> list:
+    """Pool hygiene: per iteration, the pool images dropped as copies of validation or test images
+    (``selection.json``'s ``dedup``), and a few example pairs. Empty when no selection ran it."""
+    its = [(it, (it.selection or {}).get("dedup")) for it in run.iterations]
+    its = [(it, d) for it, d in its if isinstance(d, dict)]
+    if not its:
+        return []
+    rows = []
+    for it, d in its:
+        held = ", ".join(f"{fmt_int(n)} {split}" for split, n in (d.get("heldout") or {}).items())
+        by = ", ".join(f"{fmt_int(n)} {split}" for split, n in (d.get("by_split") or {}).items()) or "–"
+        rows.append([str(it.index), fmt_int(d.get("dropped")), fmt_int(d.get("exact")), fmt_int(d.get("near")),
+                     by, held, str(d.get("distance", "–"))])
+    blocks: list = [Heading("Pool hygiene: copies of held-out images", "pool-hygiene"),
+                    Table(["iteration", "dropped", "exact", "near", "copying", "held-out images", "max bits"], rows,
+                          [True, True, True, True, False, False, True],
+                          "Pool images dropped before the threshold because they copy a validation or test image: "
+                          "exact: the same decoded pixels; near: a 64-bit perceptual hash (pHash) at most max bits "
+                          "away (resized or re-encoded copies; crops are mostly not caught). copying: dropped images "
+                          "per held-out split they copy. The student never trains on them (`pseudo.dedup`).")]
+    examples = [(it, e) for it, d in its[-1:] for e in d.get("examples") or []]
+    if examples:
+        blocks.append(Table(["iteration", "pool image", "copies", "bits apart"],
+                            [[str(it.index), f"`{e.get('key')}`", f"{e.get('split')} image {e.get('heldout_index')}",
+                              str(e.get("distance"))] for it, e in examples], [True, False, False, True],
+                            "Example pairs: a dropped pool image and the held-out image it copies (index in its "
+                            "split), closest first."))
+    return blocks
 
 
 def look_section(run: RunData, load_image: ImageLoader | None = None) -> Section | None:

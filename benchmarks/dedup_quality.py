@@ -1,0 +1,217 @@
+"""Pool hygiene: does selection find planted copies of test images in a large pool, how many other
+pool images does it drop, and what does hashing cost the labeler?
+
+The held-out side is Fashion-MNIST's 10k test images (``/usr/share/datasets/fashion-mnist``).
+The pool (``--pool`` background images, default 10^5) is procedurally generated, so that no
+background image is a copy of a test image: grayscale images of 24..64 px, each a few random
+ellipses and rectangles over a smooth random field with noise. Into it go ``--planted`` random test
+images, each four ways: ``exact`` (the pixels, as PNG), ``resized`` (half up to 56 px bicubic,
+half down to 20 px bilinear), ``jpeg`` (JPEG quality 75 at 28 px) and ``crop`` (2 px off every side,
+24 px). Every pool image is held as encoded bytes (PNG, or JPEG for the ``jpeg`` copies) and decoded
+by the labeler, as files would be.
+
+1. Quality: the real labeler (``label_to_store``, model ``ns_cnn_s`` at 28 px, 1 decoding worker)
+   labels the whole pool with hashes; ``write_heldout_hashes`` hashes the test split; then
+   ``select_from_store(threshold=0, balance=False, heldout=...)`` at each ``--distances`` value.
+   A planted copy counts as found when it is not in the selection; every other dropped image is a
+   false positive. Recall per kind and false positives as a share of the pool.
+2. In-distribution look-alikes (reported, not a pass/fail figure): Fashion-MNIST's own 60k training
+   images against its test images, by brute force (``np.bitwise_count``): the share within each
+   distance of some test image. These are mostly different garments with the same silhouette, and
+   the reason the pipeline does not check a pool that is the labeled dataset's own training split.
+3. Cost: ``--throughput-images`` pool images labeled with and without hashes, alternately,
+   ``--repeats`` times each; the ratio of the best rates and of the median rates (the machine is
+   shared, so single runs vary by 10% and more).
+
+    python benchmarks/dedup_quality.py                      # 10^5 + 4 x 1000 images, ~10 min on 2 cores
+    python benchmarks/dedup_quality.py --pool 3000 --planted 100 --throughput-images 2000   # smoke
+
+The last line printed is a JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+from PIL import Image, ImageDraw
+
+from noisystudent.data.datasets import ImageSet, load_fashion_mnist
+from noisystudent.data.pool import ImageSetSource
+from noisystudent.data.transforms import eval_transform
+from noisystudent.label.hashing import hamming, hash_images, write_heldout_hashes
+from noisystudent.label.inference import label_to_store
+from noisystudent.label.select import select_from_store
+from noisystudent.models.factory import create_model
+from noisystudent.runtime.cpu import cpu_description
+
+KINDS = ("exact", "resized", "jpeg", "crop")
+
+
+class EncodedImages(ImageSet):
+    """Images held as encoded bytes, decoded on load (as the labeler decodes files)."""
+
+    mode = "L"
+    targets = None
+
+    def __init__(self, blobs: list[bytes]):
+        self.blobs = blobs
+
+    def __len__(self) -> int:
+        return len(self.blobs)
+
+    def load(self, index: int) -> Image.Image:
+        img = Image.open(io.BytesIO(self.blobs[index]))
+        img.load()
+        return img
+
+
+def encode(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def background(rng: np.random.Generator) -> Image.Image:
+    """One procedural image: a smooth random field, a few shapes, pixel noise."""
+    side = int(rng.integers(24, 65))
+    coarse = rng.uniform(0, 255, (4, 4)).astype(np.uint8)
+    img = Image.fromarray(coarse).resize((side, side), Image.BICUBIC)
+    draw = ImageDraw.Draw(img)
+    for _ in range(int(rng.integers(1, 5))):
+        x0, y0 = rng.integers(0, side, 2)
+        x1, y1 = x0 + rng.integers(3, side), y0 + rng.integers(3, side)
+        shape = draw.ellipse if rng.random() < 0.5 else draw.rectangle
+        shape((int(x0), int(y0), int(x1), int(y1)), fill=int(rng.integers(0, 256)))
+    arr = np.asarray(img, np.int16) + rng.integers(-12, 13, (side, side))
+    return Image.fromarray(arr.clip(0, 255).astype(np.uint8))
+
+
+def planted_copy(img: Image.Image, kind: str, j: int) -> bytes:
+    if kind == "exact":
+        return encode(img)
+    if kind == "resized":
+        return encode(img.resize((56, 56), Image.BICUBIC) if j % 2 == 0 else img.resize((20, 20), Image.BILINEAR))
+    if kind == "jpeg":
+        return encode(img, "JPEG", quality=75)
+    return encode(img.crop((2, 2, 26, 26)))
+
+
+def label(pool: EncodedImages, store: Path, hashes: bool, model, shard_size: int) -> float:
+    """Label the pool into a fresh store; returns images per second."""
+    shutil.rmtree(store, ignore_errors=True)
+    start = time.perf_counter()
+    manifest = label_to_store(model, ImageSetSource(pool, shard_size=shard_size), store,
+                              transform=eval_transform(28, 1, (0.5,), (0.25,)), num_classes=10, teacher="bench",
+                              device="cpu", num_workers=1, batch_size=256, progress=False, precision="fp32",
+                              hashes=hashes)
+    seconds = time.perf_counter() - start
+    assert manifest.num_rows == len(pool), (manifest.num_rows, len(pool))
+    return len(pool) / seconds
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--pool", type=int, default=100_000, help="procedural background images")
+    ap.add_argument("--planted", type=int, default=1000, help="test images planted, each in every kind")
+    ap.add_argument("--distances", type=int, nargs="+", default=[2, 4, 6, 8])
+    ap.add_argument("--throughput-images", type=int, default=20_000)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--shard-size", type=int, default=8192)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads of the labeling process")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    rng = np.random.default_rng(args.seed)
+    t0 = time.perf_counter()
+    train, test = load_fashion_mnist(None, False)
+
+    blobs = [encode(background(rng)) for _ in range(args.pool)]
+    chosen = rng.choice(len(test), args.planted, replace=False)
+    planted: dict[int, tuple[str, int]] = {}  # pool row -> (kind, test index)
+    for j, t in enumerate(chosen):
+        img = test.load(int(t))
+        for kind in KINDS:
+            planted[len(blobs)] = (kind, int(t))
+            blobs.append(planted_copy(img, kind, j))
+    order = rng.permutation(len(blobs))  # planted copies spread over the shards
+    blobs = [blobs[i] for i in order]
+    planted = {int(np.flatnonzero(order == row)[0]): v for row, v in planted.items()}
+    pool = EncodedImages(blobs)
+    build_s = time.perf_counter() - t0
+    print(f"pool: {len(pool)} images ({args.pool} background + {len(planted)} planted), built in {build_s:.0f}s",
+          flush=True)
+
+    model = create_model("ns_cnn_s", 10, 1)
+    work = Path(tempfile.mkdtemp(prefix="dedup-bench-"))
+    try:
+        t = time.perf_counter()
+        full_rate = label(pool, work / "store", True, model, args.shard_size)
+        label_s = time.perf_counter() - t
+        print(f"labeled with hashes: {full_rate:.0f} img/s", flush=True)
+        held = work / "heldout.parquet"
+        t = time.perf_counter()
+        write_heldout_hashes(held, {"test": test}, "L")
+        heldout_s = time.perf_counter() - t
+        offsets = np.cumsum([0] + [min(args.shard_size, len(pool) - s) for s in range(0, len(pool), args.shard_size)])
+        quality = {}
+        for d in args.distances:
+            t = time.perf_counter()
+            sel = select_from_store(work / "store", work / f"sel-{d}" / "selection.parquet", threshold=0.0,
+                                    balance=False, heldout=held, dedup_distance=d, threads=1)
+            seconds = time.perf_counter() - t
+            table = pq.read_table(sel.path, columns=["shard", "index"])
+            kept = np.zeros(len(pool), bool)
+            kept[offsets[table.column("shard").to_numpy()] + table.column("index").to_numpy()] = True
+            recall = {k: float(np.mean([not kept[r] for r, (kind, _) in planted.items() if kind == k])) for k in KINDS}
+            false_pos = int((~kept).sum()) - sum(not kept[r] for r in planted)
+            quality[d] = {"recall": recall, "false_positives": false_pos,
+                          "false_positive_share": false_pos / args.pool, "dropped": sel.dedup["dropped"],
+                          "exact": sel.dedup["exact"], "bands": sel.dedup["bands"], "select_seconds": round(seconds, 2)}
+            print(f"distance {d}: recall {recall}, false positives {false_pos} "
+                  f"({100 * false_pos / args.pool:.3f}% of the pool), select {seconds:.1f}s", flush=True)
+
+        # In-distribution look-alikes: Fashion-MNIST train against test.
+        _, p_train = hash_images((train.load(i) for i in range(len(train))), "L")
+        _, p_test = hash_images((test.load(i) for i in range(len(test))), "L")
+        nearest = np.full(len(p_train), 64)
+        for s in range(0, len(p_test), 1000):
+            nearest = np.minimum(nearest, hamming(p_train[:, None], p_test[None, s:s + 1000]).min(1))
+        lookalikes = {d: float((nearest <= d).mean()) for d in args.distances}
+        print(f"Fashion-MNIST train images within d of a test image: {lookalikes}", flush=True)
+
+        sub = EncodedImages(blobs[:args.throughput_images])
+        rates: dict[str, list[float]] = {"off": [], "on": []}
+        for _ in range(args.repeats):
+            for mode in ("off", "on"):
+                rates[mode].append(label(sub, work / "tp", mode == "on", model, args.shard_size))
+                print(f"throughput hashes {mode}: {rates[mode][-1]:.0f} img/s", flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    result = {
+        "pool_background": args.pool, "planted_per_kind": args.planted, "pool_total": len(pool),
+        "heldout": len(test), "seed": args.seed, "quality": quality,
+        "fmnist_train_lookalike_share": lookalikes,
+        "throughput": {"images": args.throughput_images, "off_img_s": [round(r, 1) for r in rates["off"]],
+                       "on_img_s": [round(r, 1) for r in rates["on"]],
+                       "ratio_best": round(max(rates["on"]) / max(rates["off"]), 3),
+                       "ratio_median": round(float(np.median(rates["on"]) / np.median(rates["off"])), 3)},
+        "label_full_pool_seconds": round(label_s, 1), "label_full_pool_img_s": round(full_rate, 1),
+        "heldout_hash_seconds": round(heldout_s, 1), "seconds": round(time.perf_counter() - t0, 1),
+        "cpu": cpu_description(), "torch_threads": args.threads, "python": sys.version.split()[0],
+    }
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -11,6 +11,7 @@ import pytest
 import timm
 import torch
 
+from _tiny import tiny
 from noisystudent.cli import main
 from noisystudent.config.schema import load_config
 from noisystudent.data.datasets import TransformedSet, build_splits
@@ -22,7 +23,7 @@ from noisystudent.runtime.errors import CheckpointError, NoisyStudentError
 from noisystudent.runtime.rundir import FIXRES, MANIFEST, MODEL, SUMMARY, TEACHER, RunDir
 
 # One epoch of a digits teacher and nothing else: a real run directory in seconds.
-TINY = ["teacher.epochs=1", "train.batch_size=16", "data.val_per_class=5", "data.test_per_class=10", "students=[]"]
+TINY = tiny("teacher.epochs=1", "students=[]")
 # ... trained at 12 px and tested at 16 px: a fix-res stage follows, the run's final model.
 FIXRES_RUN = ["teacher.image_size=12", "teacher.test_size=16", "finetune.epochs=0.5"]
 

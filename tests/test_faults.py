@@ -25,6 +25,7 @@ from typing import Callable
 import pytest
 import torch
 
+from _tiny import cli_sets, free_port, tiny
 from noisystudent.cli import main
 from noisystudent.runtime import files
 from noisystudent.runtime.errors import StorageError
@@ -35,20 +36,14 @@ from noisystudent.runtime.rundir import CHECKPOINTS, LOCK, LOG, MANIFEST, SUMMAR
 # is chosen by timing, which could differ between the reference and the killed run.
 # The student trains at 12 px and is tested at 16 px, so a fix-res stage follows; 4-image label
 # shards give the label stage many shards to be killed between.
-TINY = ["teacher.epochs=4", "train.epochs=2", "train.batch_size=16", "train.checkpoint_every=2", "train.precision=fp32",
-        "data.val_per_class=5", "data.test_per_class=10", "data.max_unlabeled=400", "pseudo.threshold=0.0",
-        "pseudo.shard_size=4", "pseudo.precision=fp32", "finetune.epochs=2",
-        "students=[{model: ns_cnn_s, image_size: 12, test_size: 16}]", "evaluate.suites=[clean, corruptions]",
-        "evaluate.max_images=40", "evaluate.severities=[1, 3]"]
+TINY = tiny("teacher.epochs=4", "train.epochs=2", "train.checkpoint_every=2", "data.max_unlabeled=400",
+            "pseudo.shard_size=4", "finetune.epochs=2", "students=[{model: ns_cnn_s, image_size: 12, test_size: 16}]",
+            "evaluate.suites=[clean, corruptions]", "evaluate.max_images=40", "evaluate.severities=[1, 3]")
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
 
 def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "noisystudent", *args]
-
-
-def _sets(overrides: list[str]) -> list[str]:
-    return [a for o in overrides for a in ("--set", o)]
 
 
 def _results(run: Path) -> dict:
@@ -63,7 +58,7 @@ def _results(run: Path) -> dict:
 def reference(tmp_path_factory) -> dict:
     """The same run, never interrupted."""
     run = tmp_path_factory.mktemp("reference") / "run"
-    proc = subprocess.run(_cli("run", "--out", str(run), "--quiet", *_sets(TINY)), env=ENV,
+    proc = subprocess.run(_cli("run", "--out", str(run), "--quiet", *cli_sets(TINY)), env=ENV,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return _results(run)
@@ -98,7 +93,7 @@ KILLS = [
 @pytest.mark.parametrize("kill", KILLS, ids=[k.stage for k in KILLS])
 def test_sigkill_during_a_stage_then_resume_equals_an_uninterrupted_run(tmp_path, reference, kill):
     run = tmp_path / "run"
-    proc = subprocess.Popen(_cli("run", "--out", str(run), "--quiet", *_sets(TINY)), env=ENV,
+    proc = subprocess.Popen(_cli("run", "--out", str(run), "--quiet", *cli_sets(TINY)), env=ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 600
     try:
@@ -193,7 +188,7 @@ def test_full_disk_during_a_run_is_one_line_on_the_cli(tmp_path, tiny_overrides,
     monkeypatch.setattr(files, "open", _full_disk_after(64, when=lambda name: name.startswith(".step-")),
                         raising=False)
     run = tmp_path / "run"
-    code = main(["run", "--out", str(run), "--quiet", *_sets(tiny_overrides + ["students=[]",
+    code = main(["run", "--out", str(run), "--quiet", *cli_sets(tiny_overrides + ["students=[]",
                                                                                "train.checkpoint_every=1",
                                                                                "data.labels_per_class=null"])])
     err = capsys.readouterr().err.strip().splitlines()
@@ -275,9 +270,7 @@ except NoisyStudentError as e:
 def test_a_killed_rank_is_one_line_on_the_others(tmp_path):
     """Two gloo processes started by hand (torchrun would SIGTERM the survivor at once): rank 1 is
     killed with SIGKILL; rank 0's barrier reports it in one line with the resume command."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     procs = [subprocess.Popen([sys.executable, "-c", PEER], env=dict(
         ENV, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(r), LOCAL_RANK=str(r)),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
@@ -321,7 +314,7 @@ def test_evaluate_into_a_run_continues_after_a_crash(tmp_path, tiny_overrides, m
     import noisystudent.evaluate.classifier as classifier
 
     run = tmp_path / "run"
-    assert main(["run", "--out", str(run), "--quiet", *_sets(tiny_overrides + ["students=[]", "teacher.epochs=1"])]) == 0
+    assert main(["run", "--out", str(run), "--quiet", *cli_sets(tiny_overrides + ["students=[]", "teacher.epochs=1"])]) == 0
     real, calls, crashed = classifier.evaluate_robustness, [], []
 
     def crash_once_in_fgsm(model, dataset, *, suites, **kwargs):

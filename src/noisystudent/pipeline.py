@@ -37,6 +37,7 @@ from .config.schema import Config
 from .config.stages import ResolvedLabeling, ResolvedStage, baseline_of, resolve_stages
 from .data.datasets import DataSplits, TransformedSet, build_splits
 from .data.pool import ImageSetSource, UnlabeledSource, build_pool, pool_size
+from .data.device_input import EvalCache
 from .data.transforms import eval_transform, train_transform
 from .evaluate.classifier import evaluate_checkpoints, evaluate_classifier
 from .label.hashing import write_heldout_hashes
@@ -57,6 +58,7 @@ from .runtime.errors import ConfigError, DataError
 from .runtime.files import atomic_write
 from .runtime.phases import PhaseClock, format_phases, training_breakdown
 from .runtime.rundir import RunDir, write_json_atomic
+from .runtime.precision import PrecisionCache
 from .runtime.runner import StageRunner
 from .train.fixres import finetune
 from .tracking import StageHistory, Tracking
@@ -90,6 +92,9 @@ class Env:
 
     clean_sets: dict = dataclasses.field(default_factory=dict)
     phases: PhaseClock = dataclasses.field(default_factory=PhaseClock)  # where the run's time goes
+    # shared by the run's stages: validation sets stay on the device, `auto` precision is measured once
+    eval_cache: EvalCache = dataclasses.field(default_factory=EvalCache)
+    precision_cache: PrecisionCache = dataclasses.field(default_factory=PrecisionCache)
 
     @property
     def num_workers(self) -> int:
@@ -506,15 +511,16 @@ def _run_context(env: Env, stage: ResolvedStage, history: StageHistory) -> RunCo
     """Where a stage's recipe runs: the job's ranks and workers, its checkpoint folder, its history."""
     return RunContext(ctx=env.ctx, num_workers=env.num_workers, progress=env.progress,
                       checkpoint_dir=env.run.checkpoint_dir(stage.name), callbacks=[history.hooks()],
-                      step_every=env.tracking.step_every)
+                      step_every=env.tracking.step_every, eval_cache=env.eval_cache,
+                      precision_cache=env.precision_cache)
 
 
 def _measure(model, test_size: int, env: Env, data_cfg: dict | None = None) -> dict:
     """Val and test top-1/top-5 at the stage's test resolution (the reported numbers)."""
     val = evaluate_classifier(model, env.clean(env.splits.val, test_size, data_cfg), env.ctx.device, ctx=env.ctx,
-                              num_workers=env.num_workers)
+                              num_workers=env.num_workers, cache=env.eval_cache)
     test = evaluate_classifier(model, env.clean(env.splits.test, test_size, data_cfg), env.ctx.device, ctx=env.ctx,
-                               num_workers=env.num_workers)
+                               num_workers=env.num_workers, cache=env.eval_cache)
     return {"val_top1": val["top1"], "val_top5": val["top5"], "test_top1": test["top1"], "test_top5": test["top5"]}
 
 

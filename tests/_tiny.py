@@ -4,7 +4,7 @@
   embedded digits at unit-test size; a test adds only what it is about (``tiny("students=[]")``;
   a later override of the same key wins).
 * :class:`TinyNet` is the tiny network of the training and labeling tests.
-* :func:`torchrun` starts ``python -m torch.distributed.run`` with two CPU processes.
+* :func:`torchrun` / :func:`torchrun_argv` start ``python -m torch.distributed.run`` with two CPU processes.
 
 Importable from the test files and from the scripts the tests start as subprocesses (tests/ is
 on ``sys.path`` of both). Holds no tests itself.
@@ -77,12 +77,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(*args: str, nproc: int = 2, timeout: float = 600) -> subprocess.CompletedProcess:
-    """``python -m torch.distributed.run --standalone --nproc_per_node NPROC ARGS...`` with one
-    OpenMP thread per process; asserts it succeeded (showing the end of its output if not).
+def torchrun_argv(*args: str, nproc: int = 2) -> list[str]:
+    """``python -m torch.distributed.run --standalone --nproc_per_node NPROC ARGS...``:
     ``--standalone`` lets the OS pick the rendezvous port, so tests run in parallel safely."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), *args]
+
+
+def torchrun(*args: str, nproc: int = 2, timeout: float = 600) -> subprocess.CompletedProcess:
+    """:func:`torchrun_argv` run to its end with one OpenMP thread per process; asserts it
+    succeeded (showing the end of its output if not)."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-                           str(nproc), *args], capture_output=True, text=True, timeout=timeout, env=env)
+    proc = subprocess.run(torchrun_argv(*args, nproc=nproc), capture_output=True, text=True, timeout=timeout, env=env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return proc

@@ -17,7 +17,7 @@ import torch
 
 from noisystudent.runtime.distributed import DistContext
 from noisystudent.train.state import load_checkpoint_file
-from _tiny import torchrun
+from _tiny import cli_sets, tiny, torchrun, torchrun_argv
 from _train_scenarios import digits_data, run_distributed, tiny_stage
 
 SCRIPT = Path(__file__).with_name("_train_scenarios.py")
@@ -101,16 +101,10 @@ def test_missing_cuda_devices_are_a_one_line_config_error(monkeypatch):
 
 # Teacher and one student of the same architecture (so no baseline stage), with BatchNorm (ns_cnn_s),
 # long enough for a kill to land in the middle of the student (6 epochs, a checkpoint every 2 steps).
-RUN = ["teacher.epochs=3", "train.epochs=6", "train.batch_size=16", "train.checkpoint_every=2",
-       "train.precision=fp32", "pseudo.precision=fp32", "data.val_per_class=5", "data.test_per_class=10",
-       "data.max_unlabeled=200", "pseudo.threshold=0.0", "students=[{model: ns_cnn_s}]"]
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
-            "noisystudent"]
+RUN = tiny("train.epochs=6", "train.checkpoint_every=2", "students=[{model: ns_cnn_s}]")
+TORCHRUN = torchrun_argv("-m", "noisystudent")
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
-
-def _sets(overrides):
-    return [a for o in overrides for a in ("--set", o)]
 
 
 def _reported(run: Path) -> list[tuple]:
@@ -151,12 +145,13 @@ def _rank_pid(agent: int, rank: int) -> int | None:
     return None
 
 
+@pytest.mark.slow
 def test_two_process_run_reports_its_saved_models_also_after_a_rank_is_killed(tmp_path):
     """Under torchrun every rank evaluates with rank 0's BatchNorm statistics, the ones saved: the
     summary equals a one-process evaluation of each model.pt. A kill -9 of rank 1 in the middle of
     the student, then --resume, ends with the same numbers as the uninterrupted run."""
     whole = tmp_path / "whole"
-    proc = subprocess.run([*TORCHRUN, "run", "--out", str(whole), "--quiet", *_sets(RUN)], env=ENV,
+    proc = subprocess.run([*TORCHRUN, "run", "--out", str(whole), "--quiet", *cli_sets(RUN)], env=ENV,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     reported = _reported(whole)
@@ -164,7 +159,7 @@ def test_two_process_run_reports_its_saved_models_also_after_a_rank_is_killed(tm
     assert reported == _reevaluated(whole)
 
     killed = tmp_path / "killed"
-    agent = subprocess.Popen([*TORCHRUN, "run", "--out", str(killed), "--quiet", *_sets(RUN)], env=ENV,
+    agent = subprocess.Popen([*TORCHRUN, "run", "--out", str(killed), "--quiet", *cli_sets(RUN)], env=ENV,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 600

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
+from _tiny import DIGITS
 import noisystudent.train.trainer as trainer_module
 from noisystudent.config.schema import TrainConfig, load_config
 from noisystudent.data.datasets import TransformedSet, build_splits
@@ -210,7 +211,7 @@ def _accuracies(model, val, test) -> dict:
 
 def test_tiny_end_to_end_fixres_on_digits(tmp_path):
     """Train at 12 px on digits, then fine-tune and evaluate at 16 px (the test resolution)."""
-    cfg = load_config(None, ["data.val_per_class=5", "data.test_per_class=10", "train.batch_size=16"])
+    cfg = load_config(None, DIGITS)
     splits = build_splits(cfg.data, cfg.seed)
     torch.manual_seed(0)
     model = create_model("ns_cnn_s", splits.num_classes, splits.channels)

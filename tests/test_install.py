@@ -12,6 +12,7 @@ import pytest
 import torch
 import yaml
 
+from _tiny import cli_sets, tiny
 from noisystudent.cli import main
 from noisystudent.config.packaged import config_description, packaged_configs, resolve_config_path
 from noisystudent.config.schema import load_config
@@ -111,8 +112,7 @@ def test_wheel_in_a_fresh_venv_runs_outside_the_checkout(tmp_path):
     assert installed == version("noisystudent")
     assert "fashion-mnist" in cli("config", "--list")
     assert yaml.safe_load(cli("config", "fashion-mnist"))["data"]["source"] == "fashion-mnist"
-    out = cli("run", "configs/digits.yaml", "--out", "run", "--quiet", "--set", "teacher.epochs=1",
-              "--set", "students=[]", "--set", "train.batch_size=16", "--set", "data.val_per_class=5",
-              "--set", "data.test_per_class=10", "--set", "train.precision=fp32", "--set", "evaluate.suites=[]")
+    out = cli("run", "configs/digits.yaml", "--out", "run", "--quiet",
+              *cli_sets(tiny("teacher.epochs=1", "students=[]", "evaluate.suites=[]")))
     assert "run directory: run" in out
     assert (elsewhere / "run" / "summary.json").is_file() and (elsewhere / "run" / "teacher" / "model.pt").is_file()

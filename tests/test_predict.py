@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 from sklearn.datasets import load_digits
 
+from _tiny import tiny
 import noisystudent.evaluate.predict as predict_module
 from noisystudent.cli import main
 from noisystudent.config.schema import load_config
@@ -30,8 +31,7 @@ from noisystudent.runtime.rundir import MODEL, TEACHER, RunDir
 
 CLASSES = [f"digit-{i}" for i in range(10)]
 # One epoch of a digits teacher and nothing else: a real run directory in seconds.
-TINY_RUN = ["teacher.epochs=1", "train.batch_size=16", "data.val_per_class=5", "data.test_per_class=10",
-            "students=[]", "train.precision=fp32", "evaluate.suites=[]"]
+TINY_RUN = tiny("teacher.epochs=1", "students=[]", "evaluate.suites=[]")
 
 
 def _digit(i: int, mode: str = "L") -> Image.Image:

@@ -34,6 +34,7 @@ from noisystudent.runtime.errors import DataError
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _remote_servers import ShardServer, s3_server, upload_to_s3  # noqa: E402
+from _tiny import tiny  # noqa: E402
 
 SHARDS, PER_SHARD = 4, 40
 
@@ -183,9 +184,8 @@ def test_remote_pool_mistakes_are_one_line_errors(tmp_path, capsys):
 
 # ------------------------------------------------------------------ whole runs through the CLI
 
-RUN = ["teacher.epochs=2", "train.epochs=1", "train.batch_size=16", "data.val_per_class=5", "data.test_per_class=10",
-       "pseudo.threshold=0.0", "pseudo.shard_size=256", "pseudo.precision=fp32", "train.precision=fp32",
-       "students=[{model: ns_cnn_s}]", "evaluate.suites=[clean]", "device=cpu"]
+RUN = tiny("teacher.epochs=2", "data.max_unlabeled=null", "pseudo.shard_size=256", "students=[{model: ns_cnn_s}]",
+           "evaluate.suites=[clean]", "device=cpu")
 
 
 def _run(out: Path, pool: str, *extra: str, resume: bool = False, wait=True):

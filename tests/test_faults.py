@@ -419,6 +419,7 @@ def test_a_corrupt_shard_of_the_same_size_is_one_line_naming_it(labeled_run, tmp
     assert main(["select", str(run), "--quiet"]) == 0
 
 
+@pytest.mark.slow
 def test_sigterm_during_labeling_says_how_to_resume(tmp_path, capsys):
     """SIGTERM while the label stage runs (no checkpoint to write: its shards are its progress):
     exit 143 with one line naming the command that resumes it, which then finishes the store."""

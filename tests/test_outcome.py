@@ -79,3 +79,17 @@ def test_resolved_baseline_stage_is_the_final_architecture_with_the_teachers_rec
     same = resolve_stages(load_config(None, ["students.1.model=ns_cnn_s"]))
     assert "baseline" not in [s.name for s in same] and baseline_of(same) is same[0]
     assert baseline_of(resolve_stages(load_config(None, ["students=[]"]))) is None
+
+
+def test_a_baseline_still_improving_at_its_last_epochs_is_flagged():
+    chain = [model("teacher", 80.0, 79.0, "ns_cnn_s"), model("student-1", 83.0, 82.5)]
+    late = model("baseline", 81.0, 80.0)
+    late.metrics.update(best_epoch=148, epochs=150)
+    assert noisy_student_gain(chain, late)["baseline_still_improving"]
+    for best, epochs, stopped in ((100, 150, False), (150, 150, True)):  # a plateau, or stopped by patience
+        done = model("baseline", 81.0, 80.0)
+        done.metrics.update(best_epoch=best, epochs=epochs, stopped_early=stopped)
+        assert not noisy_student_gain(chain, done)["baseline_still_improving"]
+    summary = {"stages": [chain[0].metrics, late.metrics, chain[1].metrics], "result": "student-1",
+               "ns_gain": noisy_student_gain(chain, late)}
+    assert "note: the baseline (baseline) was still improving" in format_summary_table(summary)

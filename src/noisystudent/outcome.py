@@ -40,6 +40,10 @@ class TrainedModel:
         return self.name not in (TEACHER, BASELINE)
 
 
+BASELINE_NOTE = ("the baseline ({baseline}) was still improving at its last epochs: the gain may be bought with "
+                 "an undertrained baseline; give it more epochs (baseline.epochs, or train.patience with a higher cap)")
+
+
 def _best_on_val(candidates: list[TrainedModel]) -> TrainedModel | None:
     """The candidate with the highest validation top-1; ties go to the earliest in the list."""
     best = None
@@ -83,7 +87,18 @@ def noisy_student_gain(chain: list[TrainedModel], baseline: TrainedModel | None)
         return None
     return {"val": student.val_top1 - baseline.val_top1, "test": student.test_top1 - baseline.test_top1,
             "student": student.name, "student_model": student.model,
-            "baseline": baseline.name, "baseline_model": baseline.model}
+            "baseline": baseline.name, "baseline_model": baseline.model,
+            "baseline_still_improving": still_improving(baseline.metrics)}
+
+
+def still_improving(metrics: dict) -> bool:
+    """Whether a stage's best validation epoch is among its last few (10% of its epochs, at least
+    2) without early stopping having ended it: it had not reached its plateau, so a gain measured
+    against it may be bought with an undertrained baseline."""
+    best, epochs = metrics.get("best_epoch"), metrics.get("epochs")
+    if not best or not epochs or metrics.get("stopped_early"):
+        return False
+    return best > epochs - max(2, math.ceil(0.1 * epochs))
 
 
 def format_gain(gain: dict) -> str:
@@ -110,6 +125,8 @@ def format_summary_table(summary: dict) -> str:
                          f"{s['frozen_blocks']}/{s['total_blocks']} blocks frozen")
     if summary.get("ns_gain"):
         lines.append(format_gain(summary["ns_gain"]))
+        if summary["ns_gain"].get("baseline_still_improving"):
+            lines.append(f"note: {BASELINE_NOTE.format(**summary['ns_gain'])}")
     if summary.get("final"):
         lines.append(f"final model (*): {final}, {summary['final']['reason']}")
     for skipped in summary.get("skipped") or []:

@@ -37,19 +37,21 @@ from .config.schema import Config
 from .config.stages import ResolvedLabeling, ResolvedStage, baseline_of, resolve_stages
 from .data.datasets import DataSplits, TransformedSet, build_splits
 from .data.pool import ImageSetSource, UnlabeledSource, build_pool, pool_size
-from .data.device_input import EvalCache
+from .data.device_input import EvalCache, eval_batches
 from .data.transforms import eval_transform, train_transform
 from .evaluate.classifier import evaluate_checkpoints, evaluate_classifier
+from .label.calibration import calibration_summary
 from .label.hashing import write_heldout_hashes
 from .label.inference import label_to_store, model_fingerprint
 from .label.select import Selection, dedup_wanted, select_from_store
 from .label.store import LabelStore
+from .label.tta import labeling_model
 from .label.pseudo_labeled import pseudo_labeled_set
 from .models.checkpoint import clean_transform, data_config, eval_size, load_model, save_model
 from .models.factory import count_parameters, create_model
 from .models.preflight import check_pretrained_files
 from .models.pretrained import stage_data_config
-from .outcome import (TrainedModel, choose_final, format_gain, format_summary_table, noisy_student_gain,
+from .outcome import (BASELINE_NOTE, TrainedModel, choose_final, format_gain, format_summary_table, noisy_student_gain,
                       noisy_student_model)
 from .runtime import rundir as layout
 from .runtime.cpu import configure as configure_cpu
@@ -172,11 +174,17 @@ def label_stage(out: Path, name: str, teacher: dict, pool: UnlabeledSource, labe
     cfg, splits, ctx = env.cfg, env.splits, env.ctx
     model, meta = load_model(env.run.file(teacher["name"], layout.MODEL))
     size, clean = eval_size(meta), clean_transform(meta)
-    identity = f"{teacher['name']}:{teacher['model']}:{model_fingerprint(model)}"
+    tta = cfg.pseudo.tta
+    identity = f"{teacher['name']}:{teacher['model']}:{model_fingerprint(model)}" + (f":tta={tta}" if tta != "none" else "")
+    model = labeling_model(model, tta)  # pseudo.tta: the teacher, or its flip average (label.tta)
+    temperature = labeling.temperature
+    if cfg.pseudo.calibrate:  # before the pool, so the threshold reads as a calibrated probability
+        temperature = _calibrated_temperature(out, name, model, meta, identity, labeling, env)
     log.info(f"[{name}] {teacher['name']} labels the pool at {size}px "
-             f"({'hard' if labeling.hard else f'soft, T={labeling.temperature}'}, top-{labeling.top_k})")
+             f"({'hard' if labeling.hard else f'soft, T={temperature:g}'}, top-{labeling.top_k}"
+             f"{', flip TTA' if tta == 'flip' else ''})")
     common = dict(transform=clean, num_classes=splits.num_classes, teacher=identity, device=ctx.device,
-                  top_k=labeling.top_k, temperature=labeling.temperature, hard=labeling.hard,
+                  top_k=labeling.top_k, temperature=temperature, hard=labeling.hard,
                   batch_size=labeling.batch_size, ctx=ctx)
     manifest = label_to_store(model, pool, out, num_workers=env.num_workers, precision=cfg.pseudo.precision,
                               progress=env.progress, hashes=dedup_wanted(cfg), **common)
@@ -201,6 +209,42 @@ def label_stage(out: Path, name: str, teacher: dict, pool: UnlabeledSource, labe
     store = LabelStore.open(out, require_complete=True)
     env.tracking.log_labeling(name, store, table)
     return store
+
+
+def _calibrated_temperature(out: Path, name: str, model: torch.nn.Module, meta: dict, identity: str,
+                            labeling: ResolvedLabeling, env: Env) -> float:
+    """``pseudo.calibrate``: the temperature the pool is labeled at, T_cal x ``labeling.temperature``,
+    T_cal fitted on the labeling model's logits on the labeled validation split
+    (:mod:`noisystudent.label.calibration`); recorded with the ECE before and after in
+    ``calibration.json``, which a resumed stage reuses (the store's header holds the temperature)."""
+    path = out / layout.CALIBRATION
+    try:
+        recorded = json.loads(path.read_text()) if path.is_file() else None
+    except (OSError, ValueError):  # damaged: fit again (the program wrote it)
+        recorded = None
+    if isinstance(recorded, dict) and recorded.get("teacher") == identity \
+            and recorded.get("base_temperature") == float(labeling.temperature):
+        return float(recorded["labeling_temperature"])
+    device = env.ctx.device
+    val = env.clean(env.splits.val, eval_size(meta), data_config(meta))
+    model.eval().to(device)
+    logits, targets = [], []
+    with torch.inference_mode():  # every rank fits on the whole split (no sharding): the same T everywhere
+        for x, y in eval_batches(val, device, batch_size=labeling.batch_size, ctx=DistContext(device=device),
+                                 cache=env.eval_cache):
+            logits.append(model(x).float().cpu())
+            targets.append(y.cpu())
+    n = env.splits.num_classes
+    summary = calibration_summary(torch.cat(logits) if logits else torch.empty(0, n),
+                                  torch.cat(targets) if targets else torch.empty(0, dtype=torch.int64),
+                                  labeling.temperature)
+    summary["teacher"] = identity
+    write_json_atomic(path, summary)  # every rank writes the same record
+    log.info(f"[{name}] calibrated on {summary['n']} validation images: T_cal {summary['temperature']:.3f}, "
+             f"ECE ({summary['bins']} bins) {100 * summary['ece_before']:.2f}% -> {100 * summary['ece_after']:.2f}%, "
+             f"NLL {summary['nll_before'] or 0:.3f} -> {summary['nll_after'] or 0:.3f}; "
+             f"labeling at T = {summary['labeling_temperature']:.3f}")
+    return float(summary["labeling_temperature"])
 
 
 def select_stage(out: Path, name: str, store: LabelStore, labeling: ResolvedLabeling, cfg: Config,
@@ -489,6 +533,8 @@ def _summary(cfg: Config, run: RunDir, outcome: ChainOutcome, pool, data: dict, 
     gain = noisy_student_gain(chain, baseline)
     if gain is not None:
         log.info(format_gain(gain))
+        if gain["baseline_still_improving"]:
+            log.warning(BASELINE_NOTE.format(**gain))
     return {"run_dir": str(run.root), "config_fingerprint": cfg.fingerprint(), "seconds": seconds,
             "stages": rows, "result": final.name,
             "final": {"stage": final.name, "model": final.model, "rule": cfg.final_model, "reason": reason,

@@ -12,6 +12,7 @@ import numpy as np
 
 from ..runtime.version import package_version
 from ..runtime.rundir import BASELINE, FIXRES, SUMMARY, TEACHER, label_stage, select_stage, student_stage
+from ..outcome import BASELINE_NOTE
 from . import plots
 from .appendix import config_section, run_section
 from .collect import RunData
@@ -65,6 +66,8 @@ def gain_cards(run: RunData) -> tuple[list[Card], list[str]]:
         cards.append(Card("Noisy Student gain", f"{gain['test']:+.2f} pts",
                           f"test top-1, {gain.get('student', '?')} − {gain.get('baseline_model', '?')} on the labels "
                           f"alone ({gain.get('baseline', '?')}); val {gain['val']:+.2f}", tone))
+        if gain.get("baseline_still_improving"):
+            findings.append(BASELINE_NOTE.format(**gain)[0].upper() + BASELINE_NOTE.format(**gain)[1:] + ".")
         if gain["val"] <= 0:
             findings.append(f"The unlabeled images did not help on validation: {gain.get('student')} is "
                             f"{gain['val']:+.2f} points against {gain.get('baseline_model')} trained on the labels "

@@ -232,8 +232,9 @@ def test_labeler_stores_the_hashes_of_the_images_it_decodes(tmp_path):
 
     images = np.stack([np.asarray(im.convert("RGB")) for im in _smooth_rgb(23, 20)])
     source = ImageSetSource(ArrayImageSet(images, None), shard_size=8)
-    label_to_store(teacher_net(), source, tmp_path / "store", transform=transform(), num_classes=10, teacher="t",
-                   device="cpu", num_workers=1, batch_size=5, progress=False, precision="fp32")
+    m = label_to_store(teacher_net(), source, tmp_path / "store", transform=transform(), num_classes=10, teacher="t",
+                       device="cpu", num_workers=1, batch_size=5, progress=False, precision="fp32")
+    assert m.run["image_hashes"] and m.run["decode"]["reason"] == "image hashes need the image decoded on the CPU"
     t = pq.read_table(tmp_path / "store" / "shards")
     exact, phash = hash_images([Image.fromarray(a) for a in images], "RGB")  # at 20 px, not the 8 px input
     order = np.argsort([int(k) for k in t.column("key").to_pylist()])

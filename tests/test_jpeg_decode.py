@@ -122,8 +122,9 @@ def test_the_decoder_assembles_encoded_decoded_and_bad_items_in_order():
 
 def test_labeling_through_the_gpu_path_matches_the_cpu_path(tmp_path, monkeypatch):
     pool = _pool(tmp_path / "pool", n=12, bad=(4,))
+    # hashes=False: image hashes need each image decoded on the CPU, so with them `auto` never decodes on the GPU
     common = dict(transform=eval_transform(8, 3, H.MEAN, H.STD), num_classes=10, teacher="t", top_k=3,
-                  batch_size=4, num_workers=1, precision="fp32", progress=False, device="cpu")
+                  batch_size=4, num_workers=1, precision="fp32", progress=False, device="cpu", hashes=False)
     cpu = label_to_store(H.teacher_net(), pool, tmp_path / "cpu", **common)
     assert cpu.run["decode"]["decoder"] == "cpu"
     # The check that keeps CPU runs off the GPU path, bypassed: GpuJpegDecoder runs with device="cpu".

@@ -148,7 +148,9 @@ def train_stage(out: Path, stage: ResolvedStage, env: Env, pseudo=None) -> dict:
                                    epochs=0, steps=0, images_seen=0, seconds=0.0, precision="none")
         history.write_all(outcome.history)
     measure_started = time.time()
-    measured = _measure(model, stage.test_size, env, data_cfg)
+    # at the training size the model's validation numbers are its best epoch's, measured on the same cached set
+    known_val = _best_epoch_val(outcome) if stage.test_size == stage.image_size else None
+    measured = _measure(model, stage.test_size, env, data_cfg, known_val)
     env.phases.stage_detail[stage.name] = {**training_breakdown(outcome.history, outcome.resumed_from_step),
                                            "final_measurement": time.time() - measure_started}
     metrics = {"name": stage.name, "model": stage.model, **measured,
@@ -244,6 +246,10 @@ def _calibrated_temperature(out: Path, name: str, model: torch.nn.Module, meta: 
              f"ECE ({summary['bins']} bins) {100 * summary['ece_before']:.2f}% -> {100 * summary['ece_after']:.2f}%, "
              f"NLL {summary['nll_before'] or 0:.3f} -> {summary['nll_after'] or 0:.3f}; "
              f"labeling at T = {summary['labeling_temperature']:.3f}")
+    if summary["temperature"] > 10:  # the fit says: trust these logits hardly at all
+        log.warning(f"[{name}] the calibrated temperature is {summary['temperature']:.3g}: on validation the "
+                    f"teacher (top-1 {100 * (summary['accuracy'] or 0):.1f}%) is best read as nearly uniform, so "
+                    "few pool images may pass the threshold")
     return float(summary["labeling_temperature"])
 
 
@@ -260,9 +266,11 @@ def select_stage(out: Path, name: str, store: LabelStore, labeling: ResolvedLabe
                              else {"test": splits.test}, "L" if splits.channels == 1 else "RGB")
     selection = select_from_store(store.store_dir, out / layout.SELECTION, threshold=p.threshold,
                                   balance=p.balance, per_class=p.per_class, seed=labeling.select_seed,
-                                  heldout=heldout, dedup_distance=p.dedup_distance)
+                                  heldout=heldout, dedup_distance=p.dedup_distance,
+                                  threshold_mode=p.threshold_mode)
     write_json_atomic(out / layout.SELECTION_SUMMARY, selection.summary())
-    log.info(f"[{name}] kept {sum(selection.kept_per_class)}/{store.num_rows} above threshold {p.threshold}; "
+    log.info(f"[{name}] kept {sum(selection.kept_per_class)}/{store.num_rows} above threshold {p.threshold}"
+             f"{' (scaled per class)' if p.threshold_mode == 'per-class' else ''}; "
              f"{selection.num_selected} images ({selection.num_unique} unique) "
              f"{'balanced to K=' + str(selection.per_class) if selection.per_class else 'unbalanced'}")
     if tracking is not None:
@@ -561,10 +569,19 @@ def _run_context(env: Env, stage: ResolvedStage, history: StageHistory) -> RunCo
                       precision_cache=env.precision_cache)
 
 
-def _measure(model, test_size: int, env: Env, data_cfg: dict | None = None) -> dict:
-    """Val and test top-1/top-5 at the stage's test resolution (the reported numbers)."""
-    val = evaluate_classifier(model, env.clean(env.splits.val, test_size, data_cfg), env.ctx.device, ctx=env.ctx,
-                              num_workers=env.num_workers, cache=env.eval_cache)
+def _best_epoch_val(outcome: TrainOutcome) -> dict | None:
+    """The validation top-1/top-5 of the weights training kept (its best epoch's evaluation record),
+    None when it kept none (epochs 0)."""
+    record = next((r for r in outcome.history if r["epoch"] == outcome.best_epoch), None)
+    return None if record is None else {"top1": record["val_top1"], "top5": record["val_top5"]}
+
+
+def _measure(model, test_size: int, env: Env, data_cfg: dict | None = None, known_val: dict | None = None) -> dict:
+    """Val and test top-1/top-5 at the stage's test resolution (the reported numbers). ``known_val``:
+    the validation numbers when training already measured these weights on this set at this size
+    (the same evaluation: the same cached batches, weights and layout), which saves a pass."""
+    val = known_val or evaluate_classifier(model, env.clean(env.splits.val, test_size, data_cfg), env.ctx.device,
+                                           ctx=env.ctx, num_workers=env.num_workers, cache=env.eval_cache)
     test = evaluate_classifier(model, env.clean(env.splits.test, test_size, data_cfg), env.ctx.device, ctx=env.ctx,
                                num_workers=env.num_workers, cache=env.eval_cache)
     return {"val_top1": val["top1"], "val_top5": val["top5"], "test_top1": test["top1"], "test_top5": test["top5"]}

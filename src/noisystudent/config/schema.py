@@ -130,6 +130,10 @@ class TrainConfig:
     keep_checkpoints: int = _opt(2, "Resumable checkpoints kept per stage.", min=1)
 
 
+TTA_MODES = ("none", "flip")
+THRESHOLD_MODES = ("global", "per-class")
+
+
 @dataclass
 class PseudoLabelConfig:
     temperature: float = _opt(1.0, "Softmax temperature of the teacher's soft labels (paper: 1).", min=1e-3)
@@ -159,6 +163,17 @@ class PseudoLabelConfig:
                                "as a copy (0: identical hashes only). 6 finds 99.2% of JPEG q75 re-encodes of 28 px "
                                "test images (4: 98.9%) and drops 0.003% of a 10^5-image pool wrongly "
                                "(docs/benchmarks.md).", min=0, max=63)
+    calibrate: bool = _opt(False, "Before the threshold, fit a temperature T_cal on the labeled validation split "
+                           "(minimum NLL of the teacher's logits / T_cal), so a threshold of 0.3 means a "
+                           "calibrated 30%; the pool is labeled at T_cal x temperature. The teacher's expected "
+                           "calibration error before and after is in label-i/calibration.json and the report.")
+    tta: str = _opt("none", "Test-time augmentation of the teacher's labels: flip averages its probabilities over "
+                    "the clean image and its horizontal flip (needs data.flip: true, where a flip keeps the "
+                    "label); none: the clean image only.", choices=TTA_MODES)
+    threshold_mode: str = _opt("global", "global: one threshold for every class; per-class: each predicted "
+                               "class's threshold is the threshold x (its mean confidence / the mean confidence of "
+                               "the whole pool), so classes the teacher is less sure of are not emptied (logged "
+                               "in select-i/selection.json).", choices=THRESHOLD_MODES)
 
 
 @dataclass
@@ -455,6 +470,9 @@ def _check_consistency(cfg: Config) -> None:
         raise ConfigError("config key 'data.name' is required when data.source is torchvision")
     if cfg.data.source == "image-folder" and not cfg.data.train_dir:
         raise ConfigError("config key 'data.train_dir' is required when data.source is image-folder")
+    if cfg.pseudo.tta == "flip" and not cfg.data.flip:  # refused, not ignored: the user asked for it
+        raise ConfigError("config key 'pseudo.tta': flip averages over mirrored images, which keeps the label "
+                          "only where data.flip is true (set it, or pseudo.tta: none)")
     known = {"clean", "corruptions", "perturbations", "natural-adversarial", "fgsm", "pgd"}
     for s in cfg.evaluate.suites:
         if s not in known:

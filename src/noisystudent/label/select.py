@@ -5,7 +5,10 @@ The paper's rule, over a pseudo-label store (:mod:`noisystudent.label.store`) of
 0. pool hygiene (optional, on in the pipeline): drop images that are exact or near copies of a
    held-out (validation or test) image: the same content hash, or perceptual hashes at most
    ``dedup_distance`` bits apart (:mod:`noisystudent.label.hashing`); :func:`find_duplicates`;
-1. drop images whose top-1 confidence is below ``threshold``;
+1. drop images whose top-1 confidence is below ``threshold``; with ``threshold_mode="per-class"``
+   the threshold of images predicted as class ``c`` is ``threshold * mean_c / mean`` (clipped to
+   [0, 1]), ``mean_c`` the mean top-1 confidence of the images predicted as ``c`` and ``mean`` that
+   of all images (:func:`per_class_thresholds`), so a class the teacher is less sure of keeps images;
 2. balance (optional): keep the ``K`` most confident images of each predicted class (ties go to
    the earlier image in store order: shard, then position in the shard), and duplicate the images
    of a class with ``n < K`` images until it has exactly ``K``: every image gets ``K // n`` copies
@@ -45,7 +48,7 @@ import pyarrow.parquet as pq
 
 from ..runtime.errors import ConfigError, DamagedOutputError, DataError, error_reason
 from ..runtime.files import atomic_write
-from ..config.schema import PseudoLabelConfig
+from ..config.schema import THRESHOLD_MODES, PseudoLabelConfig
 from .hashing import PHASH_BITS
 from .store import HASH_COLUMNS, LabelStore
 
@@ -75,6 +78,8 @@ class Selection:
     hard: bool
     store: dict  # identity of the store it was selected from (teacher, source, num_rows)
     dedup: dict | None = field(default=None)  # what pool hygiene dropped (None: not run)
+    threshold_mode: str = "global"
+    thresholds_per_class: list[float] | None = None  # per-class mode: each predicted class's threshold
 
     @property
     def num_selected(self) -> int:
@@ -88,7 +93,8 @@ class Selection:
     def summary(self) -> dict:
         return {"num_selected": self.num_selected, "num_unique": self.num_unique, "per_class": self.per_class,
                 "num_below_threshold": self.num_below_threshold, "kept_per_class": list(self.kept_per_class),
-                "selected_per_class": list(self.selected_per_class), "dedup": self.dedup}
+                "selected_per_class": list(self.selected_per_class), "dedup": self.dedup,
+                "threshold_mode": self.threshold_mode, "thresholds_per_class": self.thresholds_per_class}
 
     @classmethod
     def open(cls, path: Path | str) -> "Selection":
@@ -109,7 +115,8 @@ class Selection:
         return cls(path=path, per_class=s["per_class"], kept_per_class=s["kept_per_class"],
                    selected_per_class=s["selected_per_class"], num_below_threshold=s["num_below_threshold"],
                    num_unique=s["num_unique"], num_classes=meta["num_classes"], top_k=meta["top_k"],
-                   hard=meta["hard"], store=meta["store"], dedup=s.get("dedup"))
+                   hard=meta["hard"], store=meta["store"], dedup=s.get("dedup"),
+                   threshold_mode=s.get("threshold_mode", "global"), thresholds_per_class=s.get("thresholds_per_class"))
 
 
 def _store_read_error(store: LabelStore, error: Exception) -> DataError:
@@ -148,13 +155,15 @@ def select_from_store(store_dir: Path | str, out_path: Path | str, *, threshold:
                       balance: bool = True, per_class: int | None = None, seed: int = 0,
                       memory_limit: str = "1GB", threads: int | None = None, heldout: Path | str | None = None,
                       dedup_distance: int = PseudoLabelConfig.dedup_distance,
-                      bands: int | None = None) -> Selection:
+                      bands: int | None = None, threshold_mode: str = "global") -> Selection:
     """Select from a complete store into ``out_path`` (selection.parquet) and its expanded twin.
 
     ``heldout``: a Parquet file of held-out image hashes (:func:`~noisystudent.label.hashing.
     write_heldout_hashes`); pool images that are copies of one of them (:func:`find_duplicates`,
     within ``dedup_distance`` bits; ``bands`` forces the band layout, for tests) are dropped
     before the threshold, and the summary's ``dedup`` says how many and shows examples.
+    ``threshold_mode``: ``global`` (one threshold) or ``per-class`` (:func:`per_class_thresholds`,
+    recorded in the summary's ``thresholds_per_class``).
     Memory is bounded by ``memory_limit`` (DuckDB spills to a temp folder beside ``out_path``), not
     by the size of the store. Returns the :class:`Selection`.
     """
@@ -162,6 +171,8 @@ def select_from_store(store_dir: Path | str, out_path: Path | str, *, threshold:
         raise ConfigError(f"pseudo.threshold must be in [0, 1], got {threshold}")
     if per_class is not None and per_class < 1:
         raise ConfigError(f"pseudo.per_class must be >= 1, got {per_class}")
+    if threshold_mode not in THRESHOLD_MODES:
+        raise ConfigError(f"pseudo.threshold_mode must be one of {', '.join(THRESHOLD_MODES)}, got {threshold_mode!r}")
     if not 0 <= dedup_distance < PHASH_BITS:
         raise ConfigError(f"pseudo.dedup_distance must be in [0, {PHASH_BITS - 1}], got {dedup_distance}")
     store = LabelStore.open(store_dir, require_complete=True)
@@ -189,6 +200,14 @@ def select_from_store(store_dir: Path | str, out_path: Path | str, *, threshold:
                 dropped = con.execute(f"SELECT {_POS_SQL} AS pos FROM dropped ORDER BY pos").fetchnumpy()["pos"]
         # float32 comparison, as the store holds float32 confidences; repr() round-trips the double
         above = f"confidence >= CAST({float(threshold)!r} AS FLOAT)"
+        thresholds = None
+        if threshold_mode == "per-class":
+            thresholds = per_class_thresholds(con, source, threshold, h.num_classes)
+            listed = ", ".join(repr(t) for t in thresholds)
+            # a class outside the store's classes gets the global threshold, so the check below names it
+            above = (f"confidence >= COALESCE(list_extract(CAST([{listed}] AS FLOAT[]), predicted + 1), "
+                     f"CAST({float(threshold)!r} AS FLOAT))")
+            log.info("per-class thresholds: " + ", ".join(f"{c}: {t:.3f}" for c, t in enumerate(thresholds)))
         # `kept` (copies dropped) feeds the counts and the cut-off sort; the final scan reads `scan`,
         # a plain filtered scan, because a join does not keep store order: _write_outputs drops the
         # copies from it by position.
@@ -207,8 +226,9 @@ def select_from_store(store_dir: Path | str, out_path: Path | str, *, threshold:
         query, params = _selection_query(con, kept, k, f"{seed}:") if balance else (_UNBALANCED, {})
         meta = {"summary": None, "num_classes": h.num_classes, "top_k": h.top_k, "hard": h.hard,
                 "threshold": threshold, "balance": balance, "seed": seed, "store": store_identity(store)}
+        thresholding = {"threshold_mode": threshold_mode, "thresholds_per_class": thresholds}
         selected, unique = _write_outputs(con, query, params, out_path, h.num_classes, meta,
-                                          kept, k, num_rows - int(kept.sum()), dedup, dropped)
+                                          kept, k, num_rows - int(kept.sum()), dedup, dropped, thresholding)
     except duckdb.Error as e:
         raise _store_read_error(store, e) from None
     finally:
@@ -217,7 +237,25 @@ def select_from_store(store_dir: Path | str, out_path: Path | str, *, threshold:
     return Selection(path=out_path, per_class=k, kept_per_class=kept.tolist(), selected_per_class=selected.tolist(),
                      num_below_threshold=num_rows - int(kept.sum()), num_unique=unique,
                      num_classes=h.num_classes, top_k=h.top_k, hard=h.hard, store=store_identity(store),
-                     dedup=dedup)
+                     dedup=dedup, threshold_mode=threshold_mode, thresholds_per_class=thresholds)
+
+
+def per_class_thresholds(con, source: str, threshold: float, num_classes: int) -> list[float]:
+    """``pseudo.threshold_mode: per-class``: each predicted class's threshold, ``threshold x
+    (its mean top-1 confidence / the mean over all rows of ``source``)``, clipped to [0, 1].
+
+    Scaling by the mean (rather than, say, a per-class quantile) keeps the configured threshold's
+    meaning on average, keeps it fixed where the teacher is equally sure of every class, and lowers
+    it in proportion for a class whose images all score low (a hard or under-represented class),
+    which a global threshold would empty. A class with no images keeps ``threshold``."""
+    rows = con.execute(f"SELECT predicted, avg(confidence), count(*) FROM {source} GROUP BY predicted").fetchall()
+    total = sum(n for _, _, n in rows)
+    overall = sum(m * n for _, m, n in rows) / total if total else 0.0
+    out = [float(threshold)] * num_classes
+    for c, mean, _ in rows:
+        if 0 <= c < num_classes and overall > 0:
+            out[c] = float(min(1.0, max(0.0, threshold * mean / overall)))
+    return out
 
 
 _COLUMNS_SQL = "key, shard, \"index\", predicted, confidence, topk_class, topk_prob"
@@ -287,7 +325,7 @@ def _selection_query(con, kept: np.ndarray, k: int, seed: str) -> tuple[str, dic
 
 def _write_outputs(con, query: str, params: dict, out_path: Path, num_classes: int, meta: dict,
                    kept: np.ndarray, k: int | None, below: int, dedup: dict | None = None,
-                   dropped: np.ndarray | None = None) -> tuple[np.ndarray, int]:
+                   dropped: np.ndarray | None = None, thresholding: dict | None = None) -> tuple[np.ndarray, int]:
     """Stream the query's rows into selection.parquet and the expanded selection.arrow (record
     batches of exactly EXPANDED_BATCH_ROWS rows but the last, so row i is in batch i // that).
     Rows at the sorted positions ``dropped`` (copies of held-out images) are left out.
@@ -328,7 +366,8 @@ def _write_outputs(con, query: str, params: dict, out_path: Path, num_classes: i
                     expanded.write_batch(rest.to_batches()[0])
                 meta["summary"] = {"num_selected": int(selected.sum()), "num_unique": unique, "per_class": k,
                                    "num_below_threshold": int(below), "kept_per_class": kept.tolist(),
-                                   "selected_per_class": selected.tolist(), "dedup": dedup}
+                                   "selected_per_class": selected.tolist(), "dedup": dedup,
+                                   **(thresholding or {"threshold_mode": "global", "thresholds_per_class": None})}
                 writer.add_key_value_metadata({SELECTION_METADATA_KEY.decode(): json.dumps(meta)})
 
         atomic_write(out_path.with_suffix(EXPANDED_SUFFIX), write_expanded)

@@ -5,6 +5,8 @@
   calibration, and three plots: the confidence histogram, per-class counts before and after the
   threshold and balancing, and the reliability diagram.
   Pool hygiene: the pool images dropped as copies of validation or test images (:func:`hygiene_blocks`).
+  Calibration: the temperature fitted on validation and the teacher's ECE before and after, and the
+  per-class thresholds (:func:`calibration_blocks`; ``pseudo.calibrate``, ``pseudo.threshold_mode``).
 * **A look at the pseudo labels**: per iteration, the teacher's confusion matrix on the probe
   (the labeled validation split labeled the same way), its most frequent confusions, and, when
   the report can read the pool's images, thumbnail strips by class (:mod:`.gallery`).
@@ -12,6 +14,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -20,6 +23,7 @@ from . import plots
 from .collect import RunData
 from .document import Figures, Heading, Plot, Row, Section, Table, Text, fmt, fmt_int, fmt_pct, is_num
 from .gallery import ImageLoader, pseudo_label_gallery
+from ..runtime.rundir import CALIBRATION, label_stage
 
 RELIABILITY_BINS = 10
 TOP_CONFUSIONS = 8
@@ -65,6 +69,7 @@ def pseudo_section(run: RunData) -> Section:
                     "threshold and kept acc. the accuracy of those kept.")
     blocks: list = [Table(columns, rows, [True, False] + [True] * (len(columns) - 2), caption)]
     blocks += hygiene_blocks(run)
+    blocks += calibration_blocks(run)
     if not has_probe:
         blocks.append(Text("No probe files (`label-i/probe.parquet`): this run did not record the teacher's "
                            "predictions on labeled images, so the reliability diagram and pseudo-label accuracy "
@@ -112,6 +117,52 @@ def pseudo_section(run: RunData) -> Section:
         elif lab is None and it.selection is None:
             blocks.append(Text("Nothing recorded for this iteration yet.", "note"))
     return Section("pseudo-labels", "Pseudo labels", blocks)
+
+
+def _read_calibration(run: RunData, index: int) -> dict | None:
+    """``label-i/calibration.json``, or None (absent, or damaged: noted in the report's problems)."""
+    path = run.root / label_stage(index) / CALIBRATION
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        run.problems.append(f"{path}: unreadable ({type(e).__name__})")
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def calibration_blocks(run: RunData) -> list:
+    """Per iteration: the temperature calibrated on the validation split and the teacher's expected
+    calibration error before and after (``pseudo.calibrate``), and per-class thresholds
+    (``pseudo.threshold_mode: per-class``). Empty when neither ran."""
+    blocks: list = []
+    cals = [(it, c) for it in run.iterations if (c := _read_calibration(run, it.index)) is not None]
+    if cals:
+        rows = [[str(it.index), fmt(c.get("temperature"), 3), fmt(c.get("labeling_temperature"), 3),
+                 fmt_int(c.get("n")), fmt(100 * c["ece_before"], 2) if is_num(c.get("ece_before")) else "–",
+                 fmt(100 * c["ece_after"], 2) if is_num(c.get("ece_after")) else "–",
+                 fmt(c.get("nll_before"), 3), fmt(c.get("nll_after"), 3)] for it, c in cals]
+        bins = cals[-1][1].get("bins", "–")
+        blocks += [Heading("Calibrated temperature", "calibration"),
+                   Table(["iteration", "T_cal", "labeling T", "val images", "ECE before", "ECE after",
+                          "NLL before", "NLL after"], rows, [True] * 8,
+                         "The teacher's temperature T_cal, fitted on the labeled validation split (the NLL of "
+                         "softmax(logits / T_cal) at its minimum) before labeling, so the threshold reads as a "
+                         f"calibrated probability; labeling T = T_cal x pseudo.temperature. ECE: expected "
+                         f"calibration error (%, {bins} bins) on the same split, before and after; 'after' is "
+                         "measured on the images the temperature was fitted on (`pseudo.calibrate`).")]
+    per_class = [(it, it.selection["thresholds_per_class"]) for it in run.iterations
+                 if isinstance(it.selection, dict) and isinstance(it.selection.get("thresholds_per_class"), list)]
+    if per_class:
+        n = max(len(t) for _, t in per_class)
+        blocks += [Heading("Per-class thresholds", "per-class-thresholds"),
+                   Table(["iteration"] + [run.class_name(c) for c in range(n)],
+                         [[str(it.index)] + [fmt(v, 3) for v in t] for it, t in per_class], [True] * (n + 1),
+                         "Each predicted class's confidence threshold: the threshold x (the class's mean top-1 "
+                         "confidence / the pool's), so classes the teacher is less sure of keep images "
+                         "(`pseudo.threshold_mode: per-class`).")]
+    return blocks
 
 
 def hygiene_blocks(run: RunData) -> list:

@@ -105,6 +105,7 @@ MODEL = "model.pt"  # training stages
 METRICS = "metrics.json"  # training stages: the summary row
 HISTORY = "metrics.jsonl"  # training stages: one record per epoch
 PROBE = "probe.parquet"  # label stages: the teacher on the labeled val split (confidence, predicted, target)
+CALIBRATION = "calibration.json"  # label stages: the fitted temperature, the teacher's ECE on val before/after (pseudo.calibrate)
 SELECTION = "selection.parquet"  # select stages: key, copies, top-k classes and probabilities
 SELECTION_SUMMARY = "selection.json"  # select stages: counts per class, K, what pool hygiene dropped
 HELDOUT_HASHES = "heldout_hashes.parquet"  # select stages: the val/test images' hashes the pool is cleaned of

@@ -396,7 +396,7 @@ def test_a_finished_label_stage_with_a_damaged_shard_labels_it_again(labeled_run
     assert main(["select", str(run), "--quiet"]) == 0
     err = capsys.readouterr().err
     assert (f"[label-1] finished earlier, but pseudo-label store {run / 'label-1'} is incomplete: 3 of 4 shards "
-            "finished or intact") in err and "running it again" in err
+            "finished and intact") in err and "running it again" in err
     original = pq.read_table(labeled_run / "label-1" / "shards" / "part-000001.parquet")
     assert pq.read_table(shard).equals(original)
     assert (run / "select-1" / "selection.parquet").is_file()

@@ -230,7 +230,9 @@ def write_atomic(path: Path, data: bytes) -> None:
 
 
 def remove_stale_temp_files(store_dir: Path) -> int:
-    """Delete half-written files left by a killed run (call before any rank starts writing)."""
+    """Delete half-written files left by a killed run, and the completion records of shards whose
+    file is no longer the size it was written with (cut short or overwritten since), so a resumed
+    labeling run labels them again (call before any rank starts writing)."""
     n = 0
     for sub in (SHARD_DIR, DONE_DIR, "."):
         folder = store_dir / sub
@@ -238,7 +240,15 @@ def remove_stale_temp_files(store_dir: Path) -> int:
             for p in folder.glob(".*.tmp"):
                 p.unlink(missing_ok=True)
                 n += 1
+    for rec in _cut_shards(store_dir, read_manifest(store_dir).shards):
+        _done_file(store_dir, rec.index).unlink(missing_ok=True)
+        n += 1
     return n
+
+
+def _cut_shards(store_dir: Path, shards: Sequence["ShardRecord"]) -> list["ShardRecord"]:
+    """Finished shards whose Parquet file is not the size their record says (one stat each)."""
+    return [rec for rec in shards if (Path(store_dir) / rec.file).stat().st_size != rec.bytes]
 
 
 def read_header(store_dir: Path) -> StoreHeader | None:
@@ -274,10 +284,7 @@ def read_manifest(store_dir: Path) -> StoreManifest:
     records = []
     for path in sorted((store_dir / DONE_DIR).glob("part-*.json")):
         rec = ShardRecord.from_dict(_read_done(path))
-        data = store_dir / rec.file
-        # a record whose data vanished or was cut short (not the size it was written with) does not
-        # count: the shard is pending again, and a resumed labeling run labels it again
-        if data.is_file() and data.stat().st_size == rec.bytes:
+        if (store_dir / rec.file).is_file():  # a record whose data vanished does not count
             records.append(rec)
     records.sort(key=lambda r: r.index)
     return StoreManifest(store_dir=store_dir, header=header, num_shards=int(header.source["num_shards"]),
@@ -407,9 +414,11 @@ class LabelStore:
     def open(cls, store_dir: Path | str, require_complete: bool = False) -> "LabelStore":
         """Open a store; ``require_complete`` refuses one whose labeling has not finished."""
         manifest = read_manifest(Path(store_dir))
-        if require_complete and not manifest.complete:  # in a run, the runner labels the missing shards again
-            raise DamagedOutputError(f"pseudo-label store {store_dir} is incomplete: {len(manifest.shards)} of "
-                                     f"{manifest.num_shards} shards finished or intact (resume the labeling run)")
+        # in a run, the runner labels missing and cut shards again (the labeler forgets cut ones)
+        if require_complete and (not manifest.complete or _cut_shards(store_dir, manifest.shards)):
+            intact = len(manifest.shards) - len(_cut_shards(store_dir, manifest.shards))
+            raise DamagedOutputError(f"pseudo-label store {store_dir} is incomplete: {intact} of "
+                                     f"{manifest.num_shards} shards finished and intact (resume the labeling run)")
         return cls(Path(store_dir), manifest)
 
     @property

@@ -52,3 +52,28 @@ def test_phase_clock_and_breakdown():
     assert "teacher" in format_phases(phases) and "start-up 1.5s" in format_phases(phases)
     started = process_start()
     assert started is None or time.time() - 7 * 86400 < started <= time.time()  # this process began before now
+
+
+@pytest.mark.slow
+def test_final_measurement_reuses_the_best_epochs_validation_with_the_same_numbers(tmp_path, monkeypatch):
+    """At the training size the final validation numbers are the best epoch's record (a pass
+    saved); measured again instead, they are the same, bit for bit."""
+    import noisystudent.pipeline as pipeline
+    from _tiny import tiny
+    from noisystudent.config.schema import load_config
+
+    cfg = load_config(None, tiny("students=[]", "baseline.enabled=false", "teacher.epochs=2"))
+    passes = []
+    evaluate = pipeline.evaluate_classifier
+    monkeypatch.setattr(pipeline, "evaluate_classifier", lambda *a, **k: passes.append(1) or evaluate(*a, **k))
+    reused = pipeline.run_pipeline(cfg, tmp_path / "reused", progress=False)
+    assert len(passes) == 1  # after training: the test split only
+    monkeypatch.setattr(pipeline, "_best_epoch_val", lambda outcome: None)  # the pass it saves, made
+    measured = pipeline.run_pipeline(cfg, tmp_path / "measured", progress=False)
+    assert len(passes) == 3  # val and test
+    keys = ("val_top1", "val_top5", "test_top1", "test_top5")
+    (a,), (b,) = reused["stages"], measured["stages"]
+    assert [a[k] for k in keys] == [b[k] for k in keys]
+    history = [json.loads(line) for line in (tmp_path / "reused" / "teacher" / "metrics.jsonl").read_text().splitlines()]
+    best = next(r for r in history if r.get("epoch") == a["best_epoch"] and "val_top1" in r)
+    assert (a["val_top1"], a["val_top5"]) == (best["val_top1"], best["val_top5"])

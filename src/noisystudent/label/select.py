@@ -207,7 +207,10 @@ def select_from_store(store_dir: Path | str, out_path: Path | str, *, threshold:
             # a class outside the store's classes gets the global threshold, so the check below names it
             above = (f"confidence >= COALESCE(list_extract(CAST([{listed}] AS FLOAT[]), predicted + 1), "
                      f"CAST({float(threshold)!r} AS FLOAT))")
-            log.info("per-class thresholds: " + ", ".join(f"{c}: {t:.3f}" for c, t in enumerate(thresholds)))
+            log.info("per-class thresholds: " + (", ".join(f"{c}: {t:.3f}" for c, t in enumerate(thresholds))
+                                                 if len(thresholds) <= 20 else
+                                                 f"{min(thresholds):.3f} to {max(thresholds):.3f} over "
+                                                 f"{len(thresholds)} classes (all in selection.json)"))
         # `kept` (copies dropped) feeds the counts and the cut-off sort; the final scan reads `scan`,
         # a plain filtered scan, because a join does not keep store order: _write_outputs drops the
         # copies from it by position.

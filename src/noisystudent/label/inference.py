@@ -1,5 +1,9 @@
-"""Streaming, sharded, resumable and distributed pseudo labeling into a label store (see
-:mod:`noisystudent.data.pool` for the unlabeled sources it reads)."""
+"""The teacher's side of pseudo labeling: pool shards batched in DataLoader workers
+(:class:`ShardBatches`, also used by :mod:`noisystudent.evaluate.predict`), the inference copy of
+the model and its top-k (:class:`Predictor`), the bf16 calibration; and :func:`label_to_store`,
+the one call that labels a pool into a store, streaming, sharded, resumable and distributed (the
+work and the coordination it runs are in :mod:`noisystudent.label.labeler`; the unlabeled sources
+in :mod:`noisystudent.data.pool`)."""
 
 from __future__ import annotations
 
@@ -7,7 +11,6 @@ import copy
 import hashlib
 import os
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
@@ -21,14 +24,13 @@ from ..config.schema import PseudoLabelConfig
 from ..data.device_input import DeviceInput
 from ..data.pool import UnlabeledSource, decode_image
 from ..data.transforms import ImageTransform, Normalize
-from ..runtime.distributed import DistContext, all_reduce_sum, barrier, broadcast_object, shard_indices
+from ..runtime.distributed import DistContext
 from ..runtime.errors import ConfigError, DataError, error_reason
-from .store import (StoreHeader, StoreManifest, consolidate, read_header, read_manifest,
-                    remove_stale_temp_files, write_header, write_shard, iter_bad_images)
 from ..runtime.precision import BF16_MIN_SPEEDUP  # the speed bar training's `auto` applies too
-from ..runtime.progress import progress_bar
-from .hashing import hash_inputs, pack_hashes, unpack_hashes
+from .hashing import hash_inputs, pack_hashes
 from .jpeg_decode import DECODERS, DecodeAndTransform, EncodedOrDecoded, GpuJpegDecoder, choose_decoder
+from .labeler import Labeler, LabelingCoordinator, LabelingPlan, plan_labeling
+from .store import StoreHeader, StoreManifest
 
 BF16_MIN_AGREEMENT = 0.999  # bf16 must agree with fp32 on at least this share of top-1 labels
 CALIBRATION_IMAGES = 1024
@@ -321,40 +323,47 @@ def model_fingerprint(model: nn.Module) -> str:
 # ----------------------------------------------------------------------------- labeling
 
 
-@dataclass
-class _ShardBuffer:
-    """Predictions of one shard while its batches come in."""
+class ShardLoader:
+    """A rank's shards as batches on the device: :class:`ShardBatches` read in ``num_workers``
+    DataLoader workers, then copied through ``device_input`` (pinned, one batch ahead on CUDA)."""
 
-    keys: list[str] = field(default_factory=list)
-    pos: list[int] = field(default_factory=list)
-    idx: list[np.ndarray] = field(default_factory=list)
-    prob: list[np.ndarray] = field(default_factory=list)
-    bad: list[tuple[str, str]] = field(default_factory=list)
-    hashes: list[np.ndarray] = field(default_factory=list)  # (n, 2) uint64 per batch, when hashing
+    def __init__(self, source: UnlabeledSource, load: Callable, batch_size: int, num_workers: int,
+                 device_input: DeviceInput, stack: bool = True, hash_mode: str | None = None):
+        self.source, self.load, self.batch_size, self.num_workers = source, load, batch_size, num_workers
+        self.device_input, self.stack, self.hash_mode = device_input, stack, hash_mode
+
+    def __call__(self, shards: list[int]) -> Iterator[dict]:
+        workers = min(self.num_workers, len(shards))  # a worker without a shard would only cost memory
+        loader = DataLoader(ShardBatches(self.source, shards, self.load, self.batch_size, stack=self.stack,
+                                         hash_mode=self.hash_mode),
+                            batch_size=None, num_workers=workers, pin_memory=self.device_input.device.type == "cuda",
+                            prefetch_factor=2 if workers else None)
+        return self.device_input.batches(loader)
 
 
-def _setup_store(store_dir: Path, source: UnlabeledSource, predictor: Predictor, load: Callable,
-                 requested: dict, precision: str, batch_size: int) -> tuple[StoreHeader, list[int], dict]:
-    """Rank 0: create or validate the store header, clean up a killed run; list pending shards."""
-    header = read_header(store_dir)
-    wanted = StoreHeader(precision="", source=source.fingerprint(), **requested)
-    info: dict = {}
-    if header is not None:
-        diff = header.differences(wanted, ignore=("precision",))
-        if diff:
-            raise DataError(f"pseudo-label store {store_dir} was made by a different labeling run "
-                            f"({'; '.join(diff)}); use a new store directory")
-        if precision != "auto" and precision != header.precision:
-            raise DataError(f"pseudo-label store {store_dir} was labeled with precision "
-                            f"{header.precision}, not {precision}; resume with precision='auto'")
-        remove_stale_temp_files(store_dir)
-    else:
-        if precision == "auto":
-            precision, info = calibrate_precision(predictor, _calibration_batches(source, load, batch_size))
-        header = StoreHeader(precision=precision, source=wanted.source, **requested)
-        write_header(store_dir, header)
-    pending = read_manifest(store_dir).pending()
-    return header, pending, info
+def _check_options(precision: str, temperature: float, top_k: int, batch_size: int, decode: str,
+                   device: torch.device) -> None:
+    """One-line ConfigErrors for labeling options no run can use."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if temperature <= 0:
+        raise ConfigError(f"temperature must be > 0, got {temperature}")
+    if top_k < 1 or batch_size < 1:
+        raise ConfigError("top_k and batch_size must be >= 1")
+    if decode not in DECODERS:
+        raise ConfigError(f"decode must be one of {DECODERS}, got {decode!r}")
+    if decode == "cuda" and device.type != "cuda":
+        raise ConfigError(f"decode='cuda' needs a CUDA device, labeling runs on {device}")
+
+
+def _choose_decoding(plan: LabelingPlan, decode: str, hashes: bool, device: torch.device, transform: Callable,
+                     source: UnlabeledSource, num_workers: int, logits: Callable) -> tuple[bool, dict]:
+    """Rank 0: whether the pool's JPEGs are decoded on the GPU, and why (every rank decodes the same way)."""
+    if not plan.pending:
+        return False, {"decoder": "cpu", "reason": "nothing to label"}
+    if hashes and decode == "auto":
+        return False, {"decoder": "cpu", "reason": "image hashes need the image decoded on the CPU"}
+    return choose_decoder(decode, device, transform, source, num_workers, logits)
 
 
 def label_to_store(model: nn.Module, source: UnlabeledSource, store_dir: Path | str, *, transform: Callable,
@@ -383,20 +392,15 @@ def label_to_store(model: nn.Module, source: UnlabeledSource, store_dir: Path | 
     they need the image decoded on the CPU, so ``auto`` then decodes there.
     Unreadable images are skipped and listed in ``<store>/bad_images.tsv``.
     Returns the store's manifest, with this run's statistics in ``manifest.run``.
+
+    The one-call form of :mod:`noisystudent.label.labeler`: rank 0 plans (:func:`plan_labeling`),
+    each rank's :class:`Labeler` labels its shards, the :class:`LabelingCoordinator` makes every
+    collective call.
     """
     ctx = ctx or DistContext()
     device = torch.device(device) if device is not None else ctx.device
     store_dir = Path(store_dir)
-    if precision not in PRECISIONS:
-        raise ConfigError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    if temperature <= 0:
-        raise ConfigError(f"temperature must be > 0, got {temperature}")
-    if top_k < 1 or batch_size < 1:
-        raise ConfigError("top_k and batch_size must be >= 1")
-    if decode not in DECODERS:
-        raise ConfigError(f"decode must be one of {DECODERS}, got {decode!r}")
-    if decode == "cuda" and device.type != "cuda":
-        raise ConfigError(f"decode='cuda' needs a CUDA device, labeling runs on {device}")
+    _check_options(precision, temperature, top_k, batch_size, decode, device)
     num_workers = default_num_workers() if num_workers is None else int(num_workers)
     k = min(int(top_k), int(num_classes))
     split = isinstance(transform, ImageTransform)  # workers run its CPU part, the device normalises
@@ -405,127 +409,25 @@ def label_to_store(model: nn.Module, source: UnlabeledSource, store_dir: Path | 
     requested = dict(num_classes=int(num_classes), teacher=str(teacher), top_k=k,
                      temperature=float(temperature), hard=bool(hard))
 
-    if ctx.is_main:
-        store_dir.mkdir(parents=True, exist_ok=True)
-    source.prepare(store_dir / "source", ctx)
+    coordinator = LabelingCoordinator(ctx, store_dir)
+    coordinator.prepare(source)
     predictor = Predictor(prepare_model(model, device, channels_last, fold_bn), device, "fp32",
                           float(temperature), k, channels_last, transform.normalize if split else None)
 
-    setup: tuple | str = ""
-    if ctx.is_main:
-        try:
-            setup = _setup_store(store_dir, source, predictor, load, requested, precision, batch_size)
-        except (DataError, OSError) as e:
-            setup = str(e)
-    setup = broadcast_object(setup, ctx)  # an error on rank 0 stops every rank, not only rank 0
-    if isinstance(setup, str):
-        raise DataError(setup)
-    header, pending, calibration = setup
-    predictor.precision = header.precision
-    mine = [pending[i] for i in shard_indices(len(pending), ctx)]
-    decoding: tuple = (False, {"decoder": "cpu", "reason": "nothing to label"})
-    if ctx.is_main and pending and hashes and decode == "auto":
-        decoding = (False, {"decoder": "cpu", "reason": "image hashes need the image decoded on the CPU"})
-    elif ctx.is_main and pending:  # rank 0 measures, every rank decodes the same way
-        decoding = choose_decoder(decode, device, transform, source, num_workers, predictor.logits)
-    use_gpu, decode_info = broadcast_object(decoding, ctx)
-    decoder = GpuJpegDecoder(device, transform) if use_gpu else None
+    def calibrate() -> tuple[str, dict]:
+        return calibrate_precision(predictor, _calibration_batches(source, load, batch_size))
+
+    plan = coordinator.from_main(lambda: plan_labeling(
+        store_dir, StoreHeader(precision="", source=source.fingerprint(), **requested), precision, calibrate))
+    predictor.precision = plan.header.precision
+    use_gpu, decode_info = coordinator.from_main(lambda: _choose_decoding(
+        plan, decode, hashes, device, transform, source, num_workers, predictor.logits))
     if use_gpu:
         load = EncodedOrDecoded(transform.host)
-
-    start = time.perf_counter()
-    labeled, num_bad, shards_done = _label_shards(predictor, source, mine, store_dir, header, load, decoder,
-                                                  batch_size, num_workers, device, progress and ctx.is_main,
-                                                  hash_mode)
-    elapsed = time.perf_counter() - start
-    # Reduced on ctx.device: NCCL reduces GPU tensors only, gloo CPU ones.
-    totals = all_reduce_sum(torch.tensor([labeled, num_bad, shards_done], dtype=torch.int64, device=ctx.device),
-                            ctx).tolist()
-    elapsed = max(all_reduce_sum(torch.tensor([elapsed if r == ctx.rank else 0.0
-                                               for r in range(ctx.world_size)], dtype=torch.float64,
-                                              device=ctx.device), ctx).tolist())
-    run = {"images_labeled": totals[0], "images_bad": totals[1], "shards_labeled": totals[2],
-           "shards_skipped": header.source["num_shards"] - len(pending), "seconds": round(elapsed, 3),
-           "images_per_s": round(totals[0] / elapsed, 1) if elapsed > 0 else None,
-           "precision": header.precision, "calibration": calibration, "world_size": ctx.world_size,
-           "num_workers": num_workers, "batch_size": batch_size, "device": str(device), "decode": decode_info,
-           "image_hashes": hash_mode is not None}
-    barrier(ctx)  # every rank's shards are written before rank 0 lists them
-    manifest: StoreManifest | str = ""
-    if ctx.is_main:
-        manifest = consolidate(store_dir, run)
-        if not manifest.complete:  # on a shared filesystem every pending shard has a record now
-            manifest = (f"labeling finished but {manifest.num_shards - len(manifest.shards)} shard(s) of "
-                        f"{store_dir} have no record: is the store on a filesystem all ranks share?")
-        elif manifest.num_rows == 0:  # refused as a folder without images is: nothing to select from
-            manifest = _no_images(store_dir, manifest)
-    manifest = broadcast_object(manifest, ctx)
-    if isinstance(manifest, str):
-        raise DataError(manifest)
-    return manifest
-
-
-def _no_images(store_dir: Path, manifest: StoreManifest) -> str:
-    """Why a finished store holds no labeled image (an empty pool, or tars that are not tars)."""
-    first = next(iter_bad_images(store_dir, manifest.shards), None)
-    why = (f"{manifest.num_bad} unreadable, first {first[0]}: {first[1]} (all in {store_dir}/bad_images.tsv)"
-           if first else "its shards hold no items")
-    return f"the unlabeled pool has no readable images in its {manifest.num_shards} shard(s): {why}"
-
-
-def _label_shards(predictor: Predictor, source: UnlabeledSource, shards: list[int], store_dir: Path,
-                  header: StoreHeader, load: Callable, decoder: GpuJpegDecoder | None, batch_size: int,
-                  num_workers: int, device: torch.device, progress: bool,
-                  hash_mode: str | None = None) -> tuple[int, int, int]:
-    """Label ``shards`` (this rank's) and write each as soon as its last batch is predicted.
-    Batches reach the device through the predictor's :class:`DeviceInput` (pinned, copied one
-    ahead); with ``decoder`` the workers' encoded JPEGs are decoded there first."""
-    if not shards:
-        return 0, 0, 0
-    num_workers = min(num_workers, len(shards))  # a worker without a shard would only cost memory
-    loader = DataLoader(ShardBatches(source, shards, load, batch_size, stack=decoder is None, hash_mode=hash_mode),
-                        batch_size=None,
-                        num_workers=num_workers, pin_memory=device.type == "cuda",
-                        prefetch_factor=2 if num_workers else None)
-    lengths = [source.shard_length(s) for s in shards]
-    total = sum(lengths) if all(n is not None for n in lengths) else None
-    bar = progress_bar(None, desc="label", unit="img", total=total, enabled=progress)
-    buffers: dict[int, _ShardBuffer] = {}
-    labeled = num_bad = done = 0
-    try:
-        for batch in predictor.input.batches(loader):
-            buf = buffers.setdefault(batch["shard"], _ShardBuffer())
-            x, keys, pos = batch["x"], batch["keys"], batch["pos"]
-            hashes = unpack_hashes(batch["hashes"]) if batch["hashes"] is not None else None
-            buf.bad.extend(batch["bad"])
-            if decoder is not None and x is not None:
-                x, kept, failed = decoder(x)
-                buf.bad.extend((keys[i], reason) for i, reason in failed)
-                keys, pos = [keys[i] for i in kept], [pos[i] for i in kept]
-                hashes = hashes[kept] if hashes is not None else None
-            if x is not None:
-                idx, prob = predictor(x)
-                buf.keys.extend(keys)
-                buf.pos.extend(pos)
-                buf.idx.append(idx)
-                buf.prob.append(prob)
-                if hashes is not None:
-                    buf.hashes.append(hashes)
-            bar.update(len(batch["keys"]) + len(batch["bad"]))
-            if batch["last"]:
-                shard = batch["shard"]
-                del buffers[shard]
-                k = header.top_k
-                write_shard(store_dir, header, shard, source.shard_name(shard), buf.keys,
-                            np.concatenate(buf.idx) if buf.idx else np.empty((0, k), np.int32),
-                            np.concatenate(buf.prob) if buf.prob else np.empty((0, k), np.float32), buf.bad,
-                            positions=np.asarray(buf.pos, dtype=np.int64), items=batch["items"],
-                            hashes=(np.concatenate(buf.hashes) if buf.hashes else np.empty((0, 2), np.uint64))
-                            if hash_mode is not None else None)
-                labeled, num_bad, done = labeled + len(buf.keys), num_bad + len(buf.bad), done + 1
-                if total is None:  # unknown shard sizes: extrapolate from the shards seen so far
-                    bar.total = int((labeled + num_bad) / done * len(shards))
-                bar.set_postfix(shards=f"{done}/{len(shards)}", bad=num_bad, refresh=False)
-    finally:
-        bar.close()
-    return labeled, num_bad, done
+    labeler = Labeler(store_dir, plan.header, source,
+                      ShardLoader(source, load, batch_size, num_workers, predictor.input, not use_gpu, hash_mode),
+                      predictor, GpuJpegDecoder(device, transform) if use_gpu else None, hash_mode,
+                      progress and ctx.is_main)
+    settings = {"num_workers": num_workers, "batch_size": batch_size, "device": str(device),
+                "decode": decode_info, "image_hashes": hash_mode is not None}
+    return coordinator.run(labeler, plan, settings)

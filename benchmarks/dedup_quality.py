@@ -22,9 +22,13 @@ by the labeler, as files would be.
 3. Cost: ``--throughput-images`` pool images labeled with and without hashes, alternately,
    ``--repeats`` times each; the ratio of the best rates and of the median rates (the machine is
    shared, so single runs vary by 10% and more).
+4. Query scale (``--scale-rows N``; ``--scale-only`` skips 1-3): a store of N rows with random
+   hashes (written with the real writer, 8 shards) against ``--scale-heldout`` random held-out
+   hashes: ``select_from_store`` on one thread with and without the dedup, at each distance.
 
     python benchmarks/dedup_quality.py                      # 10^5 + 4 x 1000 images, ~10 min on 2 cores
     python benchmarks/dedup_quality.py --pool 3000 --planted 100 --throughput-images 2000   # smoke
+    python benchmarks/dedup_quality.py --scale-only --scale-rows 2000000 --scale-heldout 100000 --distances 4 6
 
 The last line printed is a JSON object.
 """
@@ -119,6 +123,45 @@ def label(pool: EncodedImages, store: Path, hashes: bool, model, shard_size: int
     return len(pool) / seconds
 
 
+def query_scale(rows: int, num_heldout: int, distances: list[int], seed: int) -> dict:
+    """Seconds of select_from_store with and without the dedup on a store of random hashes."""
+    from noisystudent.label.store import StoreHeader, write_header, write_shard
+    import pyarrow as pa
+
+    rng = np.random.default_rng(seed)
+    work = Path(tempfile.mkdtemp(prefix="dedup-scale-"))
+    shards = 8
+    header = StoreHeader(num_classes=10, teacher="bench", top_k=2, temperature=1.0, hard=False, precision="fp32",
+                         source={"kind": "bench", "num_shards": shards})
+    out: dict = {"rows": rows, "heldout": num_heldout}
+    try:
+        write_header(work / "store", header)
+        for i in range(shards):
+            n = rows // shards + (1 if i < rows % shards else 0)
+            probs = rng.dirichlet(np.ones(10), n).astype(np.float32)
+            top = np.argsort(-probs, 1)[:, :2]
+            hashes = rng.integers(0, 2**63, (n, 2), dtype=np.int64).astype(np.uint64) * np.uint64(2)
+            write_shard(work / "store", header, i, f"s{i}", [f"{i}/{j}" for j in range(n)], top,
+                        np.take_along_axis(probs, top, 1), hashes=hashes)
+        random64 = lambda: pa.array(rng.integers(0, 2**63, num_heldout).astype(np.uint64) * np.uint64(2), pa.uint64())
+        pq.write_table(pa.table({"split": ["test"] * num_heldout, "index": np.arange(num_heldout),
+                                 "content_hash": random64(), "phash": random64()}), work / "held.parquet")
+        t = time.perf_counter()
+        select_from_store(work / "store", work / "plain" / "selection.parquet", threshold=0.3, threads=1)
+        out["without_dedup_s"] = round(time.perf_counter() - t, 1)
+        for d in distances:
+            t = time.perf_counter()
+            sel = select_from_store(work / "store", work / f"d{d}" / "selection.parquet", threshold=0.3, threads=1,
+                                    heldout=work / "held.parquet", dedup_distance=d)
+            out[f"distance_{d}"] = {"seconds": round(time.perf_counter() - t, 1), "bands": sel.dedup["bands"],
+                                    "dropped": sel.dedup["dropped"]}
+            print(f"scale: {rows} rows x {num_heldout} held-out, distance {d}: {out[f'distance_{d}']} "
+                  f"(without dedup {out['without_dedup_s']}s)", flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--pool", type=int, default=100_000, help="procedural background images")
@@ -129,7 +172,15 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--shard-size", type=int, default=8192)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1, help="torch threads of the labeling process")
+    ap.add_argument("--scale-rows", type=int, default=0, help="also time the query on a store of this many rows")
+    ap.add_argument("--scale-heldout", type=int, default=100_000)
+    ap.add_argument("--scale-only", action="store_true", help="only the query-scale measurement")
     args = ap.parse_args(argv)
+    if args.scale_only:
+        result = {"scale": query_scale(args.scale_rows, args.scale_heldout, args.distances, args.seed),
+                  "seed": args.seed, "cpu": cpu_description()}
+        print(json.dumps(result))
+        return result
     torch.set_num_threads(args.threads)
     rng = np.random.default_rng(args.seed)
     t0 = time.perf_counter()
@@ -209,6 +260,8 @@ def main(argv: list[str] | None = None) -> dict:
         "heldout_hash_seconds": round(heldout_s, 1), "seconds": round(time.perf_counter() - t0, 1),
         "cpu": cpu_description(), "torch_threads": args.threads, "python": sys.version.split()[0],
     }
+    if args.scale_rows:
+        result["scale"] = query_scale(args.scale_rows, args.scale_heldout, args.distances, args.seed)
     print(json.dumps(result))
     return result
 

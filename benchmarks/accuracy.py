@@ -308,15 +308,18 @@ def first_labeling(config: str, task: Task) -> str | None:
                        "precision": cfg.pseudo.precision}, sort_keys=True, default=str)
 
 
-def share_label_store(donor: Path, run_dir: Path) -> bool:
+def share_label_store(donor: Path, run_dir: Path, cfg) -> bool:
     """Hard-link the finished first store of ``donor`` (a sibling task's run) into ``run_dir``,
     whose label stage then finds every shard labeled and skips it: the store resumes shard by
     shard and checks the teacher, classes, top-k, temperature and source against its header, so a
     wrong donor is an error, never mixed labels. Every store file is written by rename, never in
-    place, so the two runs cannot change each other's. False when the donor's stage is not done."""
+    place, so the two runs cannot change each other's. False when the donor's stage is not done.
+    ``run_dir`` is made first as the run makes it (``cfg``, the task's config: config.yaml and an
+    empty manifest), since a new run refuses a folder of files without a manifest."""
     name = layout.label_stage(1)
     if not layout.RunDir(donor).is_done(name):
         return False
+    layout.RunDir.open(run_dir, cfg, resume=False).release_lock()
     src, dst = donor / name, run_dir / name
     for path in sorted(src.rglob("*")):
         target = dst / path.relative_to(src)
@@ -361,7 +364,8 @@ def run_benchmark(config: str, seeds: list[int], extra: list[str], oracle_extra:
         run_dir = task_run_dir(out, task)
         key = first_labeling(config, task)
         if key is not None:
-            donor = next((d for d in labelers.get(key, []) if share_label_store(d, run_dir)), None)
+            task_cfg = load_config(config, TASK_DEFAULTS + task.overrides, task.ablation)
+            donor = next((d for d in labelers.get(key, []) if share_label_store(d, run_dir, task_cfg)), None)
             if donor is None:
                 labelers.setdefault(key, []).append(run_dir)
             else:

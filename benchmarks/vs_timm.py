@@ -259,8 +259,10 @@ def compare(args: argparse.Namespace, workdir: Path) -> dict:
             out = workdir / f"{args.job}-{side}-{i}"
             sides[side] = (run_ours if side == "ours" else run_timm)(args, data, out)
         pairs.append(sides)
-        print(f"[{args.job}] pair {i + 1}/{args.pairs}: ours {sides['ours']['wall']:.1f}s, "
-              f"timm {sides['timm']['wall']:.1f}s; load {os.getloadavg()[0]:.1f}", flush=True)
+        epoch = {side: f"{sides[side]['per_epoch']:.2f}s" if sides[side]["per_epoch"] else "–" for side in sides}
+        print(f"[{args.job}] pair {i + 1}/{args.pairs}: ours {sides['ours']['wall']:.1f}s, timm "
+              f"{sides['timm']['wall']:.1f}s; per epoch ours {epoch['ours']}, timm {epoch['timm']}; "
+              f"load {os.getloadavg()[0]:.1f}", flush=True)
     walls = [p["ours"]["wall"] / p["timm"]["wall"] for p in pairs]
     epochs = [p["ours"]["per_epoch"] / p["timm"]["per_epoch"] for p in pairs if p["timm"]["per_epoch"]]
     mid = pairs[len(pairs) // 2]  # a representative pair's breakdowns (the middle one)

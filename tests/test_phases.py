@@ -59,16 +59,17 @@ def test_final_measurement_reuses_the_best_epochs_validation_with_the_same_numbe
     """At the training size the final validation numbers are the best epoch's record (a pass
     saved); measured again instead, they are the same, bit for bit."""
     import noisystudent.pipeline as pipeline
+    import noisystudent.steps as steps
     from _tiny import tiny
     from noisystudent.config.schema import load_config
 
     cfg = load_config(None, tiny("students=[]", "baseline.enabled=false", "teacher.epochs=2"))
     passes = []
-    evaluate = pipeline.evaluate_classifier
-    monkeypatch.setattr(pipeline, "evaluate_classifier", lambda *a, **k: passes.append(1) or evaluate(*a, **k))
+    evaluate = steps.evaluate_classifier
+    monkeypatch.setattr(steps, "evaluate_classifier", lambda *a, **k: passes.append(1) or evaluate(*a, **k))
     reused = pipeline.run_pipeline(cfg, tmp_path / "reused", progress=False)
     assert len(passes) == 1  # after training: the test split only
-    monkeypatch.setattr(pipeline, "_best_epoch_val", lambda outcome: None)  # the pass it saves, made
+    monkeypatch.setattr(steps, "_best_epoch_val", lambda outcome: None)  # the pass it saves, made
     measured = pipeline.run_pipeline(cfg, tmp_path / "measured", progress=False)
     assert len(passes) == 3  # val and test
     keys = ("val_top1", "val_top5", "test_top1", "test_top5")

@@ -167,9 +167,11 @@ def timm_loop(args: argparse.Namespace) -> dict:
                 acc1, acc5 = accuracy(model(x), y, topk=(1, 5))
                 correct1, correct5, seen = correct1 + acc1.item() * len(y), correct5 + acc5.item() * len(y), seen + len(y)
         top1 = correct1 / seen
+        t_saved = time.time()  # the checkpoint is neither training nor validation (as ours' phases)
         scheduler.step(epoch + 1, top1)
         saver.save_checkpoint(epoch, metric=top1)
-        epochs.append({"epoch": epoch + 1, "train": t_val - t_train, "val": time.time() - t_val, "val_top1": top1})
+        epochs.append({"epoch": epoch + 1, "train": t_val - t_train, "val": t_saved - t_val, "val_top1": top1,
+                       "checkpoint": time.time() - t_saved})
     phases["epochs"] = epochs
     phases["train"] = sum(e["train"] for e in epochs)
     phases["val"] = sum(e["val"] for e in epochs)

@@ -645,9 +645,9 @@ def main(argv: list[str] | None = None) -> int:
               "shared_label_stores": notes["shared_labels"]}
     out.mkdir(parents=True, exist_ok=True)
     gaps = ["n/a" if g is None else f"{g:.2f}" for g in (result["gap_closed"], result["gap_closed_converged"])]
-    g = result["ns_gain"]
+    gain = result["ns_gain"]
     plot(table, out / "accuracy.png", f"{args.dataset}: test top-1 over {len(seeds)} seed(s); Noisy Student gain "
-         f"{g['mean']:+.2f} +- {g['std']:.2f} over {baseline}; gap closed {gaps[0]} (compute-matched), "
+         f"{gain['mean']:+.2f} +- {gain['std']:.2f} over {baseline}; gap closed {gaps[0]} (compute-matched), "
          f"{gaps[1]} (converged)")
     (out / "accuracy.json").write_text(json.dumps({"table": table, **result}, indent=2, allow_nan=False))
     print(f"{'variant':<20} {'test top-1':>16} {'val top-1':>9} {'gap closed':>11} {'(converged)':>11} {'time':>8}  vs")
@@ -658,8 +658,8 @@ def main(argv: list[str] | None = None) -> int:
         vs = f"  {d['points']:+.2f} vs {d['vs']}" if d else ""
         print(f"{n:<20} {v['mean']:>8.2f} +- {v['std']:<5.2f} {v['val_mean']:>9.2f} {g:>11} {gc:>11} "
               f"{v['seconds']:>7.0f}s{vs}")
-    print(f"Noisy Student gain over {baseline}: {g['mean']:+.2f} +- {g['std']:.2f} test top-1 "
-          f"(per seed {g['per_seed']}; val {g['val_mean']:+.2f})")
+    print(f"Noisy Student gain over {baseline}: {gain['mean']:+.2f} +- {gain['std']:.2f} test top-1 "
+          f"(per seed {gain['per_seed']}; val {gain['val_mean']:+.2f})")
     print(f"plot: {out / 'accuracy.png'}")
     print(json.dumps(result))
     return 0

@@ -65,7 +65,8 @@ class ResolvedStage:
     frozen_blocks: int | None = None  # fixres only
     unlabeled_ratio: float = 0.0  # pseudo-labeled images per labeled image; students only
     labeling: ResolvedLabeling | None = None  # students only: how their pseudo labels are made
-    config_key: str = ""  # where the stage's settings live in the config: "teacher", "students[0]", "finetune"
+    config_key: str = ""  # where the stage's settings live in the config: "teacher", "students[0]", "finetune" (the
+    # baseline: the final student's, where its model and pretrained weights come from)
     train: TrainConfig | None = None  # the stage's training recipe: the train section with its batch size, ratio, patience
     train: TrainConfig | None = None  # the stage's training recipe: the train section with its batch size, ratio, patience
 
@@ -137,7 +138,8 @@ def _baseline_stage(cfg: Config, teacher: ResolvedStage, final: ResolvedStage) -
     return dataclasses.replace(teacher, name=BASELINE, role="baseline", model=final.model,
                                image_size=final.image_size, test_size=final.test_size,
                                pretrained=final.pretrained, epochs=_or(cfg.baseline.epochs, teacher.epochs),
-                               seed=stage_seed(cfg.seed, BASELINE), config_key="baseline")
+                               seed=stage_seed(cfg.seed, BASELINE),
+                               config_key=final.config_key)  # its model and weights are the final student's
 
 
 def baseline_of(stages: list[ResolvedStage]) -> ResolvedStage | None:

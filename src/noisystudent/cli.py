@@ -255,34 +255,29 @@ def version_line() -> str:
     return f"noisystudent {installed('noisystudent')} ({libraries})"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="noisystudent",
-        description="Noisy Student self-training: teacher -> pseudo labels -> noisy, equal-or-larger "
-                    "students, iterated; fix-res fine-tune; robustness evaluation.")
-    parser.add_argument("--version", action="version", version=version_line(),
-                        help="print the version of noisystudent and of torch, torchvision and timm, then exit")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", nargs="?", help="YAML config file, or a packaged config by name: digits, "
+                   "fashion-mnist, image-folder (config --list; default: the built-in digits experiment)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set train.epochs=5 --set students.0.model=ns_cnn_m")
+    p.add_argument("--ablation", choices=sorted(ABLATIONS),
+                   help="one of the paper's ablations: " +
+                        "; ".join(f"{k}: {v}" for k, v in ABLATIONS.items()))
 
-    def add_config_args(p: argparse.ArgumentParser) -> None:
-        p.add_argument("config", nargs="?", help="YAML config file, or a packaged config by name: digits, "
-                       "fashion-mnist, image-folder (config --list; default: the built-in digits experiment)")
-        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a config key, e.g. --set train.epochs=5 --set students.0.model=ns_cnn_m")
-        p.add_argument("--ablation", choices=sorted(ABLATIONS),
-                       help="one of the paper's ablations: " +
-                            "; ".join(f"{k}: {v}" for k, v in ABLATIONS.items()))
 
+def _add_run_parser(sub) -> None:
     p = sub.add_parser("run", help="run the whole Noisy Student loop",
                        description="Train the teacher, then label, select and train each student in "
                                    "the chain. Writes a run directory with a manifest, checkpoints, "
                                    "pseudo labels, metrics and summary.json.")
-    add_config_args(p)
+    _add_config_args(p)
     p.add_argument("--out", metavar="RUN_DIR", help="run directory (default: runs/<config>-<time>)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a run, skipping finished stages")
     p.add_argument("--quiet", action="store_true", help="no progress bars or stage logs")
     p.set_defaults(func=cmd_run)
 
+
+def _add_evaluate_parser(sub) -> None:
     p = sub.add_parser("evaluate", help="robustness suites on a run's teacher and final student, or a checkpoint",
                        description="Clean top-1/top-5, ImageNet-C style corruptions (mCE), ImageNet-P style "
                                    "perturbations (flip rate, mT5D), natural adversarial images, FGSM and PGD, "
@@ -297,6 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_evaluate)
 
+
+def _add_stage_commands_parser(sub) -> None:
     for name, kind, what in (("train", cmd_train, "train the next model of a run: the teacher, a student from "
                                                    "its selection, or the fix-res fine-tune"),
                              ("select", cmd_select, "select a run's next pseudo labels (threshold, balance) "
@@ -306,10 +303,12 @@ def build_parser() -> argparse.ArgumentParser:
                            "train -> label -> select -> train -> ... -> `run --resume` for evaluation and "
                            "the report. RUN_DIR is created from the config if it holds no run yet.")
         p.add_argument("run_dir", metavar="RUN_DIR")
-        add_config_args(p)
+        _add_config_args(p)
         p.add_argument("--quiet", action="store_true", help="no progress bars or stage logs")
         p.set_defaults(func=kind)
 
+
+def _add_label_parser(sub) -> None:
     p = sub.add_parser("label", help="label a run's pool (label RUN_DIR), or any pool into a store",
                        description="Stream images (a folder searched recursively, a file with one path per "
                                    "line, or WebDataset .tar shards such as 'pool-{000..099}.tar') through a "
@@ -336,6 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_label)
 
+
+def _add_report_parser(sub) -> None:
     p = sub.add_parser("report", help="(re)build a run's HTML and Markdown report",
                        description="Write RUN_DIR/report/report.html (one self-contained file, plots "
                                    "embedded) and RUN_DIR/report/report.md (plots as PNG files beside it) "
@@ -343,6 +344,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.set_defaults(func=cmd_report)
 
+
+def _add_export_parser(sub) -> None:
     p = sub.add_parser("export", help="write a run's final model as safetensors + timm config.json + model card "
                                       "(+ ONNX), optionally pushed to the Hugging Face hub",
                        description="Write the run's final model (summary.json's final stage) to DIR with timm's "
@@ -364,6 +367,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "apache-2.0): the license of your data may decide it")
     p.set_defaults(func=cmd_export)
 
+
+def _add_predict_parser(sub) -> None:
     p = sub.add_parser("predict", help="classify images with a trained model: top-k classes to CSV, JSONL or Parquet",
                        description="Classify images (folders searched recursively, file lists, WebDataset .tar "
                                    "shards or image files) with a run's final model, a model.pt or a folder "
@@ -385,6 +390,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_predict)
 
+
+def _add_models_parser(sub) -> None:
     p = sub.add_parser("models", help="list the paper's model family and the chain presets",
                        description="EfficientNet-B0..B7, L0, L1, L2 and the CPU nets: parameters and "
                                    "multiply-adds (measured on the meta device), train and test "
@@ -392,14 +399,35 @@ def build_parser() -> argparse.ArgumentParser:
                                    "Student weights; then the chain presets.")
     p.set_defaults(func=cmd_models)
 
+
+def _add_config_parser(sub) -> None:
     p = sub.add_parser("config", help="print the resolved config, or the configuration reference",
                        description="Print the config after defaults and overrides, as YAML; with "
                                    "--markdown, the reference of every key (docs/configuration.md).")
-    add_config_args(p)
+    _add_config_args(p)
     p.add_argument("--markdown", action="store_true", help="print the configuration reference")
     p.add_argument("--list", action="store_true",
                    help="list the configs shipped with the package (usable by name: run fashion-mnist)")
     p.set_defaults(func=cmd_config)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="noisystudent",
+        description="Noisy Student self-training: teacher -> pseudo labels -> noisy, equal-or-larger "
+                    "students, iterated; fix-res fine-tune; robustness evaluation.")
+    parser.add_argument("--version", action="version", version=version_line(),
+                        help="print the version of noisystudent and of torch, torchvision and timm, then exit")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_run_parser(sub)
+    _add_evaluate_parser(sub)
+    _add_stage_commands_parser(sub)
+    _add_label_parser(sub)
+    _add_report_parser(sub)
+    _add_export_parser(sub)
+    _add_predict_parser(sub)
+    _add_models_parser(sub)
+    _add_config_parser(sub)
     return parser
 
 

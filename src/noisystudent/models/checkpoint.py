@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ..runtime.errors import CheckpointError
+from ..runtime.errors import CheckpointError, error_reason
 from ..runtime.files import atomic_write, read_torch_file
 from .factory import MODEL_SOURCE_PREFIXES, create_model, model_architecture
 
@@ -92,5 +92,5 @@ def load_model(path: Path, dropout: float = 0.0, drop_path: float = 0.0) -> tupl
         model.load_state_dict(payload["state_dict"])
     except RuntimeError as e:
         raise CheckpointError(f"{path}: weights do not fit model {payload['model']}: "
-                              f"{str(e).splitlines()[0]}") from None
+                              f"{error_reason(e)}") from None
     return model, payload

@@ -29,7 +29,7 @@ from noisystudent.report.html import iter_report_images, png_size
 from noisystudent.report.plots import calibration, confusion_counts, stage_fraction
 from noisystudent.runtime.errors import NoisyStudentError
 from noisystudent.runtime.rundir import (CONFIG, DATA, EVALUATE, FIXRES, HISTORY, MANIFEST, METRICS, PROBE, REPORT,
-                                         REPORT_HTML, REPORT_MD, ROBUSTNESS, SELECTION_SUMMARY, SUMMARY, TEACHER,
+                                         REPORT_HTML, REPORT_MD, ROBUSTNESS, SELECTION_SUMMARY, SUMMARY, TEACHER, BASELINE,
                                          RunDir, label_stage, select_stage, student_stage, write_json_atomic)
 
 
@@ -267,21 +267,33 @@ def test_headline_and_stages(full_report):
     text = paths["html"].read_text()
     md = paths["md"].read_text()
     plain = _plain(text)
-    chain = [m for name, m in metrics.items() if name != FIXRES]
+    chain = [m for name, m in metrics.items() if name not in (FIXRES, BASELINE)]
     teacher, final, fx = metrics[TEACHER], metrics[student_stage(len(cfg.students))], metrics[FIXRES]
+    base = metrics[BASELINE]  # the last student's ns_cnn_m on the labels alone, trained like the teacher
     assert [m["name"] for m in chain] == [TEACHER] + [student_stage(i + 1) for i in range(len(cfg.students))]
-    assert summary["result"] == FIXRES
-    # the cards: teacher -> final student, the change, the share of the teacher's test errors removed
+    assert list(metrics)[1] == BASELINE and base["model"] == final["model"] and base["epochs"] == teacher["epochs"]
+    # the final model: best on validation, later chain stages winning ties, the baseline only if strictly best
+    order = [FIXRES] + [m["name"] for m in reversed(chain)] + [BASELINE]
+    best = max(order, key=lambda n: (metrics[n]["val_top1"], -order.index(n)))
+    assert summary["result"] == summary["final"]["stage"] == best
+    students = [n for n in order if n not in (TEACHER, BASELINE)]
+    ns = max(students, key=lambda n: (metrics[n]["val_top1"], -students.index(n)))
+    gain = (metrics[ns]["test_top1"] - base["test_top1"], metrics[ns]["val_top1"] - base["val_top1"])
+    # the cards: the Noisy Student gain and the final model first, then teacher -> final student, the
+    # change, the share of the teacher's test errors removed
     t1, f1 = teacher["test_top1"], final["test_top1"]
     t_err, f_err = 100 - t1, 100 - f1
-    cards = {"Teacher test top-1": (f"{t1:.2f}%", f"{teacher['model']}, {teacher['num_labeled']:,} labeled images"),
+    cards = {"Noisy Student gain": (f"{gain[0]:+.2f} pts", f"test top-1, {ns} − {base['model']} on the labels alone "
+                                                           f"(baseline); val {gain[1]:+.2f}"),
+             "Final model": (best, f"{metrics[best]['model']}: {summary['final']['reason']}"),
+             "Teacher test top-1": (f"{t1:.2f}%", f"{teacher['model']}, {teacher['num_labeled']:,} labeled images"),
              "Final student test top-1": (f"{f1:.2f}%", f"{final['name']} · {final['model']}"),
              "Change": (f"{f1 - t1:+.2f} pts", "final student − teacher, test top-1"),
              "Relative error reduction": (f"{100 * (t_err - f_err) / t_err:.0f}%",
                                           f"test error {t_err:.2f}% → {f_err:.2f}%"),
              "After fix-res fine-tune": (f"{fx['test_top1_after']:.2f}%",
                                          f"at {fx['test_size']} px, from {fx['test_top1_before']:.2f}%")}
-    columns, (values, notes) = _md_table(md, "| Teacher test top-1 |")
+    columns, (values, notes) = _md_table(md, "| Noisy Student gain |")
     assert dict(zip(columns, zip((v.strip("*") for v in values), notes))) == cards
     for value, note in cards.values():
         assert value in plain and note in plain, (value, note)
@@ -298,15 +310,15 @@ def test_headline_and_stages(full_report):
     # the stage table: every training stage as it wrote metrics.json, then the fix-res stage
     columns, rows = _md_table(md, "| stage | model |")
     table = {r[0].strip("*"): dict(zip(columns, r)) for r in rows}
-    assert list(table) == [m["name"] for m in chain] + [f"{final['name']} + fix-res"]
-    for m in chain:
+    assert list(table) == [TEACHER, BASELINE] + [m["name"] for m in chain[1:]] + [f"{final['name']} + fix-res"]
+    for m in chain + [base]:
         row = {k: v.strip("*") for k, v in table[m["name"]].items()}
         assert (row["model"], row["px"], row["pseudo"], row["val top-1"], row["val top-5"], row["test top-1"],
                 row["test top-5"], row["best epoch"]) == (
             m["model"], str(m["image_size"]), f"{m['num_pseudo']:,}", f"{m['val_top1']:.2f}", f"{m['val_top5']:.2f}",
             f"{m['test_top1']:.2f}", f"{m['test_top5']:.2f}", f"{m['best_epoch']} / {m['epochs']:g}")
         assert row["Δ test"] == ("–" if m is teacher else f"{m['test_top1'] - t1:+.2f}")
-    assert all(c.startswith("**") for c in table[final["name"]].values())  # the final student's row is strong
+    assert all(c.startswith("**") for c in table[final["name"]].values())  # the last student's row is strong
     fixres = table[f"{final['name']} + fix-res"]  # like every stage: after, at the test size
     assert (fixres["model"], fixres["px"], fixres["val top-1"], fixres["test top-1"], fixres["Δ test"]) == (
         fx["model"], str(fx["test_size"]), f"{fx['val_top1_after']:.2f}", f"{fx['test_top1_after']:.2f}",
@@ -489,12 +501,14 @@ def test_robustness_section_reads_real_results(full_report):
     results = _json(run / EVALUATE / ROBUSTNESS)
     text = paths["html"].read_text()
     md = paths["md"].read_text()
-    # the first teacher and the final model, side by side
-    assert list(results) == [TEACHER, summary["result"]]
+    # side by side: the first teacher, the baseline (the same architecture on the labels alone), the
+    # best student on validation and the final model, each once
+    compared = [TEACHER, BASELINE, summary["ns_gain"]["student"], summary["result"]]
+    assert list(results) == list(dict.fromkeys(compared))
     labels = {name: f"{name} ({metrics[name]['model']})" for name in results}
     n = {r["n_images"] for r in results.values()}
     assert n == {cfg.evaluate.max_images} and f"Evaluated on {cfg.evaluate.max_images} test images: " \
-        f"`{labels[TEACHER]}`, `{labels[summary['result']]}`." in md
+        + ", ".join(f"`{label}`" for label in labels.values()) + "." in md
     eps, steps = cfg.evaluate.fgsm_eps[-1], cfg.evaluate.pgd_steps
     columns, rows = _md_table(md, "| model | clean top-1 |")
     table = {r[0]: dict(zip(columns, r)) for r in rows}

@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from noisystudent.report.document import fmt_seconds
 from noisystudent.runtime.phases import PhaseClock, format_phases, process_start, training_breakdown
 
 
@@ -33,7 +34,8 @@ def test_a_finished_run_says_where_its_time_went(tiny_run):
     record = json.loads((tiny_run / "teacher" / "metrics.jsonl").read_text().splitlines()[-1])
     assert record["train_seconds"] > 0 and record["val_seconds"] > 0
     report = (tiny_run / "report" / "report.md").read_text()
-    assert "Where this run's time went" in report and "epoch 3: validation" in report
+    teacher_rows = f"training, 3 epochs ({fmt_seconds(teacher['train'] / 3)} each)"
+    assert "Where this run's time went" in report and teacher_rows in report and "validation, 3 passes" in report
     assert "final measurement" in report
 
 

@@ -111,9 +111,11 @@ _PHASE_WORDS = {"startup": "start-up (process start to the run: imports, config,
 
 
 def _phase_rows(phases: dict) -> list[list[str]]:
-    """The phases table: start-up, data scan, each stage (a training stage's epochs, training
-    and validation, and its final measurement below it), the rest, the total."""
-    total = phases["total"]
+    """The phases table: start-up, data scan, each stage (a training stage's training and
+    validation totals and its final measurement below it), the rest, the total. The report's own
+    time is left out (shares of the total without it), so the report the run writes and a rebuild
+    show the same table."""
+    total = phases["total"] - (phases.get("report") if is_num(phases.get("report")) else 0)
 
     def row(name: str, seconds: Any) -> list[str]:
         share = f"{100 * seconds / total:.0f}%" if is_num(seconds) and total > 0 else "–"
@@ -125,13 +127,15 @@ def _phase_rows(phases: dict) -> list[list[str]]:
         if not isinstance(s, dict):
             continue
         rows.append(row(f"{s.get('stage')} ({s.get('phase')})", s.get("seconds")))
-        for e in s.get("epochs") or []:
-            if isinstance(e, dict):
-                rows.append(row(f"  epoch {e.get('epoch')}: training", e.get("train")))
-                rows.append(row(f"  epoch {e.get('epoch')}: validation", e.get("val")))
+        epochs = [e for e in s.get("epochs") or [] if isinstance(e, dict)]
+        if epochs and is_num(s.get("train")) and is_num(s.get("val")):  # totals; one row per epoch would be long
+            rows.append(row(f"  training, {len(epochs)} epoch{'s' if len(epochs) != 1 else ''} "
+                            f"({fmt_seconds(s['train'] / len(epochs))} each)", s["train"]))
+            rows.append(row(f"  validation, {len(epochs)} pass{'es' if len(epochs) != 1 else ''}", s["val"]))
         if is_num(s.get("final_measurement")):
             rows.append(row("  final measurement (val and test splits)", s["final_measurement"]))
-    rows += [row(_PHASE_WORDS[k], phases[k]) for k in ("report", "other") if is_num(phases.get(k))]
+    if is_num(phases.get("other")):
+        rows.append(row(_PHASE_WORDS["other"], phases["other"]))
     return rows + [row("total", total)]
 
 

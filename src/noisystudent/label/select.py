@@ -167,14 +167,7 @@ def select_from_store(store_dir: Path | str, out_path: Path | str, *, threshold:
     Memory is bounded by ``memory_limit`` (DuckDB spills to a temp folder beside ``out_path``), not
     by the size of the store. Returns the :class:`Selection`.
     """
-    if not (0.0 <= threshold <= 1.0) or math.isnan(threshold):
-        raise ConfigError(f"pseudo.threshold must be in [0, 1], got {threshold}")
-    if per_class is not None and per_class < 1:
-        raise ConfigError(f"pseudo.per_class must be >= 1, got {per_class}")
-    if threshold_mode not in THRESHOLD_MODES:
-        raise ConfigError(f"pseudo.threshold_mode must be one of {', '.join(THRESHOLD_MODES)}, got {threshold_mode!r}")
-    if not 0 <= dedup_distance < PHASH_BITS:
-        raise ConfigError(f"pseudo.dedup_distance must be in [0, {PHASH_BITS - 1}], got {dedup_distance}")
+    _check_settings(threshold, per_class, threshold_mode, dedup_distance)
     store = LabelStore.open(store_dir, require_complete=True)
     h = store.header
     out_path = Path(out_path)
@@ -183,14 +176,7 @@ def select_from_store(store_dir: Path | str, out_path: Path | str, *, threshold:
     temp_dir = out_path.parent / ".duckdb-tmp"
     con = _connect(memory_limit, threads, temp_dir)
     try:
-        quoted = ", ".join("'" + f.replace("'", "''") + "'" for f in files)
-        if files:
-            con.execute("CREATE TEMP VIEW labels AS SELECT key, predicted, confidence, topk_class, topk_prob, "
-                        "\"index\", CAST(regexp_extract(filename, 'part-(\\d+)\\.parquet$', 1) AS INTEGER) AS shard "
-                        f"FROM read_parquet([{quoted}], filename = true)")
-        else:  # an empty store (every image unreadable): an empty selection, same schema
-            con.execute("CREATE TEMP TABLE labels (key VARCHAR, predicted INTEGER, confidence FLOAT, "
-                        f"topk_class INTEGER[{h.top_k}], topk_prob FLOAT[{h.top_k}], \"index\" BIGINT, shard INTEGER)")
+        _create_labels_view(con, files, h.top_k)
         dedup, source, dropped = None, "labels", np.empty(0, np.int64)
         if heldout is not None:
             dedup = find_duplicates(con, store, files, Path(heldout), dedup_distance, bands)
@@ -198,19 +184,7 @@ def select_from_store(store_dir: Path | str, out_path: Path | str, *, threshold:
                 source = ("(SELECT l.* FROM labels l ANTI JOIN dropped d "
                           "ON l.shard = d.shard AND l.\"index\" = d.\"index\")")
                 dropped = con.execute(f"SELECT {_POS_SQL} AS pos FROM dropped ORDER BY pos").fetchnumpy()["pos"]
-        # float32 comparison, as the store holds float32 confidences; repr() round-trips the double
-        above = f"confidence >= CAST({float(threshold)!r} AS FLOAT)"
-        thresholds = None
-        if threshold_mode == "per-class":
-            thresholds = per_class_thresholds(con, source, threshold, h.num_classes)
-            listed = ", ".join(repr(t) for t in thresholds)
-            # a class outside the store's classes gets the global threshold, so the check below names it
-            above = (f"confidence >= COALESCE(list_extract(CAST([{listed}] AS FLOAT[]), predicted + 1), "
-                     f"CAST({float(threshold)!r} AS FLOAT))")
-            log.info("per-class thresholds: " + (", ".join(f"{c}: {t:.3f}" for c, t in enumerate(thresholds))
-                                                 if len(thresholds) <= 20 else
-                                                 f"{min(thresholds):.3f} to {max(thresholds):.3f} over "
-                                                 f"{len(thresholds)} classes (all in selection.json)"))
+        above, thresholds = _above_threshold(con, source, threshold, threshold_mode, h.num_classes)
         # `kept` (copies dropped) feeds the counts and the cut-off sort; the final scan reads `scan`,
         # a plain filtered scan, because a join does not keep store order: _write_outputs drops the
         # copies from it by position.
@@ -241,6 +215,50 @@ def select_from_store(store_dir: Path | str, out_path: Path | str, *, threshold:
                      num_below_threshold=num_rows - int(kept.sum()), num_unique=unique,
                      num_classes=h.num_classes, top_k=h.top_k, hard=h.hard, store=store_identity(store),
                      dedup=dedup, threshold_mode=threshold_mode, thresholds_per_class=thresholds)
+
+
+def _check_settings(threshold: float, per_class: int | None, threshold_mode: str, dedup_distance: int) -> None:
+    """One-line ConfigErrors for selection settings out of range."""
+    if not (0.0 <= threshold <= 1.0) or math.isnan(threshold):
+        raise ConfigError(f"pseudo.threshold must be in [0, 1], got {threshold}")
+    if per_class is not None and per_class < 1:
+        raise ConfigError(f"pseudo.per_class must be >= 1, got {per_class}")
+    if threshold_mode not in THRESHOLD_MODES:
+        raise ConfigError(f"pseudo.threshold_mode must be one of {', '.join(THRESHOLD_MODES)}, got {threshold_mode!r}")
+    if not 0 <= dedup_distance < PHASH_BITS:
+        raise ConfigError(f"pseudo.dedup_distance must be in [0, {PHASH_BITS - 1}], got {dedup_distance}")
+
+
+def _create_labels_view(con, files: list[str], top_k: int) -> None:
+    """The ``labels`` view over the store's shards (with each row's shard number), or an empty
+    table of the same schema for an empty store (every image unreadable)."""
+    quoted = ", ".join("'" + f.replace("'", "''") + "'" for f in files)
+    if files:
+        con.execute("CREATE TEMP VIEW labels AS SELECT key, predicted, confidence, topk_class, topk_prob, "
+                    "\"index\", CAST(regexp_extract(filename, 'part-(\\d+)\\.parquet$', 1) AS INTEGER) AS shard "
+                    f"FROM read_parquet([{quoted}], filename = true)")
+    else:
+        con.execute("CREATE TEMP TABLE labels (key VARCHAR, predicted INTEGER, confidence FLOAT, "
+                    f"topk_class INTEGER[{top_k}], topk_prob FLOAT[{top_k}], \"index\" BIGINT, shard INTEGER)")
+
+
+def _above_threshold(con, source: str, threshold: float, threshold_mode: str,
+                     num_classes: int) -> tuple[str, list[float] | None]:
+    """The SQL condition a row must meet to be kept, and the per-class thresholds (per-class mode)."""
+    # float32 comparison, as the store holds float32 confidences; repr() round-trips the double
+    above = f"confidence >= CAST({float(threshold)!r} AS FLOAT)"
+    if threshold_mode != "per-class":
+        return above, None
+    thresholds = per_class_thresholds(con, source, threshold, num_classes)
+    listed = ", ".join(repr(t) for t in thresholds)
+    # a class outside the store's classes gets the global threshold, so the caller's check names it
+    above = (f"confidence >= COALESCE(list_extract(CAST([{listed}] AS FLOAT[]), predicted + 1), "
+             f"CAST({float(threshold)!r} AS FLOAT))")
+    log.info("per-class thresholds: " + (", ".join(f"{c}: {t:.3f}" for c, t in enumerate(thresholds))
+                                         if len(thresholds) <= 20 else
+                                         f"{min(thresholds):.3f} to {max(thresholds):.3f} over "
+                                         f"{len(thresholds)} classes (all in selection.json)"))
+    return above, thresholds
 
 
 def per_class_thresholds(con, source: str, threshold: float, num_classes: int) -> list[float]:

@@ -297,11 +297,11 @@ def first_labeling(config: str, task: Task) -> str | None:
     """What a student task's first label stage computes, as a key: the seed's teacher checkpoint,
     the pool, and how the pool is labeled. Tasks with equal keys write the same store (the teacher
     labels without noise), so only the first one of them labels; None for supervised tasks."""
-    cfg = load_config(config, task.overrides, task.ablation)
-    stages = resolve_stages(cfg)
-    if len(stages) < 2 or stages[1].role != "student":
+    cfg = load_config(config, TASK_DEFAULTS + task.overrides, task.ablation)
+    first = next((s for s in resolve_stages(cfg) if s.role == "student"), None)
+    if first is None:
         return None
-    labeling = dataclasses.asdict(stages[1].labeling)
+    labeling = dataclasses.asdict(first.labeling)
     labeling.pop("select_seed")  # the selection's, not the labeling's
     return json.dumps({"seed": cfg.seed, "teacher": cfg.teacher.pretrained, "data": dataclasses.asdict(cfg.data),
                        "labeling": labeling, "shard_size": cfg.pseudo.shard_size,

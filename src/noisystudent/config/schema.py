@@ -11,8 +11,6 @@ import dataclasses
 import difflib
 import hashlib
 import json
-import math
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +20,7 @@ import yaml
 
 from ..runtime.errors import ConfigError, error_reason
 from .family import chain_preset, is_known_model
+from .reader import build, is_dataclass_type, strip_optional
 
 
 def _opt(default: Any, help: str, *, min: float | None = None, max: float | None = None,
@@ -316,82 +315,6 @@ class Config:
         save_config(self, path)
 
 
-# --------------------------------------------------------------------------------------------
-# Parsing: a small typed reader. Written by hand because the schema is a few dataclasses and
-# the errors must name the exact dotted key; pydantic would add a dependency for the same thing.
-
-
-def _is_dataclass_type(tp: Any) -> bool:
-    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
-
-
-def _strip_optional(tp: Any) -> tuple[Any, bool]:
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if len(args) == 1:
-            return args[0], True
-    return tp, False
-
-
-def _coerce(value: Any, tp: Any, key: str, meta: dict) -> Any:
-    base, optional = _strip_optional(tp)
-    if value is None:
-        if optional:
-            return None
-        raise ConfigError(f"config key '{key}' must not be null")
-    if _is_dataclass_type(base):
-        if not isinstance(value, dict):
-            raise ConfigError(f"config key '{key}' must be a mapping, got {value!r}")
-        return _build(base, value, key + ".")
-    if typing.get_origin(base) is list:
-        (item_tp,) = typing.get_args(base)
-        if not isinstance(value, list):
-            raise ConfigError(f"config key '{key}' must be a list, got {value!r}")
-        item_meta = {"choices": meta["choices"]} if meta.get("choices") else {}  # a list's choices are its items'
-        return [_coerce(v, item_tp, f"{key}[{i}]", item_meta) for i, v in enumerate(value)]
-    if base is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"config key '{key}' must be true or false, got {value!r}")
-    elif base is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"config key '{key}' must be an integer, got {value!r}")
-    elif base is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
-        value = float(value)
-        if not math.isfinite(value):  # NaN passes every range check (all its comparisons are false)
-            raise ConfigError(f"config key '{key}' must be a finite number, got {value!r}")
-    elif base is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"config key '{key}' must be a string, got {value!r}")
-    choices = meta.get("choices")
-    if choices and value not in choices:
-        allowed = ", ".join(str(c) for c in choices if c is not None)
-        raise ConfigError(f"config key '{key}' must be one of {allowed}; got {value!r}")
-    lo, hi = meta.get("min"), meta.get("max")
-    if lo is not None and value < lo:
-        raise ConfigError(f"config key '{key}' must be >= {lo}, got {value!r}")
-    if hi is not None and value > hi:
-        raise ConfigError(f"config key '{key}' must be <= {hi}, got {value!r}")
-    return value
-
-
-def _build(cls: type, raw: dict, prefix: str = "") -> Any:
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    for key in raw:
-        if key not in fields:
-            close = difflib.get_close_matches(str(key), list(fields), n=1)
-            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
-            raise ConfigError(f"unknown config key '{prefix}{key}'{hint}")
-    kwargs = {}
-    for name, f in fields.items():
-        if name in raw:
-            kwargs[name] = _coerce(raw[name], hints[name], prefix + name, dict(f.metadata))
-    return cls(**kwargs)
-
-
 def config_from_dict(raw: dict) -> Config:
     """Build a validated :class:`Config` from a plain dict (e.g. parsed YAML): the ``chain`` preset
     first, then the ``ablation``."""
@@ -402,7 +325,7 @@ def config_from_dict(raw: dict) -> Config:
     raw = expand_chain(raw)
     if raw.get("ablation") is not None:  # after the preset, which would undo the noise ablations
         raw = apply_ablation(raw, raw["ablation"])
-    cfg = _build(Config, raw)
+    cfg = build(Config, raw)
     _check_consistency(cfg)
     _check_registry_names(cfg)
     return cfg
@@ -549,7 +472,7 @@ def apply_ablation(raw: dict, name: str) -> dict:
         return apply_overrides(raw, ["pseudo.balance=false"])
     students = raw["students"] if "students" in raw else [dataclasses.asdict(s) for s in Config().students]
     if not isinstance(students, list):
-        return raw  # _build names the bad key
+        return raw  # build names the bad key
     if name == "no-iteration":
         students = students[:1]
     quiet = {"no-noise": {"augment": False, "dropout": 0.0, "drop_path": 0.0},
@@ -624,7 +547,7 @@ def normalised_dict(obj: Any) -> Any:
 
 
 def _normalised_value(value: Any, tp: Any) -> Any:
-    base, _ = _strip_optional(tp)
+    base, _ = strip_optional(tp)
     if value is None:
         return None
     if dataclasses.is_dataclass(value):
@@ -647,12 +570,12 @@ def config_reference_markdown() -> str:
         hints = typing.get_type_hints(cls)
         rows, subs = [], []
         for f in dataclasses.fields(cls):
-            tp, _ = _strip_optional(hints[f.name])
-            if _is_dataclass_type(tp):
+            tp, _ = strip_optional(hints[f.name])
+            if is_dataclass_type(tp):
                 subs.append((f, tp))
                 continue
             item = typing.get_args(tp)[0] if typing.get_origin(tp) is list else None
-            if item is not None and _is_dataclass_type(item):
+            if item is not None and is_dataclass_type(item):
                 subs.append((f, item))
                 continue
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
@@ -670,7 +593,7 @@ def config_reference_markdown() -> str:
             lines.extend([f"## `{prefix.rstrip('.') or 'top level'}`", "",
                           "| key | type | default | meaning |", "|---|---|---|---|", *rows, ""])
         for f, tp in subs:
-            is_list = typing.get_origin(_strip_optional(hints[f.name])[0]) is list
+            is_list = typing.get_origin(strip_optional(hints[f.name])[0]) is list
             walk(tp, f"{prefix}{f.name}{'[i]' if is_list else ''}.")
 
     walk(Config, "")

@@ -90,3 +90,23 @@ def torchrun(*args: str, nproc: int = 2, timeout: float = 600) -> subprocess.Com
     proc = subprocess.run(torchrun_argv(*args, nproc=nproc), capture_output=True, text=True, timeout=timeout, env=env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return proc
+
+
+class Crash(Exception):
+    """A process killed mid-step (raised by :class:`CrashAt`)."""
+
+
+class CrashAt(torch.utils.data.Dataset):
+    """Raises at the ``at``-th image it loads: a process killed mid-step, nothing saved at that point."""
+
+    def __init__(self, dataset, at=None):
+        self.dataset, self.at, self.loaded = dataset, at, 0
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        self.loaded += 1
+        if self.loaded == self.at:
+            raise Crash("killed")
+        return self.dataset[i]

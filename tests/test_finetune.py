@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from _tiny import DIGITS
+from _tiny import DIGITS, Crash, CrashAt
 import noisystudent.train.trainer as trainer_module
 from noisystudent.config.schema import TrainConfig, load_config
 from noisystudent.data.datasets import TransformedSet, build_splits
@@ -121,26 +121,6 @@ def test_optimizer_settings_come_from_the_train_config(monkeypatch):
     cfg2 = fixres_train_config(cfg, 8)
     assert (cfg2.batch_size, cfg2.scheduler, cfg2.warmup_epochs, cfg2.ema, cfg2.optimizer) == (
         8, "cosine", 0.0, False, "rmsproptf")
-
-
-class Crash(Exception):
-    pass
-
-
-class CrashAt(torch.utils.data.Dataset):
-    """Raises at the ``at``-th image it loads: a process killed mid-step, nothing saved at that point."""
-
-    def __init__(self, dataset, at=None):
-        self.dataset, self.at, self.loaded = dataset, at, 0
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, i):
-        self.loaded += 1
-        if self.loaded == self.at:
-            raise Crash("killed")
-        return self.dataset[i]
 
 
 def _resumable(tmp_path, crash_at=None):

@@ -22,6 +22,7 @@ from noisystudent.train.state import (capture_rng_state, catch_sigterm, list_che
 from noisystudent.train.trainer import (Hooks, Recipe, RunContext, Trainer, evaluations_without_improvement,
                                         patience_exhausted)
 from _train_scenarios import NUM_CLASSES, TinyNet, digits_data, noisy_model, student_config
+from _tiny import Crash, CrashAt
 
 
 def ctx_of(rank: int, world: int) -> DistContext:
@@ -209,26 +210,6 @@ def test_checkpoint_of_another_setup_is_refused(tmp_path):
 
 
 # ------------------------------------------------------------------------------ the Trainer API
-
-
-class Crash(Exception):
-    pass
-
-
-class CrashAt(Dataset):
-    """Raises when loading its ``at``-th image: a process killed mid-step, nothing saved then."""
-
-    def __init__(self, dataset, at=None):
-        self.dataset, self.at, self.loaded = dataset, at, 0
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, i):
-        self.loaded += 1
-        if self.loaded == self.at:
-            raise Crash("killed")
-        return self.dataset[i]
 
 
 def _tiny_fit(labeled, val, checkpoint_dir=None, callbacks=(), **train):

@@ -57,6 +57,7 @@ import torch
 
 from noisystudent.config.schema import ABLATIONS, load_config
 from noisystudent.config.stages import resolve_stages
+from noisystudent.outcome import still_improving
 from noisystudent.pipeline import run_pipeline
 from noisystudent.runtime import rundir as layout
 from noisystudent.runtime.cpu import cpu_description
@@ -487,14 +488,14 @@ def ns_gain(per_seed: list[dict[str, dict]], name: str = "noisy-student") -> dic
 
 
 def plateau_check(per_seed: list[dict[str, dict]], name: str) -> list[dict]:
-    """Per seed, whether ``name`` reached its plateau: its best epoch not among its last few
-    (10% of its epochs, at least 2), so a gain is not bought with an undertrained baseline."""
+    """Per seed, whether ``name`` reached its plateau (the pipeline's own rule,
+    :func:`noisystudent.outcome.still_improving`: its best epoch not among its last few), so a gain
+    is not bought with an undertrained baseline."""
     out = []
     for r in per_seed:
         best, epochs = r[name].get("best_epoch"), r[name].get("epochs")
-        last_few = max(2, math.ceil(0.1 * epochs)) if epochs else None
         out.append({"best_epoch": best, "epochs": epochs,
-                    "plateau": None if best is None or not epochs else best <= epochs - last_few})
+                    "plateau": None if best is None or not epochs else not still_improving(r[name])})
     return out
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from .runtime.rundir import BASELINE, FIXRES, TEACHER
+from .runtime.rundir import BASELINE, TEACHER
 
 
 @dataclass(frozen=True)
@@ -132,14 +132,3 @@ def format_summary_table(summary: dict) -> str:
     for skipped in summary.get("skipped") or []:
         lines.append(f"skipped: {skipped}")
     return "\n".join(lines)
-
-
-def chain_order(name: str) -> int:
-    """Position of a training stage in the summary: teacher, baseline, students, fix-res."""
-    if name == TEACHER:
-        return 0
-    if name == BASELINE:
-        return 1
-    if name == FIXRES:
-        return 1_000_000
-    return 2 + int(name.rsplit("-", 1)[-1]) if name.rsplit("-", 1)[-1].isdigit() else 999_999

@@ -67,7 +67,8 @@ def gain_cards(run: RunData) -> tuple[list[Card], list[str]]:
                           f"test top-1, {gain.get('student', '?')} − {gain.get('baseline_model', '?')} on the labels "
                           f"alone ({gain.get('baseline', '?')}); val {gain['val']:+.2f}", tone))
         if gain.get("baseline_still_improving"):
-            findings.append(BASELINE_NOTE.format(**gain)[0].upper() + BASELINE_NOTE.format(**gain)[1:] + ".")
+            note = BASELINE_NOTE.format(**gain)
+            findings.append(note[0].upper() + note[1:] + ".")
         if gain["val"] <= 0:
             findings.append(f"The unlabeled images did not help on validation: {gain.get('student')} is "
                             f"{gain['val']:+.2f} points against {gain.get('baseline_model')} trained on the labels "

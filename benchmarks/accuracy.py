@@ -1,8 +1,14 @@
 """Reproduce the paper's claims at small scale, with seeds and ablations.
 
-    python benchmarks/accuracy.py --jobs 2              # Fashion-MNIST, 3 seeds, on 2 cores
+    python benchmarks/accuracy.py --jobs 2              # both settings, 3 seeds each, on 2 cores
     python benchmarks/accuracy.py --quick               # smoke run (a few minutes)
-    python benchmarks/accuracy.py --dataset digits      # a second data point
+    python benchmarks/accuracy.py --dataset digits      # one setting
+
+Settings (``SETTINGS``, one after the other): Fashion-MNIST at 100 labels per class
+(configs/fashion-mnist.yaml), then scikit-learn's digits at 5 labels per class (configs/digits.yaml).
+The headline of each is ``ns_gain``: the chain's student chosen on validation minus the final
+architecture trained on the labels alone (supervised-final, or the teacher when it has that
+architecture), test top-1 points, mean and std over the seeds.
 
 Variants (each over the seeds; the test split is only ever reported, never used for selection):
   teacher              supervised on the labeled images only, with noise
@@ -65,6 +71,9 @@ from noisystudent.runtime.cpu import cpu_description
 from ood_digits import ood_stats, write_ood_pool  # benchmarks/ is on sys.path (the script's folder)
 
 CONFIGS = {"fashion-mnist": "configs/fashion-mnist.yaml", "digits": "configs/digits.yaml"}
+# what `accuracy.py` runs without --dataset: Fashion-MNIST at 100 labels per class, then the second
+# setting (digits at 5 labels per class, another dataset and label budget)
+SETTINGS = ("fashion-mnist", "digits")
 QUICK = {
     "fashion-mnist": ["teacher.epochs=15", "train.epochs=1", "data.max_unlabeled=3000",
                       "data.val_per_class=30"],
@@ -563,16 +572,18 @@ def _mean_or_none(values: list) -> float | None:
     return round(statistics.mean(values), 4) if values else None
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--dataset", choices=sorted(CONFIGS), default="fashion-mnist")
+    parser.add_argument("--dataset", choices=sorted(CONFIGS), nargs="+", default=list(SETTINGS),
+                        help="the settings to run, one after the other (default: all: "
+                             f"{', '.join(SETTINGS)}); the last line has ns_gain per setting")
     parser.add_argument("--quick", action="store_true", help="a smoke run: fewer epochs and images, 1 seed")
     parser.add_argument("--seeds", type=int, nargs="+", default=None)
     parser.add_argument("--out", type=Path, default=Path("runs/bench-accuracy"))
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
                         help="worker processes, one torch thread each (default: up to 2; use the core count)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="config override for every variant (e.g. train.epochs=4); may repeat")
+                        help="config override for every variant of every setting (e.g. train.epochs=4); may repeat")
     parser.add_argument("--oracle-cache", type=Path, default=None, metavar="DIR",
                         help="where converged oracles and the OOD folder are kept (default: OUT/.cache); "
                              "delete an oracle-<fingerprint>.json to recompute it")
@@ -586,31 +597,33 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ood-epochs", type=float, default=None,
                         help=f"OOD students' passes over their pool (default {OOD_EPOCHS:g}; "
                              f"--quick {QUICK_OOD_EPOCHS:g})")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def run_setting(args: argparse.Namespace, dataset: str) -> dict:
+    """Every variant of one setting over the seeds: writes OUT/<dataset>-<time>/accuracy.{json,png},
+    prints the table and returns the setting's result (its ``ns_gain`` is the headline)."""
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
-    extra = (QUICK[args.dataset] if args.quick else []) + args.overrides
-    oracle_extra = QUICK_ORACLE[args.dataset] if args.quick else []
-    converged_extra = (CONVERGED[args.dataset] + (oracle_extra + QUICK_CONVERGED[args.dataset] if args.quick else [])
+    extra = (QUICK[dataset] if args.quick else []) + args.overrides
+    oracle_extra = QUICK_ORACLE[dataset] if args.quick else []
+    converged_extra = (CONVERGED[dataset] + (oracle_extra + QUICK_CONVERGED[dataset] if args.quick else [])
                        + args.converged_set)
     cache_dir = args.oracle_cache or args.out / ".cache"
-    out = args.out / f"{args.dataset}{'-quick' if args.quick else ''}-{time.strftime('%Y%m%d-%H%M%S')}"
+    out = args.out / f"{dataset}{'-quick' if args.quick else ''}-{time.strftime('%Y%m%d-%H%M%S')}"
     start = time.time()
     ood = None
     # --quick stays quick: its capped pool leaves the OOD folder one image (the cap fills with the
     # remainder first), so the OOD variants would label the whole uncapped pool four times.
-    if (OOD_DEFAULT[args.dataset] and not args.quick) if args.ood is None else args.ood:
-        remainder = remainder_size(CONFIGS[args.dataset], extra)
+    if (OOD_DEFAULT[dataset] and not args.quick) if args.ood is None else args.ood:
+        remainder = remainder_size(CONFIGS[dataset], extra)
         count = args.ood_images or (QUICK_OOD_IMAGES if args.quick else round(OOD_RATIO * remainder))
         epochs = args.ood_epochs or (QUICK_OOD_EPOCHS if args.quick else OOD_EPOCHS)
         ood = OodPool(write_ood_pool(cache_dir, count).resolve(), count, remainder, epochs)
-    results, notes = run_benchmark(CONFIGS[args.dataset], seeds, extra, oracle_extra, out, args.jobs,
+    print(f"== {dataset}: seeds {seeds}, {args.jobs} worker(s)", file=sys.stderr, flush=True)
+    results, notes = run_benchmark(CONFIGS[dataset], seeds, extra, oracle_extra, out, args.jobs,
                                    converged_extra, cache_dir, ood)
     per_seed = [results[s] for s in seeds]
     table = aggregate(per_seed)
-    # every run with a gap closed; supervised-final's is the share the larger model closes alone
-    students = [n for n in table if n != "teacher" and n not in ORACLES]
-    per_seed_gaps = {o: {n: [_rounded(g) for g in gap_closed_per_seed(per_seed, n, o)] for n in CHAINS}
-                     for o in ORACLES}
     baseline = baseline_variant(per_seed)
     gains = {n: ns_gain(per_seed, n) for n in CHAINS + ("no-iteration",) if n in table}
     plateau = plateau_check(per_seed, baseline)
@@ -618,27 +631,18 @@ def main(argv: list[str] | None = None) -> int:
         if p["plateau"] is False:
             print(f"  seed {s} {baseline}: best epoch {p['best_epoch']} of {p['epochs']}: still improving, the "
                   "gain may be bought with an undertrained baseline (raise its epochs)", file=sys.stderr)
-    result = {"dataset": args.dataset, "quick": args.quick, "seeds": seeds, "overrides": extra,
+    result = {"dataset": dataset, "quick": args.quick, "seeds": seeds, "overrides": extra,
               # the headline: the Noisy Student model minus the same architecture on the labels alone
               "ns_gain": gains["noisy-student"], "ns_gain_by_variant": gains, "baseline": baseline,
+              # noise: the no-noise chain below Noisy Student by more than the seed spread of either
+              "noise_pays": noise_pays(table),
               "baseline_plateau": plateau, "chosen_student": {str(s): c for s, c in notes["chosen"].items()},
               "machine": f"{platform.machine()}, {os.cpu_count()} cores, {args.jobs} worker(s) x 1 thread",
               # what makes the minutes comparable between machines: without native bf16, every stage
               # trains in fp32 and the same run takes far longer
               "cpu": cpu_description(), "precision_by_stage": precision_counts(per_seed),
               "minutes": round((time.time() - start) / 60, 1),
-              "test_top1": {n: round(v["mean"], 2) for n, v in table.items()},
-              "test_top1_std": {n: round(v["std"], 2) for n, v in table.items()},
-              "gap_closed": _rounded(gap_closed(table, "noisy-student")),
-              "gap_closed_converged": _rounded(gap_closed(table, "noisy-student", "oracle-converged")),
-              "gap_closed_by_variant": {n: _rounded(gap_closed(table, n)) for n in students},
-              "gap_closed_converged_by_variant": {n: _rounded(gap_closed(table, n, "oracle-converged"))
-                                                  for n in students},
-              # each variant minus its reference (mean test top-1 points; negative: the variant is worse)
-              "ablation_delta": {n: {"vs": ref, "points": round(table[n]["mean"] - table[ref]["mean"], 2)}
-                                 for n, ref in COMPARE_WITH.items() if n in table and ref in table},
-              "gap_closed_per_seed": per_seed_gaps["oracle"],
-              "gap_closed_converged_per_seed": per_seed_gaps["oracle-converged"],
+              **secondary_figures(table, per_seed),
               "oracle_converged": {"overrides": converged_extra, "cache_dir": str(cache_dir),
                                    "seeds": {str(s): notes["converged"][s] for s in seeds}},
               "ood": None if ood is None else _ood_summary(ood, notes["ood"], seeds),
@@ -647,10 +651,49 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     gaps = ["n/a" if g is None else f"{g:.2f}" for g in (result["gap_closed"], result["gap_closed_converged"])]
     gain = result["ns_gain"]
-    plot(table, out / "accuracy.png", f"{args.dataset}: test top-1 over {len(seeds)} seed(s); Noisy Student gain "
+    plot(table, out / "accuracy.png", f"{dataset}: test top-1 over {len(seeds)} seed(s); Noisy Student gain "
          f"{gain['mean']:+.2f} +- {gain['std']:.2f} over {baseline}; gap closed {gaps[0]} (compute-matched), "
          f"{gaps[1]} (converged)")
     (out / "accuracy.json").write_text(json.dumps({"table": table, **result}, indent=2, allow_nan=False))
+    print_table(table, result)
+    print(f"Noisy Student gain over {baseline}: {gain['mean']:+.2f} +- {gain['std']:.2f} test top-1 "
+          f"(per seed {gain['per_seed']}; val {gain['val_mean']:+.2f})")
+    print(f"plot: {out / 'accuracy.png'}")
+    return result
+
+
+def noise_pays(table: dict) -> dict | None:
+    """Noisy Student minus the no-noise chain (mean test top-1 points) and whether it is beyond the
+    seed spread (larger than the std of either); None without a no-noise run."""
+    if "no-noise" not in table:
+        return None
+    ns, plain = table["noisy-student"], table["no-noise"]
+    points = ns["mean"] - plain["mean"]
+    return {"points": round(points, 2), "beyond_spread": points > max(ns["std"], plain["std"])}
+
+
+def secondary_figures(table: dict, per_seed: list[dict[str, dict]]) -> dict:
+    """The figures beside the headline: test top-1 per variant, the gap closed against either oracle
+    (overall, per variant, per seed) and each ablation against its reference."""
+    students = [n for n in table if n != "teacher" and n not in ORACLES]
+    per_seed_gaps = {o: {n: [_rounded(g) for g in gap_closed_per_seed(per_seed, n, o)] for n in CHAINS if n in table}
+                     for o in ORACLES}
+    return {"test_top1": {n: round(v["mean"], 2) for n, v in table.items()},
+            "test_top1_std": {n: round(v["std"], 2) for n, v in table.items()},
+            "gap_closed": _rounded(gap_closed(table, "noisy-student")),
+            "gap_closed_converged": _rounded(gap_closed(table, "noisy-student", "oracle-converged")),
+            "gap_closed_by_variant": {n: _rounded(gap_closed(table, n)) for n in students},
+            "gap_closed_converged_by_variant": {n: _rounded(gap_closed(table, n, "oracle-converged"))
+                                                for n in students},
+            # each variant minus its reference (mean test top-1 points; negative: the variant is worse)
+            "ablation_delta": {n: {"vs": ref, "points": round(table[n]["mean"] - table[ref]["mean"], 2)}
+                               for n, ref in COMPARE_WITH.items() if n in table and ref in table},
+            "gap_closed_per_seed": per_seed_gaps["oracle"],
+            "gap_closed_converged_per_seed": per_seed_gaps["oracle-converged"]}
+
+
+def print_table(table: dict, result: dict) -> None:
+    students = [n for n in table if n != "teacher" and n not in ORACLES]
     print(f"{'variant':<20} {'test top-1':>16} {'val top-1':>9} {'gap closed':>11} {'(converged)':>11} {'time':>8}  vs")
     for n, v in table.items():
         g, gc = ("", "") if n not in students else (f"{gap_closed(table, n):.2f}",
@@ -659,10 +702,19 @@ def main(argv: list[str] | None = None) -> int:
         vs = f"  {d['points']:+.2f} vs {d['vs']}" if d else ""
         print(f"{n:<20} {v['mean']:>8.2f} +- {v['std']:<5.2f} {v['val_mean']:>9.2f} {g:>11} {gc:>11} "
               f"{v['seconds']:>7.0f}s{vs}")
-    print(f"Noisy Student gain over {baseline}: {gain['mean']:+.2f} +- {gain['std']:.2f} test top-1 "
-          f"(per seed {gain['per_seed']}; val {gain['val_mean']:+.2f})")
-    print(f"plot: {out / 'accuracy.png'}")
-    print(json.dumps(result))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    start = time.time()
+    settings = {d: run_setting(args, d) for d in dict.fromkeys(args.dataset)}
+    gains = {d: r["ns_gain"] for d, r in settings.items()}
+    for d, g in gains.items():
+        print(f"{d}: Noisy Student gain {g['mean']:+.2f} +- {g['std']:.2f} over {g['vs']} "
+              f"({'pays' if g['pays'] else 'does not pay'} beyond the seed spread)")
+    # the last line: the headline per setting, then each setting's whole result
+    print(json.dumps({"ns_gain": gains, "minutes": round((time.time() - start) / 60, 1),
+                      "cpu": cpu_description(), "settings": settings}))
     return 0
 
 

@@ -94,6 +94,16 @@ def test_gap_closed_uses_the_teacher_and_oracle_means():
     assert accuracy.gap_closed_per_seed(per_seed, "noisy-student", "oracle-converged")[1] == pytest.approx(1 / 3)
 
 
+def test_default_runs_both_settings_and_noise_pays_only_beyond_the_spread():
+    assert accuracy.build_parser().parse_args([]).dataset == list(accuracy.SETTINGS) == ["fashion-mnist", "digits"]
+    row = lambda mean, std: {"mean": mean, "std": std}  # noqa: E731
+    assert accuracy.noise_pays({"noisy-student": row(88.0, 0.3), "no-noise": row(86.0, 0.5)}) == {
+        "points": 2.0, "beyond_spread": True}
+    # 0.4 points apart with a spread of 0.5: not beyond it
+    assert accuracy.noise_pays({"noisy-student": row(88.0, 0.2), "no-noise": row(87.6, 0.5)})["beyond_spread"] is False
+    assert accuracy.noise_pays({"noisy-student": row(88.0, 0.2)}) is None
+
+
 def test_ood_variants_train_the_first_student_on_the_mixed_pool_from_the_seeds_teacher(tmp_path):
     chain = accuracy.load_config(FASHION).students
     ood = accuracy.OodPool(tmp_path / "ood", images=58000, remainder=58000, epochs=0.5)
@@ -199,7 +209,12 @@ def test_benchmark_runs_every_variant_and_prints_json_last(tmp_path, tiny_overri
     for o in overrides:
         argv += ["--set", o]
     assert accuracy.main(argv) == 0
-    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert list(line["settings"]) == ["digits"] and line["minutes"] >= 0
+    last = line["settings"]["digits"]
+    assert line["ns_gain"] == {"digits": last["ns_gain"]}  # the headline per setting, first
+    nn = last["noise_pays"]
+    assert nn["points"] == pytest.approx(last["test_top1"]["noisy-student"] - last["test_top1"]["no-noise"], abs=0.011)
     assert list(last["test_top1"]) == accuracy.variant_order(2, ood=True)  # digits: two students
     assert last["seeds"] == [0] and "gap_closed" in last and "gap_closed_converged" in last
     assert set(last["gap_closed_converged_by_variant"]) == set(last["gap_closed_by_variant"])

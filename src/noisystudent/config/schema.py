@@ -110,9 +110,6 @@ class TrainConfig:
     patience: int | None = _opt(None, "Early stopping: end a stage when validation top-1 has not improved for this "
                                 "many evaluations in a row (null: off). epochs stays the cap and the learning-rate "
                                 "schedule spans it; the best epoch is kept either way.", min=1)
-    patience: int | None = _opt(None, "Early stopping: end a stage when validation top-1 has not improved for this "
-                                "many evaluations in a row (null: off). epochs stays the cap and the learning-rate "
-                                "schedule spans it; the best epoch is kept either way.", min=1)
     precision: str = _opt("auto", "auto (bf16 autocast on CUDA where supported; on a CPU, bf16 only if a "
                           "few timed steps of the model find it >= 1.05x faster than fp32, else fp32), fp32, "
                           "bf16 (autocast, CPU or CUDA), fp16 (autocast + gradient scaler, CUDA).",
@@ -185,7 +182,6 @@ class StageConfig:
     drop_path: float | None = _opt(None, "Override noise.drop_path for this stage.", min=0, max=0.95)
     augment: bool | None = _opt(None, "Override noise.augment for this stage (input noise).")
     lr: float | None = _opt(None, "Override train.lr for this stage.", min=0)
-    patience: int | None = _opt(None, "Override train.patience for this stage (early stopping).", min=1)
     patience: int | None = _opt(None, "Override train.patience for this stage (early stopping).", min=1)
     test_size: int | None = _opt(None, "Evaluation resolution (default: the training resolution); above "
                                  "it, a fix-res fine-tune runs at the end of the chain.", min=4)

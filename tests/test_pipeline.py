@@ -10,7 +10,6 @@ from noisystudent.config.schema import load_config
 from noisystudent.runtime.errors import ConfigError
 from noisystudent.label.store import LabelStore
 from noisystudent.train.trainer import Trainer
-from noisystudent.train.trainer import Trainer
 
 SUMMARY_FIELDS = {"name", "model", "val_top1", "test_top1", "num_labeled", "num_pseudo", "seconds"}
 

@@ -68,7 +68,6 @@ class ResolvedStage:
     config_key: str = ""  # where the stage's settings live in the config: "teacher", "students[0]", "finetune" (the
     # baseline: the final student's, where its model and pretrained weights come from)
     train: TrainConfig | None = None  # the stage's training recipe: the train section with its batch size, ratio, patience
-    train: TrainConfig | None = None  # the stage's training recipe: the train section with its batch size, ratio, patience
 
 
 def stage_seed(seed: int, name: str) -> int:

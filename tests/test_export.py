@@ -239,7 +239,7 @@ def test_onnx_extra_missing_checked_and_out_of_tolerance(cnn_run, tmp_path, monk
     run_dir, _ = cnn_run
     with pytest.raises(NoisyStudentError, match="differs from the PyTorch model by"):
         export_model(run_dir, tmp_path / "strict", onnx=True, onnx_tolerance=-1.0)
-    assert not (tmp_path / "strict" / "model.onnx").exists()  # nothing half-written moved in
+    assert not (tmp_path / "strict").exists()  # nothing half-written moved in; the folder it made is gone
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # onnxruntime not installed: written, not checked
     with caplog.at_level("WARNING", logger="noisystudent"):
         result = export_model(run_dir, tmp_path / "unchecked", onnx=True)
@@ -252,6 +252,109 @@ def test_onnx_extra_missing_checked_and_out_of_tolerance(cnn_run, tmp_path, monk
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "pip install 'noisystudent[onnx]'" in err
     assert not (tmp_path / "no-extra" / "model.safetensors").exists()
+
+
+def _dynamo_fails(monkeypatch, torchscript_fails=False):
+    """torch.onnx.export failing as torch 2.5/2.6's dynamo exporter does with current onnxscript
+    (after writing a partial file), and the TorchScript exporter too if asked; the calls are counted."""
+    real_export = torch.onnx.export
+    calls = []
+
+    def export(model, args, f, **kw):
+        calls.append("dynamo" if kw.get("dynamo") else "torchscript")
+        if kw.get("dynamo") or torchscript_fails:
+            Path(f).write_bytes(b"half a graph")
+            try:  # as torch wraps the cause: a generic first line, coloured for a terminal
+                raise AttributeError("'tuple' object has no attribute 'dtype'\nmore lines")
+            except AttributeError as cause:
+                raise RuntimeError("Failed to convert. \x1b[96mThis is step 2/2\x1b[0m") from cause
+        return real_export(model, args, f, **kw)
+
+    monkeypatch.setattr(torch.onnx, "export", export)
+    return calls
+
+
+def test_onnx_falls_back_to_the_torchscript_exporter_where_dynamo_fails(cnn_run, tmp_path, monkeypatch, caplog):
+    import onnxruntime as ort
+
+    run_dir, cfg = cnn_run
+    calls = _dynamo_fails(monkeypatch)
+    out = tmp_path / "export"
+    with caplog.at_level("WARNING", logger="noisystudent"):
+        result = export_model(run_dir, out, onnx=True)
+    assert calls == ["dynamo", "torchscript"] and result["onnx_exporter"] == "torchscript"
+    assert "dynamo ONNX exporter failed (AttributeError: 'tuple' object has no attribute 'dtype')" in caplog.text
+    assert result["onnx_max_abs_diff"] is not None and result["onnx_max_abs_diff"] <= 1e-4  # checked by onnxruntime
+    # no scratch folder left
+    assert sorted(p.name for p in out.iterdir()) == [RECORD, "README.md", "config.json", "model.onnx",
+                                                     "model.safetensors"]
+    original, meta = _original(run_dir, FIXRES)
+    x = _batch(cfg, meta, n=5)
+    with torch.no_grad():
+        expected = original(x).numpy()
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    for n in (5, 1):  # the batch axis is dynamic here too
+        (logits,) = session.run(["logits"], {"image": x[:n].numpy()})
+        np.testing.assert_allclose(logits, expected[:n], atol=1e-4, rtol=1e-4)
+
+    import noisystudent.models.export as export
+
+    monkeypatch.setattr(export, "_ONNX_SINGLE_FILE_BYTES", 0)  # a "large" model: its weights in one file beside
+    big = tmp_path / "big"
+    assert export_model(run_dir, big, onnx=True)["onnx_max_abs_diff"] <= 1e-4
+    assert sorted(p.name for p in big.iterdir()) == [RECORD, "README.md", "config.json", "model.onnx",
+                                                     "model.onnx.data", "model.safetensors"]
+    assert (big / "model.onnx.data").stat().st_size > (big / "model.onnx").stat().st_size
+    session = ort.InferenceSession(str(big / "model.onnx"), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(session.run(["logits"], {"image": x.numpy()})[0], expected, atol=1e-4, rtol=1e-4)
+
+
+def _tree(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else None for p in sorted(folder.rglob("*"))}
+
+
+def test_a_failed_export_leaves_nothing_that_looks_like_one(cnn_run, tmp_path, monkeypatch, capsys):
+    run_dir, _ = cnn_run
+    _dynamo_fails(monkeypatch, torchscript_fails=True)
+    new = tmp_path / "exports" / "new"  # neither folder exists: both are made, both are removed
+    assert main(["export", str(run_dir), "--out", str(new), "--onnx"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "ONNX export of ns_cnn_s failed" in err
+    assert "dynamo exporter: AttributeError: 'tuple' object" in err and "\x1b" not in err
+    assert "TorchScript exporter: AttributeError: 'tuple' object" in err
+    assert not (tmp_path / "exports").exists()
+
+    mine = tmp_path / "mine"  # the user's folder, with a file of theirs: both stay, and only they
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    assert main(["export", str(run_dir), "--out", str(mine), "--onnx"]) == 2
+    assert _tree(mine) == {"notes.txt": b"keep me"}
+
+    earlier = tmp_path / "earlier"  # an earlier export there: left as it was, still complete
+    monkeypatch.undo()
+    export_model(run_dir, earlier)
+    before = _tree(earlier)
+    _dynamo_fails(monkeypatch, torchscript_fails=True)
+    with pytest.raises(NoisyStudentError, match="ONNX export of ns_cnn_s failed"):
+        export_model(run_dir, earlier, onnx=True)
+    assert _tree(earlier) == before
+    monkeypatch.undo()
+    export_model(run_dir, earlier)  # and the next export replaces it as its own
+
+    import os
+
+    real_replace, replaced = os.replace, []
+
+    def replace_fails_second(src, dst):  # interrupted while moving the files in
+        replaced.append(dst)
+        if len(replaced) == 2:
+            raise KeyboardInterrupt
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace_fails_second)
+    with pytest.raises(KeyboardInterrupt):
+        export_model(run_dir, tmp_path / "moving")
+    assert len(replaced) == 2 and not (tmp_path / "moving").exists()  # the file moved in went with its folder
 
 
 def test_push_to_hub_uploads_the_exported_folder(timm_run, tmp_path, monkeypatch, capsys):

@@ -12,16 +12,18 @@ stage: best on validation by default, see ``final_model``; a run without it: its
   model started from pretrained weights keeps their preprocessing), plus a ``noisystudent``
   section (stage, accuracies, how to rebuild);
 * ``OUT/README.md``: the model card (:mod:`noisystudent.models.model_card`);
-* ``OUT/model.onnx`` with ``onnx=True`` (``torch.onnx.export`` with the dynamo exporter; input
-  ``image``, N x C x H x W at the test resolution, normalised with ``mean``/``std``; output
-  ``logits``; N is dynamic), run by onnxruntime on a batch against the PyTorch model when
+* ``OUT/model.onnx`` with ``onnx=True`` (``torch.onnx.export`` with the dynamo exporter, or its
+  TorchScript exporter where the dynamo one fails, as in torch 2.5 and 2.6 with current
+  onnxscript; input ``image``, N x C x H x W at the test resolution, normalised with
+  ``mean``/``std``; output ``logits``; N is dynamic), run by onnxruntime on a batch against the PyTorch model when
   onnxruntime is installed: the max abs difference is reported, and above ``onnx_tolerance`` the
   export fails.
 
 Files are mode 0644. ``OUT`` may be new or a folder; a file there that this export would write
 and that an earlier export did not write (or that was changed since) stops the export with a
 one-line error, so nothing of the user's is overwritten. ``OUT/.noisystudent-export.json``
-records what was written (and is not pushed).
+records what was written (and is not pushed). A failed export leaves no files of its own behind
+(and removes ``OUT`` if it made it), so nothing half-written looks like an export.
 
 Loading it back:
 
@@ -44,6 +46,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -162,7 +165,11 @@ def _check_onnx_installed() -> None:
         raise NoisyStudentError(f"export --onnx needs {' and '.join(missing)}: {ONNX_INSTALL}")
 
 
-def _write_onnx(model: nn.Module, meta: dict, path: Path) -> None:
+def _write_onnx(model: nn.Module, meta: dict, path: Path) -> str:
+    """Write ``path`` with torch's dynamo exporter, or, where that exporter fails (torch 2.5 and 2.6
+    with the onnxscript releases after them fail on batch norm, see docs/user-guide.md), with its
+    TorchScript exporter; both with a dynamic batch axis. Returns the exporter used ("dynamo" or
+    "torchscript"); the caller checks the file against PyTorch with onnxruntime either way."""
     size = eval_size(meta)
     example = torch.zeros(2, meta["in_chans"], size, size)
     big = sum(t.numel() * t.element_size() for t in model.state_dict().values()) > _ONNX_SINGLE_FILE_BYTES
@@ -170,8 +177,53 @@ def _write_onnx(model: nn.Module, meta: dict, path: Path) -> None:
         torch.onnx.export(model, (example,), str(path), input_names=["image"], output_names=["logits"],
                           dynamo=True, dynamic_shapes=({0: torch.export.Dim("batch")},), external_data=big,
                           verbose=False)
-    except Exception as e:  # noqa: BLE001 - the exporter raises many types; one line for the user
-        raise NoisyStudentError(f"export: ONNX export of {meta['model']} failed: {error_reason(e)}") from None
+        return "dynamo"
+    except Exception as e:  # noqa: BLE001 - the exporter raises many types; try the other one
+        dynamo_error = _root_reason(e)
+    for leftover in (path, path.with_name(ONNX_DATA)):  # what the failed attempt may have written
+        leftover.unlink(missing_ok=True)
+    try:
+        _write_onnx_torchscript(model, example, path, big)
+    except Exception as e:  # noqa: BLE001 - one line for the user, naming both exporters' reasons
+        raise NoisyStudentError(f"export: ONNX export of {meta['model']} failed (torch {torch.__version__}): dynamo "
+                                f"exporter: {dynamo_error}; TorchScript exporter: {_root_reason(e)}") from None
+    log.warning(f"export: torch {torch.__version__}'s dynamo ONNX exporter failed ({dynamo_error}); "
+                f"{path.name} was written by its TorchScript exporter instead")
+    return "torchscript"
+
+
+def _root_reason(e: BaseException) -> str:
+    """The first line of the error that started it all: torch's exporters wrap the cause in a
+    generic "Failed to convert ... Next steps:" error, coloured for a terminal."""
+    seen = {id(e)}
+    while e.__cause__ is not None and id(e.__cause__) not in seen:
+        e = e.__cause__
+        seen.add(id(e))
+    return re.sub(r"\x1b\[[0-9;]*m", "", error_reason(e, with_type=True))
+
+
+def _write_onnx_torchscript(model: nn.Module, example: torch.Tensor, path: Path, big: bool) -> None:
+    """torch's TorchScript ONNX exporter (``dynamo=False``, ``dynamic_axes``), deprecated since
+    torch 2.9, whose warnings are silenced here: it is the fallback. A large model's weights are
+    gathered into one ``model.onnx.data`` beside the graph, as the dynamo exporter writes them
+    (the TorchScript exporter writes one file per tensor past 2 GB)."""
+    import warnings
+
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".onnx-") as scratch:
+        graph = Path(scratch) / path.name
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(model, (example,), str(graph), input_names=["image"], output_names=["logits"],
+                              dynamo=False, dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
+                              verbose=False)
+        if not big:
+            os.replace(graph, path)
+            return
+        import onnx
+
+        proto = onnx.load(str(graph))  # reads the per-tensor files beside it
+        onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=ONNX_DATA)
 
 
 def check_onnx(model: nn.Module, path: Path, meta: dict, *, batch: int = 4,
@@ -231,6 +283,27 @@ def _check_out(out: Path, names: list[str]) -> None:
                                     "since); choose another --out folder or move it away")
 
 
+def _make_folder(out: Path) -> list[Path]:
+    """Create ``out`` (and missing parents); returns the folders created, deepest first."""
+    created = []
+    for folder in (out, *out.parents):
+        if folder.exists():
+            break
+        created.append(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    return created
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove ``folders`` (deepest first) while they are empty: rmdir never takes a file with it,
+    so anything someone else put there meanwhile stays, and so does the folder holding it."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+
+
 def export_model(run_dir: Path, out_dir: Path, onnx: bool = False, *, license_id: str = "apache-2.0",
                  repo_id: str | None = None, onnx_tolerance: float = ONNX_TOLERANCE) -> dict:
     """Write a run's final model to ``out_dir`` as ``model.safetensors`` + ``config.json`` +
@@ -239,8 +312,10 @@ def export_model(run_dir: Path, out_dir: Path, onnx: bool = False, *, license_id
     when all of them are complete. ``repo_id``: the hub repository the folder is meant for (the
     card's loading example names it; :func:`push_to_hub` pushes). Returns ``{"stage",
     "architecture", "num_classes", "files": {"weights", "config", "card"[, "onnx"]},
-    "onnx_max_abs_diff"}``. Raises :class:`CheckpointError` (one line) when the run has no
-    finished model, :class:`NoisyStudentError` for an ``out_dir`` holding files it did not write."""
+    "onnx_max_abs_diff", "onnx_exporter"}`` (``"dynamo"``, ``"torchscript"`` or None). A failed
+    export removes what it wrote and the folders it made; ``out_dir``'s other files stay. Raises
+    :class:`CheckpointError` (one line) when the run has no finished model,
+    :class:`NoisyStudentError` for an ``out_dir`` holding files it did not write."""
     run = RunDir(run_dir)
     stage = final_stage(run.root)
     out = Path(out_dir)
@@ -252,31 +327,42 @@ def export_model(run_dir: Path, out_dir: Path, onnx: bool = False, *, license_id
     model.eval()
     metrics_path = run.file(stage, "metrics.json")
     metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
-    out.mkdir(parents=True, exist_ok=True)
+    created = _make_folder(out)
     files = {"weights": out / WEIGHTS, "config": out / CONFIG, "card": out / CARD}
-    diff = None
-    with tempfile.TemporaryDirectory(dir=out, prefix=".export-") as scratch:
-        tmp = Path(scratch)
-        config = _write_weights_and_config(model, meta, stage, metrics, tmp)
-        if onnx:
-            _write_onnx(model, meta, tmp / ONNX)
-            diff = check_onnx(model, tmp / ONNX, meta, tolerance=onnx_tolerance)
-            files["onnx"] = out / ONNX
-        (tmp / CARD).write_text(_card(run, config, stage, license_id, repo_id, diff, out), encoding="utf-8")
-        written = sorted(p for p in tmp.iterdir() if p.is_file())
-        for p in written:
-            p.chmod(0o644)  # files for others to read (tempfile makes them private)
-        record = {p.name: _sha256(p) for p in written}
-        for p in written:  # model.onnx.data (external weights) moves along with model.onnx
-            os.replace(p, out / p.name)
-    if not onnx:
-        for stale in (out / ONNX, out / ONNX_DATA):  # from an earlier export (checked above): they would not match
-            stale.unlink(missing_ok=True)
-    write_json_atomic(out / RECORD, {"run": str(run.root), "stage": stage, "files": record})
-    (out / RECORD).chmod(0o644)
+    diff = exporter = None
+    moved: list[Path] = []
+    try:
+        with tempfile.TemporaryDirectory(dir=out, prefix=".export-") as scratch:
+            tmp = Path(scratch)
+            config = _write_weights_and_config(model, meta, stage, metrics, tmp)
+            if onnx:
+                exporter = _write_onnx(model, meta, tmp / ONNX)
+                diff = check_onnx(model, tmp / ONNX, meta, tolerance=onnx_tolerance)
+                files["onnx"] = out / ONNX
+            (tmp / CARD).write_text(_card(run, config, stage, license_id, repo_id, diff, out), encoding="utf-8")
+            written = sorted(p for p in tmp.iterdir() if p.is_file())
+            for p in written:
+                p.chmod(0o644)  # files for others to read (tempfile makes them private)
+            record = {p.name: _sha256(p) for p in written}
+            for p in written:  # model.onnx.data (external weights) moves along with model.onnx
+                os.replace(p, out / p.name)
+                moved.append(out / p.name)
+        if not onnx:
+            for stale in (out / ONNX, out / ONNX_DATA):  # from an earlier export (checked above): they would not match
+                stale.unlink(missing_ok=True)
+        write_json_atomic(out / RECORD, {"run": str(run.root), "stage": stage, "files": record})
+        (out / RECORD).chmod(0o644)
+    except BaseException:
+        # A failed (or interrupted) export leaves nothing that looks like a finished one: the files
+        # it moved in go (no record would vouch for them), and so do the folders it made, once
+        # empty; a folder that was there before keeps everything else it held.
+        for path in moved:
+            path.unlink(missing_ok=True)
+        _remove_empty(created)
+        raise
     log.info(f"export: {stage} ({config['architecture']}) -> {out}")
     return {"stage": stage, "architecture": config["architecture"], "num_classes": config["num_classes"],
-            "files": files, "onnx_max_abs_diff": diff}
+            "files": files, "onnx_max_abs_diff": diff, "onnx_exporter": exporter}
 
 
 def _card(run: RunDir, config: dict, stage: str, license_id: str, repo_id: str | None, diff: float | None,

@@ -2,6 +2,7 @@ import json
 import shutil
 
 import pytest
+import torch
 
 import noisystudent.pipeline as pipeline
 from noisystudent.models.checkpoint import load_model
@@ -193,6 +194,30 @@ def test_stop_iterating_skips_the_rest_of_the_chain_when_a_student_does_not_gain
     assert summary["ns_gain"]["test"] == pytest.approx(stages["student-1"]["test_top1"] - stages["teacher"]["test_top1"])
     table = pipeline.format_summary_table(summary)
     assert "skipped: student-2" in table and "final model (*): teacher" in table
+
+
+def test_warm_start_starts_a_student_of_the_teachers_architecture_from_its_weights(tmp_path, tiny_overrides):
+    """train.warm_start: student-1 (the teacher's architecture, lr 0: it keeps what it starts from)
+    holds the teacher's weights; student-2, a larger model, starts from scratch and says why."""
+    cfg = load_config(None, tiny_overrides + ["teacher.epochs=2", "train.warm_start=true", "baseline.enabled=false",
+                                              "students=[{model: ns_cnn_s, lr: 0}, {model: ns_cnn_m, epochs: 0.1}]"])
+    summary = pipeline.run_pipeline(cfg, tmp_path / "run", progress=False)
+    stages = {s["name"]: s for s in summary["stages"]}
+    assert stages["student-1"]["warm_start_from"] == "teacher" and stages["student-2"]["warm_start_from"] is None
+    weights = {n: torch.load(tmp_path / "run" / n / "model.pt", weights_only=True)["state_dict"]
+               for n in ("teacher", "student-1")}
+    learned = [k for k, v in weights["teacher"].items() if k.endswith("weight")]
+    assert learned and all(torch.equal(weights["teacher"][k], weights["student-1"][k]) for k in learned)
+    log = (tmp_path / "run" / "run.log").read_text()
+    assert "[student-1] starts from teacher's weights (train.warm_start)" in log
+    assert "[student-2] ns_cnn_m at 16px starts from scratch: train.warm_start needs its teacher's architecture" in log
+    # off (the default): every student starts from its own initialisation
+    cold = load_config(None, tiny_overrides + ["teacher.epochs=2", "baseline.enabled=false",
+                                               "students=[{model: ns_cnn_s, lr: 0}]"])
+    summary = pipeline.run_pipeline(cold, tmp_path / "cold", progress=False)
+    assert summary["stages"][1]["warm_start_from"] is None
+    student = torch.load(tmp_path / "cold" / "student-1" / "model.pt", weights_only=True)["state_dict"]
+    assert not all(torch.equal(weights["teacher"][k], student[k]) for k in learned)
 
 
 def test_final_model_last_hands_over_the_chains_last_stage(tmp_path, tiny_overrides):

@@ -150,7 +150,7 @@ def _plan(stages: list[ResolvedStage], pool: UnlabeledSource | None, env: Env,
         selection = yield _select_spec(i, store, st.labeling, cfg, env.splits, env.tracking)
         check_selection(selection, store)
         pseudo = functools.partial(pseudo_labeled_set, selection, pool)
-        student = yield _train_spec(st, env, pseudo)
+        student = yield _train_spec(st, env, pseudo, warm_from=_warm_start(cfg, st, teacher))
         if student.params < teacher.params:
             log.warning(f"[{st.name}] is smaller than its teacher; the paper uses equal-or-larger students")
         chain.append(student)
@@ -176,9 +176,21 @@ def _plan(stages: list[ResolvedStage], pool: UnlabeledSource | None, env: Env,
     return ChainOutcome(chain, baseline, robustness, skipped)
 
 
-def _train_spec(stage: ResolvedStage, env: Env, pseudo=None) -> StageSpec:
-    return StageSpec(stage.name, "train", lambda out: TrainedModel.from_metrics(train_stage(out, stage, env, pseudo)),
-                     _read_trained)
+def _train_spec(stage: ResolvedStage, env: Env, pseudo=None, warm_from: str | None = None) -> StageSpec:
+    made = lambda out: TrainedModel.from_metrics(train_stage(out, stage, env, pseudo, warm_from))  # noqa: E731
+    return StageSpec(stage.name, "train", made, _read_trained)
+
+
+def _warm_start(cfg: Config, student: ResolvedStage, teacher: TrainedModel) -> str | None:
+    """``train.warm_start``: the teacher's stage name when the student has its architecture and
+    training size (its weights fit as they are), else None (from scratch)."""
+    if not cfg.train.warm_start:
+        return None
+    if (student.model, student.image_size) != (teacher.model, teacher.image_size):
+        log.info(f"[{student.name}] {student.model} at {student.image_size}px starts from scratch: train.warm_start "
+                 f"needs its teacher's architecture and size ({teacher.model} at {teacher.image_size}px)")
+        return None
+    return teacher.name
 
 
 def _label_spec(i: int, teacher: TrainedModel, pool, labeling: ResolvedLabeling, env: Env) -> StageSpec:

@@ -39,7 +39,7 @@ from .label.inference import label_to_store, model_fingerprint
 from .label.select import Selection, dedup_wanted, select_from_store
 from .label.store import LabelStore
 from .label.tta import labeling_model
-from .models.checkpoint import clean_transform, data_config, eval_size, load_model, save_model
+from .models.checkpoint import clean_transform, data_config, eval_size, load_checkpoint, load_model, save_model
 from .models.factory import count_parameters, create_model
 from .models.pretrained import stage_data_config
 from .runtime import rundir as layout
@@ -99,13 +99,18 @@ class Env:
         return self.clean_sets[key]
 
 
-def train_stage(out: Path, stage: ResolvedStage, env: Env, pseudo=None) -> dict:
+def train_stage(out: Path, stage: ResolvedStage, env: Env, pseudo=None, warm_from: str | None = None) -> dict:
     """Train one model (teacher: labeled only; student: labeled + its selection); returns its
-    summary row, and writes model.pt, metrics.json and metrics.jsonl into ``out``."""
+    summary row, and writes model.pt, metrics.json and metrics.jsonl into ``out``. ``warm_from``:
+    the stage (of the same architecture) whose saved weights the model starts from
+    (``train.warm_start``), instead of its initialisation."""
     cfg, splits = env.cfg, env.splits
     seed_everything(stage.seed)
     model = create_model(stage.model, splits.num_classes, splits.channels, stage.dropout, stage.drop_path,
                          pretrained=stage.pretrained, classes=splits.classes, used_as_is=stage.epochs == 0)
+    if warm_from is not None:
+        model.load_state_dict(load_checkpoint(env.run.file(warm_from, layout.MODEL))["state_dict"])
+        log.info(f"[{stage.name}] starts from {warm_from}'s weights (train.warm_start)")
     # the weights' own preprocessing when the stage starts from pretrained weights, else the data's
     data_cfg = stage_data_config(stage.model, stage.pretrained, model, mean=splits.mean, std=splits.std)
     noisy = train_transform(stage.image_size, splits.channels, data_cfg["mean"], data_cfg["std"], stage.noise,
@@ -134,6 +139,7 @@ def train_stage(out: Path, stage: ResolvedStage, env: Env, pseudo=None) -> dict:
     metrics = {"name": stage.name, "model": stage.model, **measured,
                "num_labeled": len(labeled), "num_pseudo": 0 if pseudo_set is None else len(pseudo_set),
                "seconds": outcome.seconds, "params": count_parameters(model), "best_epoch": outcome.best_epoch,
+               "warm_start_from": warm_from,
                "epochs": outcome.epochs, "steps": outcome.steps, "images_seen": outcome.images_seen,
                "image_size": stage.image_size, "test_size": stage.test_size, "dropout": stage.dropout,
                "drop_path": stage.drop_path, "seed": stage.seed, "precision": outcome.precision,

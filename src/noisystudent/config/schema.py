@@ -120,6 +120,9 @@ class TrainConfig:
                      "evaluated and becomes the next teacher.")
     ema_decay: float = _opt(0.9999, "EMA decay per step (paper: 0.9999).", min=0, max=1)
     sync_bn: bool = _opt(False, "Synchronise BatchNorm statistics across processes (CUDA only).")
+    warm_start: bool = _opt(False, "A student of its teacher's architecture and training size starts from the "
+                            "teacher's weights instead of from scratch (the paper trains students from scratch); "
+                            "a larger student, and the baseline, always start from scratch.")
     checkpoint_every: int = _opt(200, "Write a resumable training checkpoint every N steps to "
                                  "<run>/checkpoints/<stage>/ (0: only at the end of the stage); an interrupted "
                                  "stage resumes from its latest one.", min=0)

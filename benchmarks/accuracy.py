@@ -212,7 +212,8 @@ def student_tasks(config: str, seed: int, extra: list[str], teacher_ckpt: Path,
     students = load_config(config, [f"seed={seed}", *extra]).students
     # an ablation variant is named after the config ablation it applies
     tasks = [Task((1, seed, i), v, seed, base, v if v in ABLATIONS else None) for i, v in enumerate(CHAINS)]
-    tasks.append(Task((2, seed, 0), "no-iteration", seed, base + [_only_student(students[-1])]))
+    if not no_iteration_is_first_student(students):  # else the chain's first student is that run
+        tasks.append(Task((2, seed, 0), "no-iteration", seed, base + [_only_student(students[-1])]))
     tasks += [Task((2, seed, 1 + i), v, seed, base + [_only_student(students[0])], v)
               for i, v in enumerate(FIRST_STUDENT)]
     if ood is not None:
@@ -220,6 +221,13 @@ def student_tasks(config: str, seed: int, extra: list[str], teacher_ckpt: Path,
         tasks += [Task((2, seed, 3 + i), v, seed, base + ood_overrides(ood, hard, thr) + [first])
                   for i, (v, (hard, thr)) in enumerate(OOD_VARIANTS.items())]
     return tasks
+
+
+def no_iteration_is_first_student(students: list) -> bool:
+    """Whether "no-iteration" (one student of the final architecture, taught by the teacher) is
+    exactly the chain's first student (equal-size chains, e.g. B7 -> B7 -> B7): then it is not
+    trained again; the chain's first student is reported for it."""
+    return len(students) > 1 and students[0] == students[-1]
 
 
 def variant_order(num_students: int, ood: bool = False) -> list[str]:
@@ -426,6 +434,8 @@ def run_benchmark(config: str, seeds: list[int], extra: list[str], oracle_extra:
                         for k in range(1, len(stages) - 1):
                             record(task.seed, f"noisy-student-iter{k}", stages[k],
                                    sum(s["seconds"] for s in stages[1:k + 1]))
+                        if no_iteration_is_first_student(load_config(config, extra).students):
+                            record(task.seed, "no-iteration", stages[1], stages[1]["seconds"])
                     chosen = stages[-1]
                     if task.variant in CHAINS:  # the chain hands over its best student on validation
                         chosen = max(reversed(stages[1:]), key=lambda s: s["val_top1"])

@@ -173,3 +173,34 @@ def test_labels_per_class_keeps_every_label_by_default_and_says_what_it_moves(ca
                              log_moved=True)
     assert moved.describe()["num_labels_moved_to_pool"] == len(moved.unlabeled) == 1797 - 100 - 400 - 50
     assert "kept 50 labeled training images and moved 1247 to the unlabeled pool" in caplog.text
+
+
+def test_each_file_is_decoded_once_and_the_mean_std_is_what_decoding_each_image_again_gives(tmp_path, monkeypatch):
+    """The data scan (issue 28): the labeled check keeps the pixels the mean/std is taken from, and
+    a test folder that is the val folder is checked once; the statistics are the old ones exactly."""
+    import noisystudent.data.datasets as datasets
+
+    make_folder(tmp_path / "train", n=30, mode="RGB")
+    make_folder(tmp_path / "val", n=4)
+    decoded = []
+    real_read = datasets.read_image
+    monkeypatch.setattr(datasets, "read_image", lambda path, mode: decoded.append(path) or real_read(path, mode))
+    monkeypatch.setattr(datasets, "STATS_LIMIT", 50)  # fewer than the 60 labeled images: a sample, as at scale
+    cfg = folder_cfg(tmp_path, val_dir=str(tmp_path / "val"), test_dir=str(tmp_path / "val"), val_per_class=None)
+    s = build_splits(cfg, seed=0)
+    assert len(s.labeled) == 60 and len(s.val) == len(s.test) == 8
+    assert len(decoded) == len(set(decoded)) == 68  # every file once: labeled (stats included), val = test
+    # what the statistics were before: each of the first 50 labeled images decoded again, as float64
+    arrs = [np.asarray(convert_image(s.labeled.load(i), "RGB"), dtype=np.float64) / 255.0 for i in range(50)]
+    flat = np.concatenate([a.reshape(-1, 3) for a in arrs])
+    assert s.mean == tuple(float(v) for v in flat.mean(0))
+    assert s.std == tuple(float(v) for v in np.maximum(flat.std(0), 1e-3))
+    assert datasets.image_stats(s.labeled, 3, limit=50) == (s.mean, s.std)  # no pixels given: loaded
+
+
+def test_a_bad_file_is_still_named_when_its_pixels_are_kept_for_the_statistics(tmp_path):
+    make_folder(tmp_path / "train", n=3)
+    make_folder(tmp_path / "test", n=2)
+    (tmp_path / "train" / "cat" / "1.png").write_bytes(b"not a png")
+    with pytest.raises(DataError, match=r"unreadable image .*cat/1\.png"):
+        build_splits(folder_cfg(tmp_path, val_per_class=1, unlabeled_dir=None), seed=0, require_unlabeled=False)

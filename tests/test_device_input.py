@@ -185,3 +185,17 @@ def test_a_training_stage_reads_its_validation_set_once_and_shares_the_cache_it_
     for _ in range(2):  # two stages given the same cache: the second reads nothing
         Trainer(recipe, RunContext(progress=False, eval_cache=shared)).fit(TinyNet(), labeled, counted)
     assert len(loads) == len(counted) and len(shared) == 1
+
+
+def test_evaluation_batches_are_small_on_a_cpu_and_give_the_same_numbers(monkeypatch):
+    """On a CPU the default evaluation batch is small (a large one overflows the caches: issue 28);
+    the numbers are those of any other batch size."""
+    assert D.eval_batch_size(CPU) == D.EVAL_BATCH_CPU < D.eval_batch_size(torch.device("cuda")) == 256
+    sizes = []
+    real = D.eval_batches.__init__
+    monkeypatch.setattr(D.eval_batches, "__init__",
+                        lambda self, *a, batch_size, **kw: sizes.append(batch_size) or real(self, *a, batch_size=batch_size, **kw))
+    val = TransformedSet(_images(70), eval_transform(8, 3, (0.5,) * 3, (0.25,) * 3))
+    net = _net()
+    default = evaluate_classifier(net, val, CPU)
+    assert sizes == [D.EVAL_BATCH_CPU] and evaluate_classifier(net, val, CPU, batch_size=256) == default

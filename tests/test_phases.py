@@ -80,3 +80,27 @@ def test_final_measurement_reuses_the_best_epochs_validation_with_the_same_numbe
     history = [json.loads(line) for line in (tmp_path / "reused" / "teacher" / "metrics.jsonl").read_text().splitlines()]
     best = next(r for r in history if r.get("epoch") == a["best_epoch"] and "val_top1" in r)
     assert (a["val_top1"], a["val_top5"]) == (best["val_top1"], best["val_top5"])
+
+
+def test_startup_imports_pause_the_collector_and_freeze_what_they_built_only_for_a_command():
+    import gc
+
+    from noisystudent.runtime.phases import startup_imports
+
+    assert gc.isenabled()
+    with startup_imports(freeze=False):
+        assert not gc.isenabled()
+    assert gc.isenabled() and gc.get_freeze_count() == 0  # from Python code: nothing frozen
+    try:
+        with startup_imports(freeze=True):
+            built = [[] for _ in range(100)]
+        assert gc.isenabled() and gc.get_freeze_count() >= len(built)
+    finally:
+        gc.unfreeze()
+    gc.disable()
+    try:
+        with startup_imports(freeze=False):
+            pass
+        assert not gc.isenabled()  # a collector the caller had turned off stays off
+    finally:
+        gc.enable()

@@ -27,7 +27,10 @@ def _default_run_dir(config: str | None, ablation: str | None) -> Path:
 def _stage_command(args: argparse.Namespace, kind: str) -> int:
     """``noisystudent train | label | select RUN_DIR``: the next unfinished stage of a run, which
     must be of this kind; a RUN_DIR without a run is created from the config (as ``run --out``)."""
-    from .pipeline import run_pipeline
+    from .runtime.phases import startup_imports
+
+    with startup_imports(freeze=args.as_command):
+        from .pipeline import run_pipeline
     from .runtime.distributed import RankFailure, launch_rank
     from .runtime.rundir import CONFIG, MANIFEST
 
@@ -57,10 +60,11 @@ def cmd_select(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .pipeline import format_summary_table, run_pipeline
+    from .runtime.phases import process_start, startup_imports
 
+    with startup_imports(freeze=args.as_command):
+        from .pipeline import format_summary_table, run_pipeline
     from .runtime.distributed import RankFailure, launch_rank
-    from .runtime.phases import process_start
     from .runtime.rundir import CONFIG
 
     if args.resume:
@@ -434,6 +438,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     configure_cpu()  # first: the thread count must be chosen before anything imports torch
     args = build_parser().parse_args(argv)
+    args.as_command = argv is None  # a command's process (not a call from Python code): see startup_imports
     quiet = getattr(args, "quiet", False)
     console = logging.StreamHandler(sys.stderr)
     console.setLevel(logging.WARNING if quiet else logging.INFO)

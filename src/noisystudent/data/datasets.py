@@ -479,30 +479,47 @@ def build_splits(cfg: DataConfig, seed: int, require_unlabeled: bool = True, *,
         raise DataError("the unlabeled pool is empty: set data.unlabeled (a folder, file list or WebDataset "
                         "shards) or data.labels_per_class")
 
-    for split, name in ((labeled, "labeled"), (val, "validation"), (test, "test")):
-        check_readable(split, full=len(split) <= FULL_CHECK_LIMIT)
     channels = cfg.channels or (1 if train.mode == "L" else 3)
-    mean, std = image_stats(labeled, channels)
+    # One decode per file: the labeled check keeps the pixels the mean/std is computed from, and a
+    # file in two splits (a test folder that is the val folder) is checked once.
+    checked: set = set()
+    pixels = check_readable(labeled, full=len(labeled) <= FULL_CHECK_LIMIT, checked=checked,
+                            keep=STATS_LIMIT, channels=channels)
+    for split in (val, test):
+        check_readable(split, full=len(split) <= FULL_CHECK_LIMIT, checked=checked)
+    mean, std = image_stats(labeled, channels, limit=STATS_LIMIT, pixels=pixels)
     return DataSplits(labeled=labeled, unlabeled=unlabeled, val=val, test=test, classes=classes,
                       channels=channels, mean=mean, std=std, labels_moved_to_pool=moved)
 
 
 FULL_CHECK_LIMIT = 20000  # labeled sets up to this size are fully decoded before training starts
+STATS_LIMIT = 2000  # the mean/std is computed from the first this many labeled images
 
 
-def check_readable(images: ImageSet, full: bool) -> None:
+def check_readable(images: ImageSet, full: bool, checked: set | None = None, keep: int = 0,
+                   channels: int = 3) -> list[np.ndarray]:
     """Fail early, naming the file, if a labeled image cannot be read: a fully decoded check for
-    small sets, a header check (zero-byte and non-image files) for large ones."""
+    small sets, a header check (zero-byte and non-image files) for large ones.
+
+    ``checked``: paths fully decoded already (skipped; the ones decoded here are added). ``keep``:
+    with ``full``, the pixels of the first ``keep`` images (``channels`` 1: "L", else "RGB"), as
+    :func:`image_stats` reads them, so the mean/std needs no second decode; else an empty list."""
     if isinstance(images, SubsetImageSet):
         base, positions = images.base, images.indices
     else:
         base, positions = images, np.arange(len(images))
     if not isinstance(base, FileImageSet):
-        return  # in-memory arrays are valid by construction
-    for i in positions:
+        return []  # in-memory arrays are valid by construction
+    checked = set() if checked is None else checked
+    pixels: list[np.ndarray] = []
+    for n, i in enumerate(positions):
         path = base.paths[int(i)]
         if full:
-            read_image(path, base.mode)
+            if n < keep:
+                pixels.append(_stats_pixels(read_image(path, base.mode), channels))
+            elif path not in checked:
+                read_image(path, base.mode)
+            checked.add(path)
             continue
         try:
             with Image.open(path) as im:
@@ -511,6 +528,7 @@ def check_readable(images: ImageSet, full: bool) -> None:
             raise DataError(f"image {path} is too large to decode ({e}); remove it or shrink it") from None
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
             raise DataError(f"unreadable image {path}: {error_reason(e)}") from None
+    return pixels
 
 
 class ConcatImageSet(ImageSet):
@@ -544,11 +562,20 @@ def concat_image_sets(parts: list[ImageSet], mode: str) -> ImageSet:
     return ConcatImageSet(parts, mode)
 
 
-def image_stats(images: ImageSet, channels: int, limit: int = 2000) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and std of (up to ``limit``) images, used for input normalisation."""
+def _stats_pixels(img: Image.Image, channels: int) -> np.ndarray:
+    """An image's pixels as :func:`image_stats` counts them: uint8, one row per pixel."""
+    return np.asarray(convert_image(img, "L" if channels == 1 else "RGB")).reshape(-1, channels)
+
+
+def image_stats(images: ImageSet, channels: int, limit: int = STATS_LIMIT,
+                pixels: list[np.ndarray] | None = None) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std of the first (up to ``limit``) images, used for input
+    normalisation. ``pixels``: those images' pixels decoded already (:func:`check_readable`'s
+    ``keep``); the rest are loaded. Kept as uint8 until the one float64 array the statistics are
+    taken over (the same values, so the same mean/std, as converting each image first)."""
     n = min(len(images), limit)
-    mode = "L" if channels == 1 else "RGB"
-    arrs = [np.asarray(convert_image(images.load(i), mode), dtype=np.float64) / 255.0 for i in range(n)]
-    flat = np.concatenate([a.reshape(-1, channels) for a in arrs])
+    rows = list((pixels or [])[:n])
+    rows += [_stats_pixels(images.load(i), channels) for i in range(len(rows), n)]
+    flat = np.concatenate(rows).astype(np.float64) / 255.0
     std = np.maximum(flat.std(0), 1e-3)
     return tuple(float(v) for v in flat.mean(0)), tuple(float(v) for v in std)

@@ -13,7 +13,7 @@ from torch.utils.data import Dataset
 from ..models.checkpoint import clean_pixel_transform, load_model
 from ..config.schema import EvaluateConfig
 from ..data.datasets import ImageSet, TransformedSet
-from ..data.device_input import EvalCache, eval_batches, wants_channels_last
+from ..data.device_input import EvalCache, eval_batch_size, eval_batches, wants_channels_last
 from ..runtime.distributed import DistContext, all_reduce_sum
 from ..runtime.progress import progress_bar
 from ..robustness import evaluate_robustness, plot_robustness
@@ -24,7 +24,7 @@ log = logging.getLogger("noisystudent")
 
 
 @torch.inference_mode()
-def evaluate_classifier(model: nn.Module, dataset: Dataset, device: torch.device, *, batch_size: int = 256,
+def evaluate_classifier(model: nn.Module, dataset: Dataset, device: torch.device, *, batch_size: int | None = None,
                         num_workers: int = 0, ctx: DistContext | None = None, progress: bool = False,
                         desc: str = "eval", channels_last: bool | None = None,
                         cache: EvalCache | None = None) -> dict:
@@ -34,8 +34,11 @@ def evaluate_classifier(model: nn.Module, dataset: Dataset, device: torch.device
     uint8 from the workers, normalised on the device, kept there in ``cache`` after the first pass
     when the set is un-augmented and fits; None: read every time). ``channels_last``: the input's
     layout (None: as the model's weights). Hits are counted on the device and read once, at the end.
+    ``batch_size``: None, the device's (:func:`~noisystudent.data.device_input.eval_batch_size`:
+    small on a CPU, whose caches are what a large batch overflows).
     """
     device = torch.device(device)
+    batch_size = batch_size or eval_batch_size(device)
     ctx = ctx or DistContext(device=device)
     if channels_last is None:
         channels_last = wants_channels_last(model)

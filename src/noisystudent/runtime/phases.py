@@ -7,6 +7,7 @@ epochs' training and validation, the final measurement and the rest), the report
 
 from __future__ import annotations
 
+import gc
 import os
 import time
 from contextlib import contextmanager
@@ -30,6 +31,28 @@ def process_start() -> float | None:
         return boot + ticks / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError, StopIteration):
         return None
+
+
+@contextmanager
+def startup_imports(freeze: bool) -> Iterator[None]:
+    """A command's heavy imports (torch, timm, torchvision, matplotlib) with the cyclic garbage
+    collector paused; with ``freeze`` (a command's process, not a call from Python code) what they
+    built is then moved out of the collector's sight (``gc.freeze``).
+
+    Importing creates hundreds of thousands of long-lived objects and almost no garbage, yet each
+    full collection it triggers walks the whole heap built so far: seven of them during a run's
+    start-up, about 1 s of CPU on the 2-core benchmark machine (issue 28). Frozen, the imported
+    modules are also skipped by every collection the run makes later. Without ``freeze`` (tests,
+    notebooks) only the pause applies, and the collector is re-enabled as it was."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if freeze:
+            gc.freeze()
+        if enabled:
+            gc.enable()
 
 
 class PhaseClock:

@@ -187,6 +187,9 @@ def test_model_card_renders_the_run(timm_run, tmp_path):
     for stage in summary["stages"]:  # each stage's accuracy, as summary.json has it
         assert f"| {stage['name']}" in body and f"{stage['test_top1']:.2f}" in body
     assert "source | `digits`" in body and "0, 1, 2, 3, 4, 5, 6, 7, 8, 9" in body
+    splits = json.loads((run_dir / "data.json").read_text())  # the split sizes the run used
+    for label, key in (("labeled", "labeled"), ("validation", "val"), ("test", "test")):
+        assert f"| {label} images | {splits[f'num_{key}']} ({splits[f'{key}_per_class'][0]} per class) |" in body
     assert f'timm.create_model("local-dir:{out}", pretrained=True)' in body  # resnet18 is timm's own
     assert "teacher:\n  model: resnet18" in body  # the run's config.yaml
     assert ("Noisy Student gain" in body) == bool(summary.get("ns_gain"))  # a teacher-only run has none
@@ -197,12 +200,22 @@ def test_model_card_renders_the_run(timm_run, tmp_path):
 
     measured = {**summary, "ns_gain": {"val": 2.5, "test": 1.25, "student": "student-1", "student_model": "resnet18",
                                        "baseline": "baseline", "baseline_model": "resnet18"},
-                "robustness": {"teacher": {"corruptions.mean_error": 41.5}, "student-1": {"corruptions.mean_error": 30.25}}}
-    card = render_model_card(summary=measured, config={"data": {"source": "fashion-mnist"}},
+                "robustness": {"teacher": {"corruptions.mean_error": 41.5, "fgsm.top1@eps16": 8.0,
+                                           "fgsm.top1@eps2": 12.0},
+                               "student-1": {"corruptions.mean_error": 30.25, "fgsm.top1@eps16": 9.0,
+                                             "fgsm.top1@eps2": 21.0}}}
+    # Fashion-MNIST has its own test split: the config's test_per_class (20) did not apply, data.json says so
+    fashion = {"num_labeled": 200, "num_val": 100, "num_test": 10000, "labeled_per_class": [20] * 10,
+               "val_per_class": [9, 11] * 5, "test_per_class": [1000] * 10}
+    card = render_model_card(summary=measured, config={"data": {"source": "fashion-mnist", "test_per_class": 20}},
                              export_config=json.loads((out / "config.json").read_text()), stage="student-1",
-                             repo_id="someone/digits-ns")
+                             repo_id="someone/digits-ns", splits=fashion)
     meta, body = _front_matter(card)
     assert meta["datasets"] == ["zalando-datasets/fashion_mnist"]
+    assert "| test images | 10000 (1000 per class) |" in body and "| validation images | 100 (9-11 per class) |" in body
+    assert "test images per class" not in body
+    # the figures in numeric order (eps 2 before eps 16)
+    assert "| model | corruptions.mean_error | fgsm.top1@eps2 | fgsm.top1@eps16 |" in body
     assert "**Noisy Student gain**: +1.25 test top-1 (+2.50 val) for student-1" in body
     assert "| corruptions.mean_error |" in body and "| student-1 | 30.25 |" in body
     assert 'timm.create_model("hf-hub:someone/digits-ns", pretrained=True)' in body

@@ -59,6 +59,7 @@ import yaml
 from ..data.transforms import eval_crop
 from ..runtime.errors import CheckpointError, NoisyStudentError, error_reason
 from ..runtime.rundir import CONFIG as RUN_CONFIG
+from ..runtime.rundir import DATA as RUN_DATA
 from ..runtime.rundir import MODEL, SUMMARY, RunDir, write_json_atomic
 from .checkpoint import data_config, eval_size, load_model
 from .factory import create_model
@@ -375,7 +376,8 @@ def _card(run: RunDir, config: dict, stage: str, license_id: str, repo_id: str |
 
     return render_model_card(summary=read(run.root / SUMMARY, json.loads),
                              config=read(run.root / RUN_CONFIG, yaml.safe_load), export_config=config, stage=stage,
-                             license_id=license_id, repo_id=repo_id, onnx_max_abs_diff=diff, local_dir=str(out))
+                             license_id=license_id, repo_id=repo_id, onnx_max_abs_diff=diff, local_dir=str(out),
+                             splits=read(run.root / RUN_DATA, json.loads))
 
 
 def push_to_hub(out_dir: Path, repo_id: str, *, private: bool = False, token: str | None = None,

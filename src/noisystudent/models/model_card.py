@@ -3,13 +3,14 @@ front matter then Markdown, rendered with Jinja2 from the run's own records.
 
 What it says comes from the run directory: ``summary.json`` (every stage's accuracy, the final
 model and why, the Noisy Student gain over the same architecture on the labels alone, the
-robustness headlines), ``config.yaml`` (the data and the recipe) and the exported
-``config.json`` (classes, preprocessing). Nothing is measured here.
+robustness headlines), ``config.yaml`` (the data and the recipe), ``data.json`` (the split sizes
+the run used) and the exported ``config.json`` (classes, preprocessing). Nothing is measured here.
 """
 
 from __future__ import annotations
 
 import math
+import re
 
 import jinja2
 import yaml
@@ -166,10 +167,15 @@ def _stage_rows(summary: dict) -> list[dict]:
     return rows
 
 
+def _natural(key: str) -> list:
+    """Sort key reading the numbers in a name as numbers: fgsm.top1@eps2 before fgsm.top1@eps16."""
+    return [float(part) if i % 2 else part for i, part in enumerate(re.split(r"(\d+(?:\.\d+)?)", key))]
+
+
 def _robustness(summary: dict) -> dict | None:
     """The summary's robustness headlines as one table: a row per model, a column per figure."""
     figures = summary.get("robustness") or {}
-    keys = sorted({k for values in figures.values() if isinstance(values, dict) for k in values})
+    keys = sorted({k for values in figures.values() if isinstance(values, dict) for k in values}, key=_natural)
     if not keys:
         return None
     rows = [{"name": name, "values": [_pct(values.get(k)) for k in keys]}
@@ -177,13 +183,31 @@ def _robustness(summary: dict) -> dict | None:
     return {"columns": keys, "rows": rows}
 
 
-def _data_rows(summary: dict, config: dict) -> list[tuple[str, str]]:
+def _count(total, per_class) -> str:
+    """``200 (20 per class)``, or with a range when the classes differ."""
+    sizes = [n for n in per_class or [] if isinstance(n, int)]
+    if not sizes:
+        return str(total)
+    each = str(sizes[0]) if min(sizes) == max(sizes) else f"{min(sizes)}-{max(sizes)}"
+    return f"{total} ({each} per class)"
+
+
+def _data_rows(summary: dict, config: dict, splits: dict | None) -> list[tuple[str, str]]:
+    """The data table: the split sizes the run used (``data.json``), else what the config asked
+    for; the config's ``test_per_class`` only with ``data.json``, which says whether it applied
+    (a source with its own test split ignores it)."""
     data = config.get("data") or {}
     rows = []
-    for key, label in (("labels_per_class", "labels per class"), ("val_per_class", "validation images per class"),
-                       ("test_per_class", "test images per class"), ("image_size", "image size (px)")):
-        if data.get(key) is not None:
-            rows.append((label, str(data[key])))
+    if splits and splits.get("num_labeled") is not None:
+        for key, label in (("labeled", "labeled images"), ("val", "validation images"), ("test", "test images")):
+            if splits.get(f"num_{key}") is not None:
+                rows.append((label, _count(splits[f"num_{key}"], splits.get(f"{key}_per_class"))))
+    else:
+        for key, label in (("labels_per_class", "labels per class"), ("val_per_class", "validation images per class")):
+            if data.get(key) is not None:
+                rows.append((label, str(data[key])))
+    if data.get("image_size") is not None:
+        rows.append(("image size (px)", str(data["image_size"])))
     if data.get("unlabeled"):
         rows.append(("unlabeled images", f"`{data['unlabeled']}`"))
     pool = summary.get("pool") or {}
@@ -194,14 +218,16 @@ def _data_rows(summary: dict, config: dict) -> list[tuple[str, str]]:
 
 def render_model_card(*, summary: dict, config: dict, export_config: dict, stage: str, license_id: str = "apache-2.0",
                       repo_id: str | None = None, onnx_max_abs_diff: float | None = None,
-                      local_dir: str = "path/to/export") -> str:
+                      local_dir: str = "path/to/export", splits: dict | None = None) -> str:
     """The model card (Markdown with YAML front matter) of an exported model.
 
     ``summary``: the run's ``summary.json`` (may be ``{}`` for an unfinished run); ``config``: its
     ``config.yaml`` as a dict; ``export_config``: the exported ``config.json``; ``stage``: the
-    exported stage; ``license_id``: the front matter's license (the hub's identifiers); ``repo_id``: the hub repository it is pushed to, if any (the loading example
-    then names ``hf-hub:REPO_ID``, else ``local-dir:``); ``onnx_max_abs_diff``: the ONNX check's
-    result, when ``model.onnx`` was written.
+    exported stage; ``license_id``: the front matter's license (the hub's identifiers);
+    ``repo_id``: the hub repository it is pushed to, if any (the loading example then names
+    ``hf-hub:REPO_ID``, else ``local-dir:``); ``onnx_max_abs_diff``: the ONNX check's
+    result, when ``model.onnx`` was written; ``splits``: the run's ``data.json`` (the split sizes
+    it used), when there is one.
     """
     cfg = export_config["pretrained_cfg"]
     ns = export_config.get("noisystudent") or {}
@@ -223,7 +249,7 @@ def render_model_card(*, summary: dict, config: dict, export_config: dict, stage
         title=title, architecture=architecture, num_classes=export_config["num_classes"],
         classes=[str(c) for c in export_config.get("label_names") or []], stage=stage,
         reason=final.get("reason") if final.get("stage") == stage else None,
-        data={"source": source}, data_rows=_data_rows(summary, config), stages=_stage_rows(summary),
+        data={"source": source}, data_rows=_data_rows(summary, config, splits), stages=_stage_rows(summary),
         gain=gain or None, robustness=_robustness(summary), test_size=ns.get("test_size", cfg["input_size"][-1]),
         pre={"interpolation": cfg.get("interpolation", "bilinear"), "crop": crop, "channels": channels,
              "mean": _vector(cfg["mean"]), "std": _vector(cfg["std"])},

@@ -76,6 +76,16 @@ def test_version_names_the_package_and_its_libraries(capsys):
 
 
 @pytest.mark.slow
+@pytest.mark.slow
+def test_output_into_a_closed_pipe_ends_quietly():
+    """`noisystudent config fashion-mnist | head -1`: head leaves before the config is printed."""
+    proc = subprocess.Popen([sys.executable, "-m", "noisystudent.cli", "config", "fashion-mnist"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader is gone before the command writes (its imports take seconds)
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141 and err == ""
+
+
 def test_wheel_in_a_fresh_venv_runs_outside_the_checkout(tmp_path):
     """The wheel pip builds, installed into a new venv that sees this environment's torch and
     other dependencies (a .pth line, not their .pth files: the checkout's editable install stays

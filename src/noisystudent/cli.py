@@ -455,6 +455,12 @@ def main(argv: list[str] | None = None) -> int:
     except NoisyStudentError as e:
         print(f"noisystudent: error: {one_line(e)}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `noisystudent config NAME | head`: the reader has gone; nothing to say
+        try:  # Python flushes stdout again at exit: /dev/null takes what is left instead of a traceback
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):  # stdout is not a file (main() called from Python code)
+            pass
+        return 141  # as a shell reports a command ended by SIGPIPE
     except OSError as e:  # a full disk outside the atomic writers (a log line, a library's file)
         from .runtime.files import is_storage_error, write_error
 

@@ -38,6 +38,8 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
+import resource
 import shutil
 import sys
 import tempfile
@@ -110,17 +112,24 @@ def planted_copy(img: Image.Image, kind: str, j: int) -> bytes:
     return encode(img.crop((2, 2, 26, 26)))
 
 
-def label(pool: EncodedImages, store: Path, hashes: bool, model, shard_size: int) -> float:
-    """Label the pool into a fresh store; returns images per second."""
+def cpu_seconds() -> float:
+    """CPU time of this process and of its finished children (the labeler's DataLoader workers)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def label(pool: EncodedImages, store: Path, hashes: bool, model, shard_size: int) -> tuple[float, float]:
+    """Label the pool into a fresh store; returns (images per second, CPU microseconds per image,
+    main process and workers together: on a shared machine the steadier of the two)."""
     shutil.rmtree(store, ignore_errors=True)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), cpu_seconds()
     manifest = label_to_store(model, ImageSetSource(pool, shard_size=shard_size), store,
                               transform=eval_transform(28, 1, (0.5,), (0.25,)), num_classes=10, teacher="bench",
                               device="cpu", num_workers=1, batch_size=256, progress=False, precision="fp32",
                               hashes=hashes)
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, cpu_seconds() - cpu
     assert manifest.num_rows == len(pool), (manifest.num_rows, len(pool))
-    return len(pool) / seconds
+    return len(pool) / seconds, 1e6 * cpu / len(pool)
 
 
 def query_scale(rows: int, num_heldout: int, distances: list[int], seed: int) -> dict:
@@ -162,6 +171,28 @@ def query_scale(rows: int, num_heldout: int, distances: list[int], seed: int) ->
     return out
 
 
+def throughput(pool: EncodedImages, model, work: Path, args) -> dict:
+    """Label ``pool`` without and with hashes, alternately, ``args.repeats`` times each: rates,
+    CPU per image, and the on/off ratios (of the medians, of the best runs, and of each pair)."""
+    rates: dict[str, list[float]] = {"off": [], "on": []}
+    cpu: dict[str, list[float]] = {"off": [], "on": []}
+    for _ in range(args.repeats):
+        for mode in ("off", "on"):
+            rate, us = label(pool, work / "tp", mode == "on", model, args.shard_size)
+            rates[mode].append(rate)
+            cpu[mode].append(us)
+            print(f"throughput hashes {mode}: {rate:.0f} img/s, {us:.0f} us CPU per image "
+                  f"(load {os.getloadavg()[0]:.1f})", flush=True)
+    return {"images": len(pool), "off_img_s": [round(r, 1) for r in rates["off"]],
+            "on_img_s": [round(r, 1) for r in rates["on"]],
+            "ratio_best": round(max(rates["on"]) / max(rates["off"]), 3),
+            "ratio_median": round(float(np.median(rates["on"]) / np.median(rates["off"])), 3),
+            "ratio_pairs": [round(a / b, 3) for a, b in zip(rates["on"], rates["off"])],
+            "off_cpu_us_per_image": [round(c, 1) for c in cpu["off"]],
+            "on_cpu_us_per_image": [round(c, 1) for c in cpu["on"]],
+            "cpu_ratio_median": round(float(np.median(cpu["off"]) / np.median(cpu["on"])), 3)}
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--pool", type=int, default=100_000, help="procedural background images")
@@ -175,7 +206,21 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--scale-rows", type=int, default=0, help="also time the query on a store of this many rows")
     ap.add_argument("--scale-heldout", type=int, default=100_000)
     ap.add_argument("--scale-only", action="store_true", help="only the query-scale measurement")
+    ap.add_argument("--throughput-only", action="store_true",
+                    help="only the labeling cost (--throughput-images background images)")
     args = ap.parse_args(argv)
+    if args.throughput_only:
+        torch.set_num_threads(args.threads)
+        rng = np.random.default_rng(args.seed)
+        pool = EncodedImages([encode(background(rng)) for _ in range(args.throughput_images)])
+        work = Path(tempfile.mkdtemp(prefix="dedup-tp-"))
+        try:
+            tp = throughput(pool, create_model("ns_cnn_s", 10, 1), work, args)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        result = {"throughput": tp, "seed": args.seed, "torch_threads": args.threads, "cpu": cpu_description()}
+        print(json.dumps(result))
+        return result
     if args.scale_only:
         result = {"scale": query_scale(args.scale_rows, args.scale_heldout, args.distances, args.seed),
                   "seed": args.seed, "cpu": cpu_description()}
@@ -206,7 +251,7 @@ def main(argv: list[str] | None = None) -> dict:
     work = Path(tempfile.mkdtemp(prefix="dedup-bench-"))
     try:
         t = time.perf_counter()
-        full_rate = label(pool, work / "store", True, model, args.shard_size)
+        full_rate, _ = label(pool, work / "store", True, model, args.shard_size)
         label_s = time.perf_counter() - t
         print(f"labeled with hashes: {full_rate:.0f} img/s", flush=True)
         held = work / "heldout.parquet"
@@ -240,22 +285,14 @@ def main(argv: list[str] | None = None) -> dict:
         lookalikes = {d: float((nearest <= d).mean()) for d in args.distances}
         print(f"Fashion-MNIST train images within d of a test image: {lookalikes}", flush=True)
 
-        sub = EncodedImages(blobs[:args.throughput_images])
-        rates: dict[str, list[float]] = {"off": [], "on": []}
-        for _ in range(args.repeats):
-            for mode in ("off", "on"):
-                rates[mode].append(label(sub, work / "tp", mode == "on", model, args.shard_size))
-                print(f"throughput hashes {mode}: {rates[mode][-1]:.0f} img/s", flush=True)
+        tp = throughput(EncodedImages(blobs[:args.throughput_images]), model, work, args)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     result = {
         "pool_background": args.pool, "planted_per_kind": args.planted, "pool_total": len(pool),
         "heldout": len(test), "seed": args.seed, "quality": quality,
         "fmnist_train_lookalike_share": lookalikes,
-        "throughput": {"images": args.throughput_images, "off_img_s": [round(r, 1) for r in rates["off"]],
-                       "on_img_s": [round(r, 1) for r in rates["on"]],
-                       "ratio_best": round(max(rates["on"]) / max(rates["off"]), 3),
-                       "ratio_median": round(float(np.median(rates["on"]) / np.median(rates["off"])), 3)},
+        "throughput": tp,
         "label_full_pool_seconds": round(label_s, 1), "label_full_pool_img_s": round(full_rate, 1),
         "heldout_hash_seconds": round(heldout_s, 1), "seconds": round(time.perf_counter() - t0, 1),
         "cpu": cpu_description(), "torch_threads": args.threads, "python": sys.version.split()[0],

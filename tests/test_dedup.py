@@ -11,7 +11,8 @@ from PIL import Image
 from sklearn.datasets import load_digits
 
 from noisystudent.data.datasets import ArrayImageSet
-from noisystudent.label.hashing import content_hash, hamming, hash_images, heldout_hash_table, write_heldout_hashes
+from noisystudent.label.hashing import (content_hash, hamming, hash_images, hash_inputs, heldout_hash_table, pack_hashes,
+                                        unpack_hashes, write_heldout_hashes)
 from noisystudent.label.select import Selection, band_layout, select_from_store
 from noisystudent.label.store import LabelStore, StoreHeader, write_header, write_shard
 from noisystudent.runtime.errors import ConfigError, DataError
@@ -54,6 +55,24 @@ def test_phash_is_the_dct_hash_of_the_image():
         low = dct(dct(np.asarray(gray, np.float64), axis=0), axis=1)[:8, :8].reshape(-1)
         bits = low > np.median(low)
         assert int(h) == int("".join("1" if b else "0" for b in bits), 2)
+
+
+def test_hashes_do_not_depend_on_how_images_are_batched():
+    """The DCT runs per batch, images of a size stacked together: an image's hashes are the same
+    alone, in any batch, and through the worker's pack/unpack; ties at the median (a flat image)
+    included."""
+    images = (_digits(30) + _digits(20, side=20) + _smooth_rgb(6, 100) + _smooth_rgb(3, 300, seed=3)
+              + [Image.new("L", (17, 9), 200), Image.new("L", (1, 1))])
+    order = np.random.default_rng(0).permutation(len(images))
+    for mode in ("L", "RGB"):
+        exact, phash = hash_images(images, mode)
+        alone = [hash_images([im], mode) for im in images]
+        assert [int(e[0]) for e, _ in alone] == exact.tolist() and [int(p[0]) for _, p in alone] == phash.tolist()
+        shuffled = hash_images([images[i] for i in order], mode)
+        assert (shuffled[0] == exact[order]).all() and (shuffled[1] == phash[order]).all()
+        packed = unpack_hashes(pack_hashes(*zip(*(hash_inputs(im, mode) for im in images))))
+        assert (packed[:, 0] == exact).all() and (packed[:, 1] == phash).all()
+    assert unpack_hashes(pack_hashes([], [])).shape == (0, 2)
 
 
 def test_phash_is_close_to_imagehash():

@@ -21,19 +21,22 @@ store (:mod:`noisystudent.label.store`); the validation and test splits are hash
   images are ~32 bits apart.
 
 Cost matters: the labeler hashes every pool image in its decoding workers, at the original
-resolution, where decoding and the transform already set the pace. The thumbnail alone (a PIL
-LANCZOS resize per image) cost as much as the labeler's whole transform, so it is gone; one
-``np.asarray`` of the decoded pixels feeds both hashes, two small matrix products per image give
-the 64 coefficients, and the median and bit packing run over a whole batch
-(:func:`phash_from_coefficients`). ``imagehash`` itself (two 32x32 SciPy DCTs and a median per PIL
-image in Python) costs more again.
+resolution, where decoding and the transform already set the pace. Per image there is one copy of
+the pixels (``tobytes``), BLAKE2b over it, and the pixels kept as a uint8 view of that copy; the
+DCT runs per worker batch (:func:`dct_coefficients_batch`): images of the same size are stacked
+and transformed by two matrix products for the whole group, and the median and bit packing run
+over the batch (:func:`phash_from_coefficients`). One pair of small matrix products per image
+instead cost twice as much in the worker as measured alone (numpy and BLAS call overhead, per
+image); a 32x32 LANCZOS thumbnail per image, as imagehash makes, cost as much as the labeler's
+whole transform. The hashes are the same bit for bit whichever way they are batched
+(tests/test_dedup.py).
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -58,7 +61,6 @@ def _dct_rows(n: int, k: int = HASH_SIDE) -> np.ndarray:
     return np.cos(np.pi * u * (2 * x + 1) / (2 * n))
 
 
-_BIT_WEIGHTS = (np.uint64(1) << np.arange(PHASH_BITS - 1, -1, -1, dtype=np.uint64))  # first bit = MSB
 
 
 @functools.lru_cache(maxsize=1024)
@@ -72,55 +74,79 @@ def to_mode(img: Image.Image, mode: str) -> Image.Image:
     return img if img.mode == mode else convert_image(img, mode)
 
 
+@functools.lru_cache(maxsize=4096)
+def _content_prefix(mode: str, width: int, height: int) -> bytes:
+    """What the content hash reads before the pixels (memoised: sizes repeat)."""
+    return f"{mode}:{width}x{height}:".encode()
+
+
 def content_hash(img: Image.Image, raw: bytes | None = None) -> int:
     """First 8 bytes of BLAKE2b over mode, size and pixels, as an unsigned 64-bit integer
     (``raw``: ``img.tobytes()``, when the caller has it)."""
-    h = hashlib.blake2b(digest_size=8)
-    h.update(f"{img.mode}:{img.width}x{img.height}:".encode())
+    h = hashlib.blake2b(_content_prefix(img.mode, *img.size), digest_size=8)
     h.update(img.tobytes() if raw is None else raw)
     return int.from_bytes(h.digest(), "big")
 
 
-def dct_coefficients(gray: Image.Image, pixels: np.ndarray | None = None) -> np.ndarray:
-    """The 8x8 lowest DCT-II coefficients (64 float32, row-major) of a grayscale (``L``) image
-    (``pixels``: its (H, W) uint8 array, when the caller has it)."""
+def dct_pixels(gray: Image.Image, raw: bytes | None = None) -> np.ndarray:
+    """The (H, W) uint8 pixels the DCT reads of a grayscale (``L``) image: its own, or those of an
+    integer box reduction (``Image.reduce``, in C) when its short side is at least twice
+    ``MAX_DCT_SIDE``. ``raw``: ``gray.tobytes()``, when the caller has it (the array is a view of it)."""
     factor = min(gray.size) // MAX_DCT_SIDE
-    if factor >= 2:  # a big image: an integer box reduction first (fast, in C)
-        gray, pixels = gray.reduce(factor), None
-    a = (np.asarray(gray) if pixels is None else pixels).astype(np.float32)
-    return (_dct_basis(a.shape[0]) @ a @ _dct_basis(a.shape[1]).T).reshape(HASH_SIDE * HASH_SIDE)
+    if factor >= 2:
+        gray, raw = gray.reduce(factor), None
+    width, height = gray.size
+    return np.frombuffer(gray.tobytes() if raw is None else raw, np.uint8).reshape(height, width)
+
+
+def dct_coefficients(pixels: np.ndarray) -> np.ndarray:
+    """The 8x8 lowest DCT-II coefficients (64 float32, row-major) of one (H, W) pixel array."""
+    return dct_coefficients_batch([pixels])[0]
+
+
+def dct_coefficients_batch(pixels: Sequence[np.ndarray]) -> np.ndarray:
+    """The 8x8 lowest DCT-II coefficients ``(N, 64)`` float32 of (H, W) pixel arrays of any sizes:
+    the images of each size stacked and multiplied by that size's basis rows together."""
+    out = np.empty((len(pixels), HASH_SIDE * HASH_SIDE), np.float32)
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, p in enumerate(pixels):
+        groups.setdefault(p.shape, []).append(i)
+    for (height, width), rows in groups.items():
+        stack = np.stack([pixels[i] for i in rows]).astype(np.float32)
+        out[rows] = (_dct_basis(height) @ stack @ _dct_basis(width).T).reshape(len(rows), -1)
+    return out
 
 
 def hash_inputs(img: Image.Image, mode: str) -> tuple[int, np.ndarray]:
-    """The per-image part of hashing, at the image's own resolution: ``(content_hash, coefficients)``.
-    One copy of the pixels (``tobytes``; ``np.asarray`` makes the same copy with more overhead)
-    serves both hashes of a grayscale image."""
+    """The per-image part of hashing, at the image's own resolution: ``(content_hash, pixels)``,
+    ``pixels`` what :func:`dct_coefficients_batch` reads (:func:`dct_pixels`). One copy of the
+    pixels (``tobytes``) serves both hashes of a grayscale image."""
     img = to_mode(img, mode)
     raw = img.tobytes()
-    if mode != "L":
-        return content_hash(img, raw), dct_coefficients(img.convert("L"))
-    return content_hash(img, raw), dct_coefficients(img, np.frombuffer(raw, np.uint8).reshape(img.height, img.width))
+    exact = content_hash(img, raw)
+    return exact, (dct_pixels(img, raw) if mode == "L" else dct_pixels(img.convert("L")))
 
 
 def phash_from_coefficients(coefficients: np.ndarray) -> np.ndarray:
     """64-bit perceptual hashes (uint64) from a batch of 8x8 low DCT coefficients (N, 64): the bits of
-    the coefficients above their image's median, first coefficient in the most significant bit."""
+    the coefficients above their image's median, first coefficient in the most significant bit.
+    The median of 64 values is the mean of the 32nd and 33rd, as ``np.median`` takes it (in float32)."""
     c = np.asarray(coefficients, dtype=np.float32).reshape(-1, HASH_SIDE * HASH_SIDE)
     if not len(c):
         return np.empty(0, np.uint64)
-    bits = c > np.median(c, axis=1, keepdims=True)
-    return (bits.astype(np.uint64) * _BIT_WEIGHTS).sum(axis=1, dtype=np.uint64)
+    middle = np.partition(c, (31, 32), axis=1)[:, 31:33]
+    median = (middle[:, :1] + middle[:, 1:]) / np.float32(2)
+    return np.packbits(c > median, axis=1).view(">u8").reshape(-1).astype(np.uint64)
 
 
 def hash_images(images: Iterable[Image.Image], mode: str) -> tuple[np.ndarray, np.ndarray]:
     """``(content_hash, phash)`` uint64 arrays of PIL images, in ``mode`` (``L`` or ``RGB``)."""
-    exact, coefficients = [], []
+    exact, pixels = [], []
     for img in images:
-        e, c = hash_inputs(img, mode)
+        e, p = hash_inputs(img, mode)
         exact.append(e)
-        coefficients.append(c)
-    stacked = np.stack(coefficients) if coefficients else np.empty((0, HASH_SIDE * HASH_SIDE), np.float32)
-    return np.asarray(exact, dtype=np.uint64), phash_from_coefficients(stacked)
+        pixels.append(p)
+    return np.asarray(exact, dtype=np.uint64).reshape(-1), phash_from_coefficients(dct_coefficients_batch(pixels))
 
 
 def hash_image_set(images, mode: str, batch: int = 4096) -> tuple[np.ndarray, np.ndarray]:
@@ -140,10 +166,11 @@ def hamming(a, b) -> np.ndarray:
     return np.bitwise_count(np.bitwise_xor(np.asarray(a, dtype=np.uint64), np.asarray(b, dtype=np.uint64)))
 
 
-def pack_hashes(exact: Iterable[int], coefficients: list[np.ndarray]) -> bytes:
-    """A worker batch's hashes as bytes (``(n, 2)`` uint64: content hash, phash): bytes pass through
-    the DataLoader untouched, where a numpy array would become a tensor copied to the device."""
-    phash = phash_from_coefficients(np.stack(coefficients)) if coefficients else np.empty(0, np.uint64)
+def pack_hashes(exact: Iterable[int], pixels: Sequence[np.ndarray]) -> bytes:
+    """A worker batch's hashes as bytes (``(n, 2)`` uint64: content hash, phash) from its
+    :func:`hash_inputs`: bytes pass through the DataLoader untouched, where a numpy array would
+    become a tensor copied to the device."""
+    phash = phash_from_coefficients(dct_coefficients_batch(pixels))
     return np.stack([np.fromiter(exact, np.uint64, len(phash)), phash], axis=1).tobytes()
 
 

@@ -80,7 +80,7 @@ class ShardBatches(IterableDataset):
         tensors: list[torch.Tensor] = []
         bad: list[tuple[str, str]] = []
         exact: list[int] = []
-        coefficients: list[np.ndarray] = []
+        pixels: list[np.ndarray] = []  # per image, what the batched DCT reads
         shape = None
         items = 0
         # the GPU path's load keeps JPEGs encoded: it gets the payload, the CPU path the decoded image
@@ -106,16 +106,16 @@ class ShardBatches(IterableDataset):
             tensors.append(x)
             if self.hash_mode is not None:
                 exact.append(image_hash[0])
-                coefficients.append(image_hash[1])
+                pixels.append(image_hash[1])
             if len(keys) == self.batch_size:
                 yield {"shard": shard, "keys": keys, "pos": pos, "x": self._collate(tensors), "bad": bad,
-                       "last": False, "items": -1, "hashes": self._hashes(exact, coefficients)}
-                keys, pos, tensors, bad, exact, coefficients = [], [], [], [], [], []
+                       "last": False, "items": -1, "hashes": self._hashes(exact, pixels)}
+                keys, pos, tensors, bad, exact, pixels = [], [], [], [], [], []
         yield {"shard": shard, "keys": keys, "pos": pos, "x": self._collate(tensors),
-               "bad": bad, "last": True, "items": items, "hashes": self._hashes(exact, coefficients)}
+               "bad": bad, "last": True, "items": items, "hashes": self._hashes(exact, pixels)}
 
-    def _hashes(self, exact: list[int], coefficients: list[np.ndarray]) -> bytes | None:
-        return pack_hashes(exact, coefficients) if self.hash_mode is not None else None
+    def _hashes(self, exact: list[int], pixels: list[np.ndarray]) -> bytes | None:
+        return pack_hashes(exact, pixels) if self.hash_mode is not None else None
 
 
 # ------------------------------------------------------------------------------ inference

@@ -258,6 +258,15 @@ def test_onnx_extra_missing_checked_and_out_of_tolerance(cnn_run, tmp_path, monk
         result = export_model(run_dir, tmp_path / "unchecked", onnx=True)
     assert result["onnx_max_abs_diff"] is None and (tmp_path / "unchecked" / "model.onnx").is_file()
     assert "pip install 'noisystudent[onnx]'" in caplog.text
+    broken = tmp_path / "site" / "onnxruntime"  # installed but failing at import, as 1.18 does under numpy 2
+    broken.mkdir(parents=True)
+    (broken / "__init__.py").write_text("raise AttributeError('_ARRAY_API not found')\n")
+    monkeypatch.delitem(sys.modules, "onnxruntime")
+    monkeypatch.syspath_prepend(str(broken.parent))
+    assert main(["export", str(run_dir), "--out", str(tmp_path / "broken-ort"), "--onnx"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "onnxruntime is installed but cannot be imported (AttributeError: _ARRAY_API" in err
+    assert not (tmp_path / "broken-ort").exists()
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxscript"
                         else real_find_spec(name, *a))

@@ -238,6 +238,9 @@ def check_onnx(model: nn.Module, path: Path, meta: dict, *, batch: int = 4,
     except ImportError:
         log.warning(f"export: {path.name} not checked against PyTorch (onnxruntime is not installed: {ONNX_INSTALL})")
         return None
+    except Exception as e:  # noqa: BLE001 - installed but broken: onnxruntime 1.18 under numpy 2 ("_ARRAY_API not found")
+        raise NoisyStudentError(f"export: onnxruntime is installed but cannot be imported ({_root_reason(e)}), so "
+                                f"{path.name} cannot be checked; pip install --upgrade onnxruntime") from None
     size = eval_size(meta)
     x = torch.randn(batch, meta["in_chans"], size, size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

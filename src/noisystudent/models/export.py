@@ -174,6 +174,11 @@ def _write_onnx(model: nn.Module, meta: dict, path: Path) -> str:
     size = eval_size(meta)
     example = torch.zeros(2, meta["in_chans"], size, size)
     big = sum(t.numel() * t.element_size() for t in model.state_dict().values()) > _ONNX_SINGLE_FILE_BYTES
+    exporter_log = logging.getLogger("torch.onnx")
+    level = exporter_log.level
+    # torch 2.5/2.6 warn about every torchvision op they register ("Missing annotation for parameter
+    # 'rois'..."), none of them the user's model; what matters is said below, and onnxruntime checks
+    exporter_log.setLevel(logging.ERROR)
     try:  # dynamic_shapes is the dynamo exporter's argument: ask for it by name on every torch
         torch.onnx.export(model, (example,), str(path), input_names=["image"], output_names=["logits"],
                           dynamo=True, dynamic_shapes=({0: torch.export.Dim("batch")},), external_data=big,
@@ -181,6 +186,8 @@ def _write_onnx(model: nn.Module, meta: dict, path: Path) -> str:
         return "dynamo"
     except Exception as e:  # noqa: BLE001 - the exporter raises many types; try the other one
         dynamo_error = _root_reason(e)
+    finally:
+        exporter_log.setLevel(level)
     for leftover in (path, path.with_name(ONNX_DATA)):  # what the failed attempt may have written
         leftover.unlink(missing_ok=True)
     try:

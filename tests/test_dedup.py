@@ -1,8 +1,10 @@
 """Pool hygiene: the image hashes (label.hashing) and the banded DuckDB query that drops pool images
-copying a held-out image (label.select.find_duplicates), against a brute-force reference."""
+copying a held-out image (label.dedup.find_duplicates) and the in-pool count (count_pool_duplicates),
+against brute-force references."""
 
 import io
 
+import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -11,9 +13,10 @@ from PIL import Image
 from sklearn.datasets import load_digits
 
 from noisystudent.data.datasets import ArrayImageSet
-from noisystudent.label.hashing import (content_hash, hamming, hash_images, hash_inputs, heldout_hash_table, pack_hashes,
-                                        unpack_hashes, write_heldout_hashes)
-from noisystudent.label.select import Selection, band_layout, select_from_store
+from noisystudent.label.dedup import band_layout, count_pool_duplicates
+from noisystudent.label.hashing import (PHASH_BITS, content_hash, hamming, hash_images, hash_inputs,
+                                        heldout_hash_table, pack_hashes, unpack_hashes, write_heldout_hashes)
+from noisystudent.label.select import Selection, select_from_store
 from noisystudent.label.store import LabelStore, StoreHeader, write_header, write_shard
 from noisystudent.runtime.errors import ConfigError, DataError
 
@@ -195,6 +198,91 @@ def test_banded_query_finds_exactly_the_brute_force_pairs(tmp_path, distance):
         assert Selection.open(sel.path).dedup == sel.dedup
         assert sel.dedup["by_split"] == {s: len({(a, b) for a, b, sp, _ in truth if sp == s})
                                          for s in sorted({sp for *_, sp, _ in truth})}
+
+
+def _store_with_pool_copies(root, seed: int = 0) -> np.ndarray:
+    """A store of random hashes with copies within the pool planted: groups of exact copies (the same
+    content hash and pHash), images 1..8 bits from another pool image, and a cluster of hashes each
+    a few bits from the last (a chain: near copies of near copies). Returns the pool hashes (n, 2)."""
+    rng = np.random.default_rng(seed)
+    total = sum(SHARDS)
+    pool = rng.integers(0, 2**63, (total, 2), dtype=np.int64).astype(np.uint64) * np.uint64(2)
+    rows = rng.permutation(total)
+    for g in range(12):  # exact copies: 2-4 images with the same pixels
+        group = rows[4 * g:4 * g + int(rng.integers(2, 5))]
+        pool[group] = pool[group[0]]
+    for j, row in enumerate(rows[48:108]):  # near copies of another image, 1..8 bits away
+        other = rows[200 + j]
+        pool[row, 1] = _flip(int(pool[other, 1]), rng.choice(64, 1 + j % 8, replace=False).tolist())
+    chain = rows[120:135]
+    for a, b in zip(chain[:-1], chain[1:]):
+        pool[b, 1] = _flip(int(pool[a, 1]), rng.choice(64, 3, replace=False).tolist())
+    write_header(root, HEADER)
+    start = 0
+    for i, n in enumerate(SHARDS):
+        probs = rng.dirichlet(np.ones(3), n).astype(np.float32)
+        order = np.argsort(-probs, 1)[:, :2]
+        write_shard(root, HEADER, i, f"s{i}", [f"img/{i}/{j}" for j in range(n)], order,
+                    np.take_along_axis(probs, order, 1), hashes=pool[start:start + n])
+        start += n
+    return pool
+
+
+@pytest.mark.parametrize("distance", [0, 3, 6])
+def test_pool_copies_are_counted_as_brute_force_counts_them(tmp_path, distance):
+    """The in-pool count (selection.json's dedup.pool) against all pairs of pool images: images with
+    another image within the distance, those sharing their pixels, pairs of distinct hashes; the
+    examples are real pairs, closest first; nothing is dropped for being copied within the pool."""
+    pool = _store_with_pool_copies(tmp_path / "store")
+    d = hamming(pool[:, 1][:, None], pool[None, :, 1])
+    np.fill_diagonal(d, PHASH_BITS)
+    near = (d <= distance).any(1)
+    _, counts = np.unique(pool[:, 0], return_counts=True)
+    distinct = np.unique(pool[:, 1])
+    dd = hamming(distinct[:, None], distinct[None, :])
+    heldout = pa.table({"split": ["test"], "index": [0], "content_hash": pa.array([1], pa.uint64()),
+                        "phash": pa.array([1], pa.uint64())})  # far from every pool image: none dropped
+    sel = _pairs(tmp_path, heldout, distance, None, "s")
+    counted = sel.dedup["pool"]
+    assert counted["counted"] and counted["distance"] == distance
+    assert counted["images"] == int(near.sum()) > 30
+    assert counted["exact"] == int(counts[counts > 1].sum()) and counted["exact_groups"] == 12
+    assert counted["distinct_phash"] == len(distinct)
+    assert counted["pairs"] == int(((dd <= distance) & (dd > 0)).sum()) // 2
+    offsets = np.cumsum([0] + SHARDS)
+    row = {f"img/{s}/{i}": offsets[s] + i for s in range(len(SHARDS)) for i in range(SHARDS[s])}
+    examples = counted["examples"]
+    assert len(examples) == 5 and [e["distance"] for e in examples] == sorted(e["distance"] for e in examples)
+    for e in examples:
+        a, b = row[e["key"]], row[e["other"]]
+        assert a != b and d[a, b] == e["distance"] <= distance
+        assert e["exact"] == (pool[a, 0] == pool[b, 0])
+    assert sel.dedup["dropped"] == 0 and len(pq.read_table(sel.path)) == len(pool)  # counted, not dropped
+    assert Selection.open(sel.path).dedup["pool"] == counted
+    # every band layout counts the same (wide bands enumerate variants within distance // bands bits)
+    store = LabelStore.open(tmp_path / "store")
+    files = [str(store.store_dir / rec.file) for rec in store.shards]
+    for bands in sorted({2, 3, distance + 1} - {counted["bands"]} - {b for b in (2, 3) if b > distance + 1}):
+        again = count_pool_duplicates(duckdb.connect(), store, files, distance, bands=bands)
+        assert again["bands"] == bands
+        assert {k: again[k] for k in ("images", "exact", "pairs")} == {k: counted[k] for k in ("images", "exact", "pairs")}
+
+
+def test_pool_count_over_its_budget_says_so(tmp_path):
+    """A pool whose candidate pairs exceed the budget is not joined: exact copies are still counted,
+    the near ones are reported as not counted."""
+    pool = _store_with_pool_copies(tmp_path / "store", seed=1)
+    store = LabelStore.open(tmp_path / "store")
+    files = [str(store.store_dir / rec.file) for rec in store.shards if rec.rows]
+    con = duckdb.connect()
+    full = count_pool_duplicates(con, store, files, 6)
+    small = count_pool_duplicates(con, store, files, 6, max_candidates=full["candidates"] - 1)
+    _, counts = np.unique(pool[:, 0], return_counts=True)
+    assert full["counted"] and not small["counted"] and small["images"] is None and small["examples"] == []
+    assert small["exact"] == full["exact"] == int(counts[counts > 1].sum())
+    assert small["candidates"] == full["candidates"] >= full["pairs"]
+    empty = count_pool_duplicates(con, store, [], 6)
+    assert empty["images"] == empty["exact"] == empty["pairs"] == 0 and empty["examples"] == []
 
 
 def test_dedup_counts_before_threshold_and_balancing(tmp_path):

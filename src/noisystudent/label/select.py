@@ -4,7 +4,8 @@ The paper's rule, over a pseudo-label store (:mod:`noisystudent.label.store`) of
 
 0. pool hygiene (optional, on in the pipeline): drop images that are exact or near copies of a
    held-out (validation or test) image: the same content hash, or perceptual hashes at most
-   ``dedup_distance`` bits apart (:mod:`noisystudent.label.hashing`); :func:`find_duplicates`;
+   ``dedup_distance`` bits apart (:mod:`noisystudent.label.hashing`); and count, without dropping
+   them, the images that have such a copy elsewhere in the pool (:mod:`noisystudent.label.dedup`);
 1. drop images whose top-1 confidence is below ``threshold``; with ``threshold_mode="per-class"``
    the threshold of images predicted as class ``c`` is ``threshold * mean_c / mean`` (clipped to
    [0, 1]), ``mean_c`` the mean top-1 confidence of the images predicted as ``c`` and ``mean`` that
@@ -33,7 +34,6 @@ Outputs, both written to a temp file and renamed:
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import math
@@ -49,8 +49,9 @@ import pyarrow.parquet as pq
 from ..runtime.errors import ConfigError, DamagedOutputError, DataError, error_reason
 from ..runtime.files import atomic_write
 from ..config.schema import THRESHOLD_MODES, PseudoLabelConfig
+from .dedup import count_pool_duplicates, dedup_wanted, find_duplicates  # noqa: F401 (dedup_wanted: steps imports it from here)
 from .hashing import PHASH_BITS
-from .store import HASH_COLUMNS, LabelStore
+from .store import LabelStore
 
 log = logging.getLogger("noisystudent")
 
@@ -59,8 +60,6 @@ EXPANDED_SUFFIX = ".arrow"
 BATCH_ROWS = 1 << 16  # rows per Arrow batch streamed out of DuckDB
 EXPANDED_BATCH_ROWS = 1024  # rows per record batch of the expanded file (random reads touch one)
 COLUMNS = ("key", "shard", "index", "copies", "predicted", "confidence", "topk_class", "topk_prob")
-DEDUP_EXAMPLES = 8  # example (pool image, held-out image) pairs kept in the summary
-MAX_PROBES = 50_000_000  # band variants of the held-out hashes a band layout may enumerate
 
 
 @dataclass(frozen=True)
@@ -161,7 +160,9 @@ def select_from_store(store_dir: Path | str, out_path: Path | str, *, threshold:
     ``heldout``: a Parquet file of held-out image hashes (:func:`~noisystudent.label.hashing.
     write_heldout_hashes`); pool images that are copies of one of them (:func:`find_duplicates`,
     within ``dedup_distance`` bits; ``bands`` forces the band layout, for tests) are dropped
-    before the threshold, and the summary's ``dedup`` says how many and shows examples.
+    before the threshold, and the summary's ``dedup`` says how many and shows examples; its
+    ``pool`` counts the images that have a copy elsewhere in the pool (:func:`count_pool_duplicates`;
+    counted, not dropped).
     ``threshold_mode``: ``global`` (one threshold) or ``per-class`` (:func:`per_class_thresholds`,
     recorded in the summary's ``thresholds_per_class``).
     Memory is bounded by ``memory_limit`` (DuckDB spills to a temp folder beside ``out_path``), not
@@ -180,6 +181,7 @@ def select_from_store(store_dir: Path | str, out_path: Path | str, *, threshold:
         dedup, source, dropped = None, "labels", np.empty(0, np.int64)
         if heldout is not None:
             dedup = find_duplicates(con, store, files, Path(heldout), dedup_distance, bands)
+            dedup["pool"] = count_pool_duplicates(con, store, files, dedup_distance)
             if dedup["dropped"]:
                 source = ("(SELECT l.* FROM labels l ANTI JOIN dropped d "
                           "ON l.shard = d.shard AND l.\"index\" = d.\"index\")")
@@ -395,168 +397,6 @@ def _write_outputs(con, query: str, params: dict, out_path: Path, num_classes: i
 
     atomic_write(out_path, write_both)
     return selected, unique
-
-
-# ------------------------------------------------------------------------------ pool hygiene
-
-
-def dedup_wanted(cfg) -> bool:
-    """Whether a run's pool is checked against its held-out splits (``pseudo.dedup``): not when it is
-    ``none``, and not when the whole pool is the labeled dataset's own training images (moved there
-    by ``data.labels_per_class``; no ``data.unlabeled``): the dataset's split already keeps those
-    apart from its test images, and on small look-alike images (28 px Fashion-MNIST) a perceptual
-    hash calls 16% of the training images near copies of some test image (docs/benchmarks.md)."""
-    if cfg.pseudo.dedup == "none":
-        return False
-    return cfg.data.unlabeled is not None or cfg.data.source == "torchvision"  # e.g. STL-10's unlabeled split
-
-
-def band_layout(distance: int, num_pool: int, num_heldout: int) -> int:
-    """How many bands to cut the 64-bit hashes into for :func:`find_duplicates`.
-
-    With ``m`` bands, two hashes within ``distance`` bits agree within ``distance // m`` bits on at
-    least one band (pigeonhole). So every pair is found by joining the pool's bands against the
-    held-out bands and their variants within that radius, then checking the whole hash. Few wide
-    bands enumerate many variants of the (small) held-out side; many narrow ones (``distance + 1``
-    bands, radius 0) make many chance candidates on the (large) pool side. This picks the ``m``
-    with the fewest rows through the join: pool rows x m + variants + expected chance candidates
-    (for hashes of independent, uniform bits).
-    """
-    best, best_cost = distance + 1, math.inf
-    for m in range(1, min(distance + 1, PHASH_BITS) + 1):
-        radius = distance // m
-        variants = [sum(math.comb(w, i) for i in range(radius + 1)) for w in _band_widths(m)]
-        probes = num_heldout * sum(variants)
-        if probes > MAX_PROBES and m < distance + 1:
-            continue
-        chance = num_pool * num_heldout * sum(v / 2.0 ** w for v, w in zip(variants, _band_widths(m)))
-        cost = num_pool * m + probes + chance
-        if cost < best_cost:
-            best, best_cost = m, cost
-    return best
-
-
-def _band_widths(m: int) -> list[int]:
-    return [PHASH_BITS // m + (1 if i < PHASH_BITS % m else 0) for i in range(m)]
-
-
-def _band_probes(heldout: pa.Table, distance: int, m: int) -> pa.Table:
-    """``(band, value, row)``: every value within ``distance // m`` bits of held-out row ``row``'s
-    band ``band`` (bands 0..m-1 of the perceptual hash), and band ``m``: its exact content hash."""
-    phash = heldout.column("phash").to_numpy().astype(np.uint64)
-    rows = np.arange(len(phash), dtype=np.int64)
-    radius = distance // m
-    bands, values, owners = [], [], []
-    shift = 0
-    for j, width in enumerate(_band_widths(m)):
-        mask = np.uint64((1 << width) - 1)
-        base = (phash >> np.uint64(shift)) & mask
-        flips = np.array([sum(1 << b for b in bits) for r in range(radius + 1)
-                          for bits in itertools.combinations(range(width), r)], dtype=np.uint64)
-        values.append((base[:, None] ^ flips[None, :]).reshape(-1))
-        owners.append(np.repeat(rows, len(flips)))
-        bands.append(np.full(len(phash) * len(flips), j, np.int32))
-        shift += width
-    values.append(heldout.column("content_hash").to_numpy().astype(np.uint64))
-    owners.append(rows)
-    bands.append(np.full(len(phash), m, np.int32))
-    return pa.table({"band": np.concatenate(bands), "value": pa.array(np.concatenate(values), pa.uint64()),
-                     "row": np.concatenate(owners)})
-
-
-def _band_sql(m: int) -> tuple[str, str]:
-    """The pool side's band numbers and band values (the content hash as band ``m``), as lists to unnest."""
-    parts, shift = [], 0
-    for width in _band_widths(m):
-        parts.append(f"(phash >> {shift}) & CAST({(1 << width) - 1} AS UBIGINT)")
-        shift += width
-    return f"[{', '.join(str(j) for j in range(m + 1))}]", f"[{', '.join(parts + ['content_hash'])}]"
-
-
-def read_heldout_hashes(path: Path) -> pa.Table:
-    """The held-out hash file, checked."""
-    try:
-        table = pq.read_table(path)
-    except (OSError, pa.ArrowException) as e:
-        raise DataError(f"unreadable held-out hash file {path}: {e}") from None
-    missing = {"split", "index", *HASH_COLUMNS} - set(table.column_names)
-    if missing:
-        raise DataError(f"held-out hash file {path} lacks column(s) {', '.join(sorted(missing))}")
-    return table.select(["split", "index", *HASH_COLUMNS]).append_column(
-        "row", pa.array(np.arange(table.num_rows, dtype=np.int64)))
-
-
-def find_duplicates(con, store: LabelStore, files: list[str], heldout_path: Path, distance: int,
-                    bands: int | None = None) -> dict:
-    """Find the store's images that copy a held-out image; leave them in DuckDB table ``dropped``
-    (``shard``, ``index``) and return the summary (counts, examples, the layout used).
-
-    One scan of the store's hash columns through one hash join: each pool row's bands (and its
-    content hash) against the held-out side's band variants (:func:`band_layout`), every candidate
-    pair checked on the whole hash: ``bit_count(xor(a, b)) <= distance``, or the same content hash.
-    """
-    lacking = store.shards_without_hashes()
-    if lacking:
-        raise DataError(f"pseudo-label store {store.store_dir} has no image hashes in {len(lacking)} of "
-                        f"{len(store.shards)} shards (first: {lacking[0].file}): it was labeled without them; "
-                        "label into a new store, or set pseudo.dedup: none")
-    heldout = read_heldout_hashes(heldout_path)
-    m = bands or band_layout(distance, store.num_rows, heldout.num_rows)
-    variants = sum(sum(math.comb(w, i) for i in range(distance // m + 1)) for w in _band_widths(m))
-    if heldout.num_rows * variants > MAX_PROBES and m < distance + 1:
-        raise ConfigError(f"{m} band(s) at distance {distance} would enumerate {heldout.num_rows * variants} "
-                          f"band variants (at most {MAX_PROBES}); use more bands")
-    con.register("heldout", heldout)
-    con.register("probes", _band_probes(heldout, distance, m))
-    band_ids, band_values = _band_sql(m)
-    if files:
-        quoted = ", ".join("'" + f.replace("'", "''") + "'" for f in files)
-        pool = ("SELECT CAST(regexp_extract(filename, 'part-(\\d+)\\.parquet$', 1) AS INTEGER) AS shard, \"index\", "
-                f"phash, content_hash FROM read_parquet([{quoted}], filename = true)")
-    else:
-        pool = "SELECT 0 AS shard, 0::BIGINT AS \"index\", 0::UBIGINT AS phash, 0::UBIGINT AS content_hash WHERE false"
-    con.execute(f"""
-        CREATE TEMP TABLE pairs AS
-        SELECT DISTINCT c.shard, c."index", h.split, h."index" AS heldout_index,
-               bit_count(xor(c.phash, h.phash)) AS distance, c.content_hash = h.content_hash AS exact
-        FROM (SELECT shard, "index", phash, content_hash, unnest({band_ids}) AS band, unnest({band_values}) AS value
-              FROM ({pool})) c
-        JOIN probes p ON c.band = p.band AND c.value = p.value
-        JOIN heldout h ON p.row = h.row
-        WHERE bit_count(xor(c.phash, h.phash)) <= {int(distance)} OR c.content_hash = h.content_hash""")
-    con.execute('CREATE TEMP TABLE dropped AS SELECT DISTINCT shard, "index" FROM pairs')
-    dropped, exact = con.execute('SELECT count(*), count(*) FILTER (WHERE exact) FROM '
-                                 '(SELECT shard, "index", bool_or(exact) AS exact FROM pairs GROUP BY ALL)').fetchone()
-    by_split = dict(con.execute('SELECT split, count(DISTINCT (shard, "index")) FROM pairs GROUP BY split').fetchall())
-    examples = con.execute(f'SELECT shard, "index", split, heldout_index, distance, exact FROM pairs '
-                           f'ORDER BY distance, shard, "index", split, heldout_index LIMIT {DEDUP_EXAMPLES}').fetchall()
-    num_pairs = con.execute("SELECT count(*) FROM pairs").fetchone()[0]
-    splits = dict(con.execute("SELECT split, count(*) FROM heldout GROUP BY split").fetchall())
-    summary = {"distance": int(distance), "dropped": int(dropped), "exact": int(exact),
-               "near": int(dropped) - int(exact), "pairs": int(num_pairs),
-               "by_split": {k: int(v) for k, v in sorted(by_split.items())},
-               "heldout": {k: int(v) for k, v in sorted(splits.items())}, "bands": m,
-               "examples": _with_keys(store, examples)}
-    held = " and ".join(f"{n} {k}" for k, n in summary["heldout"].items()) or "no"
-    log.info(f"pool hygiene: dropped {dropped} of {store.num_rows} pool image(s) that copy one of {held} "
-             f"held-out images ({exact} exact, {dropped - exact} within {distance} bits)"
-             + "".join(f"; {e['key']} ~ {e['split']}[{e['heldout_index']}] ({e['distance']} bits)"
-                       for e in summary["examples"][:3]))
-    return summary
-
-
-def _with_keys(store: LabelStore, examples: list[tuple]) -> list[dict]:
-    """Example pairs as dicts, with the pool image's key read from its shard."""
-    by_index = {rec.index: rec for rec in store.shards}
-    keys: dict[tuple[int, int], str] = {}
-    for shard in sorted({e[0] for e in examples}):
-        t = store.read_shard(by_index[shard], ["key", "index"])
-        wanted = {e[1] for e in examples if e[0] == shard}
-        for key, index in zip(t.column("key").to_pylist(), t.column("index").to_pylist()):
-            if index in wanted:
-                keys[(shard, index)] = key
-    return [{"key": keys.get((s, i)), "shard": int(s), "index": int(i), "split": split, "heldout_index": int(h),
-             "distance": int(d), "exact": bool(x)} for s, i, split, h, d, x in examples]
 
 
 def _flush_full_batches(pending: list[pa.RecordBatch], writer) -> list[pa.RecordBatch]:

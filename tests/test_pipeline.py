@@ -12,6 +12,8 @@ from noisystudent.runtime.errors import ConfigError
 from noisystudent.label.store import LabelStore
 from noisystudent.train.trainer import Trainer
 
+from _tiny import cli_sets, tiny
+
 SUMMARY_FIELDS = {"name", "model", "val_top1", "test_top1", "num_labeled", "num_pseudo", "seconds"}
 
 
@@ -226,3 +228,16 @@ def test_final_model_last_hands_over_the_chains_last_stage(tmp_path, tiny_overri
     summary = pipeline.run_pipeline(cfg, tmp_path / "run", progress=False)
     assert summary["result"] == "student-1" and summary["final"]["rule"] == "last"
     assert set(json.loads((tmp_path / "run" / "evaluate" / "robustness.json").read_text())) == {"teacher", "student-1"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("quiet", [False, True])
+def test_the_console_shows_the_gain_and_the_baselines_note_once(tmp_path, capfd, quiet):
+    """The gain line and the still-improving note are part of the summary table; the console (log
+    lines and the table, quiet or not) shows each once."""
+    args = ["run", "--out", str(tmp_path / "run"), *cli_sets(tiny("teacher.epochs=2", "students=[{model: ns_cnn_m}]"))]
+    assert main(args + (["--quiet"] if quiet else [])) == 0
+    out = capfd.readouterr()
+    console = out.out + out.err
+    assert console.count("Noisy Student gain over ns_cnn_m on the labels alone (baseline)") == 1
+    assert console.count("was still improving at its last epochs") == 1  # a 2-epoch baseline is still improving

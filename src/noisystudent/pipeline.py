@@ -36,7 +36,7 @@ from .label.select import Selection
 from .label.store import LabelStore
 from .label.pseudo_labeled import pseudo_labeled_set
 from .models.preflight import check_pretrained_files
-from .outcome import (BASELINE_NOTE, TrainedModel, choose_final, format_gain, format_summary_table, noisy_student_gain,
+from .outcome import (TrainedModel, choose_final, format_summary_table, noisy_student_gain,
                       noisy_student_model)
 from .runtime import rundir as layout
 from .runtime.cpu import configure as configure_cpu
@@ -299,11 +299,7 @@ def _summary(cfg: Config, run: RunDir, outcome: ChainOutcome, pool, data: dict, 
     final, reason = choose_final(chain, baseline, cfg.final_model)
     rows = [chain[0].metrics] + ([baseline.metrics] if baseline is not None and baseline.name == layout.BASELINE
                                  else []) + [m.metrics for m in chain[1:]]
-    gain = noisy_student_gain(chain, baseline)
-    if gain is not None:
-        log.info(format_gain(gain))
-        if gain["baseline_still_improving"]:
-            log.warning(BASELINE_NOTE.format(**gain))
+    gain = noisy_student_gain(chain, baseline)  # shown once, in the summary table (with the baseline's note)
     return {"run_dir": str(run.root), "config_fingerprint": cfg.fingerprint(), "seconds": seconds,
             "stages": rows, "result": final.name,
             "final": {"stage": final.name, "model": final.model, "rule": cfg.final_model, "reason": reason,

@@ -95,6 +95,9 @@ FIRST_STUDENT = ("hard-labels", "no-balancing")  # the chain's first student, wi
 OOD_VARIANTS = {"ood-soft-t0.3": (False, 0.3), "ood-hard-t0.3": (True, 0.3),
                 "ood-soft-t0": (False, 0.0), "ood-hard-t0": (True, 0.0)}
 OOD_DEFAULT = {"fashion-mnist": True, "digits": False}
+# the one-iteration label ablations (hard-labels, no-balancing): 2 more students per seed; on for
+# digits (seconds each), off for Fashion-MNIST, where they would take the run past its 150 minutes
+ABLATIONS_DEFAULT = {"fashion-mnist": False, "digits": True}
 OOD_RATIO = 1.0  # out-of-domain images per image of the dataset's own remainder (1:1)
 # passes over the mixed pool (116k images at 1:1): 46k pseudo-labeled images without a threshold, 0.4 of
 # iteration 1's 116k; what fits the 90 minutes with 12 more tasks (the estimate is in docs/benchmarks.md)
@@ -206,9 +209,10 @@ def ood_overrides(ood: OodPool, hard: bool, threshold: float) -> list[str]:
 
 
 def student_tasks(config: str, seed: int, extra: list[str], teacher_ckpt: Path,
-                  ood: OodPool | None = None) -> list[Task]:
+                  ood: OodPool | None = None, ablations: bool = True) -> list[Task]:
     """Every variant that learns from the seed's teacher, longest first: the whole chains, the final
-    architecture taught directly, the one-iteration label ablations, then the out-of-domain ones."""
+    architecture taught directly, the one-iteration label ablations (``ablations``), then the
+    out-of-domain ones (``ood``)."""
     base = [f"seed={seed}", *extra, f"teacher.pretrained={teacher_ckpt}", "teacher.epochs=0"]
     students = load_config(config, [f"seed={seed}", *extra]).students
     # an ablation variant is named after the config ablation it applies
@@ -216,7 +220,7 @@ def student_tasks(config: str, seed: int, extra: list[str], teacher_ckpt: Path,
     if not no_iteration_is_first_student(students):  # else the chain's first student is that run
         tasks.append(Task((2, seed, 0), "no-iteration", seed, base + [_only_student(students[-1])]))
     tasks += [Task((2, seed, 1 + i), v, seed, base + [_only_student(students[0])], v)
-              for i, v in enumerate(FIRST_STUDENT)]
+              for i, v in enumerate(FIRST_STUDENT if ablations else ())]
     if ood is not None:
         first = _only_student(students[0], epochs=ood.epochs)
         tasks += [Task((2, seed, 3 + i), v, seed, base + ood_overrides(ood, hard, thr) + [first])
@@ -226,9 +230,9 @@ def student_tasks(config: str, seed: int, extra: list[str], teacher_ckpt: Path,
 
 def no_iteration_is_first_student(students: list) -> bool:
     """Whether "no-iteration" (one student of the final architecture, taught by the teacher) is
-    exactly the chain's first student (equal-size chains, e.g. B7 -> B7 -> B7): then it is not
-    trained again; the chain's first student is reported for it."""
-    return len(students) > 1 and students[0] == students[-1]
+    exactly the chain's first student (a one-student chain, or an equal-size one, e.g. B7 -> B7 ->
+    B7): then it is not trained again; the chain's first student is reported for it."""
+    return len(students) == 1 or students[0] == students[-1]
 
 
 def variant_order(num_students: int, ood: bool = False) -> list[str]:
@@ -366,8 +370,8 @@ def remainder_size(config: str, extra: list[str]) -> int:
 
 def run_benchmark(config: str, seeds: list[int], extra: list[str], oracle_extra: list[str], out: Path,
                   jobs: int, converged_extra: list[str] | None = None, cache_dir: Path | None = None,
-                  ood: OodPool | None = None) -> tuple[dict[int, dict[str, dict]], dict]:
-    """All variants of all seeds: ``({seed: {variant: {"test_top1", "val_top1", "seconds"}}}, notes)``;
+                  ood: OodPool | None = None, ablations: bool = True) -> tuple[dict[int, dict[str, dict]], dict]:
+    """All variants of all seeds (the label ablations only with ``ablations``): ``({seed: {variant: {"test_top1", "val_top1", "seconds"}}}, notes)``;
     ``notes`` has each seed's converged-oracle cache use, the OOD variants' pool statistics and the
     runs that reused a sibling's first pseudo-label store (:func:`share_label_store`)."""
     converged_extra = converged_extra or []
@@ -423,7 +427,7 @@ def run_benchmark(config: str, seeds: list[int], extra: list[str], oracle_extra:
                     record(task.seed, task.variant, stages[0], stages[0]["seconds"], wall)
                     if task.variant == "teacher":
                         ckpt = task_run_dir(out, task) / "teacher" / layout.MODEL
-                        ready = sorted(ready + student_tasks(config, task.seed, extra, ckpt, ood))
+                        ready = sorted(ready + student_tasks(config, task.seed, extra, ckpt, ood, ablations))
                     elif task.variant == "oracle-converged":
                         fp = plan.fingerprints[task.seed]
                         converged_note(task.seed, write_cached_oracle(plan.cache_paths[task.seed], fp, task, stages[0]),
@@ -602,6 +606,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="override for the converged oracle only, after its budget; may repeat")
     parser.add_argument("--ood", action=argparse.BooleanOptionalAction, default=None,
                         help="run the out-of-domain variants (default: on for fashion-mnist without --quick, off for digits)")
+    parser.add_argument("--ablations", action=argparse.BooleanOptionalAction, default=None,
+                        help="run the one-iteration label ablations (hard-labels, no-balancing; default: on "
+                             "for digits, off for fashion-mnist)")
     parser.add_argument("--ood-images", type=int, default=None,
                         help=f"out-of-domain images (default: {OOD_RATIO:g}x the remainder; "
                              f"--quick: {QUICK_OOD_IMAGES})")
@@ -631,8 +638,9 @@ def run_setting(args: argparse.Namespace, dataset: str) -> dict:
         epochs = args.ood_epochs or (QUICK_OOD_EPOCHS if args.quick else OOD_EPOCHS)
         ood = OodPool(write_ood_pool(cache_dir, count).resolve(), count, remainder, epochs)
     print(f"== {dataset}: seeds {seeds}, {args.jobs} worker(s)", file=sys.stderr, flush=True)
+    ablations = ABLATIONS_DEFAULT[dataset] if args.ablations is None else args.ablations
     results, notes = run_benchmark(CONFIGS[dataset], seeds, extra, oracle_extra, out, args.jobs,
-                                   converged_extra, cache_dir, ood)
+                                   converged_extra, cache_dir, ood, ablations)
     per_seed = [results[s] for s in seeds]
     table = aggregate(per_seed)
     baseline = baseline_variant(per_seed)

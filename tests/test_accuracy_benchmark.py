@@ -48,10 +48,11 @@ def test_single_student_variants_train_the_chain_student_they_stand_for(tmp_path
         assert [s.model for s in cfg.students] == [chain[0].model]
     assert accuracy.load_config(DIGITS, tasks["hard-labels"].overrides, "hard-labels").pseudo.hard
     assert not accuracy.load_config(DIGITS, tasks["no-balancing"].overrides, "no-balancing").pseudo.balance
-    # an equal-size chain (Fashion-MNIST's): one student of the final architecture is the chain's
-    # first student, so "no-iteration" is not trained again
-    fashion = accuracy.load_config(FASHION).students
-    assert len(fashion) >= 2 and accuracy.no_iteration_is_first_student(fashion)
+    # a one-student chain (Fashion-MNIST's) or an equal-size one: one student of the final
+    # architecture is the chain's first student, so "no-iteration" is not trained again
+    equal = accuracy.load_config(DIGITS, ["students=[{model: ns_cnn_m}, {model: ns_cnn_m}]"]).students
+    for students in (accuracy.load_config(FASHION).students, equal):
+        assert accuracy.no_iteration_is_first_student(students)
     assert "no-iteration" not in [t.variant for t in accuracy.student_tasks(FASHION, 0, [], tmp_path / "t.pt")]
     assert accuracy.variant_order(3)[:4] == ["teacher", "noisy-student-iter1", "noisy-student-iter2",
                                              "noisy-student"]
@@ -100,6 +101,10 @@ def test_gap_closed_uses_the_teacher_and_oracle_means():
 
 def test_default_runs_both_settings_and_noise_pays_only_beyond_the_spread():
     assert accuracy.build_parser().parse_args([]).dataset == list(accuracy.SETTINGS) == ["fashion-mnist", "digits"]
+    # the label ablations: on for digits, off for Fashion-MNIST unless asked for
+    assert accuracy.ABLATIONS_DEFAULT == {"fashion-mnist": False, "digits": True}
+    names = lambda **kw: [t.variant for t in accuracy.student_tasks(DIGITS, 0, [], Path("t.pt"), **kw)]  # noqa: E731
+    assert set(accuracy.FIRST_STUDENT) <= set(names()) and not set(accuracy.FIRST_STUDENT) & set(names(ablations=False))
     row = lambda mean, std: {"mean": mean, "std": std}  # noqa: E731
     assert accuracy.noise_pays({"noisy-student": row(88.0, 0.3), "no-noise": row(86.0, 0.5)}) == {
         "points": 2.0, "beyond_spread": True}

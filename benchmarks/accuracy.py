@@ -671,7 +671,7 @@ def run_setting(args: argparse.Namespace, dataset: str) -> dict:
     gaps = ["n/a" if g is None else f"{g:.2f}" for g in (result["gap_closed"], result["gap_closed_converged"])]
     gain = result["ns_gain"]
     plot(table, out / "accuracy.png", f"{dataset}: test top-1 over {len(seeds)} seed(s); Noisy Student gain "
-         f"{gain['mean']:+.2f} +- {gain['std']:.2f} over {baseline}; gap closed {gaps[0]} (compute-matched), "
+         f"{gain['mean']:+.2f} +- {gain['std']:.2f} over {baseline};\ngap closed {gaps[0]} (compute-matched), "
          f"{gaps[1]} (converged)")
     (out / "accuracy.json").write_text(json.dumps({"table": table, **result}, indent=2, allow_nan=False))
     print_table(table, result)

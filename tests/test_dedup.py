@@ -265,7 +265,7 @@ def test_pool_copies_are_counted_as_brute_force_counts_them(tmp_path, distance):
     for bands in sorted({2, 3, distance + 1} - {counted["bands"]} - {b for b in (2, 3) if b > distance + 1}):
         again = count_pool_duplicates(duckdb.connect(), store, files, distance, bands=bands)
         assert again["bands"] == bands
-        assert {k: again[k] for k in ("images", "exact", "pairs")} == {k: counted[k] for k in ("images", "exact", "pairs")}
+        assert [again[k] for k in ("images", "exact", "pairs")] == [counted[k] for k in ("images", "exact", "pairs")]
 
 
 def test_pool_count_over_its_budget_says_so(tmp_path):
@@ -280,9 +280,24 @@ def test_pool_count_over_its_budget_says_so(tmp_path):
     _, counts = np.unique(pool[:, 0], return_counts=True)
     assert full["counted"] and not small["counted"] and small["images"] is None and small["examples"] == []
     assert small["exact"] == full["exact"] == int(counts[counts > 1].sum())
+    _, same = np.unique(pool[:, 1], return_counts=True)
+    assert small["identical_phash"] == full["identical_phash"] == int(same[same > 1].sum()) <= full["images"]
     assert small["candidates"] == full["candidates"] >= full["pairs"]
     empty = count_pool_duplicates(con, store, [], 6)
     assert empty["images"] == empty["exact"] == empty["pairs"] == 0 and empty["examples"] == []
+
+
+def test_report_says_when_pool_copies_were_not_counted():
+    from types import SimpleNamespace
+
+    from noisystudent.report.pseudo import pool_copies_blocks
+
+    over = {"counted": False, "images": None, "identical_phash": 1234, "exact": 1000, "distinct_phash": 98765,
+            "distance": 6, "candidates": 10**9, "examples": []}
+    (table,) = pool_copies_blocks([(SimpleNamespace(index=2), over)])
+    assert table.rows == [["2", "not counted (>= 1,234)", "1,000", "98,765", "6"]]
+    assert "1,000,000,000" in table.caption
+    assert pool_copies_blocks([]) == []
 
 
 def test_dedup_counts_before_threshold_and_balancing(tmp_path):
@@ -355,13 +370,15 @@ def test_labeler_stores_the_hashes_of_the_images_it_decodes(tmp_path):
 def test_run_drops_planted_copies_of_test_images(tmp_path, tiny_overrides, caplog):
     """A digits run whose pool folder holds copies of test images (exact, resized, JPEG q75): the
     select stage drops exactly the pool images within the distance of a val/test image (checked
-    against hashes computed here), the planted ones among them, and says so."""
+    against hashes computed here), the planted ones among them, and says so; it counts the pool
+    images that have a copy elsewhere in the pool (planted too), and says so."""
     import json
     import logging
 
     from noisystudent import pipeline
     from noisystudent.config.schema import load_config
     from noisystudent.data.datasets import build_splits
+    from noisystudent.report.document import fmt_int
 
     overrides = [o for o in tiny_overrides if not o.startswith("data.max_unlabeled")] + ["students=[{model: ns_cnn_s}]"]
     cfg = load_config(None, overrides)
@@ -370,6 +387,9 @@ def test_run_drops_planted_copies_of_test_images(tmp_path, tiny_overrides, caplo
     pool.mkdir()
     for i in range(120):  # ordinary pool images: digits that are in no split
         splits.unlabeled.load(i).save(pool / f"u{i:03d}.png")
+    for i in range(4):  # copies within the pool (resized; the u*.png are already exact copies of the
+        # digits moved to the pool): counted, not dropped
+        splits.unlabeled.load(i).resize((32, 32), Image.BICUBIC).save(pool / f"c{i}-resized.png")
     planted = {}
     for j, t in enumerate(range(0, len(splits.test), 7)):
         img, kind = splits.test.load(t), ("exact", "resized", "jpeg")[j % 3]
@@ -412,7 +432,20 @@ def test_run_drops_planted_copies_of_test_images(tmp_path, tiny_overrides, caplo
             assert e["split"] == "test" and e["heldout_index"] == planted[name]
     assert f"dropped {int(close.sum())} of {len(close)} pool image(s)" in caplog.text
     assert (run / "select-1" / "heldout_hashes.parquet").is_file()
+    # copies within the pool, by brute force over every pair of pool images
+    pool_d = hamming(pool_phash[:, None], pool_phash[None, :])
+    np.fill_diagonal(pool_d, 64)
+    copied = (pool_d <= cfg.pseudo.dedup_distance).any(1)
+    _, repeats = np.unique(pool_exact, return_counts=True)
+    counted = summary["pool"]
+    assert counted["counted"] and counted["images"] == int(copied.sum())
+    assert counted["exact"] == int(repeats[repeats > 1].sum()) >= 2 * 120
+    assert all(c for n, c in zip(names, copied) if n.startswith("c"))  # the planted resized copies
+    assert f"{counted['images']} of {len(close)} pool image(s) have a copy elsewhere in the pool" in caplog.text
     report = (run / "report" / "report.md").read_text()  # the pseudo-label section's pool hygiene table
     section = report[report.index("Pool hygiene: copies of held-out images"):]
     assert f"| 1 | {summary['dropped']} | {summary['exact']} | {summary['near']} |" in section
     assert f"`{summary['examples'][0]['key']}`" in section
+    assert (f"| 1 | {fmt_int(counted['images'])} | {fmt_int(counted['exact'])} | "
+            f"{fmt_int(counted['distinct_phash'])} | {cfg.pseudo.dedup_distance} |") in section
+    assert f"`{counted['examples'][0]['key']}` | `{counted['examples'][0]['other']}`" in section

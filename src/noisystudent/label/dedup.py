@@ -67,8 +67,9 @@ def band_layout(distance: int, num_pool: int, num_heldout: int, max_probes: floa
     bands, radius 0) make many chance candidates on the (large) pool side. This picks the ``m``
     with the fewest rows through the join: pool rows x m + variants x PROBE_WEIGHT + expected chance
     candidates (for hashes of independent, uniform bits); a variant counts more than a pool row
-    because the variants are the join's hash table, held in memory, where pool rows stream past. Layouts enumerating more than ``max_probes``
-    variants are passed over (except ``distance + 1`` bands, which enumerate none).
+    because the variants are the join's hash table, held in memory, where pool rows stream past.
+    Layouts enumerating more than ``max_probes`` variants are passed over (except ``distance + 1``
+    bands, which enumerate none). :func:`count_pool_duplicates` uses it with the pool on both sides.
     """
     best, best_cost = distance + 1, math.inf
     for m in range(1, min(distance + 1, PHASH_BITS) + 1):
@@ -127,7 +128,8 @@ def _band_flips(m: int, radius: int) -> pa.Table:
     """``(band, flip)``: every mask of at most ``radius`` bits within band ``band``'s width."""
     bands, flips = [], []
     for j, width in enumerate(_band_widths(m)):
-        masks = [sum(1 << b for b in bits) for r in range(radius + 1) for bits in itertools.combinations(range(width), r)]
+        masks = [sum(1 << b for b in bits) for r in range(radius + 1)
+                 for bits in itertools.combinations(range(width), r)]
         bands += [j] * len(masks)
         flips += masks
     return pa.table({"band": pa.array(bands, pa.int32()), "flip": pa.array(flips, pa.uint64())})
@@ -246,7 +248,8 @@ def count_pool_duplicates(con, store: LabelStore, files: list[str], distance: in
     """Count the store's images that have a copy elsewhere in the pool: another image with the same
     perceptual hash or one at most ``distance`` bits away (``images``), and among them those whose
     decoded pixels another image shares (``exact``: the same content hash; same pixels give the same
-    perceptual hash, so they are a part of ``images``). Counted, not dropped. Returns the summary,
+    perceptual hash, so they are a part of ``images``; ``identical_phash``: those whose perceptual
+    hash another image has, a lower bound of ``images``). Counted, not dropped. Returns the summary,
     with a few example pairs, closest first.
 
     The pool's distinct perceptual hashes (a GROUP BY) are joined with themselves on band values
@@ -262,7 +265,8 @@ def count_pool_duplicates(con, store: LabelStore, files: list[str], distance: in
                                       "GROUP BY content_hash) WHERE n > 1").fetchall()[0]
     con.execute(f"CREATE OR REPLACE TEMP TABLE pool_phash AS SELECT phash, count(*)::BIGINT AS n FROM ({pool}) "
                 "GROUP BY phash")
-    distinct = con.execute("SELECT count(*) FROM pool_phash").fetchall()[0][0]
+    distinct, identical = con.execute("SELECT count(*), coalesce(sum(n) FILTER (WHERE n > 1), 0) "
+                                      "FROM pool_phash").fetchall()[0]
     m = bands or band_layout(distance, distinct, distinct, max_probes=math.inf)
     band_ids, band_values = _band_sql(m, content=False)
     con.register("pool_flips", _band_flips(m, distance // m))
@@ -273,10 +277,12 @@ def count_pool_duplicates(con, store: LabelStore, files: list[str], distance: in
         SELECT coalesce(sum(a.n * b.n), 0) FROM (SELECT band, value, count(*) AS n FROM ({probes}) GROUP BY ALL) a
         JOIN (SELECT band, value, count(*) AS n FROM pool_bands GROUP BY ALL) b USING (band, value)""").fetchall()[0][0]
     summary = {"distance": int(distance), "exact": int(exact), "exact_groups": int(exact_groups),
-               "distinct_phash": int(distinct), "bands": m, "candidates": int(candidates)}
+               "identical_phash": int(identical), "distinct_phash": int(distinct), "bands": m,
+               "candidates": int(candidates)}
     if candidates > max_candidates:
-        log.info(f"pool hygiene: {exact} of {store.num_rows} pool image(s) share their pixels with another; "
-                 f"near copies within the pool not counted: {candidates} candidate pairs (at most {max_candidates})")
+        log.info(f"pool hygiene: {identical} of {store.num_rows} pool image(s) share their perceptual hash with "
+                 f"another ({exact} their pixels); copies within {distance} bits not counted: {candidates} "
+                 f"candidate pairs (at most {max_candidates})")
         return summary | {"counted": False, "images": None, "pairs": None, "examples": []}
     con.execute(f"""
         CREATE OR REPLACE TEMP TABLE pool_pairs AS
@@ -286,7 +292,8 @@ def count_pool_duplicates(con, store: LabelStore, files: list[str], distance: in
     images, pairs = con.execute("""
         SELECT coalesce(sum(n), 0), (SELECT count(*) FROM pool_pairs) FROM pool_phash
         WHERE n > 1 OR phash IN (SELECT a FROM pool_pairs UNION SELECT b FROM pool_pairs)""").fetchall()[0]
-    summary |= {"counted": True, "images": int(images), "pairs": int(pairs), "examples": _pool_examples(con, store, pool)}
+    summary |= {"counted": True, "images": int(images), "pairs": int(pairs),
+                "examples": _pool_examples(con, store, pool)}
     log.info(f"pool hygiene: {images} of {store.num_rows} pool image(s) have a copy elsewhere in the pool "
              f"({exact} the same pixels, the others within {distance} bits); counted, not dropped"
              + "".join(f"; {e['key']} ~ {e['other']} ({e['distance']} bits)" for e in summary["examples"][:3]))

@@ -4,7 +4,8 @@
   share below the threshold, unreadable images), the probe's pseudo-label accuracy and
   calibration, and three plots: the confidence histogram, per-class counts before and after the
   threshold and balancing, and the reliability diagram.
-  Pool hygiene: the pool images dropped as copies of validation or test images (:func:`hygiene_blocks`).
+  Pool hygiene: the pool images dropped as copies of validation or test images, and those that
+  have a copy elsewhere in the pool, counted, not dropped (:func:`hygiene_blocks`).
   Calibration: the temperature fitted on validation and the teacher's ECE before and after, and the
   per-class thresholds (:func:`calibration_blocks`; ``pseudo.calibrate``, ``pseudo.threshold_mode``).
 * **A look at the pseudo labels**: per iteration, the teacher's confusion matrix on the probe
@@ -192,6 +193,31 @@ def hygiene_blocks(run: RunData) -> list:
                               str(e.get("distance"))] for it, e in examples], [True, False, False, True],
                             "Example pairs: a dropped pool image and the held-out image it copies (index in its "
                             "split), closest first."))
+    return blocks + pool_copies_blocks([(it, d["pool"]) for it, d in its if isinstance(d.get("pool"), dict)])
+
+
+def pool_copies_blocks(its: list) -> list:
+    """Copies within the pool, per iteration ``(iteration, selection.json's dedup.pool)``: counted,
+    not dropped; and a few example pairs of the last iteration."""
+    if not its:
+        return []
+    rows = [[str(it.index), fmt_int(p.get("images")) if p.get("counted")
+             else f"not counted (>= {fmt_int(p.get('identical_phash'))})",
+             fmt_int(p.get("exact")), fmt_int(p.get("distinct_phash")), str(p.get("distance", "–"))] for it, p in its]
+    blocks: list = [Table(["iteration", "with a copy in the pool", "same pixels", "distinct pHashes", "max bits"], rows,
+                          [True, True, True, True, True],
+                          "Copies within the pool, counted, not dropped: pool images that have another pool image "
+                          "with the same decoded pixels (same pixels) or a perceptual hash at most max bits away "
+                          "(the same rule as above); each copy is one more vote for its image's pseudo label in "
+                          "the student's data. Not counted: more candidate pairs than the count's budget "
+                          f"({fmt_int(its[-1][1].get('candidates'))} in the last iteration); >= the images "
+                          "whose perceptual hash another has.")]
+    examples = [(it, e) for it, p in its[-1:] for e in p.get("examples") or []]
+    if examples:
+        blocks.append(Table(["iteration", "pool image", "its copy", "bits apart"],
+                            [[str(it.index), f"`{e.get('key')}`", f"`{e.get('other')}`", str(e.get("distance"))]
+                             for it, e in examples], [True, False, False, True],
+                            "Example pairs of pool images that copy each other, closest first."))
     return blocks
 
 

@@ -20,8 +20,10 @@ by the labeler, as files would be.
    distance of some test image. These are mostly different garments with the same silhouette, and
    the reason the pipeline does not check a pool that is the labeled dataset's own training split.
 3. Cost: ``--throughput-images`` pool images labeled with and without hashes, alternately,
-   ``--repeats`` times each; the ratio of the best rates and of the median rates (the machine is
-   shared, so single runs vary by 10% and more).
+   ``--repeats`` times each; the ratio of the best rates, of the median rates, of each pair, and
+   of the median CPU time per image (main process and its DataLoader workers: on a shared machine
+   single runs' rates vary by 10% and more, their CPU time much less). ``--throughput-only``:
+   only this, on background images.
 4. Query scale (``--scale-rows N``; ``--scale-only`` skips 1-3): a store of N rows with random
    hashes (written with the real writer, 8 shards) against ``--scale-heldout`` random held-out
    hashes: ``select_from_store`` on one thread with and without the dedup, at each distance.
@@ -29,6 +31,7 @@ by the labeler, as files would be.
     python benchmarks/dedup_quality.py                      # 10^5 + 4 x 1000 images, ~10 min on 2 cores
     python benchmarks/dedup_quality.py --pool 3000 --planted 100 --throughput-images 2000   # smoke
     python benchmarks/dedup_quality.py --scale-only --scale-rows 2000000 --scale-heldout 100000 --distances 4 6
+    python benchmarks/dedup_quality.py --throughput-only --throughput-images 10000 --repeats 5
 
 The last line printed is a JSON object.
 """

@@ -23,7 +23,9 @@ timm's loop does not do: its cost is in ours' phases as ``final_measurement``.
 
 Each pair runs both sides as fresh processes, the order alternating from pair to pair; the
 ratios are ours / timm per pair, reported as medians (robust to drifting load). Per-epoch time is
-training + validation per epoch, from each side's own clock (ours: summary.json ``phases``).
+training + validation per epoch, from each side's own clock (ours: summary.json ``phases``); per
+step is an epoch's training time over its steps (ours: 47 steps, a full pass; timm: 46, its loader
+drops the last partial batch), the like-for-like training rate.
 
     python benchmarks/vs_timm.py                    # both jobs, 5 pairs each; the last line is JSON
     python benchmarks/vs_timm.py --job resnet18 --pairs 7
@@ -173,6 +175,7 @@ def timm_loop(args: argparse.Namespace) -> dict:
         epochs.append({"epoch": epoch + 1, "train": t_val - t_train, "val": t_saved - t_val, "val_top1": top1,
                        "checkpoint": time.time() - t_saved})
     phases["epochs"] = epochs
+    phases["steps_per_epoch"] = updates_per_epoch
     phases["train"] = sum(e["train"] for e in epochs)
     phases["val"] = sum(e["val"] for e in epochs)
     phases["total"] = time.time() - started
@@ -210,8 +213,10 @@ def run_ours(args: argparse.Namespace, data: Path, out: Path) -> dict:
     wall = time.time() - t0
     if proc.returncode != 0:
         raise SystemExit(f"ours failed ({proc.returncode}): {proc.stderr[-2000:]}")
-    phases = json.loads((out / "summary.json").read_text())["phases"]
-    return {"wall": wall, "phases": phases, "per_epoch": _per_epoch(_stage(phases, "teacher"))}
+    summary = json.loads((out / "summary.json").read_text())
+    phases, row = summary["phases"], next(r for r in summary["stages"] if r["name"] == "teacher")
+    return {"wall": wall, "phases": phases, "per_epoch": _per_epoch(_stage(phases, "teacher")),
+            "per_step": _per_step(_stage(phases, "teacher"), row["steps"] / row["epochs"])}
 
 
 def _stage(phases: dict, name: str) -> dict:
@@ -220,6 +225,12 @@ def _stage(phases: dict, name: str) -> dict:
 
 def _per_epoch(phases: dict) -> float:
     return statistics.mean(e["train"] + e["val"] for e in phases["epochs"])
+
+
+def _per_step(phases: dict, steps_per_epoch: float) -> float:
+    """Training seconds per step (an epoch of ours is a full pass, 47 steps of 64 on the 3,000
+    images; timm's loader drops the last partial batch, 46 steps): the like-for-like training rate."""
+    return statistics.mean(e["train"] for e in phases["epochs"]) / steps_per_epoch
 
 
 def run_timm(args: argparse.Namespace, data: Path, out: Path) -> dict:
@@ -243,9 +254,10 @@ def run_timm(args: argparse.Namespace, data: Path, out: Path) -> dict:
     if proc.returncode != 0:
         raise SystemExit(f"timm failed ({proc.returncode}): {proc.stderr[-2000:]}")
     if args.timm_train:
-        return {"wall": wall, "phases": None, "per_epoch": None}
+        return {"wall": wall, "phases": None, "per_epoch": None, "per_step": None}
     phases = json.loads(proc.stdout.strip().splitlines()[-1])
-    return {"wall": wall, "phases": phases, "per_epoch": _per_epoch(phases)}
+    return {"wall": wall, "phases": phases, "per_epoch": _per_epoch(phases),
+            "per_step": _per_step(phases, phases["steps_per_epoch"])}
 
 
 def compare(args: argparse.Namespace, workdir: Path) -> dict:
@@ -260,17 +272,22 @@ def compare(args: argparse.Namespace, workdir: Path) -> dict:
         for side in order:
             out = workdir / f"{args.job}-{side}-{i}"
             sides[side] = (run_ours if side == "ours" else run_timm)(args, data, out)
+        sides["load"] = os.getloadavg()[0]
         pairs.append(sides)
-        epoch = {side: f"{sides[side]['per_epoch']:.2f}s" if sides[side]["per_epoch"] else "–" for side in sides}
+        epoch = {side: f"{sides[side]['per_epoch']:.2f}s" if sides[side]["per_epoch"] else "–"
+                 for side in ("ours", "timm")}
         print(f"[{args.job}] pair {i + 1}/{args.pairs}: ours {sides['ours']['wall']:.1f}s, timm "
               f"{sides['timm']['wall']:.1f}s; per epoch ours {epoch['ours']}, timm {epoch['timm']}; "
               f"load {os.getloadavg()[0]:.1f}", flush=True)
     walls = [p["ours"]["wall"] / p["timm"]["wall"] for p in pairs]
     epochs = [p["ours"]["per_epoch"] / p["timm"]["per_epoch"] for p in pairs if p["timm"]["per_epoch"]]
+    steps = [p["ours"]["per_step"] / p["timm"]["per_step"] for p in pairs if p["timm"]["per_step"]]
     mid = pairs[len(pairs) // 2]  # a representative pair's breakdowns (the middle one)
     return {"job": args.job, "model": job["model"], "image_size": job["size"], "channels": job["channels"],
             "pairs": len(pairs), "wall_ratio": statistics.median(walls), "wall_ratios": walls,
             "per_epoch_ratio": statistics.median(epochs) if epochs else None, "per_epoch_ratios": epochs,
+            "per_step_ratio": statistics.median(steps) if steps else None, "per_step_ratios": steps,
+            "loads": [p["load"] for p in pairs],
             "ours_wall": statistics.median(p["ours"]["wall"] for p in pairs),
             "timm_wall": statistics.median(p["timm"]["wall"] for p in pairs),
             "ours_per_epoch": statistics.median(p["ours"]["per_epoch"] for p in pairs),
@@ -324,7 +341,8 @@ def main(argv: list[str] | None = None) -> dict | None:
             results.append(compare(args, workdir))
     for r in results:
         print(f"{r['job']}: whole process ours/timm {r['wall_ratio']:.3f} (ours {r['ours_wall']:.1f}s, timm "
-              f"{r['timm_wall']:.1f}s); per epoch " + (f"{r['per_epoch_ratio']:.3f}" if r["per_epoch_ratio"] else "–"))
+              f"{r['timm_wall']:.1f}s); per epoch " + (f"{r['per_epoch_ratio']:.3f}" if r["per_epoch_ratio"] else "–")
+              + "; training per step " + (f"{r['per_step_ratio']:.3f}" if r["per_step_ratio"] else "–"))
     result = {"benchmark": "vs_timm", "cpu": cpu_model(), "cores": os.cpu_count(),
               "threads": "default" if args.defaults else 1, "precision": "default" if args.defaults else "fp32",
               "timm": "train.py " + args.timm_train if args.timm_train else "loop from timm's pieces",

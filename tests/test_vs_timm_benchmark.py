@@ -42,4 +42,8 @@ def test_quick_comparison_reports_ratios_and_both_breakdowns(tmp_path, capsys):
     assert len(teacher["epochs"]) == 1 and teacher["final_measurement"] > 0 and ours["startup"] > 0
     assert len(timm["epochs"]) == 1 and timm["train"] > 0 and timm["val"] > 0 and timm["startup"] > 0
     assert job["ours_per_epoch"] == pytest.approx(teacher["epochs"][0]["train"] + teacher["epochs"][0]["val"])
+    # training per step: ours' epoch is a full pass (80 images, batch 16: 5 steps), timm drops nothing here
+    assert timm["steps_per_epoch"] == 5 and job["per_step_ratio"] == pytest.approx(
+        (teacher["epochs"][0]["train"] / 5) / (timm["epochs"][0]["train"] / 5))
+    assert len(job["loads"]) == 1 and job["loads"][0] >= 0
     assert result["cpu"] and result["threads"] == 1 and result["precision"] == "fp32"

@@ -15,7 +15,8 @@ Variants (each over the seeds; the test split is only ever reported, never used 
   noisy-student-iterK  the chain's K-th student (each one but the last is reported too)
   noisy-student        the config's whole chain (equal, then larger student, ...)
   no-noise             the same chain, students without augmentation, dropout or stochastic depth
-  hard-labels          the first student of the chain with hard pseudo labels
+  hard-labels          the first student of the chain with hard pseudo labels (soft-labels with soft
+                       ones, for a config that chooses hard labels)
   no-balancing         the first student of the chain without class balancing
   no-iteration         one student of the final architecture, taught by the teacher directly
   ood-{soft,hard}-t{0.3,0}
@@ -90,12 +91,14 @@ CONVERGED = {"fashion-mnist": ["teacher.epochs=10", "train.batch_size=128", "tea
 QUICK_CONVERGED = {"fashion-mnist": ["teacher.epochs=1"], "digits": ["teacher.epochs=10"]}
 CACHE_VERSION = 1  # of the converged oracle's cache entries (another version is a miss)
 CHAINS = ("noisy-student", "no-noise")  # whole chains from the seed's teacher
-FIRST_STUDENT = ("hard-labels", "no-balancing")  # the chain's first student, with the ablation
+# the chain's first student with one ablation: the other kind of pseudo labels than the config's
+# (hard-labels, or soft-labels for a config with hard labels), then no class balancing
+LABEL_ABLATIONS = ("hard-labels", "soft-labels", "no-balancing")
 # out-of-domain variants: (hard labels, confidence threshold), all the chain's first student
 OOD_VARIANTS = {"ood-soft-t0.3": (False, 0.3), "ood-hard-t0.3": (True, 0.3),
                 "ood-soft-t0": (False, 0.0), "ood-hard-t0": (True, 0.0)}
 OOD_DEFAULT = {"fashion-mnist": True, "digits": False}
-# the one-iteration label ablations (hard-labels, no-balancing): 2 more students per seed; on for
+# the one-iteration label ablations (hard- or soft-labels, no-balancing): 2 more students per seed; on for
 # digits (seconds each), off for Fashion-MNIST, where they would take the run past its 150 minutes
 ABLATIONS_DEFAULT = {"fashion-mnist": False, "digits": True}
 OOD_RATIO = 1.0  # out-of-domain images per image of the dataset's own remainder (1:1)
@@ -109,7 +112,7 @@ ORACLES = ("oracle", "oracle-converged")
 SUPERVISED_FINAL = "supervised-final"
 REFERENCES = ("teacher", SUPERVISED_FINAL, *ORACLES)  # supervised runs: one stage each
 COMPARE_WITH = {"no-noise": "noisy-student", "no-iteration": "noisy-student", SUPERVISED_FINAL: "noisy-student",
-                "hard-labels": "noisy-student-iter1", "no-balancing": "noisy-student-iter1",
+                **{name: "noisy-student-iter1" for name in LABEL_ABLATIONS},
                 "ood-hard-t0.3": "ood-soft-t0.3", "ood-hard-t0": "ood-soft-t0", "ood-soft-t0": "ood-soft-t0.3"}
 
 
@@ -220,7 +223,7 @@ def student_tasks(config: str, seed: int, extra: list[str], teacher_ckpt: Path,
     if not no_iteration_is_first_student(students):  # else the chain's first student is that run
         tasks.append(Task((2, seed, 0), "no-iteration", seed, base + [_only_student(students[-1])]))
     tasks += [Task((2, seed, 1 + i), v, seed, base + [_only_student(students[0])], v)
-              for i, v in enumerate(FIRST_STUDENT if ablations else ())]
+              for i, v in enumerate(first_student_ablations(config, extra) if ablations else ())]
     if ood is not None:
         first = _only_student(students[0], epochs=ood.epochs)
         tasks += [Task((2, seed, 3 + i), v, seed, base + ood_overrides(ood, hard, thr) + [first])
@@ -235,12 +238,19 @@ def no_iteration_is_first_student(students: list) -> bool:
     return len(students) == 1 or students[0] == students[-1]
 
 
+def first_student_ablations(config: str, extra: list[str]) -> tuple[str, str]:
+    """The one-iteration label ablations of a config: its other kind of pseudo labels (soft-labels
+    where the config chooses hard ones, else the paper's hard-labels), and no-balancing."""
+    hard = load_config(config, extra).pseudo.hard
+    return ("soft-labels" if hard else "hard-labels"), "no-balancing"
+
+
 def variant_order(num_students: int, ood: bool = False) -> list[str]:
     """The table's rows: teacher, each iteration of the chain, the ablations, the supervised
     references (the final architecture on the labels alone, the oracles); runs that did not happen
     (no supervised-final when the final architecture is the teacher's) are left out of the table."""
     iterations = [f"noisy-student-iter{k}" for k in range(1, num_students)]
-    return ["teacher", *iterations, "noisy-student", "no-noise", *FIRST_STUDENT, "no-iteration",
+    return ["teacher", *iterations, "noisy-student", "no-noise", *LABEL_ABLATIONS, "no-iteration",
             *(OOD_VARIANTS if ood else ()), SUPERVISED_FINAL, *ORACLES]
 
 
@@ -607,7 +617,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ood", action=argparse.BooleanOptionalAction, default=None,
                         help="run the out-of-domain variants (default: on for fashion-mnist without --quick, off for digits)")
     parser.add_argument("--ablations", action=argparse.BooleanOptionalAction, default=None,
-                        help="run the one-iteration label ablations (hard-labels, no-balancing; default: on "
+                        help="run the one-iteration label ablations (hard- or soft-labels, no-balancing; default: on "
                              "for digits, off for fashion-mnist)")
     parser.add_argument("--ood-images", type=int, default=None,
                         help=f"out-of-domain images (default: {OOD_RATIO:g}x the remainder; "

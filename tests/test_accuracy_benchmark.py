@@ -25,13 +25,14 @@ FASHION = str(ROOT / "configs" / "fashion-mnist.yaml")
 def test_every_student_variant_starts_from_the_seeds_teacher(tmp_path):
     ckpt = tmp_path / "teacher.pt"
     tasks = accuracy.student_tasks(DIGITS, 3, ["train.epochs=2"], ckpt)
-    assert [t.variant for t in tasks] == ["noisy-student", "no-noise", "no-iteration", "hard-labels", "no-balancing"]
+    # digits.yaml chooses hard labels, so its label ablation is soft labels
+    assert [t.variant for t in tasks] == ["noisy-student", "no-noise", "no-iteration", "soft-labels", "no-balancing"]
     for t in tasks:
         assert f"teacher.pretrained={ckpt}" in t.overrides and "teacher.epochs=0" in t.overrides
         assert "seed=3" in t.overrides
     ablation = {t.variant: t.ablation for t in tasks}
     assert ablation == {"noisy-student": None, "no-noise": "no-noise", "no-iteration": None,
-                        "hard-labels": "hard-labels", "no-balancing": "no-balancing"}
+                        "soft-labels": "soft-labels", "no-balancing": "no-balancing"}
     # whole chains start first, the one-student runs after them, every student task after the teachers
     assert [t.variant for t in sorted(tasks)][:2] == ["noisy-student", "no-noise"]
     assert all(accuracy.teacher_task(DIGITS, 9, []) < t for t in tasks)
@@ -43,10 +44,14 @@ def test_single_student_variants_train_the_chain_student_they_stand_for(tmp_path
     tasks = {t.variant: t for t in accuracy.student_tasks(DIGITS, 0, [], tmp_path / "t.pt")}
     cfg = accuracy.load_config(DIGITS, tasks["no-iteration"].overrides)
     assert cfg.students == [chain[-1]]  # the final architecture with its own lr and epochs
-    for variant in accuracy.FIRST_STUDENT:  # the first iteration, with the ablation applied
+    for variant in accuracy.first_student_ablations(DIGITS, []):  # the first iteration, ablated
         cfg = accuracy.load_config(DIGITS, tasks[variant].overrides, tasks[variant].ablation)
         assert [s.model for s in cfg.students] == [chain[0].model]
-    assert accuracy.load_config(DIGITS, tasks["hard-labels"].overrides, "hard-labels").pseudo.hard
+    assert accuracy.load_config(DIGITS, []).pseudo.hard
+    assert not accuracy.load_config(DIGITS, tasks["soft-labels"].overrides, "soft-labels").pseudo.hard
+    soft = {t.variant: t for t in accuracy.student_tasks(DIGITS, 0, ["pseudo.hard=false"], tmp_path / "t.pt")}
+    assert "soft-labels" not in soft and accuracy.load_config(DIGITS, soft["hard-labels"].overrides,
+                                                              "hard-labels").pseudo.hard
     assert not accuracy.load_config(DIGITS, tasks["no-balancing"].overrides, "no-balancing").pseudo.balance
     # a one-student chain (Fashion-MNIST's) or an equal-size one: one student of the final
     # architecture is the chain's first student, so "no-iteration" is not trained again
@@ -104,7 +109,8 @@ def test_default_runs_both_settings_and_noise_pays_only_beyond_the_spread():
     # the label ablations: on for digits, off for Fashion-MNIST unless asked for
     assert accuracy.ABLATIONS_DEFAULT == {"fashion-mnist": False, "digits": True}
     names = lambda **kw: [t.variant for t in accuracy.student_tasks(DIGITS, 0, [], Path("t.pt"), **kw)]  # noqa: E731
-    assert set(accuracy.FIRST_STUDENT) <= set(names()) and not set(accuracy.FIRST_STUDENT) & set(names(ablations=False))
+    label_ablations = set(accuracy.first_student_ablations(DIGITS, []))
+    assert label_ablations <= set(names()) and not label_ablations & set(names(ablations=False))
     row = lambda mean, std: {"mean": mean, "std": std}  # noqa: E731
     assert accuracy.noise_pays({"noisy-student": row(88.0, 0.3), "no-noise": row(86.0, 0.5)}) == {
         "points": 2.0, "beyond_spread": True}
@@ -227,7 +233,7 @@ def test_benchmark_runs_every_variant_and_prints_json_last(tmp_path, tiny_overri
     assert list(last["test_top1"]) == accuracy.variant_order(2, ood=True)  # digits: two students
     assert last["seeds"] == [0] and "gap_closed" in last and "gap_closed_converged" in last
     assert set(last["gap_closed_converged_by_variant"]) == set(last["gap_closed_by_variant"])
-    assert last["ablation_delta"]["hard-labels"]["vs"] == "noisy-student-iter1"
+    assert last["ablation_delta"]["soft-labels"]["vs"] == "noisy-student-iter1"  # digits: hard labels
     assert last["ablation_delta"]["ood-hard-t0"]["vs"] == "ood-soft-t0"
     assert last["ablation_delta"]["no-noise"]["points"] == pytest.approx(
         last["test_top1"]["no-noise"] - last["test_top1"]["noisy-student"], abs=0.011)
@@ -235,7 +241,7 @@ def test_benchmark_runs_every_variant_and_prints_json_last(tmp_path, tiny_overri
     assert (run / "accuracy.png").stat().st_size > 0
     # one teacher per seed, reused (not retrained) by every student variant
     teacher = json.loads((run / "seed0" / "teacher" / "summary.json").read_text())["stages"][0]
-    for variant in ("noisy-student", "no-noise", "hard-labels", "no-balancing", "no-iteration", *accuracy.OOD_VARIANTS):
+    for variant in ("noisy-student", "no-noise", "soft-labels", "no-balancing", "no-iteration", *accuracy.OOD_VARIANTS):
         stages = json.loads((run / "seed0" / variant / "summary.json").read_text())["stages"]
         assert stages[0]["epochs"] == 0 and stages[0]["test_top1"] == teacher["test_top1"]
         assert len(stages) == (3 if variant in accuracy.CHAINS else 2)
@@ -254,7 +260,7 @@ def test_benchmark_runs_every_variant_and_prints_json_last(tmp_path, tiny_overri
     shared = dict(entry.split(" <- ") for entry in last["shared_label_stores"])
     assert shared["seed0/no-iteration"] in ("noisy-student", "no-noise")
     assert shared["seed0/no-balancing"] in ("noisy-student", "no-noise")
-    assert "seed0/hard-labels" not in shared  # hard labels are another store
+    assert "seed0/soft-labels" not in shared  # soft labels are another store
     for variant, donor in shared.items():
         mine, theirs = run / variant / "label-1" / "shards", run / "seed0" / donor / "label-1" / "shards"
         shards = sorted(p.name for p in theirs.iterdir())

@@ -56,7 +56,8 @@ def test_ablations_change_only_what_they_name():
         assert (s.lr, s.epochs, s.model) == (base[name].lr, base[name].epochs, base[name].model)
     no_aug = _stages(None, ablation="no-augmentation")["student-1"]
     assert no_aug.noise.augment is False and (no_aug.dropout, no_aug.drop_path) == (0.3, 0.1)
-    assert load_config(None, ablation="hard-labels").pseudo.hard is True
+    assert load_config(None, ["pseudo.hard=false"], ablation="hard-labels").pseudo.hard is True
+    assert load_config(None, ablation="soft-labels").pseudo.hard is False  # the default chooses hard labels
     assert load_config(None, ablation="no-balancing").pseudo.balance is False
     assert list(_stages(None, ablation="no-iteration")) == ["teacher", "student-1"]
     with pytest.raises(ConfigError, match="config key 'ablation': unknown ablation 'no-teacher'"):
@@ -112,7 +113,7 @@ def test_default_run_resolves_to_the_numbers_it_always_used():
         assert (s.noise.augment, s.noise.randaugment_ops, s.noise.randaugment_magnitude) == (True, 2, 9)
     assert stages[0].unlabeled_ratio == stages[1].unlabeled_ratio == 0 and stages[1].labeling is None
     assert all(s.unlabeled_ratio == 3 and s.labeling.top_k == 10 and s.labeling.temperature == 1.0
-               and s.labeling.hard is False and s.labeling.batch_size == 256 for s in stages[2:])
+               and s.labeling.hard is True and s.labeling.batch_size == 256 for s in stages[2:])  # digits: hard
 
 
 def test_fixres_stage_resolves_from_the_last_student_and_finetune():

@@ -39,6 +39,7 @@ ABLATIONS = {
     "no-noise": "students without noise: no augmentation, no dropout, no stochastic depth",
     "no-augmentation": "students without input noise (RandAugment, crop, flip)",
     "hard-labels": "hard (argmax) pseudo labels instead of soft",
+    "soft-labels": "soft pseudo labels (the teacher's probabilities) instead of hard",
     "no-balancing": "no class balancing (threshold only)",
     "no-iteration": "a single student (the first of the chain)",
 }
@@ -465,8 +466,8 @@ def apply_ablation(raw: dict, name: str) -> dict:
     if not isinstance(name, str) or name not in ABLATIONS:
         raise ConfigError(f"config key 'ablation': unknown ablation {name!r}; known: {', '.join(ABLATIONS)}")
     raw = json.loads(json.dumps(raw))  # deep copy of plain data
-    if name == "hard-labels":
-        return apply_overrides(raw, ["pseudo.hard=true"])
+    if name in ("hard-labels", "soft-labels"):
+        return apply_overrides(raw, [f"pseudo.hard={str(name == 'hard-labels').lower()}"])
     if name == "no-balancing":
         return apply_overrides(raw, ["pseudo.balance=false"])
     students = raw["students"] if "students" in raw else [dataclasses.asdict(s) for s in Config().students]

@@ -73,3 +73,15 @@ def test_module_cycles_finds_a_planted_cycle(tmp_path, monkeypatch):
     assert module_cycles("planted_cycle") == [("planted_cycle.a", "planted_cycle.b"),
                                               ("planted_cycle.b", "planted_cycle.c"),
                                               ("planted_cycle.c", "planted_cycle.a")]
+
+
+def test_importing_the_pipeline_neither_imports_pyplot_nor_switches_matplotlibs_backend():
+    """No side effects on import: the pipeline's modules draw with matplotlib's object API, imported
+    when a plot is drawn, so a command pays for matplotlib only if it plots and a user's own
+    pyplot backend is left as it was."""
+    code = ("import sys, noisystudent.pipeline, noisystudent.evaluate.classifier, noisystudent.robustness; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'matplotlib'))")
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), MPLBACKEND="svg")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]"

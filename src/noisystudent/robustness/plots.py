@@ -1,4 +1,9 @@
-"""Robustness plots (matplotlib, Agg backend): several models on the same axes."""
+"""Robustness plots (matplotlib): several models on the same axes.
+
+Figures are made with matplotlib's object API (``Figure``, which renders with Agg), not pyplot: no
+global backend switch on import, no figure registry to close, and matplotlib is imported only when
+a plot is drawn, so commands that draw none do not pay for it at start-up.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +11,11 @@ import math
 from pathlib import Path
 from typing import Mapping
 
-import matplotlib
 
-matplotlib.use("Agg")  # files only; never needs a display
-import matplotlib.pyplot as plt  # noqa: E402
+def _figure(figsize: tuple[float, float]):
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=figsize)
 
 
 def _models_with(results_by_model: Mapping[str, dict], key: str) -> dict[str, dict]:
@@ -24,7 +30,8 @@ def plot_corruptions(results_by_model: Mapping[str, dict], path: Path) -> Path |
     names = list(dict.fromkeys(n for d in data.values() for n in d["error"]))
     cols = min(5, len(names))
     rows = math.ceil(len(names) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.0 * cols, 2.5 * rows), squeeze=False, sharey=True)
+    fig = _figure((3.0 * cols, 2.5 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False, sharey=True)
     for ax, name in zip(axes.flat, names):
         for model, d in data.items():
             if name in d["error"]:
@@ -39,7 +46,6 @@ def plot_corruptions(results_by_model: Mapping[str, dict], path: Path) -> Path |
     axes.flat[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path
 
 
@@ -47,7 +53,8 @@ def plot_attacks(results_by_model: Mapping[str, dict], path: Path) -> Path | Non
     """Top-1 accuracy (%) against eps (0-255 units): FGSM solid, PGD dashed, one colour per model."""
     if not any(k in res for res in results_by_model.values() for k in ("fgsm", "pgd")):
         return None
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    fig = _figure((5, 3.5))
+    ax = fig.subplots()
     for i, (model, res) in enumerate(results_by_model.items()):
         colour = f"C{i}"
         if "fgsm" in res:
@@ -61,7 +68,6 @@ def plot_attacks(results_by_model: Mapping[str, dict], path: Path) -> Path | Non
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path
 
 
@@ -74,7 +80,8 @@ def plot_perturbations(results_by_model: Mapping[str, dict], path: Path) -> Path
     key = "fr" if all("fr" in d for d in data.values()) else "flip_prob"
     names = list(dict.fromkeys(n for d in data.values() for n in d[key]))
     width = 0.8 / len(data)
-    fig, ax = plt.subplots(figsize=(max(5, 0.8 * len(names) + 2), 3.5))
+    fig = _figure((max(5, 0.8 * len(names) + 2), 3.5))
+    ax = fig.subplots()
     for i, (model, d) in enumerate(data.items()):
         xs = [j + (i - (len(data) - 1) / 2) * width for j in range(len(names))]
         ax.bar(xs, [d[key].get(n, float("nan")) for n in names], width=width, label=model)
@@ -85,7 +92,6 @@ def plot_perturbations(results_by_model: Mapping[str, dict], path: Path) -> Path
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path
 
 

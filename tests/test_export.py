@@ -331,6 +331,38 @@ def test_onnx_falls_back_to_the_torchscript_exporter_where_dynamo_fails(cnn_run,
     np.testing.assert_allclose(session.run(["logits"], {"image": x.numpy()})[0], expected, atol=1e-4, rtol=1e-4)
 
 
+def test_a_dynamo_file_that_fails_its_check_is_written_again_by_the_torchscript_exporter(cnn_run, tmp_path,
+                                                                                        monkeypatch, caplog):
+    """The dynamo exporter runs, but its file computes otherwise (here: it exports the model with one
+    weight changed, as a mis-converted op would): the check catches it and the TorchScript exporter's
+    file, checked in turn, is the one exported. If that one fails too, the export fails, naming both."""
+    import copy
+
+    run_dir, _ = cnn_run
+    real_export, calls = torch.onnx.export, []
+
+    def export(model, args, f, **kw):
+        calls.append("dynamo" if kw.get("dynamo") else "torchscript")
+        if kw.get("dynamo") or broken_torchscript:
+            model = copy.deepcopy(model)
+            with torch.no_grad():
+                next(p for p in model.parameters() if p.dim() > 1).add_(1.0)
+        return real_export(model, args, f, **kw)
+
+    monkeypatch.setattr(torch.onnx, "export", export)
+    broken_torchscript = False
+    with caplog.at_level("WARNING", logger="noisystudent"):
+        result = export_model(run_dir, tmp_path / "export", onnx=True)
+    assert calls == ["dynamo", "torchscript"] and result["onnx_exporter"] == "torchscript"
+    assert result["onnx_max_abs_diff"] <= 1e-4
+    assert "dynamo ONNX exporter failed (its file failed the check: model.onnx differs from the PyTorch model by" \
+        in caplog.text
+    broken_torchscript = True
+    with pytest.raises(NoisyStudentError, match="differs from the PyTorch model"):
+        export_model(run_dir, tmp_path / "both-broken", onnx=True)
+    assert not (tmp_path / "both-broken").exists()  # nothing that looks like an export
+
+
 def _tree(folder):
     return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else None for p in sorted(folder.rglob("*"))}
 

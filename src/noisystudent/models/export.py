@@ -84,6 +84,10 @@ _ARCH_FIELDS = ("architecture", "first_conv", "classifier", "fixed_input_size", 
 _ONNX_SINGLE_FILE_BYTES = 1 << 30  # larger models keep their weights beside the graph (model.onnx.data)
 
 
+class OnnxCheckError(NoisyStudentError):
+    """The ONNX file itself failed its check: onnxruntime cannot run it, or it computes otherwise."""
+
+
 def final_stage(run_dir: Path) -> str:
     """The stage whose model a run hands over: ``summary.json``'s ``final`` stage (or, in a summary
     without one, its last stage: fix-res if it ran, else the last student, else the teacher). A
@@ -166,11 +170,12 @@ def _check_onnx_installed() -> None:
         raise NoisyStudentError(f"export --onnx needs {' and '.join(missing)}: {ONNX_INSTALL}")
 
 
-def _write_onnx(model: nn.Module, meta: dict, path: Path) -> str:
-    """Write ``path`` with torch's dynamo exporter, or, where that exporter fails (torch 2.5 and 2.6
-    with the onnxscript releases after them fail on batch norm, see docs/user-guide.md), with its
-    TorchScript exporter; both with a dynamic batch axis. Returns the exporter used ("dynamo" or
-    "torchscript"); the caller checks the file against PyTorch with onnxruntime either way."""
+def _write_onnx(model: nn.Module, meta: dict, path: Path, tolerance: float) -> tuple[str, float | None]:
+    """Write ``path`` with torch's dynamo exporter and check it against PyTorch with onnxruntime;
+    where that exporter fails (torch 2.5 and 2.6 with the onnxscript releases after them fail on
+    batch norm, see docs/user-guide.md) or its file fails the check, write it again with the
+    TorchScript exporter and check that. Both with a dynamic batch axis. Returns the exporter used
+    ("dynamo" or "torchscript") and the max abs difference (None without onnxruntime)."""
     size = eval_size(meta)
     example = torch.zeros(2, meta["in_chans"], size, size)
     big = sum(t.numel() * t.element_size() for t in model.state_dict().values()) > _ONNX_SINGLE_FILE_BYTES
@@ -183,11 +188,16 @@ def _write_onnx(model: nn.Module, meta: dict, path: Path) -> str:
         torch.onnx.export(model, (example,), str(path), input_names=["image"], output_names=["logits"],
                           dynamo=True, dynamic_shapes=({0: torch.export.Dim("batch")},), external_data=big,
                           verbose=False)
-        return "dynamo"
+        dynamo_error = None
     except Exception as e:  # noqa: BLE001 - the exporter raises many types; try the other one
         dynamo_error = _root_reason(e)
     finally:
         exporter_log.setLevel(level)
+    if dynamo_error is None:
+        try:
+            return "dynamo", check_onnx(model, path, meta, tolerance=tolerance)
+        except OnnxCheckError as e:  # a file onnxruntime cannot run, or one that computes otherwise
+            dynamo_error = f"its file failed the check: {str(e).removeprefix('export: ')}"
     for leftover in (path, path.with_name(ONNX_DATA)):  # what the failed attempt may have written
         leftover.unlink(missing_ok=True)
     try:
@@ -197,7 +207,7 @@ def _write_onnx(model: nn.Module, meta: dict, path: Path) -> str:
                                 f"exporter: {dynamo_error}; TorchScript exporter: {_root_reason(e)}") from None
     log.warning(f"export: torch {torch.__version__}'s dynamo ONNX exporter failed ({dynamo_error}); "
                 f"{path.name} was written by its TorchScript exporter instead")
-    return "torchscript"
+    return "torchscript", check_onnx(model, path, meta, tolerance=tolerance)
 
 
 def _root_reason(e: BaseException) -> str:
@@ -239,7 +249,8 @@ def check_onnx(model: nn.Module, path: Path, meta: dict, *, batch: int = 4,
     """Run ``path`` with onnxruntime on a batch of ``batch`` normalised-image-like inputs (a
     fixed seed) and compare with ``model``: returns the max abs logit difference, or None when
     onnxruntime is not installed (with a warning naming the install command). Raises
-    :class:`NoisyStudentError` above ``tolerance``."""
+    :class:`OnnxCheckError` when onnxruntime cannot run the file or it differs above ``tolerance``
+    (:class:`NoisyStudentError` when onnxruntime is installed but broken)."""
     try:
         import onnxruntime as ort
     except ImportError:
@@ -256,10 +267,10 @@ def check_onnx(model: nn.Module, path: Path, meta: dict, *, batch: int = 4,
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         (got,) = session.run(["logits"], {"image": x.numpy()})
     except Exception as e:  # noqa: BLE001 - onnxruntime's errors: one line
-        raise NoisyStudentError(f"export: onnxruntime cannot run {path.name}: {error_reason(e)}") from None
+        raise OnnxCheckError(f"export: onnxruntime cannot run {path.name}: {error_reason(e)}") from None
     diff = float(abs(got - expected).max())
     if not diff <= tolerance:
-        raise NoisyStudentError(f"export: {path.name} differs from the PyTorch model by {diff:.3g} (max abs logit "
+        raise OnnxCheckError(f"export: {path.name} differs from the PyTorch model by {diff:.3g} (max abs logit "
                                 f"difference on a batch of {batch}; tolerance {tolerance:g})")
     log.info(f"export: {path.name} matches PyTorch on a batch of {batch} (max abs difference {diff:.2e})")
     return diff
@@ -347,8 +358,7 @@ def export_model(run_dir: Path, out_dir: Path, onnx: bool = False, *, license_id
             tmp = Path(scratch)
             config = _write_weights_and_config(model, meta, stage, metrics, tmp)
             if onnx:
-                exporter = _write_onnx(model, meta, tmp / ONNX)
-                diff = check_onnx(model, tmp / ONNX, meta, tolerance=onnx_tolerance)
+                exporter, diff = _write_onnx(model, meta, tmp / ONNX, onnx_tolerance)
                 files["onnx"] = out / ONNX
             (tmp / CARD).write_text(_card(run, config, stage, license_id, repo_id, diff, out), encoding="utf-8")
             written = sorted(p for p in tmp.iterdir() if p.is_file())

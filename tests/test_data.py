@@ -204,17 +204,3 @@ def test_a_bad_file_is_still_named_when_its_pixels_are_kept_for_the_statistics(t
     (tmp_path / "train" / "cat" / "1.png").write_bytes(b"not a png")
     with pytest.raises(DataError, match=r"unreadable image .*cat/1\.png"):
         build_splits(folder_cfg(tmp_path, val_per_class=1, unlabeled_dir=None), seed=0, require_unlabeled=False)
-
-
-def test_a_test_per_class_the_source_does_not_use_is_said_not_ignored(folders, caplog):
-    """A test folder is the source's own test split: data.test_per_class does not apply, and the
-    pipeline's split says so (a warning) instead of dropping the key silently."""
-    cfg = folder_cfg(folders, test_per_class=1)
-    with caplog.at_level(logging.WARNING, logger="noisystudent"):
-        quiet = build_splits(cfg, seed=0)  # not the pipeline: nothing said
-    assert "test_per_class" not in caplog.text
-    with caplog.at_level(logging.WARNING, logger="noisystudent"):
-        said = build_splits(cfg, seed=0, log_moved=True)
-    assert len(quiet.test) == len(said.test) == 6  # the folder's 3 per class, not 1
-    assert ("data.test_per_class=1 is not used: data source image-folder has its own test split (6 images)"
-            in caplog.text)

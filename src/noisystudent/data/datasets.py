@@ -396,8 +396,7 @@ def build_splits(cfg: DataConfig, seed: int, require_unlabeled: bool = True, *,
 
     The validation split is held out of the labeled training images (never the test split);
     ``labels_per_class`` keeps N labels per class and moves the rest to the unlabeled pool;
-    ``log_moved`` (the pipeline, which trains on the splits) says so: a warning for a user's data
-    (and for a ``test_per_class`` that does not apply: the source has its own test split).
+    ``log_moved`` (the pipeline, which trains on the splits) says so: a warning for a user's data.
     ``require_unlabeled``: a student will read the pool (False: nothing does, which the warning says).
     ``unlabeled`` holds that in-dataset remainder (and a torchvision dataset's own unlabeled split);
     a pool named by ``data.unlabeled`` is never listed here: :func:`noisystudent.data.pool.build_pool`
@@ -445,9 +444,6 @@ def build_splits(cfg: DataConfig, seed: int, require_unlabeled: bool = True, *,
         test_idx, pool = split_per_class(train.targets, cfg.test_per_class, rng,
                                          f"data.test_per_class={cfg.test_per_class}", classes, leave=1)
         test = SubsetImageSet(train, test_idx)
-    elif cfg.test_per_class is not None and log_moved:  # said, not silently dropped: the key asked for something
-        log.warning(f"data.test_per_class={cfg.test_per_class} is not used: data source {cfg.source} has its own "
-                    f"test split ({len(test)} images), which is measured instead")
     if val is None:
         val_local, pool_local = split_per_class(train.targets[pool], cfg.val_per_class, rng,
                                                 f"data.val_per_class={cfg.val_per_class}", classes, leave=1)

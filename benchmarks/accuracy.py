@@ -217,13 +217,14 @@ def student_tasks(config: str, seed: int, extra: list[str], teacher_ckpt: Path,
     architecture taught directly, the one-iteration label ablations (``ablations``), then the
     out-of-domain ones (``ood``)."""
     base = [f"seed={seed}", *extra, f"teacher.pretrained={teacher_ckpt}", "teacher.epochs=0"]
-    students = load_config(config, [f"seed={seed}", *extra]).students
+    cfg = load_config(config, [f"seed={seed}", *extra])
+    students = cfg.students
     # an ablation variant is named after the config ablation it applies
     tasks = [Task((1, seed, i), v, seed, base, v if v in ABLATIONS else None) for i, v in enumerate(CHAINS)]
     if not no_iteration_is_first_student(students):  # else the chain's first student is that run
         tasks.append(Task((2, seed, 0), "no-iteration", seed, base + [_only_student(students[-1])]))
     tasks += [Task((2, seed, 1 + i), v, seed, base + [_only_student(students[0])], v)
-              for i, v in enumerate(first_student_ablations(config, extra) if ablations else ())]
+              for i, v in enumerate(first_student_ablations(cfg) if ablations else ())]
     if ood is not None:
         first = _only_student(students[0], epochs=ood.epochs)
         tasks += [Task((2, seed, 3 + i), v, seed, base + ood_overrides(ood, hard, thr) + [first])
@@ -238,11 +239,10 @@ def no_iteration_is_first_student(students: list) -> bool:
     return len(students) == 1 or students[0] == students[-1]
 
 
-def first_student_ablations(config: str, extra: list[str]) -> tuple[str, str]:
-    """The one-iteration label ablations of a config: its other kind of pseudo labels (soft-labels
-    where the config chooses hard ones, else the paper's hard-labels), and no-balancing."""
-    hard = load_config(config, extra).pseudo.hard
-    return ("soft-labels" if hard else "hard-labels"), "no-balancing"
+def first_student_ablations(cfg) -> tuple[str, str]:
+    """The one-iteration label ablations of a loaded config: its other kind of pseudo labels
+    (soft-labels where it chooses hard ones, else the paper's hard-labels), and no-balancing."""
+    return ("soft-labels" if cfg.pseudo.hard else "hard-labels"), "no-balancing"
 
 
 def variant_order(num_students: int, ood: bool = False) -> list[str]:
@@ -381,9 +381,10 @@ def remainder_size(config: str, extra: list[str]) -> int:
 def run_benchmark(config: str, seeds: list[int], extra: list[str], oracle_extra: list[str], out: Path,
                   jobs: int, converged_extra: list[str] | None = None, cache_dir: Path | None = None,
                   ood: OodPool | None = None, ablations: bool = True) -> tuple[dict[int, dict[str, dict]], dict]:
-    """All variants of all seeds (the label ablations only with ``ablations``): ``({seed: {variant: {"test_top1", "val_top1", "seconds"}}}, notes)``;
-    ``notes`` has each seed's converged-oracle cache use, the OOD variants' pool statistics and the
-    runs that reused a sibling's first pseudo-label store (:func:`share_label_store`)."""
+    """All variants of all seeds (the label ablations only with ``ablations``):
+    ``({seed: {variant: {"test_top1", "val_top1", "seconds"}}}, notes)``; ``notes`` has each seed's
+    converged-oracle cache use, the OOD variants' pool statistics and the runs that reused a
+    sibling's first pseudo-label store (:func:`share_label_store`)."""
     converged_extra = converged_extra or []
     plan = plan_benchmark(config, seeds, extra, oracle_extra, converged_extra, cache_dir or out / ".cache")
     results: dict[int, dict[str, dict]] = {s: {} for s in seeds}

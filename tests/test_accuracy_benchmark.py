@@ -44,7 +44,7 @@ def test_single_student_variants_train_the_chain_student_they_stand_for(tmp_path
     tasks = {t.variant: t for t in accuracy.student_tasks(DIGITS, 0, [], tmp_path / "t.pt")}
     cfg = accuracy.load_config(DIGITS, tasks["no-iteration"].overrides)
     assert cfg.students == [chain[-1]]  # the final architecture with its own lr and epochs
-    for variant in accuracy.first_student_ablations(DIGITS, []):  # the first iteration, ablated
+    for variant in accuracy.first_student_ablations(accuracy.load_config(DIGITS)):  # the first iteration, ablated
         cfg = accuracy.load_config(DIGITS, tasks[variant].overrides, tasks[variant].ablation)
         assert [s.model for s in cfg.students] == [chain[0].model]
     assert accuracy.load_config(DIGITS, []).pseudo.hard
@@ -109,7 +109,7 @@ def test_default_runs_both_settings_and_noise_pays_only_beyond_the_spread():
     # the label ablations: on for digits, off for Fashion-MNIST unless asked for
     assert accuracy.ABLATIONS_DEFAULT == {"fashion-mnist": False, "digits": True}
     names = lambda **kw: [t.variant for t in accuracy.student_tasks(DIGITS, 0, [], Path("t.pt"), **kw)]  # noqa: E731
-    label_ablations = set(accuracy.first_student_ablations(DIGITS, []))
+    label_ablations = set(accuracy.first_student_ablations(accuracy.load_config(DIGITS)))
     assert label_ablations <= set(names()) and not label_ablations & set(names(ablations=False))
     row = lambda mean, std: {"mean": mean, "std": std}  # noqa: E731
     assert accuracy.noise_pays({"noisy-student": row(88.0, 0.3), "no-noise": row(86.0, 0.5)}) == {

@@ -271,7 +271,7 @@ def check_onnx(model: nn.Module, path: Path, meta: dict, *, batch: int = 4,
     diff = float(abs(got - expected).max())
     if not diff <= tolerance:
         raise OnnxCheckError(f"export: {path.name} differs from the PyTorch model by {diff:.3g} (max abs logit "
-                                f"difference on a batch of {batch}; tolerance {tolerance:g})")
+                             f"difference on a batch of {batch}; tolerance {tolerance:g})")
     log.info(f"export: {path.name} matches PyTorch on a batch of {batch} (max abs difference {diff:.2e})")
     return diff
 

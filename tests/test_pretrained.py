@@ -314,7 +314,7 @@ def test_a_pretrained_teacher_is_recorded_and_labels_with_its_own_preprocessing(
     from noisystudent.label.store import LabelStore
     from noisystudent.models.checkpoint import clean_transform, load_checkpoint, load_model
     from noisystudent.pipeline import run_pipeline
-    from noisystudent.runtime.rundir import MODEL, TEACHER, RunDir
+    from noisystudent.runtime.rundir import LOG, MODEL, TEACHER, RunDir
 
     folder, _ = hf_folder
     source = str(folder / "model.safetensors") if kind == "file" else f"local-dir:{folder}"
@@ -325,6 +325,9 @@ def test_a_pretrained_teacher_is_recorded_and_labels_with_its_own_preprocessing(
                              "data.test_per_class=2"])
     run_pipeline(cfg, tmp_path / "run", progress=False)
     ckpt = RunDir(tmp_path / "run").file(TEACHER, MODEL)
+    # the log says the weights were used as given, not "best epoch 0/0 0.0s (none)"
+    assert "[teacher] val top-1" in (log := (tmp_path / "run" / LOG).read_text())
+    assert "not trained (epochs 0)" in log and "best epoch 0/0" not in log
     meta = load_checkpoint(ckpt)
     recorded = meta["data_config"]
     assert (tuple(meta["mean"]), tuple(meta["std"])) == (FOLDER_MEAN, FOLDER_STD)

@@ -147,8 +147,9 @@ def train_stage(out: Path, stage: ResolvedStage, env: Env, pseudo=None, warm_fro
                "stopped_early": outcome.stopped_early, "stopped_at_epoch": outcome.stopped_at_epoch}
     _save(out, model, stage, env, stage.image_size, metrics, data_cfg)
     env.tracking.log_stage(stage.name, metrics)
-    log.info(f"[{stage.name}] val top-1 {metrics['val_top1']:.2f}  test top-1 {metrics['test_top1']:.2f}  "
-             f"best epoch {outcome.best_epoch}/{outcome.epochs}  {outcome.seconds:.1f}s  ({outcome.precision})")
+    trained = (f"best epoch {outcome.best_epoch}/{outcome.epochs}  {outcome.seconds:.1f}s  ({outcome.precision})"
+               if outcome.epochs > 0 else "not trained (epochs 0): the given weights as they are")
+    log.info(f"[{stage.name}] val top-1 {metrics['val_top1']:.2f}  test top-1 {metrics['test_top1']:.2f}  {trained}")
     return metrics
 
 

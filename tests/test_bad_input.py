@@ -413,6 +413,28 @@ def test_the_demos_label_budget_stays_with_the_demo(folders, capsys):
             "student (students=[]) nothing reads the pool: these images are not used at all") in err
 
 
+def test_the_demos_test_budget_stays_with_the_demo_and_a_users_unused_one_warns(folders, capsys):
+    """The demo's data.test_per_class (40) is dropped where the new source has its own test split
+    (a test folder, Fashion-MNIST, torchvision), kept where it is needed (a folder without a test
+    folder); a test_per_class the user sets that the source leaves unused is a warning under --quiet."""
+    assert load_config(None).data.test_per_class == 40
+    folder = ["data.source=image-folder", "data.train_dir=x"]
+    assert load_config(None, folder).data.test_per_class == 40  # no test folder: the demo's hold-out
+    assert load_config(None, [*folder, "data.test_dir=y"]).data.test_per_class is None
+    assert load_config(None, ["data.source=fashion-mnist"]).data.test_per_class is None
+    assert load_config(None, ["data.source=fashion-mnist", "data.test_per_class=7"]).data.test_per_class == 7
+    assert main(_user_folder_run(folders)) == 0
+    assert "test_per_class" not in capsys.readouterr().err  # the demo's key, not the user's: no warning
+    data = json.loads((folders / "run" / "data.json").read_text())
+    assert data["num_test"] == 6  # the test folder, whole (3 images of each class)
+    shutil.rmtree(folders / "run")
+    assert main(_user_folder_run(folders, "data.test_per_class=3")) == 0
+    [warning] = [ln for ln in capsys.readouterr().err.splitlines() if "test_per_class" in ln]
+    assert warning == (f"data.test_per_class=3 is unused: data source image-folder has a test split of its own "
+                       f"(data.test_dir {folders / 'test'}), which is the test split; remove the key")
+    assert json.loads((folders / "run" / "data.json").read_text())["num_test"] == 6
+
+
 def test_moved_labels_no_stage_reads_are_a_warning_under_quiet(tmp_path, capsys):
     """students=[] with the demo's label budget: the moved images are used by nothing, which
     --quiet still shows (a warning); with students they are the pool, as the demo intends."""

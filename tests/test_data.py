@@ -170,7 +170,7 @@ def test_labels_per_class_keeps_every_label_by_default_and_says_what_it_moves(ca
     assert kept.describe()["num_labels_moved_to_pool"] is None and "moved" not in caplog.text
     with caplog.at_level(logging.INFO, logger="noisystudent"):
         moved = build_splits(DataConfig(labels_per_class=5, val_per_class=10, test_per_class=40), seed=0,
-                             log_moved=True)
+                             log_splits=True)
     assert moved.describe()["num_labels_moved_to_pool"] == len(moved.unlabeled) == 1797 - 100 - 400 - 50
     assert "kept 50 labeled training images and moved 1247 to the unlabeled pool" in caplog.text
 

@@ -382,7 +382,7 @@ def test_run_drops_planted_copies_of_test_images(tmp_path, tiny_overrides, caplo
 
     overrides = [o for o in tiny_overrides if not o.startswith("data.max_unlabeled")] + ["students=[{model: ns_cnn_s}]"]
     cfg = load_config(None, overrides)
-    splits = build_splits(cfg.data, cfg.seed, require_unlabeled=False, log_moved=False)
+    splits = build_splits(cfg.data, cfg.seed, require_unlabeled=False, log_splits=False)
     pool = tmp_path / "pool"
     pool.mkdir()
     for i in range(120):  # ordinary pool images: digits that are in no split

@@ -254,7 +254,7 @@ def _loop(cfg: Config, stages: list[ResolvedStage], run: RunDir, runner: StageRu
     scan_started = time.time()
     banner(f"Data: {cfg.data.source}")
     students = [s for s in stages if s.role == "student"]
-    splits = build_splits(cfg.data, cfg.seed, require_unlabeled=bool(students), log_moved=True)
+    splits = build_splits(cfg.data, cfg.seed, require_unlabeled=bool(students), log_splits=True)
     # every stage's `pretrained` file, checked before anything trains
     check_pretrained_files(stages, num_classes=splits.num_classes, channels=splits.channels, classes=splits.classes)
     env = Env(ctx=ctx, run=run, cfg=cfg, splits=splits, progress=progress, tracking=tracking or Tracking(),
@@ -338,7 +338,7 @@ def open_pool(run_dir: Path) -> UnlabeledSource | None:
     if not (Path(run_dir) / layout.CONFIG).is_file():
         return None
     cfg = load_config(Path(run_dir) / layout.CONFIG)
-    splits = build_splits(cfg.data, cfg.seed, require_unlabeled=False, log_moved=False)
+    splits = build_splits(cfg.data, cfg.seed, require_unlabeled=False, log_splits=False)
     pool = build_pool(cfg.data, splits.unlabeled, cfg.pseudo.shard_size)
     if pool is not None:
         pool.prepare(Path(run_dir) / layout.POOL)

@@ -89,7 +89,7 @@ def evaluate_run(target: Path, cfg: Config, *, out: Path | None = None, progress
         out = out if out is not None else target.parent / f"evaluate-{target.stem}"
     else:
         raise NoisyStudentError(f"evaluate: {target} is neither a run directory nor a checkpoint file")
-    splits = build_splits(cfg.data, cfg.seed, require_unlabeled=False, log_moved=False)
+    splits = build_splits(cfg.data, cfg.seed, require_unlabeled=False, log_splits=False)
     kwargs = dict(channels=splits.channels, device=select_device(cfg.device), seed=cfg.seed, progress=progress)
     if out is not None:
         out = Path(out)

@@ -501,7 +501,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         raw = default_config_dict()
     raw = apply_overrides(raw, overrides or [])
     if path is None:
-        raw = _demo_label_budget_stays_with_digits(raw, overrides or [])
+        raw = _demo_split_keys_stay_with_digits(raw, overrides or [])
     if ablation:
         recorded = raw.get("ablation")
         if recorded is not None and recorded != ablation:
@@ -511,17 +511,25 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return config_from_dict(raw)
 
 
-def _demo_label_budget_stays_with_digits(raw: dict, overrides: list[str]) -> dict:
-    """The built-in demo's ``data.labels_per_class`` (5) makes the digits a semi-supervised
-    benchmark; it belongs to the digits source. When ``--set data.source=...`` replaces the source
-    and the user did not set ``data.labels_per_class`` too, it goes back to the schema default
-    (null: every label of the user's data is kept)."""
+def _demo_split_keys_stay_with_digits(raw: dict, overrides: list[str]) -> dict:
+    """The built-in demo's split keys belong to the digits source. Its ``data.labels_per_class``
+    (5) makes the digits a semi-supervised benchmark: when ``--set data.source=...`` replaces the
+    source and the user did not set ``data.labels_per_class`` too, it goes back to the schema
+    default (null: every label of the user's data is kept). Its ``data.test_per_class`` (40) goes
+    too where the new source has a test split of its own (Fashion-MNIST, torchvision, an image
+    folder with ``data.test_dir``), so only a test_per_class the user set can be unused (and the
+    data stage says so); an image folder without a test folder still holds out the demo's 40."""
     data = raw.get("data")
     if not isinstance(data, dict) or data.get("source") == default_config_dict()["data"]["source"]:
         return raw
-    if any(parse_override(o)[0] in (["data", "labels_per_class"], ["data"]) for o in overrides):
+    set_keys = [parse_override(o)[0] for o in overrides]
+    if ["data"] in set_keys:  # the user replaced the whole data section: every key in it is theirs
         return raw
-    return {**raw, "data": {k: v for k, v in data.items() if k != "labels_per_class"}}
+    demo_keys = ["labels_per_class"]
+    if data.get("source") in ("fashion-mnist", "torchvision") or data.get("test_dir"):
+        demo_keys.append("test_per_class")
+    drop = {k for k in demo_keys if ["data", k] not in set_keys}
+    return {**raw, "data": {k: v for k, v in data.items() if k not in drop}}
 
 
 def default_config_dict() -> dict:

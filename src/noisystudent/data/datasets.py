@@ -391,12 +391,13 @@ def pool_path(cfg: DataConfig) -> str | None:
 
 
 def build_splits(cfg: DataConfig, seed: int, require_unlabeled: bool = True, *,
-                 log_moved: bool = False) -> DataSplits:
+                 log_splits: bool = False) -> DataSplits:
     """Build labeled / unlabeled / val / test splits for the configured source.
 
     The validation split is held out of the labeled training images (never the test split);
     ``labels_per_class`` keeps N labels per class and moves the rest to the unlabeled pool;
-    ``log_moved`` (the pipeline, which trains on the splits) says so: a warning for a user's data.
+    ``log_splits`` (the pipeline, which trains on the splits) says so: a warning for a user's data;
+    it also warns of a ``test_per_class`` that a source with its own test split leaves unused.
     ``require_unlabeled``: a student will read the pool (False: nothing does, which the warning says).
     ``unlabeled`` holds that in-dataset remainder (and a torchvision dataset's own unlabeled split);
     a pool named by ``data.unlabeled`` is never listed here: :func:`noisystudent.data.pool.build_pool`
@@ -437,6 +438,10 @@ def build_splits(cfg: DataConfig, seed: int, require_unlabeled: bool = True, *,
 
     assert train.targets is not None
     pool = np.arange(len(train))
+    if test is not None and cfg.test_per_class is not None and log_splits:  # never silently ignored
+        own = f"data.test_dir {cfg.test_dir}" if cfg.source == "image-folder" else "its official test split"
+        log.warning(f"data.test_per_class={cfg.test_per_class} is unused: data source {cfg.source} has a "
+                    f"test split of its own ({own}), which is the test split; remove the key")
     if test is None:
         if cfg.test_per_class is None:
             raise DataError(f"data source {cfg.source} has no test split: set data.test_per_class "
@@ -458,7 +463,7 @@ def build_splits(cfg: DataConfig, seed: int, require_unlabeled: bool = True, *,
         moved = len(rest_local)
         if moved:
             unlabeled_parts.append(SubsetImageSet(train, pool[rest_local], drop_targets=True))
-        if moved and log_moved:  # never silent: the user's labels are set aside, however intentionally
+        if moved and log_splits:  # never silent: the user's labels are set aside, however intentionally
             unused = (" their labels are unused" if require_unlabeled else
                       " with no student (students=[]) nothing reads the pool: these images are not used at all")
             # a warning (--quiet shows it) for a user's own data, or data no stage uses; the built-in

@@ -66,7 +66,8 @@ class DataConfig:
     val_per_class: int = _opt(20, "Validation images per class held out from the training images "
                               "(used for model selection; never the test split).", min=1)
     test_per_class: int | None = _opt(None, "Test images per class held out when the source has no "
-                                      "test split (digits).", min=1)
+                                      "test split (digits, an image folder without data.test_dir); "
+                                      "unused, with a warning, where it has one.", min=1)
     max_unlabeled: int | None = _opt(None, "Use at most this many unlabeled images (random subset).", min=1)
     image_size: int = _opt(16, "Training resolution in pixels (square).", min=4)
     channels: int | None = _opt(None, "1 (grayscale) or 3 (RGB); null: the source's own.", choices=(None, 1, 3))

@@ -36,7 +36,7 @@ from noisystudent.config.schema import load_config
 from noisystudent.data.datasets import ImageSet, SubsetImageSet, build_splits
 from noisystudent.label.calibration import expected_calibration_error
 from noisystudent.label.select import Selection
-from noisystudent.label.store import LabelStore, fixed_list_to_numpy
+from noisystudent.label.store import LabelStore, soft_targets
 from noisystudent.runtime.rundir import CONFIG, SELECTION, iteration_of, label_stage, select_stage
 
 THRESHOLDS = (0.5, 0.7, 0.9)
@@ -64,19 +64,14 @@ def pool_truth(run: Path) -> dict[str, int]:
     return {k: t for k, t in truth.items() if t >= 0}
 
 
-def _full_probs(topk_class: np.ndarray, topk_prob: np.ndarray, num_classes: int) -> np.ndarray:
-    probs = np.zeros((len(topk_class), num_classes), np.float64)
-    np.put_along_axis(probs, topk_class.astype(np.int64), topk_prob.astype(np.float64), axis=1)
-    return probs
-
-
 def store_quality(store_dir: Path, truth: dict[str, int]) -> dict:
     """The label store's pseudo labels against the truth (every pool image)."""
     labels = LabelStore.open(store_dir, require_complete=True).to_pseudo_labels()
     known = np.array([k in truth for k in labels.keys], dtype=bool)
     y = np.array([truth[k] for k in np.asarray(labels.keys, dtype=object)[known]], np.int64)
-    probs = _full_probs(labels.topk_index[known], labels.topk_prob[known], labels.num_classes)
-    pred, conf = probs.argmax(1), probs.max(1)
+    pred, conf = labels.predicted[known], labels.confidence[known]
+    # the teacher's distribution by the store's own top-k rebuild rule (soft, whatever the run trained on)
+    probs = soft_targets(labels.topk_index[known], labels.topk_prob[known], labels.num_classes, hard=False)
     targets = labels.soft_targets(np.flatnonzero(known))  # what the student is taught (one-hot if hard)
     out = {"images": int(known.sum()), "num_classes": labels.num_classes, "hard": labels.hard,
            "temperature": labels.temperature, "pool_acc": float((pred == y).mean()),
@@ -89,16 +84,15 @@ def store_quality(store_dir: Path, truth: dict[str, int]) -> dict:
     return out
 
 
-def stream_quality(selection_path: Path, truth: dict[str, int], num_classes: int) -> dict:
+def stream_quality(selection_path: Path, truth: dict[str, int]) -> dict:
     """The selected stream (what the student trained on, copies counted) against the truth."""
-    Selection.open(selection_path)  # refuses a damaged or unfinished selection with a clear error
-    table = pq.read_table(selection_path, columns=["key", "copies", "topk_class"])  # one row per image
+    num_classes = Selection.open(selection_path).num_classes  # refuses a damaged or unfinished selection
+    table = pq.read_table(selection_path, columns=["key", "copies", "predicted"])  # one row per image
     keys = table.column("key").to_pylist()
     known = np.array([k in truth for k in keys], dtype=bool)
     y = np.array([truth[k] for k, ok in zip(keys, known) if ok], np.int64)
     copies = table.column("copies").to_numpy()[known].astype(np.int64)
-    pred = fixed_list_to_numpy(table.column("topk_class"), table.schema.field("topk_class").type.list_size,
-                               np.int32)[known, 0]
+    pred = table.column("predicted").to_numpy()[known]
     right = (pred == y).astype(np.float64)
     per_class = [float(np.average(right[y == c], weights=copies[y == c])) if (y == c).any() else None
                  for c in range(num_classes)]
@@ -120,7 +114,7 @@ def run_quality(run: Path) -> dict:
     for i in iterations:
         store = store_quality(run / label_stage(i), truth)
         selection = run / select_stage(i) / SELECTION
-        stream = stream_quality(selection, truth, store["num_classes"]) if selection.exists() else {}
+        stream = stream_quality(selection, truth) if selection.exists() else {}
         result[label_stage(i)] = {**store, **stream}
     return result
 

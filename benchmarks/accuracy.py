@@ -369,7 +369,7 @@ def share_label_store(donor: Path, run_dir: Path, cfg) -> bool:
 
 def remainder_size(config: str, extra: list[str]) -> int:
     """Images labels_per_class leaves to the pool (uncapped: the OOD variants lift max_unlabeled)."""
-    from noisystudent.data.datasets import build_splits
+    from noisystudent.data.splits import build_splits
 
     cfg = load_config(config, [*extra, "data.max_unlabeled=null"])
     return len(build_splits(cfg.data, cfg.seed, require_unlabeled=False).unlabeled)

@@ -47,7 +47,8 @@ def worker(args: argparse.Namespace) -> None:
     from torch.utils.data import Dataset, Subset
 
     from noisystudent.config.schema import load_config
-    from noisystudent.data.datasets import TransformedSet, build_splits
+    from noisystudent.data.datasets import TransformedSet
+    from noisystudent.data.splits import build_splits
     from noisystudent.data.transforms import eval_transform, train_transform
     from noisystudent.models.factory import create_model
     from noisystudent.runtime.cpu import cpu_settings

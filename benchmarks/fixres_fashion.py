@@ -22,7 +22,8 @@ import torch
 from torch.utils.data import TensorDataset
 
 from noisystudent.config.schema import DataConfig, NoiseConfig, TrainConfig
-from noisystudent.data.datasets import TransformedSet, build_splits
+from noisystudent.data.datasets import TransformedSet
+from noisystudent.data.splits import build_splits
 from noisystudent.runtime.distributed import DistContext
 from noisystudent.evaluate.classifier import evaluate_classifier
 from noisystudent.train.fixres import default_frozen_blocks, finetune_fixres

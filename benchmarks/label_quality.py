@@ -33,7 +33,8 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from noisystudent.config.schema import load_config
-from noisystudent.data.datasets import ImageSet, SubsetImageSet, build_splits
+from noisystudent.data.datasets import ImageSet, SubsetImageSet
+from noisystudent.data.splits import build_splits
 from noisystudent.label.calibration import expected_calibration_error
 from noisystudent.label.select import Selection
 from noisystudent.label.store import LabelStore, soft_targets

@@ -31,7 +31,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from noisystudent.config.schema import load_config
-from noisystudent.data.datasets import TransformedSet, build_splits
+from noisystudent.data.datasets import TransformedSet
+from noisystudent.data.splits import build_splits
 from noisystudent.runtime.distributed import DistContext
 from noisystudent.evaluate.classifier import evaluate_classifier
 from noisystudent.models.factory import create_model

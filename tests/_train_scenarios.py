@@ -16,7 +16,8 @@ from torch.utils.data import Dataset
 
 from _tiny import TinyNet
 from noisystudent.config.schema import DataConfig, NoiseConfig, TrainConfig
-from noisystudent.data.datasets import TransformedSet, build_splits
+from noisystudent.data.datasets import TransformedSet
+from noisystudent.data.splits import build_splits
 from noisystudent.runtime.distributed import DistContext
 from noisystudent.models.factory import create_model
 from noisystudent.train.loop import train_classifier

@@ -183,7 +183,9 @@ def test_ood_folder_holds_upscaled_digits_none_of_them_a_fashion_class(tmp_path)
     from PIL import Image
     from sklearn.datasets import load_digits
 
-    from noisystudent.data.datasets import FASHION_MNIST_CLASSES, build_splits
+    from noisystudent.data.datasets import FASHION_MNIST_CLASSES
+
+    from noisystudent.data.splits import build_splits
     from noisystudent.data.pool import build_pool, pool_size
 
     count = 1797 + 13  # every digit once, then jittered copies

@@ -30,7 +30,7 @@ from PIL import Image
 from noisystudent.cli import main
 from noisystudent.config.schema import load_config
 from noisystudent.config.stages import resolve_stages
-from noisystudent.data.datasets import build_splits
+from noisystudent.data.splits import build_splits
 from noisystudent.data.transforms import eval_transform, train_transform
 from noisystudent.models.checkpoint import save_model
 from noisystudent.models.factory import create_model

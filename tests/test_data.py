@@ -7,8 +7,9 @@ import pytest
 from PIL import Image
 
 from noisystudent.config.schema import DataConfig
-from noisystudent.data.datasets import (build_splits, class_folder_samples, convert_image, is_image_file,
-                                        load_fashion_mnist, read_idx, scan_class_folder)
+from noisystudent.data.datasets import (class_folder_samples, convert_image, is_image_file, load_fashion_mnist,
+                                        read_idx, scan_class_folder)
+from noisystudent.data.splits import build_splits
 from noisystudent.runtime.errors import DataError
 
 
@@ -179,13 +180,14 @@ def test_each_file_is_decoded_once_and_the_mean_std_is_what_decoding_each_image_
     """The data scan (issue 28): the labeled check keeps the pixels the mean/std is taken from, and
     a test folder that is the val folder is checked once; the statistics are the old ones exactly."""
     import noisystudent.data.datasets as datasets
+    import noisystudent.data.splits as splits
 
     make_folder(tmp_path / "train", n=30, mode="RGB")
     make_folder(tmp_path / "val", n=4)
     decoded = []
     real_read = datasets.read_image
     monkeypatch.setattr(datasets, "read_image", lambda path, mode: decoded.append(path) or real_read(path, mode))
-    monkeypatch.setattr(datasets, "STATS_LIMIT", 50)  # fewer than the 60 labeled images: a sample, as at scale
+    monkeypatch.setattr(splits, "STATS_LIMIT", 50)  # fewer than the 60 labeled images: a sample, as at scale
     cfg = folder_cfg(tmp_path, val_dir=str(tmp_path / "val"), test_dir=str(tmp_path / "val"), val_per_class=None)
     s = build_splits(cfg, seed=0)
     assert len(s.labeled) == 60 and len(s.val) == len(s.test) == 8
@@ -195,7 +197,7 @@ def test_each_file_is_decoded_once_and_the_mean_std_is_what_decoding_each_image_
     flat = np.concatenate([a.reshape(-1, 3) for a in arrs])
     assert s.mean == tuple(float(v) for v in flat.mean(0))
     assert s.std == tuple(float(v) for v in np.maximum(flat.std(0), 1e-3))
-    assert datasets.image_stats(s.labeled, 3, limit=50) == (s.mean, s.std)  # no pixels given: loaded
+    assert splits.image_stats(s.labeled, 3, limit=50) == (s.mean, s.std)  # no pixels given: loaded
 
 
 def test_a_bad_file_is_still_named_when_its_pixels_are_kept_for_the_statistics(tmp_path):

@@ -377,7 +377,7 @@ def test_run_drops_planted_copies_of_test_images(tmp_path, tiny_overrides, caplo
 
     from noisystudent import pipeline
     from noisystudent.config.schema import load_config
-    from noisystudent.data.datasets import build_splits
+    from noisystudent.data.splits import build_splits
     from noisystudent.report.document import fmt_int
 
     overrides = [o for o in tiny_overrides if not o.startswith("data.max_unlabeled")] + ["students=[{model: ns_cnn_s}]"]

@@ -115,7 +115,8 @@ def _reported(run: Path) -> list[tuple]:
 def _reevaluated(run: Path) -> list[tuple]:
     """Each stage's saved model.pt evaluated again by one process, on the run's own splits."""
     from noisystudent.config.schema import load_config
-    from noisystudent.data.datasets import TransformedSet, build_splits
+    from noisystudent.data.datasets import TransformedSet
+    from noisystudent.data.splits import build_splits
     from noisystudent.evaluate.classifier import evaluate_classifier
     from noisystudent.models.checkpoint import clean_transform, load_model
 

@@ -14,7 +14,8 @@ import torch
 from _tiny import tiny
 from noisystudent.cli import main
 from noisystudent.config.schema import load_config
-from noisystudent.data.datasets import TransformedSet, build_splits
+from noisystudent.data.datasets import TransformedSet
+from noisystudent.data.splits import build_splits
 from noisystudent.data.transforms import eval_transform
 from noisystudent.models.checkpoint import load_model
 from noisystudent.models.export import RECORD, export_model, final_stage, load_exported

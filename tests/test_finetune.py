@@ -11,7 +11,8 @@ from torch.utils.data import TensorDataset
 from _tiny import DIGITS, Crash, CrashAt
 import noisystudent.train.trainer as trainer_module
 from noisystudent.config.schema import TrainConfig, load_config
-from noisystudent.data.datasets import TransformedSet, build_splits
+from noisystudent.data.datasets import TransformedSet
+from noisystudent.data.splits import build_splits
 from noisystudent.runtime.distributed import DistContext
 from noisystudent.runtime.errors import CheckpointError, ConfigError
 from noisystudent.config.stages import fixres_enabled

@@ -32,7 +32,8 @@ def tiny_run(tmp_path_factory):
 
 
 def test_pool_accuracy_and_soft_targets_match_the_teacher_run_by_hand(tiny_run):
-    from noisystudent.data.datasets import TransformedSet, build_splits
+    from noisystudent.data.datasets import TransformedSet
+    from noisystudent.data.splits import build_splits
     from noisystudent.models.checkpoint import clean_transform, load_model
     from noisystudent.runtime.rundir import MODEL, TEACHER, RunDir
 

@@ -13,7 +13,7 @@ from _label_helpers import random_store
 from _tiny import TinyNet, tiny
 from noisystudent import pipeline
 from noisystudent.config.schema import load_config
-from noisystudent.data.datasets import build_splits
+from noisystudent.data.splits import build_splits
 from noisystudent.label.calibration import (calibration_summary, expected_calibration_error, fit_temperature,
                                             temperature_nll)
 from noisystudent.label.select import Selection, select_from_store

@@ -30,7 +30,7 @@ from typing import Any, Callable, Generator
 
 from .config.schema import Config
 from .config.stages import ResolvedLabeling, ResolvedStage, baseline_of, resolve_stages
-from .data.datasets import DataSplits, build_splits
+from .data.splits import DataSplits, build_splits
 from .data.pool import UnlabeledSource, build_pool, pool_size
 from .label.select import Selection
 from .label.store import LabelStore

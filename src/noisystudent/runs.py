@@ -77,7 +77,7 @@ def evaluate_run(target: Path, cfg: Config, *, out: Path | None = None, progress
     kill in the run's checkpoints folder), and its report is rebuilt. Otherwise the results go to
     ``out`` (default for a checkpoint: ``evaluate-<name>`` beside it).
     """
-    from .data.datasets import build_splits
+    from .data.splits import build_splits
     from .evaluate.classifier import evaluate_checkpoints
     from .runtime.distributed import select_device
 

@@ -28,7 +28,8 @@ import torch
 
 from .config.schema import Config
 from .config.stages import ResolvedLabeling, ResolvedStage
-from .data.datasets import DataSplits, TransformedSet
+from .data.datasets import TransformedSet
+from .data.splits import DataSplits
 from .data.pool import ImageSetSource, UnlabeledSource
 from .data.device_input import EvalCache, eval_batches
 from .data.transforms import eval_transform, train_transform

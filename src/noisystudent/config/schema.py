@@ -74,6 +74,20 @@ class DataConfig:
     flip: bool = _opt(False, "Random horizontal flips in training augmentation (off for digits).")
     num_workers: int = _opt(0, "DataLoader worker processes (0: load in the main process).", min=0)
 
+    def own_test_split(self) -> str | None:
+        """What the source's own test split is, where it has one (``test_per_class`` is then unused)."""
+        return own_test_split(self.source, self.test_dir)
+
+
+def own_test_split(source: str | None, test_dir: str | None) -> str | None:
+    """The test split a data source brings, in words, or None where ``data.test_per_class`` holds
+    one out of the training images (digits, an image folder without ``data.test_dir``)."""
+    if source in ("fashion-mnist", "torchvision"):
+        return "its official test split"
+    if source == "image-folder" and test_dir:
+        return f"data.test_dir {test_dir}"
+    return None
+
 
 @dataclass
 class NoiseConfig:
@@ -527,7 +541,7 @@ def _demo_split_keys_stay_with_digits(raw: dict, overrides: list[str]) -> dict:
     if ["data"] in set_keys:  # the user replaced the whole data section: every key in it is theirs
         return raw
     demo_keys = ["labels_per_class"]
-    if data.get("source") in ("fashion-mnist", "torchvision") or data.get("test_dir"):
+    if own_test_split(data.get("source"), data.get("test_dir")):
         demo_keys.append("test_per_class")
     drop = {k for k in demo_keys if ["data", k] not in set_keys}
     return {**raw, "data": {k: v for k, v in data.items() if k not in drop}}

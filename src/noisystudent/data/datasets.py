@@ -1,8 +1,9 @@
-"""Data sources and splits: labeled, unlabeled, validation and test images.
+"""Data sources as image sets: digits, Fashion-MNIST, torchvision datasets, class folders.
 
 Every source becomes an :class:`ImageSet` (index -> PIL image, optional integer targets). Small
 datasets stay in memory as uint8 arrays; image folders load lazily from disk. Transforms are
 applied by :class:`TransformedSet`, so labeling sees clean images and training sees noisy ones.
+:mod:`noisystudent.data.splits` carves the labeled, unlabeled, validation and test splits.
 """
 
 from __future__ import annotations
@@ -157,39 +158,6 @@ class TransformedSet(Dataset):
             return x, torch.as_tensor(self.targets[i])
         t = self.images.targets
         return x, (-1 if t is None else int(t[j]))
-
-
-@dataclass
-class DataSplits:
-    """Everything the pipeline needs: the four splits and how to read them."""
-
-    labeled: ImageSet
-    unlabeled: ImageSet  # the in-dataset part of the pool (see data.pool.build_pool for the whole pool)
-    val: ImageSet
-    test: ImageSet
-    classes: list[str]
-    channels: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    # labeled training images moved to the unlabeled pool by data.labels_per_class (None: not set)
-    labels_moved_to_pool: int | None = None
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
-
-    def describe(self) -> dict:
-        def counts(s: ImageSet) -> list[int] | None:
-            if s.targets is None:
-                return None
-            return np.bincount(s.targets, minlength=self.num_classes).tolist()
-
-        return {"classes": self.classes, "channels": self.channels,
-                "num_labeled": len(self.labeled), "num_unlabeled": len(self.unlabeled),
-                "num_val": len(self.val), "num_test": len(self.test),
-                "num_labels_moved_to_pool": self.labels_moved_to_pool,
-                "labeled_per_class": counts(self.labeled), "val_per_class": counts(self.val),
-                "test_per_class": counts(self.test)}
 
 
 # ------------------------------------------------------------------------------ sources
@@ -361,179 +329,50 @@ def load_torchvision(name: str, root: str | None, download: bool):
     raise DataError(f"unknown torchvision dataset {name!r}")
 
 
-# ------------------------------------------------------------------------------ splits
+@dataclass
+class LoadedSource:
+    """A data source as loaded, before any split is carved from its training images."""
+
+    train: ImageSet  # the labeled training images (test, validation and pool are carved from them)
+    classes: list[str]
+    test: ImageSet | None = None  # the source's own test split (None: held out of train)
+    val: ImageSet | None = None  # the source's own validation split (None: held out of train)
+    extra_unlabeled: ImageSet | None = None  # a dataset's own unlabeled split (SVHN extra, STL-10)
 
 
-def split_per_class(targets: np.ndarray, per_class: int, rng: np.random.Generator,
-                    what: str, classes: Sequence[str] | None = None,
-                    leave: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Pick ``per_class`` random indices of every class; returns (picked, rest), both sorted.
-    ``leave``: images each class must keep in the rest (a held-out split must leave training
-    images). Errors name the class by ``classes`` (its folder name), not its index."""
-    picked = []
-    for c in np.unique(targets):
-        idx = np.flatnonzero(targets == c)
-        name = repr(classes[c]) if classes is not None else str(c)
-        if len(idx) < per_class + leave:
-            if len(idx) >= per_class:  # enough to pick, none left over for training
-                raise DataError(f"{what}: class {name} has {len(idx)} training images and all would be held "
-                                f"out ({per_class} requested); lower it so every class keeps training images")
-            raise DataError(f"{what}: class {name} has {len(idx)} images, fewer than the {per_class} requested")
-        picked.append(rng.choice(idx, size=per_class, replace=False))
-    picked = np.sort(np.concatenate(picked))
-    rest = np.setdiff1d(np.arange(len(targets)), picked)
-    return picked, rest
-
-
-def pool_path(cfg: DataConfig) -> str | None:
-    """The user's unlabeled pool (``data.unlabeled``, or its alias ``data.unlabeled_dir``)."""
-    return cfg.unlabeled or cfg.unlabeled_dir
-
-
-def build_splits(cfg: DataConfig, seed: int, require_unlabeled: bool = True, *,
-                 log_splits: bool = False) -> DataSplits:
-    """Build labeled / unlabeled / val / test splits for the configured source.
-
-    The validation split is held out of the labeled training images (never the test split);
-    ``labels_per_class`` keeps N labels per class and moves the rest to the unlabeled pool;
-    ``log_splits`` (the pipeline, which trains on the splits) says so: a warning for a user's data;
-    it also warns of a ``test_per_class`` that a source with its own test split leaves unused.
-    ``require_unlabeled``: a student will read the pool (False: nothing does, which the warning says).
-    ``unlabeled`` holds that in-dataset remainder (and a torchvision dataset's own unlabeled split);
-    a pool named by ``data.unlabeled`` is never listed here: :func:`noisystudent.data.pool.build_pool`
-    streams it.
-    """
-    rng = np.random.default_rng(seed)
-    extra_unlabeled: ImageSet | None = None
-    test: ImageSet | None = None
-    val: ImageSet | None = None
+def load_source(cfg: DataConfig) -> LoadedSource:
+    """The configured source's images: training images and whatever splits it brings."""
     if cfg.source == "digits":
         images, targets, classes = load_digits_arrays()
-        train: ImageSet = ArrayImageSet(images, targets)
-    elif cfg.source == "fashion-mnist":
+        return LoadedSource(ArrayImageSet(images, targets), classes)
+    if cfg.source == "fashion-mnist":
         train, test = load_fashion_mnist(cfg.root, cfg.download)
-        classes = list(FASHION_MNIST_CLASSES)
-    elif cfg.source == "torchvision":
+        return LoadedSource(train, list(FASHION_MNIST_CLASSES), test=test)
+    if cfg.source == "torchvision":
         train, test, extra_unlabeled, classes = load_torchvision(cfg.name, cfg.root, cfg.download)
-    elif cfg.source == "image-folder":
-        mode = "L" if cfg.channels == 1 else "RGB"
-        paths, targets, classes = scan_class_folder(cfg.train_dir, "train")
-        if len(classes) < 2:
-            raise DataError(f"train folder {cfg.train_dir} has only one class ({classes[0]}); "
-                            "a classifier needs at least two")
-        train = FileImageSet(paths, targets, mode)
-        for split_dir, what in ((cfg.test_dir, "test"), (cfg.val_dir, "val")):
-            if split_dir is None:
-                continue
-            p, t, c = scan_class_folder(split_dir, what)
-            if c != classes:
-                raise DataError(f"{what} folder {split_dir} has classes {c}, which differ from train "
-                                f"folder {cfg.train_dir} ({classes})")
-            if what == "test":
-                test = FileImageSet(p, t, mode)
-            else:
-                val = FileImageSet(p, t, mode)
-    else:  # guarded by config validation
-        raise DataError(f"unknown data source {cfg.source!r}")
-
-    assert train.targets is not None
-    pool = np.arange(len(train))
-    if test is not None and cfg.test_per_class is not None and log_splits:  # never silently ignored
-        own = f"data.test_dir {cfg.test_dir}" if cfg.source == "image-folder" else "its official test split"
-        log.warning(f"data.test_per_class={cfg.test_per_class} is unused: data source {cfg.source} has a "
-                    f"test split of its own ({own}), which is the test split; remove the key")
-    if test is None:
-        if cfg.test_per_class is None:
-            raise DataError(f"data source {cfg.source} has no test split: set data.test_per_class "
-                            "or data.test_dir")
-        test_idx, pool = split_per_class(train.targets, cfg.test_per_class, rng,
-                                         f"data.test_per_class={cfg.test_per_class}", classes, leave=1)
-        test = SubsetImageSet(train, test_idx)
-    if val is None:
-        val_local, pool_local = split_per_class(train.targets[pool], cfg.val_per_class, rng,
-                                                f"data.val_per_class={cfg.val_per_class}", classes, leave=1)
-        val = SubsetImageSet(train, pool[val_local])
-        pool = pool[pool_local]
-    unlabeled_parts: list[ImageSet] = []
-    moved = None
-    if cfg.labels_per_class is not None:
-        lab_local, rest_local = split_per_class(train.targets[pool], cfg.labels_per_class, rng,
-                                                f"data.labels_per_class={cfg.labels_per_class}", classes)
-        labeled = SubsetImageSet(train, pool[lab_local])
-        moved = len(rest_local)
-        if moved:
-            unlabeled_parts.append(SubsetImageSet(train, pool[rest_local], drop_targets=True))
-        if moved and log_splits:  # never silent: the user's labels are set aside, however intentionally
-            unused = (" their labels are unused" if require_unlabeled else
-                      " with no student (students=[]) nothing reads the pool: these images are not used at all")
-            # a warning (--quiet shows it) for a user's own data, or data no stage uses; the built-in
-            # digits demo is a semi-supervised benchmark by design (its pool is those images): info
-            level = logging.INFO if cfg.source == "digits" and require_unlabeled else logging.WARNING
-            log.log(level, f"data.labels_per_class={cfg.labels_per_class}: kept {len(labeled)} labeled training "
-                           f"images and moved {moved} to the unlabeled pool;{unused}; "
-                           "data.labels_per_class=null keeps every label")
-    else:
-        labeled = SubsetImageSet(train, pool)
-    if extra_unlabeled is not None:
-        unlabeled_parts.append(extra_unlabeled)
-    unlabeled = concat_image_sets(unlabeled_parts, train.mode)
-    if cfg.max_unlabeled is not None and len(unlabeled) > cfg.max_unlabeled:
-        keep = np.sort(rng.choice(len(unlabeled), size=cfg.max_unlabeled, replace=False))
-        unlabeled = SubsetImageSet(unlabeled, keep, drop_targets=True)
-    if len(unlabeled) == 0 and require_unlabeled and not pool_path(cfg):
-        raise DataError("the unlabeled pool is empty: set data.unlabeled (a folder, file list or WebDataset "
-                        "shards) or data.labels_per_class")
-
-    channels = cfg.channels or (1 if train.mode == "L" else 3)
-    # One decode per file: the labeled check keeps the pixels the mean/std is computed from, and a
-    # file in two splits (a test folder that is the val folder) is checked once.
-    checked: set = set()
-    pixels = check_readable(labeled, full=len(labeled) <= FULL_CHECK_LIMIT, checked=checked,
-                            keep=STATS_LIMIT, channels=channels)
-    for split in (val, test):
-        check_readable(split, full=len(split) <= FULL_CHECK_LIMIT, checked=checked)
-    mean, std = image_stats(labeled, channels, limit=STATS_LIMIT, pixels=pixels)
-    return DataSplits(labeled=labeled, unlabeled=unlabeled, val=val, test=test, classes=classes,
-                      channels=channels, mean=mean, std=std, labels_moved_to_pool=moved)
+        return LoadedSource(train, classes, test=test, extra_unlabeled=extra_unlabeled)
+    if cfg.source == "image-folder":
+        return _load_image_folders(cfg)
+    raise DataError(f"unknown data source {cfg.source!r}")  # guarded by config validation
 
 
-FULL_CHECK_LIMIT = 20000  # labeled sets up to this size are fully decoded before training starts
-STATS_LIMIT = 2000  # the mean/std is computed from the first this many labeled images
-
-
-def check_readable(images: ImageSet, full: bool, checked: set | None = None, keep: int = 0,
-                   channels: int = 3) -> list[np.ndarray]:
-    """Fail early, naming the file, if a labeled image cannot be read: a fully decoded check for
-    small sets, a header check (zero-byte and non-image files) for large ones.
-
-    ``checked``: paths fully decoded already (skipped; the ones decoded here are added). ``keep``:
-    with ``full``, the pixels of the first ``keep`` images (``channels`` 1: "L", else "RGB"), as
-    :func:`image_stats` reads them, so the mean/std needs no second decode; else an empty list."""
-    if isinstance(images, SubsetImageSet):
-        base, positions = images.base, images.indices
-    else:
-        base, positions = images, np.arange(len(images))
-    if not isinstance(base, FileImageSet):
-        return []  # in-memory arrays are valid by construction
-    checked = set() if checked is None else checked
-    pixels: list[np.ndarray] = []
-    for n, i in enumerate(positions):
-        path = base.paths[int(i)]
-        if full:
-            if n < keep:
-                pixels.append(_stats_pixels(read_image(path, base.mode), channels))
-            elif path not in checked:
-                read_image(path, base.mode)
-            checked.add(path)
+def _load_image_folders(cfg: DataConfig) -> LoadedSource:
+    """The train folder and the test / val folders where given, which must name the same classes."""
+    mode = "L" if cfg.channels == 1 else "RGB"
+    paths, targets, classes = scan_class_folder(cfg.train_dir, "train")
+    if len(classes) < 2:
+        raise DataError(f"train folder {cfg.train_dir} has only one class ({classes[0]}); "
+                        "a classifier needs at least two")
+    source = LoadedSource(FileImageSet(paths, targets, mode), classes)
+    for split_dir, what in ((cfg.test_dir, "test"), (cfg.val_dir, "val")):
+        if split_dir is None:
             continue
-        try:
-            with Image.open(path) as im:
-                im.size  # noqa: B018 - parses the header
-        except Image.DecompressionBombError as e:
-            raise DataError(f"image {path} is too large to decode ({e}); remove it or shrink it") from None
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-            raise DataError(f"unreadable image {path}: {error_reason(e)}") from None
-    return pixels
+        p, t, c = scan_class_folder(split_dir, what)
+        if c != classes:
+            raise DataError(f"{what} folder {split_dir} has classes {c}, which differ from train "
+                            f"folder {cfg.train_dir} ({classes})")
+        setattr(source, what, FileImageSet(p, t, mode))
+    return source
 
 
 class ConcatImageSet(ImageSet):
@@ -562,25 +401,7 @@ class ConcatImageSet(ImageSet):
 
 
 def concat_image_sets(parts: list[ImageSet], mode: str) -> ImageSet:
+    """The parts as one image set without targets (one part: itself, its targets dropped)."""
     if len(parts) == 1:
         return SubsetImageSet(parts[0], np.arange(len(parts[0])), drop_targets=True)
     return ConcatImageSet(parts, mode)
-
-
-def _stats_pixels(img: Image.Image, channels: int) -> np.ndarray:
-    """An image's pixels as :func:`image_stats` counts them: uint8, one row per pixel."""
-    return np.asarray(convert_image(img, "L" if channels == 1 else "RGB")).reshape(-1, channels)
-
-
-def image_stats(images: ImageSet, channels: int, limit: int = STATS_LIMIT,
-                pixels: list[np.ndarray] | None = None) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and std of the first (up to ``limit``) images, used for input
-    normalisation. ``pixels``: those images' pixels decoded already (:func:`check_readable`'s
-    ``keep``); the rest are loaded. Kept as uint8 until the one float64 array the statistics are
-    taken over (the same values, so the same mean/std, as converting each image first)."""
-    n = min(len(images), limit)
-    rows = list((pixels or [])[:n])
-    rows += [_stats_pixels(images.load(i), channels) for i in range(len(rows), n)]
-    flat = np.concatenate(rows).astype(np.float64) / 255.0
-    std = np.maximum(flat.std(0), 1e-3)
-    return tuple(float(v) for v in flat.mean(0)), tuple(float(v) for v in std)

@@ -8,7 +8,8 @@ from urllib.parse import urlsplit
 
 from ...config.schema import DataConfig
 from ...runtime.errors import DataError
-from ..datasets import ImageSet, pool_path
+from ..datasets import ImageSet
+from ..splits import pool_path
 from .base import DEFAULT_SHARD_SIZE, UnlabeledSource
 from .concat import ConcatSource
 from .filelist import FileListSource

@@ -4,8 +4,9 @@ import yaml
 import os
 
 from noisystudent.cli import main
-from noisystudent.config.schema import (ABLATIONS, ConfigError, PseudoLabelConfig, config_from_dict,
-                                        config_reference_markdown, load_config, save_config)
+from noisystudent.config.markdown import config_reference_markdown
+from noisystudent.config.schema import (ABLATIONS, ConfigError, PseudoLabelConfig, config_from_dict, load_config,
+                                        save_config)
 from noisystudent.config.stages import resolve_stages, stage_seed
 
 

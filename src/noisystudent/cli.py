@@ -11,7 +11,8 @@ import sys
 import time
 from pathlib import Path
 
-from .config.schema import ABLATIONS, PseudoLabelConfig, config_reference_markdown, load_config
+from .config.markdown import config_reference_markdown
+from .config.schema import ABLATIONS, PseudoLabelConfig, load_config
 from .runtime.cpu import configure as configure_cpu
 from .runtime.errors import NoisyStudentError, TrainingPreempted
 

@@ -20,7 +20,7 @@ import yaml
 
 from ..runtime.errors import ConfigError, error_reason
 from .family import chain_preset, is_known_model
-from .reader import build, is_dataclass_type, strip_optional
+from .reader import build, strip_optional
 
 
 def _opt(default: Any, help: str, *, min: float | None = None, max: float | None = None,
@@ -581,43 +581,3 @@ def _normalised_value(value: Any, tp: Any) -> Any:
     if base is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     return value
-
-
-def config_reference_markdown() -> str:
-    """The configuration reference, generated from the schema's types, defaults and help lines."""
-    lines = ["# Configuration reference", "",
-             "Generated from `noisystudent.config.schema` by `noisystudent config --markdown`; do not edit.",
-             "Override any key on the command line with `--set section.key=value`.", ""]
-
-    def walk(cls: type, prefix: str) -> None:
-        hints = typing.get_type_hints(cls)
-        rows, subs = [], []
-        for f in dataclasses.fields(cls):
-            tp, _ = strip_optional(hints[f.name])
-            if is_dataclass_type(tp):
-                subs.append((f, tp))
-                continue
-            item = typing.get_args(tp)[0] if typing.get_origin(tp) is list else None
-            if item is not None and is_dataclass_type(item):
-                subs.append((f, item))
-                continue
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            bounds = []
-            if f.metadata.get("min") is not None:
-                bounds.append(f">= {f.metadata['min']}")
-            if f.metadata.get("max") is not None:
-                bounds.append(f"<= {f.metadata['max']}")
-            if f.metadata.get("choices"):
-                bounds.append("one of " + ", ".join(str(c) for c in f.metadata["choices"]))
-            tname = getattr(tp, "__name__", str(tp))
-            rows.append(f"| `{prefix}{f.name}` | {tname} | `{json.dumps(default)}` | "
-                        f"{f.metadata.get('help', '')} {'(' + '; '.join(bounds) + ')' if bounds else ''} |")
-        if rows:
-            lines.extend([f"## `{prefix.rstrip('.') or 'top level'}`", "",
-                          "| key | type | default | meaning |", "|---|---|---|---|", *rows, ""])
-        for f, tp in subs:
-            is_list = typing.get_origin(strip_optional(hints[f.name])[0]) is list
-            walk(tp, f"{prefix}{f.name}{'[i]' if is_list else ''}.")
-
-    walk(Config, "")
-    return "\n".join(lines)

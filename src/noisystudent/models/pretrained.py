@@ -301,39 +301,10 @@ def apply_state_dict(model: nn.Module, state: dict[str, torch.Tensor], *, source
         if isinstance(cfg_head, str) and any(k.startswith(cfg_head + ".") for k in state):
             state = {k: v for k, v in state.items() if not k.startswith(cfg_head + ".")}
             messages.append(f"{source}: the model has no classifier; the file's ({cfg_head}) is not used")
-
-    def is_optional(k: str) -> bool:
-        return k.endswith("num_batches_tracked")
-
-    missing = [k for k in model_sd if k not in state and k not in head_keys and not is_optional(k)]
-    unexpected = [k for k in state if k not in model_sd and k not in head_keys]
     first_conv = _first_conv(model)
     first_key = f"{first_conv}.weight" if first_conv else None
-    wrong_shape, adapt_input = [], False
-    for k, v in state.items():
-        if k in head_keys or k not in model_sd:
-            continue
-        target = model_sd[k]
-        if v.shape == target.shape:
-            continue
-        if (k == first_key and v.ndim == 4 and target.ndim == 4 and v.shape[0] == target.shape[0]
-                and v.shape[2:] == target.shape[2:]):
-            adapt_input = True
-            continue
-        wrong_shape.append(k)
-    if missing or unexpected or wrong_shape:
-        parts = []
-        if file_arch and file_arch != arch:
-            parts.append(f"the file is for {file_arch}")
-        if wrong_shape:
-            k = wrong_shape[0]
-            parts.append(f"{len(wrong_shape)} tensors differ in shape (first: {k} is {_shape(state[k])} "
-                         f"in the file, {_shape(model_sd[k])} in the model)")
-        if missing:
-            parts.append(f"{len(missing)} model tensors missing from the file (first: {missing[0]})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} file tensors not in the model (first: {unexpected[0]})")
-        raise CheckpointError(f"{source}: weights for another architecture than {arch}: " + "; ".join(parts))
+    adapt_input = _check_body_fits(state, model_sd, head_keys, first_key,
+                                   f"{source}: weights for another architecture than {arch}", file_arch, arch)
 
     load = {k: v for k, v in state.items() if k in model_sd and k not in head_keys}
     if adapt_input and first_key is not None and not check_only:
@@ -344,29 +315,15 @@ def apply_state_dict(model: nn.Module, state: dict[str, torch.Tensor], *, source
         load[first_key] = adapt_input_conv(in_chans, old.float()).to(old.dtype)
         messages.append(f"{source}: first convolution {first_conv} adapted from {old.shape[1]} to "
                         f"{in_chans} input channels")
-    # The head: load it when it fits, otherwise keep the model's new one and say so.
-    file_head = {k: state[k] for k in head_keys if k in state}
-    model_classes = _num_classes(model, head)
-    if head_keys and len(file_head) == len(head_keys) and all(
-            file_head[k].shape == model_sd[k].shape for k in head_keys):
-        load.update(file_head)
-    elif head_keys and file_head:
-        wkey = f"{head_name}.weight"
-        file_classes = int(file_head[wkey].shape[0]) if wkey in file_head and file_head[wkey].ndim else None
-        if (wkey in file_head and file_head[wkey].ndim == 2 and model_sd[wkey].ndim == 2
-                and file_head[wkey].shape[1] != model_sd[wkey].shape[1]):
-            raise CheckpointError(f"{source}: weights for another architecture than {arch}: classifier "
-                                  f"{head_name} takes {file_head[wkey].shape[1]} features in the file, "
-                                  f"{model_sd[wkey].shape[1]} in the model")
-        messages.append(f"{source}: checkpoint has {file_classes} classes, the model {model_classes}; "
-                        f"replaced the classifier head ({head_name}) with a new, randomly initialised one")
-    elif head_keys:
-        messages.append(f"{source}: no classifier in the file; the head ({head_name}, {model_classes} "
-                        "classes) is randomly initialised")
+    if head_keys:
+        head_load, message = _head_tensors(state, model_sd, head_name, head_keys, _num_classes(model, head),
+                                           source, arch)
+        load.update(head_load)
+        messages += [message] if message else []
     if check_only:
         return messages
     result = model.load_state_dict(load, strict=False)
-    leftover = [k for k in result.missing_keys if k not in head_keys and not is_optional(k)]
+    leftover = [k for k in result.missing_keys if k not in head_keys and not _is_optional(k)]
     if leftover or result.unexpected_keys:  # guarded above; a safety net for exotic modules
         raise CheckpointError(f"{source}: weights do not fit {arch} (missing {leftover[:1]}, "
                               f"unexpected {result.unexpected_keys[:1]})")
@@ -375,6 +332,67 @@ def apply_state_dict(model: nn.Module, state: dict[str, torch.Tensor], *, source
     done = f"{source}: loaded {len(load)} tensors into {arch}"
     log.info(done)
     return messages + [done]
+
+
+def _is_optional(key: str) -> bool:
+    """A buffer a file may lack (older BatchNorm saves have no batch counter)."""
+    return key.endswith("num_batches_tracked")
+
+
+def _check_body_fits(state: dict[str, torch.Tensor], model_sd: dict[str, torch.Tensor], head_keys: set[str],
+                     first_key: str | None, error: str, file_arch: str | None, arch: str) -> bool:
+    """Raise ``error`` with what differs where the file's tensors outside the classifier are not
+    the model's (names and shapes); True where only the first conv's input channels differ
+    (adapted on load)."""
+    missing = [k for k in model_sd if k not in state and k not in head_keys and not _is_optional(k)]
+    unexpected = [k for k in state if k not in model_sd and k not in head_keys]
+    wrong_shape, adapt_input = [], False
+    for k, v in state.items():
+        if k in head_keys or k not in model_sd or v.shape == model_sd[k].shape:
+            continue
+        target = model_sd[k]
+        if (k == first_key and v.ndim == 4 and target.ndim == 4 and v.shape[0] == target.shape[0]
+                and v.shape[2:] == target.shape[2:]):
+            adapt_input = True
+            continue
+        wrong_shape.append(k)
+    if not (missing or unexpected or wrong_shape):
+        return adapt_input
+    parts = []
+    if file_arch and file_arch != arch:
+        parts.append(f"the file is for {file_arch}")
+    if wrong_shape:
+        k = wrong_shape[0]
+        parts.append(f"{len(wrong_shape)} tensors differ in shape (first: {k} is {_shape(state[k])} "
+                     f"in the file, {_shape(model_sd[k])} in the model)")
+    if missing:
+        parts.append(f"{len(missing)} model tensors missing from the file (first: {missing[0]})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} file tensors not in the model (first: {unexpected[0]})")
+    raise CheckpointError(f"{error}: " + "; ".join(parts))
+
+
+def _head_tensors(state: dict[str, torch.Tensor], model_sd: dict[str, torch.Tensor], head_name: str,
+                  head_keys: set[str], model_classes: int | None, source: str,
+                  arch: str) -> tuple[dict[str, torch.Tensor], str | None]:
+    """The file's classifier where it fits the model's; else nothing (the model keeps its new,
+    random head) and the message that says so. A head with another input width is another
+    architecture: an error."""
+    file_head = {k: state[k] for k in head_keys if k in state}
+    if len(file_head) == len(head_keys) and all(file_head[k].shape == model_sd[k].shape for k in head_keys):
+        return file_head, None
+    if not file_head:
+        return {}, (f"{source}: no classifier in the file; the head ({head_name}, {model_classes} "
+                    "classes) is randomly initialised")
+    wkey = f"{head_name}.weight"
+    file_classes = int(file_head[wkey].shape[0]) if wkey in file_head and file_head[wkey].ndim else None
+    if (wkey in file_head and file_head[wkey].ndim == 2 and model_sd[wkey].ndim == 2
+            and file_head[wkey].shape[1] != model_sd[wkey].shape[1]):
+        raise CheckpointError(f"{source}: weights for another architecture than {arch}: classifier "
+                              f"{head_name} takes {file_head[wkey].shape[1]} features in the file, "
+                              f"{model_sd[wkey].shape[1]} in the model")
+    return {}, (f"{source}: checkpoint has {file_classes} classes, the model {model_classes}; "
+                f"replaced the classifier head ({head_name}) with a new, randomly initialised one")
 
 
 def load_pretrained(model: nn.Module, source: str, num_classes: int | None = None, *,

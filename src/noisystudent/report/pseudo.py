@@ -21,7 +21,7 @@ import math
 import numpy as np
 
 from . import plots
-from .collect import RunData
+from .collect import Iteration, RunData
 from .document import Figures, Heading, Plot, Row, Section, Table, Text, fmt, fmt_int, fmt_pct, is_num
 from .gallery import ImageLoader, pseudo_label_gallery
 from ..runtime.rundir import CALIBRATION, label_stage
@@ -34,6 +34,23 @@ def pseudo_section(run: RunData) -> Section:
     """Confidence, class balance and calibration of each iteration's pseudo labels."""
     if not run.iterations:
         return Section("pseudo-labels", "Pseudo labels", [Text("No labeling stage has run yet.", "note")])
+    table, probe_stats = _iterations_table(run)
+    blocks: list = [table]
+    blocks += hygiene_blocks(run)
+    blocks += calibration_blocks(run)
+    if not any(it.probe is not None for it in run.iterations):
+        blocks.append(Text("No probe files (`label-i/probe.parquet`): this run did not record the teacher's "
+                           "predictions on labeled images, so the reliability diagram and pseudo-label accuracy "
+                           "are not available.", "note"))
+    for it in run.iterations:
+        blocks += _iteration_blocks(run, it, probe_stats.get(it.index) or {})
+    return Section("pseudo-labels", "Pseudo labels", blocks)
+
+
+def _iterations_table(run: RunData) -> tuple[Table, dict[int, dict]]:
+    """One row per iteration: the pool labeled, its confidence and what the threshold drops, and
+    where the probe was recorded, the pseudo labels' accuracy and calibration on it. Also returns
+    the probe's calibration statistics by iteration (empty: no probe)."""
     thr = run.threshold
     has_probe = any(it.probe is not None for it in run.iterations)
     has_bad = any(it.labels is not None and it.labels.num_bad for it in run.iterations)
@@ -68,56 +85,53 @@ def pseudo_section(run: RunData) -> Section:
                     "can be measured: probe acc. is the pseudo labels' accuracy, probe conf. their mean "
                     "confidence, ECE the expected calibration error (%), probe kept the share above the "
                     "threshold and kept acc. the accuracy of those kept.")
-    blocks: list = [Table(columns, rows, [True, False] + [True] * (len(columns) - 2), caption)]
-    blocks += hygiene_blocks(run)
-    blocks += calibration_blocks(run)
-    if not has_probe:
-        blocks.append(Text("No probe files (`label-i/probe.parquet`): this run did not record the teacher's "
-                           "predictions on labeled images, so the reliability diagram and pseudo-label accuracy "
-                           "are not available.", "note"))
-    nc = run.num_classes
-    for it in run.iterations:
-        blocks.append(Heading(f"Iteration {it.index}: {it.teacher} labels the pool", f"iteration-{it.index}"))
-        lab = it.labels
-        if lab is not None and not lab.complete:
-            blocks.append(Text(f"Labeling in progress: {lab.shards_done} of {lab.num_shards} shards of "
-                               f"`label-{it.index}` are finished; the numbers below cover those.", "warn"))
-        figs = []
-        if lab is not None:
-            png = plots.confidence_histogram(lab.hist, lab.edges, thr, nc)
-            if png:
-                mode = "hard labels" if lab.hard else f"soft labels, T = {lab.temperature:g}"
-                figs.append(Plot(f"confidence-{it.index}", png,
-                                 f"Iteration {it.index}: the teacher's top-1 confidence on {fmt_int(lab.n)} "
-                                 f"unlabeled images ({mode}, top-{lab.top_k} classes stored, {lab.precision}); "
-                                 f"bins below the threshold (dashed) are dropped"
-                                 + (", the dotted line is chance (1/classes)." if nc else "."),
-                                 f"confidence histogram, iteration {it.index}"))
-        sel = it.selection or {}
-        png = plots.class_counts(run.classes, lab.predicted_per_class if lab else None, sel.get("kept_per_class"),
-                                 sel.get("selected_per_class"),
-                                 sel.get("per_class") if is_num(sel.get("per_class")) else None)
+    return Table(columns, rows, [True, False] + [True] * (len(columns) - 2), caption), stats_by_it
+
+
+def _iteration_blocks(run: RunData, it: Iteration, probe_stats: dict) -> list:
+    """An iteration's heading and plots: confidence histogram, per-class counts, reliability diagram."""
+    nc, thr = run.num_classes, run.threshold
+    blocks: list = [Heading(f"Iteration {it.index}: {it.teacher} labels the pool", f"iteration-{it.index}")]
+    lab = it.labels
+    if lab is not None and not lab.complete:
+        blocks.append(Text(f"Labeling in progress: {lab.shards_done} of {lab.num_shards} shards of "
+                           f"`label-{it.index}` are finished; the numbers below cover those.", "warn"))
+    figs = []
+    if lab is not None:
+        png = plots.confidence_histogram(lab.hist, lab.edges, thr, nc)
         if png:
-            figs.append(Plot(f"class-counts-{it.index}", png,
-                             f"Iteration {it.index}: pseudo-labeled images per predicted class before the threshold, "
-                             f"after it, and after balancing to K per class (duplicates counted).",
-                             f"per-class counts, iteration {it.index}"))
-        if it.probe is not None:
-            png = plots.reliability_diagram(it.probe["confidence"], it.probe["correct"], RELIABILITY_BINS)
-            if png:
-                st = stats_by_it.get(it.index) or {}
-                figs.append(Plot(f"reliability-{it.index}", png,
-                                 f"Iteration {it.index}: reliability diagram on the probe ({fmt_int(st.get('n'))} "
-                                 f"labeled validation images, labeled by the same teacher): pseudo-label accuracy "
-                                 f"against confidence in {RELIABILITY_BINS} bins, images per bin on the bars; on the "
-                                 f"diagonal the teacher is calibrated. ECE {fmt(100 * st.get('ece', math.nan), 1)}%. "
-                                 "The validation split chose the teacher's best epoch, so this is slightly optimistic.",
-                                 f"reliability diagram, iteration {it.index}"))
-        if figs:
-            blocks.append(Figures(figs))
-        elif lab is None and it.selection is None:
-            blocks.append(Text("Nothing recorded for this iteration yet.", "note"))
-    return Section("pseudo-labels", "Pseudo labels", blocks)
+            mode = "hard labels" if lab.hard else f"soft labels, T = {lab.temperature:g}"
+            figs.append(Plot(f"confidence-{it.index}", png,
+                             f"Iteration {it.index}: the teacher's top-1 confidence on {fmt_int(lab.n)} "
+                             f"unlabeled images ({mode}, top-{lab.top_k} classes stored, {lab.precision}); "
+                             f"bins below the threshold (dashed) are dropped"
+                             + (", the dotted line is chance (1/classes)." if nc else "."),
+                             f"confidence histogram, iteration {it.index}"))
+    sel = it.selection or {}
+    png = plots.class_counts(run.classes, lab.predicted_per_class if lab else None, sel.get("kept_per_class"),
+                             sel.get("selected_per_class"),
+                             sel.get("per_class") if is_num(sel.get("per_class")) else None)
+    if png:
+        figs.append(Plot(f"class-counts-{it.index}", png,
+                         f"Iteration {it.index}: pseudo-labeled images per predicted class before the threshold, "
+                         f"after it, and after balancing to K per class (duplicates counted).",
+                         f"per-class counts, iteration {it.index}"))
+    if it.probe is not None:
+        png = plots.reliability_diagram(it.probe["confidence"], it.probe["correct"], RELIABILITY_BINS)
+        if png:
+            figs.append(Plot(f"reliability-{it.index}", png,
+                             f"Iteration {it.index}: reliability diagram on the probe "
+                             f"({fmt_int(probe_stats.get('n'))} labeled validation images, labeled by the same "
+                             f"teacher): pseudo-label accuracy against confidence in {RELIABILITY_BINS} bins, "
+                             "images per bin on the bars; on the diagonal the teacher is calibrated. "
+                             f"ECE {fmt(100 * probe_stats.get('ece', math.nan), 1)}%. "
+                             "The validation split chose the teacher's best epoch, so this is slightly optimistic.",
+                             f"reliability diagram, iteration {it.index}"))
+    if figs:
+        blocks.append(Figures(figs))
+    elif lab is None and it.selection is None:
+        blocks.append(Text("Nothing recorded for this iteration yet.", "note"))
+    return blocks
 
 
 def _read_calibration(run: RunData, index: int) -> dict | None:

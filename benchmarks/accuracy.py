@@ -35,8 +35,8 @@ Each seed's teacher is trained once; every other variant of that seed starts fro
 (``teacher.pretrained`` + ``teacher.epochs=0``), so variants differ only in what they ablate.
 The label ablations train one iteration and compare with noisy-student-iter1, as the paper
 studies them (one B0 student from a B0 teacher); a whole chain per ablation would not fit the
-90-minute budget. ``COMPARE_WITH`` names each variant's reference; the four out-of-domain
-variants are compared with each other. ``gap_closed`` is (student - teacher) / (oracle -
+90-minute budget. ``COMPARE_WITH`` (accuracy_tables.py) names each variant's reference; the four
+out-of-domain variants are compared with each other. ``gap_closed`` is (student - teacher) / (oracle -
 teacher) with the compute-matched oracle, ``gap_closed_converged`` the same with the converged one.
 
 Work is scheduled per (seed, variant) over ``--jobs`` worker processes with one torch thread
@@ -49,11 +49,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import multiprocessing as mp
 import os
 import platform
-import statistics
 import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -64,12 +62,14 @@ import torch
 
 from noisystudent.config.schema import ABLATIONS, load_config
 from noisystudent.config.stages import resolve_stages
-from noisystudent.outcome import still_improving
 from noisystudent.pipeline import run_pipeline
 from noisystudent.runtime import rundir as layout
 from noisystudent.runtime.cpu import cpu_description
 
 from ood_digits import ood_stats, write_ood_pool  # benchmarks/ is on sys.path (the script's folder)
+from accuracy_tables import (CHAINS, LABEL_ABLATIONS, OOD_VARIANTS, ORACLES, REFERENCES,  # noqa: E402
+                             SUPERVISED_FINAL, _mean_or_none, aggregate, baseline_variant, noise_pays, ns_gain,
+                             plateau_check, plot, precision_counts, print_table, secondary_figures)
 
 CONFIGS = {"fashion-mnist": "configs/fashion-mnist.yaml", "digits": "configs/digits.yaml"}
 # what `accuracy.py` runs without --dataset: Fashion-MNIST at 100 labels per class, then the second
@@ -90,13 +90,6 @@ CONVERGED = {"fashion-mnist": ["teacher.epochs=10", "train.batch_size=128", "tea
              "digits": ["teacher.epochs=100"]}
 QUICK_CONVERGED = {"fashion-mnist": ["teacher.epochs=1"], "digits": ["teacher.epochs=10"]}
 CACHE_VERSION = 1  # of the converged oracle's cache entries (another version is a miss)
-CHAINS = ("noisy-student", "no-noise")  # whole chains from the seed's teacher
-# the chain's first student with one ablation: the other kind of pseudo labels than the config's
-# (hard-labels, or soft-labels for a config with hard labels), then no class balancing
-LABEL_ABLATIONS = ("hard-labels", "soft-labels", "no-balancing")
-# out-of-domain variants: (hard labels, confidence threshold), all the chain's first student
-OOD_VARIANTS = {"ood-soft-t0.3": (False, 0.3), "ood-hard-t0.3": (True, 0.3),
-                "ood-soft-t0": (False, 0.0), "ood-hard-t0": (True, 0.0)}
 OOD_DEFAULT = {"fashion-mnist": True, "digits": False}
 # the one-iteration label ablations (hard- or soft-labels, no-balancing): 2 more students per seed; on for
 # digits (seconds each), off for Fashion-MNIST, where they would take the run past its 150 minutes
@@ -106,14 +99,6 @@ OOD_RATIO = 1.0  # out-of-domain images per image of the dataset's own remainder
 # iteration 1's 116k; what fits the 90 minutes with 12 more tasks (the estimate is in docs/benchmarks.md)
 OOD_EPOCHS = 0.4
 QUICK_OOD_IMAGES, QUICK_OOD_EPOCHS = 1797, 0.05  # one rendering of each digit; ~3k pseudo images
-ORACLES = ("oracle", "oracle-converged")
-# the final student's architecture trained like the teacher, on the labeled images alone: what the
-# larger model buys without the unlabeled pool (Noisy Student has to beat it, not just the teacher)
-SUPERVISED_FINAL = "supervised-final"
-REFERENCES = ("teacher", SUPERVISED_FINAL, *ORACLES)  # supervised runs: one stage each
-COMPARE_WITH = {"no-noise": "noisy-student", "no-iteration": "noisy-student", SUPERVISED_FINAL: "noisy-student",
-                **{name: "noisy-student-iter1" for name in LABEL_ABLATIONS},
-                "ood-hard-t0.3": "ood-soft-t0.3", "ood-hard-t0": "ood-soft-t0", "ood-soft-t0": "ood-soft-t0.3"}
 
 
 @dataclass(order=True)
@@ -465,118 +450,6 @@ def run_benchmark(config: str, seeds: list[int], extra: list[str], oracle_extra:
     return {s: {n: r[n] for n in order if n in r} for s, r in results.items()}, notes
 
 
-def precision_counts(per_seed: list[dict[str, dict]]) -> dict[str, int]:
-    """How many of the reported stages trained in each precision (``precision: auto`` decides per
-    stage by timing; cached converged oracles count as they were trained)."""
-    counts: dict[str, int] = {}
-    for results in per_seed:
-        for r in results.values():
-            key = r.get("precision") or "unknown"
-            counts[key] = counts.get(key, 0) + 1
-    return counts
-
-
-def aggregate(per_seed: list[dict[str, dict]]) -> dict[str, dict]:
-    table = {}
-    for name in per_seed[0]:
-        accs = [r[name]["test_top1"] for r in per_seed]
-        secs = [r[name]["seconds"] for r in per_seed]
-        walls = [r[name].get("wall_seconds") for r in per_seed]
-        table[name] = {"mean": statistics.mean(accs), "std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
-                       "seconds": statistics.mean(secs), "runs": accs,
-                       "val_mean": statistics.mean(r[name]["val_top1"] for r in per_seed),
-                       "wall_seconds": None if None in walls else statistics.mean(walls)}
-    return table
-
-
-def _gap(student: float, teacher: float, oracle: float) -> float:
-    # undefined (nan) unless the oracle beats the teacher: e.g. --quick's capped oracle
-    return (student - teacher) / (oracle - teacher) if oracle > teacher else float("nan")
-
-
-def gap_closed(table: dict, name: str, oracle: str = "oracle") -> float:
-    """(student - teacher) / (oracle - teacher), on the means over seeds; ``oracle`` is "oracle"
-    (compute-matched) or "oracle-converged"."""
-    return _gap(table[name]["mean"], table["teacher"]["mean"], table[oracle]["mean"])
-
-
-def gap_closed_per_seed(per_seed: list[dict[str, dict]], name: str, oracle: str = "oracle") -> list[float]:
-    """Each seed's own gap closed (its teacher and oracle), for the spread."""
-    return [_gap(r[name]["test_top1"], r["teacher"]["test_top1"], r[oracle]["test_top1"]) for r in per_seed]
-
-
-def baseline_variant(per_seed: list[dict[str, dict]]) -> str:
-    """The yardstick of the Noisy Student gain: the final architecture on the labels alone
-    (supervised-final), or the teacher when it has the final architecture."""
-    return SUPERVISED_FINAL if SUPERVISED_FINAL in per_seed[0] else "teacher"
-
-
-def ns_gain(per_seed: list[dict[str, dict]], name: str = "noisy-student") -> dict:
-    """``name`` minus the baseline, test top-1 points, per seed then mean and std (the headline);
-    ``pays``: the mean is positive and more than twice the std."""
-    base = baseline_variant(per_seed)
-    test = [r[name]["test_top1"] - r[base]["test_top1"] for r in per_seed]
-    val = [r[name]["val_top1"] - r[base]["val_top1"] for r in per_seed]
-    mean, std = statistics.mean(test), statistics.stdev(test) if len(test) > 1 else 0.0
-    return {"mean": round(mean, 2), "std": round(std, 2), "per_seed": [round(g, 2) for g in test],
-            "val_mean": round(statistics.mean(val), 2), "vs": base, "pays": mean > 0 and mean > 2 * std}
-
-
-def plateau_check(per_seed: list[dict[str, dict]], name: str) -> list[dict]:
-    """Per seed, whether ``name`` reached its plateau (the pipeline's own rule,
-    :func:`noisystudent.outcome.still_improving`: its best epoch not among its last few), so a gain
-    is not bought with an undertrained baseline."""
-    out = []
-    for r in per_seed:
-        best, epochs = r[name].get("best_epoch"), r[name].get("epochs")
-        out.append({"best_epoch": best, "epochs": epochs,
-                    "plateau": None if best is None or not epochs else not still_improving(r[name])})
-    return out
-
-
-def _rounded(x: float) -> float | None:
-    return None if math.isnan(x) else round(x, 3)  # JSON has no NaN
-
-
-def _color(name: str) -> str:
-    if name in REFERENCES:
-        return "#888"
-    return "#3a7" if name.startswith("noisy") else "#58b" if name in OOD_VARIANTS else "#c84"
-
-
-def plot(table: dict, path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = list(table)
-    fig, ax = plt.subplots(figsize=(max(10.5, 0.95 * len(names)), 4.6))
-    means = [table[n]["mean"] for n in names]
-    ax.bar(names, means, yerr=[table[n]["std"] for n in names], capsize=4, color=[_color(n) for n in names])
-    for i, n in enumerate(names):  # each seed as a dot: the spread the error bar summarises
-        ax.plot([i] * len(table[n]["runs"]), table[n]["runs"], "k.", ms=4, alpha=0.6)
-    lo = min(min(table[n]["runs"]) for n in names) - 2
-    ax.set_ylim(max(0, lo), min(100, max(max(table[n]["runs"]) for n in names) + 2))
-    ax.set_ylabel("test top-1 (%)")
-    ax.set_title(title, fontsize=10)
-    for i, m in enumerate(means):
-        ax.text(i + 0.28, m, f"{m:.1f}", ha="left", va="center", fontsize=8)
-    # each variant against the run it is compared with (a dashed line at that run's mean)
-    refs = [(i, COMPARE_WITH[n]) for i, n in enumerate(names) if COMPARE_WITH.get(n) in table]
-    for k, (i, ref) in enumerate(refs):
-        ax.hlines(table[ref]["mean"], i - 0.4, i + 0.4, colors="#3a7", linestyles="dashed",
-                  label="the run it is compared with" if k == 0 else None)
-    if refs:
-        ax.legend(loc="upper left", fontsize=8, frameon=False)
-    ax.set_xticks(range(len(names)), [f"{n}\n(vs {COMPARE_WITH[n].replace('noisy-student', 'NS')})"
-                                      if n in COMPARE_WITH else n for n in names])
-    plt.xticks(rotation=30, ha="right", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def _ood_summary(ood: OodPool, notes: dict, seeds: list[int]) -> dict:
     """The mix and, per OOD variant, the pool statistics averaged over the seeds."""
     per_variant = {}
@@ -591,11 +464,6 @@ def _ood_summary(ood: OodPool, notes: dict, seeds: list[int]) -> dict:
                           "ood_images_labeled": mean(lambda r: r["ood"]["images"])}
     return {"images": ood.images, "remainder": ood.remainder, "mix": f"{ood.images}:{ood.remainder} (OOD:in-domain)",
             "epochs": ood.epochs, "folder": str(ood.folder), "per_variant": per_variant}
-
-
-def _mean_or_none(values: list) -> float | None:
-    values = [v for v in values if v is not None]
-    return round(statistics.mean(values), 4) if values else None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -690,48 +558,6 @@ def run_setting(args: argparse.Namespace, dataset: str) -> dict:
           f"(per seed {gain['per_seed']}; val {gain['val_mean']:+.2f})")
     print(f"plot: {out / 'accuracy.png'}")
     return result
-
-
-def noise_pays(table: dict) -> dict | None:
-    """Noisy Student minus the no-noise chain (mean test top-1 points) and whether it is beyond the
-    seed spread (larger than the std of either); None without a no-noise run."""
-    if "no-noise" not in table:
-        return None
-    ns, plain = table["noisy-student"], table["no-noise"]
-    points = ns["mean"] - plain["mean"]
-    return {"points": round(points, 2), "beyond_spread": points > max(ns["std"], plain["std"])}
-
-
-def secondary_figures(table: dict, per_seed: list[dict[str, dict]]) -> dict:
-    """The figures beside the headline: test top-1 per variant, the gap closed against either oracle
-    (overall, per variant, per seed) and each ablation against its reference."""
-    students = [n for n in table if n != "teacher" and n not in ORACLES]
-    per_seed_gaps = {o: {n: [_rounded(g) for g in gap_closed_per_seed(per_seed, n, o)] for n in CHAINS if n in table}
-                     for o in ORACLES}
-    return {"test_top1": {n: round(v["mean"], 2) for n, v in table.items()},
-            "test_top1_std": {n: round(v["std"], 2) for n, v in table.items()},
-            "gap_closed": _rounded(gap_closed(table, "noisy-student")),
-            "gap_closed_converged": _rounded(gap_closed(table, "noisy-student", "oracle-converged")),
-            "gap_closed_by_variant": {n: _rounded(gap_closed(table, n)) for n in students},
-            "gap_closed_converged_by_variant": {n: _rounded(gap_closed(table, n, "oracle-converged"))
-                                                for n in students},
-            # each variant minus its reference (mean test top-1 points; negative: the variant is worse)
-            "ablation_delta": {n: {"vs": ref, "points": round(table[n]["mean"] - table[ref]["mean"], 2)}
-                               for n, ref in COMPARE_WITH.items() if n in table and ref in table},
-            "gap_closed_per_seed": per_seed_gaps["oracle"],
-            "gap_closed_converged_per_seed": per_seed_gaps["oracle-converged"]}
-
-
-def print_table(table: dict, result: dict) -> None:
-    students = [n for n in table if n != "teacher" and n not in ORACLES]
-    print(f"{'variant':<20} {'test top-1':>16} {'val top-1':>9} {'gap closed':>11} {'(converged)':>11} {'time':>8}  vs")
-    for n, v in table.items():
-        g, gc = ("", "") if n not in students else (f"{gap_closed(table, n):.2f}",
-                                                     f"{gap_closed(table, n, 'oracle-converged'):.2f}")
-        d = result["ablation_delta"].get(n)
-        vs = f"  {d['points']:+.2f} vs {d['vs']}" if d else ""
-        print(f"{n:<20} {v['mean']:>8.2f} +- {v['std']:<5.2f} {v['val_mean']:>9.2f} {g:>11} {gc:>11} "
-              f"{v['seconds']:>7.0f}s{vs}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # its task function: spawn passes sys.path on to the children.
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import accuracy  # noqa: E402
+import accuracy_tables  # noqa: E402
 import ood_digits  # noqa: E402
 
 DIGITS = str(ROOT / "configs" / "digits.yaml")
@@ -92,16 +93,16 @@ def test_gap_closed_uses_the_teacher_and_oracle_means():
 
     per_seed = [{"teacher": row(80.0), "noisy-student": row(86.0), "oracle": row(90.0), "oracle-converged": row(92.0)},
                 {"teacher": row(82.0), "noisy-student": row(86.0), "oracle": row(92.0), "oracle-converged": row(94.0)}]
-    table = accuracy.aggregate(per_seed)
+    table = accuracy_tables.aggregate(per_seed)
     assert table["teacher"]["mean"] == 81.0 and table["teacher"]["std"] == pytest.approx(math.sqrt(2))
-    assert accuracy.gap_closed(table, "noisy-student") == pytest.approx(5 / 10)
-    assert accuracy.gap_closed_per_seed(per_seed, "noisy-student") == pytest.approx([0.6, 0.4])
+    assert accuracy_tables.gap_closed(table, "noisy-student") == pytest.approx(5 / 10)
+    assert accuracy_tables.gap_closed_per_seed(per_seed, "noisy-student") == pytest.approx([0.6, 0.4])
     # the converged oracle: the same arithmetic against its own means
-    assert accuracy.gap_closed(table, "noisy-student", "oracle-converged") == pytest.approx(5 / 12)
-    assert accuracy.gap_closed_per_seed(per_seed, "noisy-student", "oracle-converged") == pytest.approx([0.5, 1 / 3])
+    assert accuracy_tables.gap_closed(table, "noisy-student", "oracle-converged") == pytest.approx(5 / 12)
+    assert accuracy_tables.gap_closed_per_seed(per_seed, "noisy-student", "oracle-converged") == pytest.approx([0.5, 1 / 3])
     per_seed[1]["oracle"]["test_top1"] = 81.0  # an oracle below its teacher: no gap to close
-    assert math.isnan(accuracy.gap_closed_per_seed(per_seed, "noisy-student")[1])
-    assert accuracy.gap_closed_per_seed(per_seed, "noisy-student", "oracle-converged")[1] == pytest.approx(1 / 3)
+    assert math.isnan(accuracy_tables.gap_closed_per_seed(per_seed, "noisy-student")[1])
+    assert accuracy_tables.gap_closed_per_seed(per_seed, "noisy-student", "oracle-converged")[1] == pytest.approx(1 / 3)
 
 
 def test_default_runs_both_settings_and_noise_pays_only_beyond_the_spread():
@@ -112,11 +113,11 @@ def test_default_runs_both_settings_and_noise_pays_only_beyond_the_spread():
     label_ablations = set(accuracy.first_student_ablations(accuracy.load_config(DIGITS)))
     assert label_ablations <= set(names()) and not label_ablations & set(names(ablations=False))
     row = lambda mean, std: {"mean": mean, "std": std}  # noqa: E731
-    assert accuracy.noise_pays({"noisy-student": row(88.0, 0.3), "no-noise": row(86.0, 0.5)}) == {
+    assert accuracy_tables.noise_pays({"noisy-student": row(88.0, 0.3), "no-noise": row(86.0, 0.5)}) == {
         "points": 2.0, "beyond_spread": True}
     # 0.4 points apart with a spread of 0.5: not beyond it
-    assert accuracy.noise_pays({"noisy-student": row(88.0, 0.2), "no-noise": row(87.6, 0.5)})["beyond_spread"] is False
-    assert accuracy.noise_pays({"noisy-student": row(88.0, 0.2)}) is None
+    assert accuracy_tables.noise_pays({"noisy-student": row(88.0, 0.2), "no-noise": row(87.6, 0.5)})["beyond_spread"] is False
+    assert accuracy_tables.noise_pays({"noisy-student": row(88.0, 0.2)}) is None
 
 
 def test_ood_variants_train_the_first_student_on_the_mixed_pool_from_the_seeds_teacher(tmp_path):
@@ -137,7 +138,7 @@ def test_ood_variants_train_the_first_student_on_the_mixed_pool_from_the_seeds_t
         assert [s.model for s in cfg.students] == [chain[0].model] and cfg.students[0].epochs == 0.5
         assert cfg.students[0].lr == chain[0].lr and cfg.seed == 1
         assert accuracy.teacher_task(FASHION, 9, []) < t
-    assert accuracy.COMPARE_WITH["ood-hard-t0.3"] == "ood-soft-t0.3"  # compared with each other
+    assert accuracy_tables.COMPARE_WITH["ood-hard-t0.3"] == "ood-soft-t0.3"  # compared with each other
     assert accuracy.variant_order(3, ood=True)[-7:] == [*accuracy.OOD_VARIANTS, "supervised-final", "oracle",
                                                         "oracle-converged"]
 

@@ -125,7 +125,8 @@ def test_ood_variants_train_the_first_student_on_the_mixed_pool_from_the_seeds_t
     ood = accuracy.OodPool(tmp_path / "ood", images=58000, remainder=58000, epochs=0.5)
     tasks = accuracy.student_tasks(FASHION, 1, [], tmp_path / "t.pt", ood)
     names = [t.variant for t in tasks]
-    assert names[:4] == ["noisy-student", "no-noise", "hard-labels", "no-balancing"]  # no-iteration: iteration 1
+    # no-iteration: iteration 1; the config chooses hard labels, so the label ablation is soft-labels
+    assert names[:4] == ["noisy-student", "no-noise", "soft-labels", "no-balancing"]
     assert names[4:] == list(accuracy.OOD_VARIANTS) == ["ood-soft-t0.3", "ood-hard-t0.3", "ood-soft-t0", "ood-hard-t0"]
     expected = {"ood-soft-t0.3": (False, 0.3), "ood-hard-t0.3": (True, 0.3), "ood-soft-t0": (False, 0.0),
                 "ood-hard-t0": (True, 0.0)}

@@ -52,6 +52,7 @@ import json
 import multiprocessing as mp
 import os
 import platform
+import statistics
 import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -67,8 +68,8 @@ from noisystudent.runtime import rundir as layout
 from noisystudent.runtime.cpu import cpu_description
 
 from ood_digits import ood_stats, write_ood_pool  # benchmarks/ is on sys.path (the script's folder)
-from accuracy_tables import (CHAINS, LABEL_ABLATIONS, OOD_VARIANTS, ORACLES, REFERENCES,  # noqa: E402
-                             SUPERVISED_FINAL, _mean_or_none, aggregate, baseline_variant, noise_pays, ns_gain,
+from accuracy_tables import (CHAINS, LABEL_ABLATIONS, OOD_VARIANTS, ORACLES, REFERENCES,
+                             SUPERVISED_FINAL, aggregate, baseline_variant, noise_pays, ns_gain,
                              plateau_check, plot, precision_counts, print_table, secondary_figures)
 
 CONFIGS = {"fashion-mnist": "configs/fashion-mnist.yaml", "digits": "configs/digits.yaml"}
@@ -448,6 +449,11 @@ def run_benchmark(config: str, seeds: list[int], extra: list[str], oracle_extra:
     order = variant_order(len(load_config(config, extra).students), ood is not None)
     notes["shared_labels"] = shared
     return {s: {n: r[n] for n in order if n in r} for s, r in results.items()}, notes
+
+
+def _mean_or_none(values: list) -> float | None:
+    values = [v for v in values if v is not None]
+    return round(statistics.mean(values), 4) if values else None
 
 
 def _ood_summary(ood: OodPool, notes: dict, seeds: list[int]) -> dict:

@@ -139,11 +139,6 @@ def plot(table: dict, path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def _mean_or_none(values: list) -> float | None:
-    values = [v for v in values if v is not None]
-    return round(statistics.mean(values), 4) if values else None
-
-
 def noise_pays(table: dict) -> dict | None:
     """Noisy Student minus the no-noise chain (mean test top-1 points) and whether it is beyond the
     seed spread (larger than the std of either); None without a no-noise run."""

@@ -11,7 +11,7 @@ the test split again on clean images, as the labeler does (:func:`noisystudent.l
   <stage>            the model alone (the labels it gave, or would give, its student)
   <stage>+flip       the mean of its probabilities on the image and its mirror (``pseudo.tta: flip``)
   <a>+<b>            the mean of two models' probabilities: an ensemble of the chain's last teachers
-  all                the mean of every model, each with its flip
+  all                the mean of every model's flip average: each model and each view weighs the same
 
 and for the pool, the share kept at a confidence of 0.5 / 0.7 / 0.9 and its accuracy. The pool
 is the thing to read (it is what a next student would learn from); validation is what a recipe
@@ -85,8 +85,8 @@ def combinations(probs: dict[str, dict[str, np.ndarray]]) -> dict[str, dict[str,
     out = dict(probs)
     for a, b in itertools.combinations(models, 2):
         out[f"{a}+{b}"] = {s: (probs[a][s] + probs[b][s]) / 2 for s in SPLITS}
-    if len(models) > 1:
-        out["all"] = {s: np.mean([probs[n][s] for n in probs], axis=0) for s in SPLITS}
+    if len(models) > 1:  # every model's flip average (clean and mirrored view, as pseudo.tta: flip), averaged
+        out["all"] = {s: np.mean([probs[f"{n}+flip"][s] for n in models], axis=0) for s in SPLITS}
     return out
 
 

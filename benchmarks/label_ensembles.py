@@ -20,25 +20,21 @@ may be chosen on; test is reported only. The last line is JSON.
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from noisystudent.config.schema import load_config
 from noisystudent.data.datasets import ImageSet, TransformedSet
-from noisystudent.data.splits import build_splits
 from noisystudent.label.tta import labeling_model
 from noisystudent.models.checkpoint import clean_transform, load_model
-from noisystudent.runtime.rundir import CONFIG, MODEL, TEACHER, iteration_of
+from noisystudent.runtime.rundir import MODEL, TEACHER, iteration_of
 
-from label_quality import _true_target  # benchmarks/ is on sys.path (the script's folder)
+# benchmarks/ is on sys.path (the script's folder)
+from label_quality import THRESHOLDS, _true_target, at_thresholds, run_dirs, run_splits
 
-THRESHOLDS = (0.5, 0.7, 0.9)
 SPLITS = ("pool", "val", "test")
 
 
@@ -63,19 +59,17 @@ def probabilities(model: torch.nn.Module, images: ImageSet, transform, batch_siz
 
 def run_probabilities(run: Path) -> tuple[dict[str, np.ndarray], dict[str, dict[str, np.ndarray]]]:
     """(true labels per split, {model or model+flip: probabilities per split}) for ``run``."""
-    cfg = load_config(run / CONFIG)
-    if cfg.data.unlabeled or cfg.data.unlabeled_dir:
-        sys.exit(f"{run}: its pool is data.unlabeled, whose true labels this benchmark cannot know")
-    splits = build_splits(cfg.data, cfg.seed)
+    splits = run_splits(run)
     images = {"pool": splits.unlabeled, "val": splits.val, "test": splits.test}
     truth = {name: np.array([_true_target(s, i) for i in range(len(s))]) for name, s in images.items()}
     probs: dict[str, dict[str, np.ndarray]] = {}
     for stage in chain_stages(run):
         model, meta = load_model(run / stage / MODEL)
+        transform = clean_transform(meta)
         for tta in ("none", "flip"):
             name = stage if tta == "none" else f"{stage}+flip"
             labeler = labeling_model(model, tta)
-            probs[name] = {split: probabilities(labeler, s, clean_transform(meta)) for split, s in images.items()}
+            probs[name] = {split: probabilities(labeler, s, transform) for split, s in images.items()}
     return truth, probs
 
 
@@ -97,23 +91,14 @@ def score(truth: dict[str, np.ndarray], probs: dict[str, np.ndarray]) -> dict:
         known = truth[split] >= 0
         pred, y = probs[split].argmax(1)[known], truth[split][known]
         out[f"{split}_acc"] = float((pred == y).mean())
-    conf = probs["pool"].max(1)[truth["pool"] >= 0]
-    right = probs["pool"].argmax(1)[truth["pool"] >= 0] == truth["pool"][truth["pool"] >= 0]
-    for t in THRESHOLDS:
-        kept = conf >= t
-        out[f"kept@{t}"] = float(kept.mean())
-        out[f"acc@{t}"] = float(right[kept].mean()) if kept.any() else None
-    return out
+    known = truth["pool"] >= 0
+    pool = probs["pool"][known]
+    return {**out, **at_thresholds(pool.max(1), pool.argmax(1) == truth["pool"][known])}
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("runs", nargs="+", type=Path, help="finished run directories")
-    args = parser.parse_args(argv)
     results = {}
-    for run in args.runs:
-        if not (run / CONFIG).exists():
-            sys.exit(f"{run}: not a run directory (no {CONFIG})")
+    for run in run_dirs(argv, __doc__.split("\n")[0]):
         truth, probs = run_probabilities(run)
         results[str(run)] = {name: score(truth, p) for name, p in combinations(probs).items()}
         for name, q in results[str(run)].items():

@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 
 from noisystudent.config.schema import load_config
 from noisystudent.data.datasets import ImageSet, SubsetImageSet
-from noisystudent.data.splits import build_splits
+from noisystudent.data.splits import DataSplits, build_splits
 from noisystudent.label.calibration import expected_calibration_error
 from noisystudent.label.select import Selection
 from noisystudent.label.store import LabelStore, soft_targets
@@ -53,14 +53,19 @@ def _true_target(images: ImageSet, i: int) -> int:
     return int(images.targets[i])
 
 
-def pool_truth(run: Path) -> dict[str, int]:
-    """Key -> true class of every pool image of ``run`` that has one, from the run's own config
-    and seed (the split the run made)."""
+def run_splits(run: Path) -> DataSplits:
+    """The splits ``run`` made (its own config and seed); exits for a pool named by
+    ``data.unlabeled``, whose true labels cannot be known."""
     cfg = load_config(run / CONFIG)
     if cfg.data.unlabeled or cfg.data.unlabeled_dir:
         sys.exit(f"{run}: its pool is data.unlabeled ({cfg.data.unlabeled or cfg.data.unlabeled_dir}), "
                  "whose true labels this benchmark cannot know")
-    pool = build_splits(cfg.data, cfg.seed).unlabeled
+    return build_splits(cfg.data, cfg.seed)
+
+
+def pool_truth(run: Path) -> dict[str, int]:
+    """Key -> true class of every pool image of ``run`` that has one (the split the run made)."""
+    pool = run_splits(run).unlabeled
     truth = {pool.key(i): _true_target(pool, i) for i in range(len(pool))}
     return {k: t for k, t in truth.items() if t >= 0}
 
@@ -78,10 +83,17 @@ def store_quality(store_dir: Path, truth: dict[str, int]) -> dict:
            "temperature": labels.temperature, "pool_acc": float((pred == y).mean()),
            "p_true": float(targets[np.arange(len(y)), y].mean()),
            "pool_ece": expected_calibration_error(np.log(np.clip(probs, 1e-12, None)), y)}
+    return {**out, **at_thresholds(conf, pred == y)}
+
+
+def at_thresholds(confidence: np.ndarray, right: np.ndarray) -> dict:
+    """For each of ``THRESHOLDS``: the share of the images kept at that confidence (``kept@t``) and
+    the share of those whose label is right (``acc@t``, None when none is kept)."""
+    out = {}
     for t in THRESHOLDS:
-        kept = conf >= t
+        kept = confidence >= t
         out[f"kept@{t}"] = float(kept.mean())
-        out[f"acc@{t}"] = float((pred[kept] == y[kept]).mean()) if kept.any() else None
+        out[f"acc@{t}"] = float(right[kept].mean()) if kept.any() else None
     return out
 
 
@@ -128,14 +140,20 @@ def _row(run: Path, stage: str, q: dict) -> str:
             f"pool ECE {q['pool_ece']:.3f}{stream}\n    at threshold {at}")
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def run_dirs(argv: list[str] | None, description: str) -> list[Path]:
+    """The run directories named on the command line; exits for one without a config."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("runs", nargs="+", type=Path, help="finished run directories")
-    args = parser.parse_args(argv)
-    results = {}
-    for run in args.runs:
+    runs = parser.parse_args(argv).runs
+    for run in runs:
         if not (run / CONFIG).exists():
             sys.exit(f"{run}: not a run directory (no {CONFIG})")
+    return runs
+
+
+def main(argv: list[str] | None = None) -> dict:
+    results = {}
+    for run in run_dirs(argv, __doc__.split("\n")[0]):
         results[str(run)] = run_quality(run)
         for stage, q in results[str(run)].items():
             print(_row(run, stage, q))

@@ -46,6 +46,7 @@ def test_each_models_pool_accuracy_is_the_one_its_label_store_holds(tiny_chain):
 
 def test_flip_and_ensemble_probabilities_are_the_means_of_their_views(tiny_chain):
     from noisystudent.data.datasets import TransformedSet
+    from noisystudent.data.splits import build_splits
     from noisystudent.models.checkpoint import clean_transform, load_model
 
     run, cfg = tiny_chain
@@ -53,7 +54,6 @@ def test_flip_and_ensemble_probabilities_are_the_means_of_their_views(tiny_chain
     combos = label_ensembles.combinations(probs)
     model, meta = load_model(run / "teacher" / "model.pt")
     model.eval()
-    from noisystudent.data.splits import build_splits
     val = TransformedSet(build_splits(cfg.data, cfg.seed).val, clean_transform(meta))
     x = torch.stack([val[i][0] for i in range(len(val))])
     with torch.inference_mode():

@@ -8,6 +8,7 @@ from noisystudent.config.markdown import config_reference_markdown
 from noisystudent.config.schema import (ABLATIONS, ConfigError, PseudoLabelConfig, config_from_dict, load_config,
                                         save_config)
 from noisystudent.config.stages import resolve_stages, stage_seed
+from noisystudent.data.transforms import train_transform
 
 
 def test_default_config_is_the_digits_experiment():
@@ -144,6 +145,15 @@ def test_an_explicit_zero_is_a_value_not_a_missing_one():
     assert config_from_dict({"teacher": {"dropout": 0, "augment": False}}).teacher.dropout == 0
     teacher = resolve_stages(config_from_dict({"teacher": {"dropout": 0, "drop_path": 0, "augment": False}}))[0]
     assert (teacher.dropout, teacher.drop_path, teacher.noise.augment) == (0, 0, False)
+
+
+def test_a_student_can_have_stronger_input_noise_than_its_teacher():
+    cfg = config_from_dict({"noise": {"randaugment_magnitude": 5},
+                            "students": [{"randaugment_magnitude": 9}, {}]})
+    teacher, first, second = resolve_stages(cfg)[:3]
+    assert [s.noise.randaugment_magnitude for s in (teacher, first, second)] == [5, 9, 5]
+    augment = train_transform(28, 1, (0.5,), (0.5,), first.noise, flip=False).host.transforms[-2]
+    assert {op.magnitude for op in augment.ops} == {9}
 
 
 def test_stage_seeds_differ_per_stage_and_are_stable_across_processes():

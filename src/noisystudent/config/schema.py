@@ -200,6 +200,8 @@ class StageConfig:
     dropout: float | None = _opt(None, "Override noise.dropout for this stage.", min=0, max=0.95)
     drop_path: float | None = _opt(None, "Override noise.drop_path for this stage.", min=0, max=0.95)
     augment: bool | None = _opt(None, "Override noise.augment for this stage (input noise).")
+    randaugment_magnitude: float | None = _opt(None, "Override noise.randaugment_magnitude for this stage.",
+                                               min=0)
     lr: float | None = _opt(None, "Override train.lr for this stage.", min=0)
     patience: int | None = _opt(None, "Override train.patience for this stage (early stopping).", min=1)
     test_size: int | None = _opt(None, "Evaluation resolution (default: the training resolution); above "

@@ -93,6 +93,8 @@ def _training_stage(cfg: Config, stage: StageConfig, name: str, role: str, **ext
     dropout = _or(stage.dropout, cfg.noise.dropout)
     drop_path = _or(stage.drop_path, cfg.noise.drop_path)
     noise = dataclasses.replace(cfg.noise, augment=_or(stage.augment, cfg.noise.augment),
+                                randaugment_magnitude=_or(stage.randaugment_magnitude,
+                                                          cfg.noise.randaugment_magnitude),
                                 dropout=dropout, drop_path=drop_path)
     return ResolvedStage(name=name, role=role, model=stage.model, image_size=image_size,
                          test_size=_or(stage.test_size, image_size), dropout=dropout, drop_path=drop_path,

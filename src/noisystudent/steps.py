@@ -45,7 +45,7 @@ from .models.factory import count_parameters, create_model
 from .models.pretrained import stage_data_config
 from .runtime import rundir as layout
 from .runtime.distributed import DistContext
-from .runtime.errors import DataError
+from .runtime.errors import CheckpointError, ConfigError, DataError
 from .runtime.files import atomic_write
 from .runtime.phases import PhaseClock, training_breakdown
 from .runtime.rundir import RunDir, write_json_atomic
@@ -163,14 +163,19 @@ def label_stage(out: Path, name: str, teacher: dict, pool: UnlabeledSource, labe
     model, meta = load_model(env.run.file(teacher["name"], layout.MODEL))
     size, clean = eval_size(meta), clean_transform(meta)
     tta = cfg.pseudo.tta
-    identity = f"{teacher['name']}:{teacher['model']}:{model_fingerprint(model)}" + (f":tta={tta}" if tta != "none" else "")
-    model = labeling_model(model, tta)  # pseudo.tta: the teacher, or its flip average (label.tta)
+    members = _ensemble_members(labeling, meta, splits.num_classes)
+    identity = ":".join([teacher["name"], teacher["model"], model_fingerprint(model)]
+                        + [f"+{path}={model_fingerprint(m)}" for path, m in members]
+                        + ([f"tta={tta}"] if tta != "none" else []))
+    # pseudo.tta / pseudo.ensemble: the teacher, its flip average, or the mean of several (label.tta)
+    model = labeling_model(model, tta, [m for _, m in members])
     temperature = labeling.temperature
     if cfg.pseudo.calibrate:  # before the pool, so the threshold reads as a calibrated probability
         temperature = _calibrated_temperature(out, name, model, meta, identity, labeling, env)
     log.info(f"[{name}] {teacher['name']} labels the pool at {size}px "
              f"({'hard' if labeling.hard else f'soft, T={temperature:g}'}, top-{labeling.top_k}"
-             f"{', flip TTA' if tta == 'flip' else ''})")
+             f"{', flip TTA' if tta == 'flip' else ''}"
+             f"{f', averaged with {len(members)} more teacher(s) (pseudo.ensemble)' if members else ''})")
     common = dict(transform=clean, num_classes=splits.num_classes, teacher=identity, device=ctx.device,
                   top_k=labeling.top_k, temperature=temperature, hard=labeling.hard,
                   batch_size=labeling.batch_size, ctx=ctx)
@@ -197,6 +202,25 @@ def label_stage(out: Path, name: str, teacher: dict, pool: UnlabeledSource, labe
     store = LabelStore.open(out, require_complete=True)
     env.tracking.log_labeling(name, store, table)
     return store
+
+
+def _ensemble_members(labeling: ResolvedLabeling, meta: dict, num_classes: int) -> list[tuple[str, torch.nn.Module]]:
+    """``pseudo.ensemble``'s models, loaded and checked to label as the teacher does: the same
+    classes, input channels, resolution and preprocessing (one clean view of each image serves all)."""
+    members = []
+    for i, path in enumerate(labeling.ensemble):
+        key = f"pseudo.ensemble[{i}]"
+        try:
+            model, other = load_model(Path(path))
+        except (CheckpointError, OSError) as e:
+            raise ConfigError(f"{key}: {e}") from None
+        mine = (num_classes, meta["in_chans"], eval_size(meta), data_config(meta))
+        theirs = (other["num_classes"], other["in_chans"], eval_size(other), data_config(other))
+        if theirs != mine:
+            raise ConfigError(f"{key}: {path} labels (classes, channels, size, preprocessing) {theirs}, "
+                              f"the teacher {mine}; an ensemble needs them alike")
+        members.append((path, model))
+    return members
 
 
 def _calibrated_temperature(out: Path, name: str, model: torch.nn.Module, meta: dict, identity: str,

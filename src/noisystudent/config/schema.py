@@ -185,6 +185,12 @@ class PseudoLabelConfig:
     tta: str = _opt("none", "Test-time augmentation of the teacher's labels: flip averages its probabilities over "
                     "the clean image and its horizontal flip (needs data.flip: true, where a flip keeps the "
                     "label); none: the clean image only.", choices=TTA_MODES)
+    ensemble: list[str] = _opt(None, "Further teachers for the first labeling: this tool's model files (model.pt of "
+                               "a run's stage) of the same classes and input, e.g. the teacher's architecture trained "
+                               "on the same labels with another `teacher.seed`. Their class probabilities are "
+                               "averaged with the teacher's (after `tta`) before the temperature, threshold and "
+                               "selection; later iterations label with their student alone.",
+                               factory=list)
     threshold_mode: str = _opt("global", "global: one threshold for every class; per-class: each predicted "
                                "class's threshold is the threshold x (its mean confidence / the mean confidence of "
                                "the whole pool), so classes the teacher is less sure of are not emptied (logged "
@@ -206,6 +212,9 @@ class StageConfig:
     patience: int | None = _opt(None, "Override train.patience for this stage (early stopping).", min=1)
     test_size: int | None = _opt(None, "Evaluation resolution (default: the training resolution); above "
                                  "it, a fix-res fine-tune runs at the end of the chain.", min=4)
+    seed: int | None = _opt(None, "This stage's own seed (initialisation, augmentation, batch order); null: derived "
+                            "from the run's `seed` and the stage's name. The splits always follow `seed`, so "
+                            "models of one split can differ only in their initialisation.")
     pretrained: str | None = _opt(None, "Initial weights: a timm pretrained tag (e.g. "
                                   "tf_efficientnet_b0.ns_jft_in1k, needs internet) or a local "
                                   ".pt/.pth/.safetensors file. For the teacher, training starts from it.")

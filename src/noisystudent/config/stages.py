@@ -36,6 +36,7 @@ class ResolvedLabeling:
     top_k: int
     batch_size: int
     select_seed: int
+    ensemble: tuple[str, ...] = ()  # model files averaged with the teacher's labels (pseudo.ensemble; iteration 1)
 
 
 @dataclass(frozen=True)
@@ -99,7 +100,7 @@ def _training_stage(cfg: Config, stage: StageConfig, name: str, role: str, **ext
     return ResolvedStage(name=name, role=role, model=stage.model, image_size=image_size,
                          test_size=_or(stage.test_size, image_size), dropout=dropout, drop_path=drop_path,
                          noise=noise, lr=_or(stage.lr, cfg.train.lr), epochs=_or(stage.epochs, cfg.train.epochs),
-                         batch_size=cfg.train.batch_size, seed=stage_seed(cfg.seed, name),
+                         batch_size=cfg.train.batch_size, seed=_or(stage.seed, stage_seed(cfg.seed, name)),
                          pretrained=stage.pretrained, train=_stage_train(cfg, stage, extra.get("unlabeled_ratio", 0.0)),
                          **extra)
 
@@ -166,7 +167,8 @@ def resolve_stages(cfg: Config) -> list[ResolvedStage]:
     for i, student in enumerate(cfg.students, start=1):
         labeling = ResolvedLabeling(temperature=pseudo.temperature, hard=pseudo.hard, top_k=pseudo.top_k,
                                     batch_size=pseudo.batch_size,
-                                    select_seed=stage_seed(cfg.seed, select_stage(i)))
+                                    select_seed=stage_seed(cfg.seed, select_stage(i)),
+                                    ensemble=tuple(pseudo.ensemble) if i == 1 else ())
         stages.append(_training_stage(cfg, student, student_stage(i), "student",
                                       unlabeled_ratio=cfg.train.unlabeled_ratio, labeling=labeling,
                                       config_key=f"students[{i - 1}]"))

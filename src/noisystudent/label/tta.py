@@ -1,4 +1,5 @@
-"""Test-time augmentation of the teacher's pseudo labels (``pseudo.tta``).
+"""Test-time augmentation and ensembles of the teacher's pseudo labels (``pseudo.tta``,
+``pseudo.ensemble``).
 
 The teacher is wrapped, not changed: the labeler runs the wrapper as it would run the teacher.
 """
@@ -35,10 +36,24 @@ class FlipAverage(nn.Module):
         return torch.logaddexp(clean, flipped) - math.log(2.0)
 
 
-def labeling_model(model: nn.Module, tta: str) -> nn.Module:
-    """The module the labeler runs for ``pseudo.tta`` (``none``: the teacher itself)."""
-    if tta == "none":
-        return model
-    if tta == "flip":
-        return FlipAverage(model)
-    raise ValueError(f"unknown pseudo.tta {tta!r}")
+class ModelAverage(nn.Module):
+    """Several models' class probabilities averaged, returned as ``log(mean probability)`` in place
+    of logits (why that is the right "logit": :class:`FlipAverage`). Each model may itself be a
+    :class:`FlipAverage`, so an ensemble with flip TTA weighs every model alike."""
+
+    def __init__(self, models: list[nn.Module]):
+        super().__init__()
+        self.models = nn.ModuleList(models)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logp = torch.stack([torch.log_softmax(m(x).float(), dim=1) for m in self.models])
+        return torch.logsumexp(logp, dim=0) - math.log(len(self.models))
+
+
+def labeling_model(model: nn.Module, tta: str, ensemble: list[nn.Module] | tuple = ()) -> nn.Module:
+    """The module the labeler runs for ``pseudo.tta`` and ``pseudo.ensemble`` (neither: the
+    teacher itself)."""
+    if tta not in ("none", "flip"):
+        raise ValueError(f"unknown pseudo.tta {tta!r}")
+    models = [FlipAverage(m) if tta == "flip" else m for m in (model, *ensemble)]
+    return models[0] if len(models) == 1 else ModelAverage(models)

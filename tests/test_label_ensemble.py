@@ -1,0 +1,76 @@
+"""Pseudo labels from an ensemble of teachers (``pseudo.ensemble``) and a stage's own seed
+(``teacher.seed``): models of one split that differ only in their initialisation, averaged."""
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from _tiny import TinyNet, tiny
+from noisystudent import pipeline
+from noisystudent.config.schema import load_config
+from noisystudent.config.stages import resolve_stages
+from noisystudent.data.splits import build_splits
+from noisystudent.label.tta import FlipAverage, ModelAverage, labeling_model
+from noisystudent.models.checkpoint import clean_transform, load_model
+from noisystudent.runtime import rundir as layout
+from noisystudent.runtime.errors import ConfigError
+
+
+def test_model_average_is_the_log_of_the_mean_probability():
+    a, b = TinyNet(batch_norm=True, seed=1).eval(), TinyNet(batch_norm=True, seed=2).eval()
+    x = torch.randn(5, 1, 8, 8)
+    with torch.no_grad():
+        out = labeling_model(a, "none", [b])(x)
+        mean = (torch.softmax(a(x), 1) + torch.softmax(b(x), 1)) / 2
+        torch.testing.assert_close(out.exp(), mean, rtol=1e-5, atol=1e-6)
+        # with flip TTA each model's flip average counts once: the mean of four views, weighed alike
+        flipped = labeling_model(a, "flip", [b])(x)
+        four = sum(torch.softmax(m(v), 1) for m in (a, b) for v in (x, x.flip(-1))) / 4
+        torch.testing.assert_close(flipped.exp(), four, rtol=1e-5, atol=1e-6)
+    assert isinstance(labeling_model(a, "flip", [b]).models[0], FlipAverage)
+    assert isinstance(labeling_model(a, "none", [b]), ModelAverage) and labeling_model(a, "none", []) is a
+
+
+def test_a_stage_seed_changes_the_initialisation_not_the_split():
+    default, own = (resolve_stages(load_config(None, extra))[0] for extra in ([], ["teacher.seed=7"]))
+    assert own.seed == 7 != default.seed
+    assert resolve_stages(load_config(None, ["teacher.seed=7", "seed=3"]))[0].seed == 7
+    assert load_config(None, ["teacher.seed=7"]).seed == 0  # the run's seed, which the splits follow, stays
+
+
+def test_a_run_labels_with_the_mean_of_its_teacher_and_another(tmp_path):
+    other = tmp_path / "other"
+    pipeline.run_pipeline(load_config(None, tiny("students=[]", "teacher.seed=11")), other, progress=False)
+    member = other / layout.TEACHER / layout.MODEL
+    cfg = load_config(None, tiny("students=[{model: ns_cnn_s}]", f"pseudo.ensemble=[{member}]"))
+    assert resolve_stages(cfg)[1].labeling.ensemble == (str(member),)
+    run = tmp_path / "run"
+    pipeline.run_pipeline(cfg, run, progress=False)
+
+    teacher, meta = load_model(run / layout.TEACHER / layout.MODEL)
+    second, _ = load_model(member)
+    splits = build_splits(cfg.data, cfg.seed)
+    x = torch.stack([clean_transform(meta)(splits.val.load(i)) for i in range(len(splits.val))])
+    with torch.no_grad():
+        p_teacher, p_other = (torch.softmax(m.eval()(x), 1) for m in (teacher, second))
+    assert not torch.allclose(p_teacher, p_other, atol=1e-3)  # two different models
+    probe = pq.read_table(run / layout.label_stage(1) / layout.PROBE).column("confidence").to_numpy()
+    np.testing.assert_allclose(probe, ((p_teacher + p_other) / 2).max(1).values.numpy(), rtol=1e-4, atol=1e-5)
+    summary = json.loads((run / layout.SUMMARY).read_text())
+    assert [s["name"] for s in summary["stages"]][:2] == [layout.TEACHER, layout.student_stage(1)]
+
+
+def test_a_missing_or_unlike_ensemble_member_is_one_clear_error(tmp_path):
+    cfg = load_config(None, tiny("students=[{model: ns_cnn_s}]", f"pseudo.ensemble=[{tmp_path / 'nope.pt'}]"))
+    with pytest.raises(ConfigError, match=r"pseudo.ensemble\[0\]: .*nope.pt"):
+        pipeline.run_pipeline(cfg, tmp_path / "run", progress=False)
+    other = tmp_path / "other"
+    pipeline.run_pipeline(load_config(None, tiny("students=[]", "data.image_size=12")), other, progress=False)
+    cfg = load_config(None, tiny("students=[{model: ns_cnn_s}]",
+                                 f"pseudo.ensemble=[{other / layout.TEACHER / layout.MODEL}]"))
+    with pytest.raises(ConfigError, match=r"pseudo.ensemble\[0\]: .* an ensemble needs them alike"):
+        pipeline.run_pipeline(cfg, tmp_path / "run2", progress=False)
+    assert not (tmp_path / "run2" / layout.label_stage(1) / layout.PROBE).exists()

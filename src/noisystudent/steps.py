@@ -40,7 +40,7 @@ from .label.inference import label_to_store, model_fingerprint
 from .label.select import Selection, dedup_wanted, select_from_store
 from .label.store import LabelStore
 from .label.tta import labeling_model
-from .models.checkpoint import clean_transform, data_config, eval_size, load_checkpoint, load_model, save_model
+from .models.checkpoint import clean_transform, clean_view, data_config, eval_size, load_checkpoint, load_model, save_model
 from .models.factory import count_parameters, create_model
 from .models.pretrained import stage_data_config
 from .runtime import rundir as layout
@@ -214,11 +214,10 @@ def _ensemble_members(labeling: ResolvedLabeling, meta: dict, num_classes: int) 
             model, other = load_model(Path(path))
         except (CheckpointError, OSError) as e:
             raise ConfigError(f"{key}: {e}") from None
-        mine = (num_classes, meta["in_chans"], eval_size(meta), data_config(meta))
-        theirs = (other["num_classes"], other["in_chans"], eval_size(other), data_config(other))
+        mine, theirs = (num_classes, clean_view(meta)), (other["num_classes"], clean_view(other))
         if theirs != mine:
-            raise ConfigError(f"{key}: {path} labels (classes, channels, size, preprocessing) {theirs}, "
-                              f"the teacher {mine}; an ensemble needs them alike")
+            raise ConfigError(f"{key}: {path} labels (classes, (channels, geometry, interpolation, mean, std)) "
+                              f"{theirs}, the teacher {mine}; an ensemble needs them alike")
         members.append((path, model))
     return members
 

@@ -123,7 +123,7 @@ def eval_crop(size: int, crop_pct: float | None = None, crop_mode: str | None = 
     return float(crop_pct or CENTER_CROP_FRACTION), ("squash" if crop_mode == "squash" else "center")
 
 
-def _eval_geometry(size: int, crop_pct: float | None = None, crop_mode: str | None = None) -> tuple:
+def eval_geometry(size: int, crop_pct: float | None = None, crop_mode: str | None = None) -> tuple:
     """As timm's eval transform: the short side (``center``) or both sides (``squash``) resized
     to ``floor(size / crop_pct)``, then a centre crop; small images resized whole."""
     if size < SMALL_IMAGE:
@@ -136,7 +136,7 @@ def _eval_steps(size: int, channels: int, interpolation: str = "bilinear", crop_
                 crop_mode: str | None = None) -> list:
     steps: list = [ToMode(channels)]
     mode = interpolation_mode(interpolation)
-    geometry = _eval_geometry(size, crop_pct, crop_mode)
+    geometry = eval_geometry(size, crop_pct, crop_mode)
     if geometry[0] == "resize":
         steps.append(T.Resize((size, size), interpolation=mode, antialias=True))
     elif geometry[0] == "squash-crop":
@@ -160,7 +160,7 @@ def eval_transform(size: int, channels: int, mean: tuple, std: tuple, interpolat
     ``interpolation``, ``crop_pct`` and ``crop_mode`` are timm's data-config fields (a model from
     pretrained weights is fed images as its weights were trained on); the defaults are
     noisystudent's own (bilinear, crop 0.875 above :data:`SMALL_IMAGE` px)."""
-    geometry = _eval_geometry(size, crop_pct, crop_mode)
+    geometry = eval_geometry(size, crop_pct, crop_mode)
     if interpolation != "bilinear" or geometry[0] not in ("resize", "resize-crop"):
         geometry = None  # GPU JPEG decoding reproduces bilinear resize + centre crop only: keep the CPU path
     return ImageTransform(T.Compose([*_eval_steps(size, channels, interpolation, crop_pct, crop_mode),

@@ -75,6 +75,17 @@ def clean_transform(meta: dict):
     return eval_transform(eval_size(meta), meta["in_chans"], **data_config(meta))
 
 
+def clean_view(meta: dict) -> tuple:
+    """What :func:`clean_transform` does to an image, as a value to compare: channels, resize and
+    crop, interpolation, normalisation. Two checkpoints with equal views see every image alike (a
+    crop the weights record but small images never take does not count)."""
+    from ..data.transforms import eval_geometry
+
+    cfg = data_config(meta)
+    return (meta["in_chans"], eval_geometry(eval_size(meta), cfg["crop_pct"], cfg["crop_mode"]),
+            cfg["interpolation"], cfg["mean"], cfg["std"])
+
+
 def clean_pixel_transform(meta: dict):
     """:func:`clean_transform` without the normalisation: float pixels in [0, 1] at the same size
     and crop, for the robustness suites (which corrupt pixels and normalise inside the model)."""

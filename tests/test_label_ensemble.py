@@ -61,6 +61,14 @@ def test_a_run_labels_with_the_mean_of_its_teacher_and_another(tmp_path):
     np.testing.assert_allclose(probe, ((p_teacher + p_other) / 2).max(1).values.numpy(), rtol=1e-4, atol=1e-5)
     summary = json.loads((run / layout.SUMMARY).read_text())
     assert [s["name"] for s in summary["stages"]][:2] == [layout.TEACHER, layout.student_stage(1)]
+    # the same teacher from teacher.pretrained (its checkpoint then records a crop 8-px images never
+    # take) takes the same member and labels alike
+    again = tmp_path / "again"
+    pipeline.run_pipeline(load_config(None, tiny("students=[{model: ns_cnn_s}]", f"pseudo.ensemble=[{member}]",
+                                                 f"teacher.pretrained={run / layout.TEACHER / layout.MODEL}",
+                                                 "teacher.epochs=0")), again, progress=False)
+    np.testing.assert_allclose(pq.read_table(again / layout.label_stage(1) / layout.PROBE).column("confidence")
+                               .to_numpy(), probe, rtol=1e-5)
 
 
 def test_a_missing_or_unlike_ensemble_member_is_one_clear_error(tmp_path):

@@ -317,12 +317,12 @@ def test_evaluate_into_a_run_continues_after_a_crash(tmp_path, tiny_overrides, m
     assert main(["run", "--out", str(run), "--quiet", *cli_sets(tiny_overrides + ["students=[]", "teacher.epochs=1"])]) == 0
     real, calls, crashed = classifier.evaluate_robustness, [], []
 
-    def crash_once_in_fgsm(model, dataset, *, suites, **kwargs):
-        calls.append(suites)
-        if suites == ["fgsm"] and not crashed:
+    def crash_once_in_fgsm(model, dataset, settings, **kwargs):
+        calls.append(list(settings.suites))
+        if calls[-1] == ["fgsm"] and not crashed:
             crashed.append(True)
             raise RuntimeError("simulated crash")
-        return real(model, dataset, suites=suites, **kwargs)
+        return real(model, dataset, settings, **kwargs)
 
     monkeypatch.setattr(classifier, "evaluate_robustness", crash_once_in_fgsm)
     argv = ["evaluate", str(run), "--suite", "clean,fgsm", "--max-images", "20", "--quiet"]

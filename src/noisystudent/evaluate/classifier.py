@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -16,7 +17,7 @@ from ..data.datasets import ImageSet, TransformedSet
 from ..data.device_input import EvalCache, eval_batch_size, eval_batches, wants_channels_last
 from ..runtime.distributed import DistContext, all_reduce_sum
 from ..runtime.progress import progress_bar
-from ..robustness import evaluate_robustness, plot_robustness
+from ..robustness import RobustnessSettings, evaluate_robustness, plot_robustness
 from ..runtime.files import write_error
 from ..runtime.rundir import write_json_atomic
 
@@ -77,6 +78,7 @@ def evaluate_checkpoints(checkpoints: dict[str, Path], images: ImageSet, cfg: Ev
     """
     out_dir = Path(out_dir)
     progress_dir = Path(progress_dir) if progress_dir is not None else out_dir
+    settings = robustness_settings(cfg, seed)
     results = {}
     for name, path in checkpoints.items():
         key = _result_key(path, images, cfg, seed)
@@ -89,12 +91,9 @@ def evaluate_checkpoints(checkpoints: dict[str, Path], images: ImageSet, cfg: Ev
                 if loaded is None:
                     loaded = _load_for_robustness(path, images, channels, device)
                 model, meta, dataset = loaded
-                done = evaluate_robustness(
-                    model, dataset, suites=[suite], mean=meta["mean"], std=meta["std"], device=device,
-                    batch_size=cfg.batch_size, fgsm_eps=cfg.fgsm_eps, pgd_steps=cfg.pgd_steps,
-                    severities=cfg.severities, max_images=cfg.max_images, seed=seed, progress=progress,
-                    normalizer=cfg.normalizer, natural_adversarial_root=cfg.natural_adversarial_dir,
-                    class_names=meta.get("classes"), clean=clean)
+                done = evaluate_robustness(model, dataset, dataclasses.replace(settings, suites=[suite]),
+                                           mean=meta["mean"], std=meta["std"], device=device,
+                                           class_names=meta.get("classes"), clean=clean, progress=progress)
                 _write_result(progress_dir, suite, name, key, done)
             else:
                 log.info(f"[evaluate] {suite} on {name}: finished earlier ({progress_dir / suite / (name + '.json')})")
@@ -108,6 +107,14 @@ def evaluate_checkpoints(checkpoints: dict[str, Path], images: ImageSet, cfg: Ev
     write_json_atomic(out_dir / "robustness.json", results)
     plot_robustness(results, out_dir)
     return results
+
+
+def robustness_settings(cfg: EvaluateConfig, seed: int = 0) -> RobustnessSettings:
+    """The ``evaluate`` section as the robustness suites take it."""
+    return RobustnessSettings(suites=tuple(cfg.suites), severities=tuple(cfg.severities), normalizer=cfg.normalizer,
+                              fgsm_eps=tuple(cfg.fgsm_eps), pgd_steps=cfg.pgd_steps,
+                              natural_adversarial_root=cfg.natural_adversarial_dir, max_images=cfg.max_images,
+                              seed=seed, batch_size=cfg.batch_size)
 
 
 def _load_for_robustness(path: Path, images: ImageSet, channels: int, device: torch.device):

@@ -15,11 +15,11 @@ from .perturbations import NOISE_PERTURBATIONS, PERTURBATIONS, perturbation_sequ
 from .plots import plot_robustness
 from .released import (evaluate_cifar10_c, evaluate_image_folder, evaluate_imagenet_a, evaluate_imagenet_c,
                        imagenet_a_mask)
-from .suite import SUITES, evaluate_robustness, save_results
+from .suite import SUITES, RobustnessSettings, evaluate_robustness, save_results
 
 __all__ = [
     "ALEXNET_CLEAN_ERROR", "ALEXNET_CORRUPTION_ERRORS", "ALEXNET_FLIP_PROBS", "ALL_CORRUPTIONS", "CORRUPTIONS",
-    "EXTRA_CORRUPTIONS", "NOISE_PERTURBATIONS", "PERTURBATIONS", "PRESETS", "SUITES", "NormalizedModel",
+    "EXTRA_CORRUPTIONS", "NOISE_PERTURBATIONS", "PERTURBATIONS", "PRESETS", "SUITES", "NormalizedModel", "RobustnessSettings",
     "corrupt", "corruption_errors_to_ce", "evaluate_cifar10_c", "evaluate_image_folder", "evaluate_imagenet_a",
     "evaluate_imagenet_c", "evaluate_robustness", "fgsm", "flip_probability", "flip_rates", "imagenet_a_mask",
     "mce", "mean_corruption_error", "mfr", "perturbation_sequence", "pgd", "plot_robustness", "relative_ce",

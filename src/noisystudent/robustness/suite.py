@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -40,38 +42,53 @@ def _normalise_suites(suites: Sequence[str] | str) -> list[str]:
     return out
 
 
-def evaluate_robustness(model: nn.Module, dataset: Dataset,
-                        suites: Sequence[str] | str = ("clean", "corruptions", "perturbations", "fgsm", "pgd"),
+@dataclass(frozen=True)
+class RobustnessSettings:
+    """What the suites run and how; every default is the paper's.
+
+    suites: any of "clean", "corruptions", "perturbations", "natural-adversarial", "fgsm", "pgd"
+        (a list or a comma-separated string).
+    severities: corruption severities to run. corruptions / perturbations: subsets (default: all
+        19 corruptions, all 10 perturbations). preset: their parameter set ("auto" picks by image size).
+    normalizer: "alexnet" adds CE / mCE / relative mCE and FR / mFR normalised by AlexNet
+        (meaningful for ImageNet models only); None reports raw errors and flip probabilities.
+    fgsm_eps / pgd_eps: attack sizes in 0-255 pixel units (``pgd_eps`` defaults to ``fgsm_eps``);
+        ``pgd_step_size`` too (default 2.5 * eps / steps).
+    natural_adversarial_root: folder for "natural-adversarial": ImageNet-A (WordNet id folders,
+        1000-class model) or a labelled folder of hard images.
+    max_images: evaluate only the first ``max_images`` images. seed: all corruption, perturbation
+        and PGD randomness derives from it. batch_size / num_workers: the DataLoader's.
+    """
+
+    suites: Sequence[str] | str = ("clean", "corruptions", "perturbations", "fgsm", "pgd")
+    severities: Sequence[int] = (1, 2, 3, 4, 5)
+    corruptions: Sequence[str] | None = None
+    perturbations: Sequence[str] | None = None
+    preset: str = "auto"
+    normalizer: str | None = None
+    fgsm_eps: Sequence[float] = (0, 2, 4, 8, 16)
+    pgd_eps: Sequence[float] | None = None
+    pgd_steps: int = 10
+    pgd_step_size: float | None = None
+    natural_adversarial_root: str | Path | None = None
+    max_images: int | None = None
+    seed: int = 0
+    batch_size: int = 256
+    num_workers: int = 0
+
+
+def evaluate_robustness(model: nn.Module, dataset: Dataset, settings: RobustnessSettings | None = None, *,
                         mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-                        device: torch.device | str = "cpu", batch_size: int = 256,
-                        fgsm_eps: Sequence[float] = (0, 2, 4, 8, 16), pgd_steps: int = 10,
-                        pgd_step_size: float | None = None, severities: Sequence[int] = (1, 2, 3, 4, 5),
-                        max_images: int | None = None, seed: int = 0, progress: bool = True,
-                        normalizer: str | None = None, corruptions: Sequence[str] | None = None,
-                        perturbations: Sequence[str] | None = None, pgd_eps: Sequence[float] | None = None,
-                        preset: str = "auto", natural_adversarial_root: str | Path | None = None,
-                        class_names: Sequence[str] | None = None, num_workers: int = 0,
-                        clean: dict | None = None) -> dict:
-    """Evaluate ``model`` under the requested robustness suites.
+                        device: torch.device | str = "cpu", class_names: Sequence[str] | None = None,
+                        clean: dict | None = None, progress: bool = True, **overrides) -> dict:
+    """Evaluate ``model`` under the suites of ``settings`` (:class:`RobustnessSettings`; any of
+    its fields may also be given as a keyword, e.g. ``suites=["clean", "fgsm"]``).
 
     Args:
         model: a classifier taking *normalised* images; ``mean``/``std`` (per channel) are applied
             inside (:class:`NormalizedModel`), so corruptions and attacks act on pixels in [0, 1].
         dataset: yields (image in [0, 1], C x H x W, int label), un-augmented.
-        suites: any of "clean", "corruptions", "perturbations", "natural-adversarial", "fgsm",
-            "pgd" (a list or a comma-separated string).
-        fgsm_eps / pgd_eps: attack sizes in 0-255 pixel units (``pgd_eps`` defaults to
-            ``fgsm_eps``); ``pgd_step_size`` too (default 2.5 * eps / steps).
-        severities: corruption severities to run.
-        max_images: evaluate only the first ``max_images`` images.
-        seed: all corruption, perturbation and PGD randomness derives from it.
-        normalizer: "alexnet" adds CE / mCE / relative mCE and FR / mFR normalised by AlexNet
-            (meaningful for ImageNet models only); None reports raw errors and flip probabilities.
-        corruptions / perturbations: subsets (default: all 19 corruptions, all 10 perturbations).
-        preset: corruption / perturbation parameter set ("auto" picks by image size).
-        natural_adversarial_root: folder for "natural-adversarial": ImageNet-A (WordNet id
-            folders, 1000-class model) or a labelled folder of hard images (``class_names`` maps
-            folder names to model outputs).
+        class_names: maps a natural-adversarial folder's names to model outputs.
         clean: this model's clean ``{"top1", "top5"}`` on the same images, already measured (the
             pipeline's test evaluation): reused instead of a second pass over the data.
 
@@ -87,45 +104,43 @@ def evaluate_robustness(model: nn.Module, dataset: Dataset,
              "fgsm": {"eps": [...], "top1": [...]}, "pgd": {"eps", "top1", "steps", "step_size"},
              "natural_adversarial": {"top1", "top5", "n", "kind", "num_classes"}}
     """
-    suites = _normalise_suites(suites)
+    st = dataclasses.replace(settings or RobustnessSettings(), **overrides)
+    suites = _normalise_suites(st.suites)
     device = torch.device(device)
-    if max_images is not None:
-        dataset = Subset(dataset, range(min(max_images, len(dataset))))
+    if st.max_images is not None:
+        dataset = Subset(dataset, range(min(st.max_images, len(dataset))))
     if len(dataset) == 0:
         raise ValueError("empty dataset")
     wrapped = NormalizedModel(model, mean, std).to(device)
     was_training = model.training
     wrapped.eval()
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
-    results: dict = {"n_images": len(dataset), "seed": seed}
+    loader = DataLoader(dataset, batch_size=st.batch_size, shuffle=False, num_workers=st.num_workers)
+    results: dict = {"n_images": len(dataset), "seed": st.seed}
     try:
-        needs_clean = any(s in suites for s in ("clean", "corruptions"))
         if clean is not None:
             clean = {"top1": float(clean["top1"]), "top5": float(clean["top5"]),
                      "error": 100.0 - float(clean["top1"]), "n": len(dataset)}
-        elif needs_clean:
+        elif any(s in suites for s in ("clean", "corruptions")):
             clean = _clean(wrapped, loader, device, progress)
         if "clean" in suites:
             results["clean"] = clean
         if "corruptions" in suites:
-            results["corruptions"] = _corruptions(wrapped, loader, device, corruptions or ALL_CORRUPTIONS,
-                                                  severities, seed, preset, normalizer, clean["error"] / 100,
-                                                  progress)
+            results["corruptions"] = _corruptions(wrapped, loader, device, st.corruptions or ALL_CORRUPTIONS,
+                                                  st.severities, st.seed, st.preset, st.normalizer,
+                                                  clean["error"] / 100, progress)
         if "perturbations" in suites:
-            results["perturbations"] = _perturbations(wrapped, loader, device, perturbations or PERTURBATIONS,
-                                                      batch_size, seed, preset, normalizer, progress)
-        if "fgsm" in suites:
-            results["fgsm"] = _attack(wrapped, loader, device, "fgsm", fgsm_eps, pgd_steps, pgd_step_size, seed,
-                                      progress)
-        if "pgd" in suites:
-            results["pgd"] = _attack(wrapped, loader, device, "pgd", pgd_eps if pgd_eps is not None else fgsm_eps,
-                                     pgd_steps, pgd_step_size, seed, progress)
+            results["perturbations"] = _perturbations(wrapped, loader, device, st.perturbations or PERTURBATIONS,
+                                                      st.batch_size, st.seed, st.preset, st.normalizer, progress)
+        for attack, eps in (("fgsm", st.fgsm_eps), ("pgd", st.pgd_eps if st.pgd_eps is not None else st.fgsm_eps)):
+            if attack in suites:
+                results[attack] = _attack(wrapped, loader, device, attack, eps, st.pgd_steps, st.pgd_step_size,
+                                          st.seed, progress)
         if "natural-adversarial" in suites:
-            if natural_adversarial_root is None:
+            if st.natural_adversarial_root is None:
                 raise ValueError("the natural-adversarial suite needs natural_adversarial_root")
             results["natural_adversarial"] = _natural_adversarial(
-                model, Path(natural_adversarial_root), dataset, mean, std, class_names, device, batch_size,
-                num_workers, progress)
+                model, Path(st.natural_adversarial_root), dataset, mean, std, class_names, device, st.batch_size,
+                st.num_workers, progress)
     finally:
         model.train(was_training)
     return results

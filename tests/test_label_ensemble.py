@@ -82,3 +82,36 @@ def test_a_missing_or_unlike_ensemble_member_is_one_clear_error(tmp_path):
     with pytest.raises(ConfigError, match=r"pseudo.ensemble\[0\]: .* an ensemble needs them alike"):
         pipeline.run_pipeline(cfg, tmp_path / "run2", progress=False)
     assert not (tmp_path / "run2" / layout.label_stage(1) / layout.PROBE).exists()
+
+
+def test_ensemble_size_trains_more_teachers_in_the_run_and_labels_with_their_mean(tmp_path):
+    cfg = load_config(None, tiny("students=[{model: ns_cnn_s}]", "pseudo.ensemble_size=2"))
+    stages = resolve_stages(cfg)
+    assert [(s.name, s.role) for s in stages] == [("teacher", "teacher"), ("teacher-2", "member"),
+                                                 ("student-1", "student")]
+    assert stages[1].seed != stages[0].seed and (stages[1].model, stages[1].epochs) == (stages[0].model, 3)
+    assert stages[2].labeling.members == ("teacher-2",)
+    seeded = resolve_stages(load_config(None, tiny("pseudo.ensemble_size=3", "teacher.seed=5")))
+    assert len({s.seed for s in seeded[:3]}) == 3 and seeded[0].seed == 5
+    run = tmp_path / "run"
+    summary = pipeline.run_pipeline(cfg, run, progress=False)
+    assert [s["name"] for s in summary["stages"]] == ["teacher", "teacher-2", "student-1"]
+    assert summary["baseline"] == "teacher"  # the teacher alone stays the yardstick
+
+    splits = build_splits(cfg.data, cfg.seed)
+    (first, meta), (second, _) = (load_model(run / name / layout.MODEL) for name in ("teacher", "teacher-2"))
+    x = torch.stack([clean_transform(meta)(splits.val.load(i)) for i in range(len(splits.val))])
+    with torch.no_grad():
+        p_first, p_second = (torch.softmax(m.eval()(x), 1) for m in (first, second))
+    assert not torch.allclose(p_first, p_second, atol=1e-3)
+    probe = pq.read_table(run / layout.label_stage(1) / layout.PROBE).column("confidence").to_numpy()
+    np.testing.assert_allclose(probe, ((p_first + p_second) / 2).max(1).values.numpy(), rtol=1e-4, atol=1e-5)
+    # finished stages are kept on resume: nothing trains again
+    again = pipeline.run_pipeline(cfg, run, resume=True, progress=False)
+    assert [s["seconds"] for s in again["stages"]] == [s["seconds"] for s in summary["stages"]]
+
+
+def test_an_ensemble_of_untrained_copies_is_refused():
+    with pytest.raises(ConfigError, match="pseudo.ensemble_size"):
+        load_config(None, ["pseudo.ensemble_size=2", "teacher.epochs=0"])
+    assert load_config(None, ["pseudo.ensemble_size=2"]).pseudo.ensemble_size == 2

@@ -1,9 +1,11 @@
 """The Noisy Student loop, top to bottom.
 
     teacher  = train(labeled, noise)                          # stage "teacher"
+    members  = train(labeled, noise), other seeds             # "teacher-2"... (pseudo.ensemble_size)
     baseline = train(labeled, noise), final architecture      # stage "baseline" (unless it is the teacher's)
     for each student in the chain:
         store     = teacher(pool, no noise)                   # stage "label-i": a sharded store
+                                                              # (i = 1: averaged with the members)
         selection = threshold + balance(store)                # stage "select-i": out of core
         student   = train(labeled + selection, noise)         # stage "student-i"
         teacher   = student
@@ -20,6 +22,7 @@ over the store, and read back by position or as a stream (noisystudent.label.pse
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -120,6 +123,7 @@ class ChainOutcome:
     baseline: TrainedModel | None
     robustness: dict
     skipped: list[str]
+    members: list[TrainedModel] = dataclasses.field(default_factory=list)  # pseudo.ensemble_size's further teachers
 
 
 def _read_trained(stage_dir: Path) -> TrainedModel:
@@ -134,6 +138,10 @@ def _plan(stages: list[ResolvedStage], pool: UnlabeledSource | None, env: Env,
     teacher_stage, students = stages[0], [s for s in stages if s.role == "student"]
     banner(f"Teacher: {teacher_stage.model} on labeled images")
     teacher = yield _train_spec(teacher_stage, env)
+    members = []
+    for member in (s for s in stages if s.role == "member"):  # pseudo.ensemble_size: more teachers, other seeds
+        banner(f"Teacher {member.name}: {member.model} on labeled images (seed {member.seed})")
+        members.append((yield _train_spec(member, env)))
     baseline = None
     own_baseline = next((s for s in stages if s.role == "baseline"), None)
     if own_baseline is not None:
@@ -173,7 +181,7 @@ def _plan(stages: list[ResolvedStage], pool: UnlabeledSource | None, env: Env,
     ends = _evaluated_models(chain, baseline, final)
     robustness = yield StageSpec(layout.EVALUATE, "finish", lambda out: evaluate_stage(out, ends, env),
                                  lambda d: json.loads((d / layout.ROBUSTNESS).read_text()), every_rank=False)
-    return ChainOutcome(chain, baseline, robustness, skipped)
+    return ChainOutcome(chain, baseline, robustness, skipped, members)
 
 
 def _train_spec(stage: ResolvedStage, env: Env, pseudo=None, warm_from: str | None = None) -> StageSpec:
@@ -297,7 +305,7 @@ def _summary(cfg: Config, run: RunDir, outcome: ChainOutcome, pool, data: dict, 
     """summary.json: every stage's metrics, the final model and why, the Noisy Student gain."""
     chain, baseline = outcome.chain, outcome.baseline
     final, reason = choose_final(chain, baseline, cfg.final_model)
-    rows = [chain[0].metrics] + ([baseline.metrics] if baseline is not None and baseline.name == layout.BASELINE
+    rows = [chain[0].metrics] + [m.metrics for m in outcome.members] + ([baseline.metrics] if baseline is not None and baseline.name == layout.BASELINE
                                  else []) + [m.metrics for m in chain[1:]]
     gain = noisy_student_gain(chain, baseline)  # shown once, in the summary table (with the baseline's note)
     return {"run_dir": str(run.root), "config_fingerprint": cfg.fingerprint(), "seconds": seconds,

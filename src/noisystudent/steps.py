@@ -163,9 +163,9 @@ def label_stage(out: Path, name: str, teacher: dict, pool: UnlabeledSource, labe
     model, meta = load_model(env.run.file(teacher["name"], layout.MODEL))
     size, clean = eval_size(meta), clean_transform(meta)
     tta = cfg.pseudo.tta
-    members = _ensemble_members(labeling, meta, splits.num_classes)
+    members = _ensemble_members(labeling, meta, splits.num_classes, env.run)
     identity = ":".join([teacher["name"], teacher["model"], model_fingerprint(model)]
-                        + [f"+{path}={model_fingerprint(m)}" for path, m in members]
+                        + [f"+{key}={model_fingerprint(m)}" for key, m in members]
                         + ([f"tta={tta}"] if tta != "none" else []))
     # pseudo.tta / pseudo.ensemble: the teacher, its flip average, or the mean of several (label.tta)
     model = labeling_model(model, tta, [m for _, m in members])
@@ -175,7 +175,7 @@ def label_stage(out: Path, name: str, teacher: dict, pool: UnlabeledSource, labe
     log.info(f"[{name}] {teacher['name']} labels the pool at {size}px "
              f"({'hard' if labeling.hard else f'soft, T={temperature:g}'}, top-{labeling.top_k}"
              f"{', flip TTA' if tta == 'flip' else ''}"
-             f"{f', averaged with {len(members)} more teacher(s) (pseudo.ensemble)' if members else ''})")
+             f"{', averaged with ' + ', '.join(key for key, _ in members) if members else ''})")
     common = dict(transform=clean, num_classes=splits.num_classes, teacher=identity, device=ctx.device,
                   top_k=labeling.top_k, temperature=temperature, hard=labeling.hard,
                   batch_size=labeling.batch_size, ctx=ctx)
@@ -204,12 +204,15 @@ def label_stage(out: Path, name: str, teacher: dict, pool: UnlabeledSource, labe
     return store
 
 
-def _ensemble_members(labeling: ResolvedLabeling, meta: dict, num_classes: int) -> list[tuple[str, torch.nn.Module]]:
-    """``pseudo.ensemble``'s models, loaded and checked to label as the teacher does: the same
-    classes, input channels, resolution and preprocessing (one clean view of each image serves all)."""
+def _ensemble_members(labeling: ResolvedLabeling, meta: dict, num_classes: int,
+                      run: RunDir) -> list[tuple[str, torch.nn.Module]]:
+    """The further teachers of the labeling, loaded: this run's (``pseudo.ensemble_size``) then
+    ``pseudo.ensemble``'s files, each checked to label as the teacher does: the same classes,
+    input channels, resolution and preprocessing (one clean view of each image serves all)."""
+    sources = [(name, str(run.file(name, layout.MODEL))) for name in labeling.members]
+    sources += [(f"pseudo.ensemble[{i}]", path) for i, path in enumerate(labeling.ensemble)]
     members = []
-    for i, path in enumerate(labeling.ensemble):
-        key = f"pseudo.ensemble[{i}]"
+    for key, path in sources:
         try:
             model, other = load_model(Path(path))
         except (CheckpointError, OSError) as e:
@@ -218,7 +221,7 @@ def _ensemble_members(labeling: ResolvedLabeling, meta: dict, num_classes: int) 
         if theirs != mine:
             raise ConfigError(f"{key}: {path} labels (classes, (channels, geometry, interpolation, mean, std)) "
                               f"{theirs}, the teacher {mine}; an ensemble needs them alike")
-        members.append((path, model))
+        members.append((key, model))
     return members
 
 

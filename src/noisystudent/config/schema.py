@@ -185,6 +185,11 @@ class PseudoLabelConfig:
     tta: str = _opt("none", "Test-time augmentation of the teacher's labels: flip averages its probabilities over "
                     "the clean image and its horizontal flip (needs data.flip: true, where a flip keeps the "
                     "label); none: the clean image only.", choices=TTA_MODES)
+    ensemble_size: int = _opt(1, "Teachers that label the pool for student-1: the teacher and ensemble_size - 1 more "
+                              "of its architecture and recipe on the same labels, each with its own seed (stages "
+                              "teacher-2 ... teacher-N, trained after the teacher); their class probabilities are "
+                              "averaged (an ensemble knows more than one of its members). The teacher alone "
+                              "stays the baseline.", min=1)
     ensemble: list[str] = _opt(None, "Further teachers for the first labeling: this tool's model files (model.pt of "
                                "a run's stage) of the same classes and input, e.g. the teacher's architecture trained "
                                "on the same labels with another `teacher.seed`. Their class probabilities are "
@@ -419,6 +424,10 @@ def _check_consistency(cfg: Config) -> None:
         raise ConfigError("config key 'data.name' is required when data.source is torchvision")
     if cfg.data.source == "image-folder" and not cfg.data.train_dir:
         raise ConfigError("config key 'data.train_dir' is required when data.source is image-folder")
+    if cfg.pseudo.ensemble_size > 1 and cfg.teacher.epochs == 0:
+        raise ConfigError("config key 'pseudo.ensemble_size': the extra teachers train as the teacher does, and "
+                          "teacher.epochs is 0, so they would be copies of its weights; train the teacher, or "
+                          "give trained members as pseudo.ensemble files")
     if cfg.pseudo.tta == "flip" and not cfg.data.flip:  # refused, not ignored: the user asked for it
         raise ConfigError("config key 'pseudo.tta': flip averages over mirrored images, which keeps the label "
                           "only where data.flip is true (set it, or pseudo.tta: none)")

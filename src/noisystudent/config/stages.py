@@ -20,10 +20,10 @@ import dataclasses
 import hashlib
 from dataclasses import dataclass
 
-from ..runtime.rundir import BASELINE, FIXRES, TEACHER, select_stage, student_stage
+from ..runtime.rundir import BASELINE, FIXRES, TEACHER, select_stage, student_stage, teacher_member
 from .schema import Config, NoiseConfig, StageConfig, TrainConfig
 
-ROLES = ("teacher", "baseline", "student", "fixres")
+ROLES = ("teacher", "member", "baseline", "student", "fixres")
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,7 @@ class ResolvedLabeling:
     batch_size: int
     select_seed: int
     ensemble: tuple[str, ...] = ()  # model files averaged with the teacher's labels (pseudo.ensemble; iteration 1)
+    members: tuple[str, ...] = ()  # this run's further teachers averaged in (pseudo.ensemble_size; iteration 1)
 
 
 @dataclass(frozen=True)
@@ -144,6 +145,14 @@ def _baseline_stage(cfg: Config, teacher: ResolvedStage, final: ResolvedStage) -
                                config_key=final.config_key)  # its model and weights are the final student's
 
 
+def _member_stage(cfg: Config, teacher: ResolvedStage, k: int) -> ResolvedStage:
+    """Teacher ``k`` of the ensemble: the teacher's stage under another name and seed (derived from
+    ``teacher.seed`` when it is set, else from ``seed``), so only its initialisation and data order differ."""
+    name = teacher_member(k)
+    return dataclasses.replace(teacher, name=name, role="member",
+                               seed=stage_seed(_or(cfg.teacher.seed, cfg.seed), name))
+
+
 def baseline_of(stages: list[ResolvedStage]) -> ResolvedStage | None:
     """The stage the Noisy Student gain is measured against: the baseline stage when the run has
     one, else the teacher when it has the final student's architecture; None otherwise."""
@@ -164,17 +173,20 @@ def resolve_stages(cfg: Config) -> list[ResolvedStage]:
     training resolution)."""
     pseudo = cfg.pseudo
     stages = [_training_stage(cfg, cfg.teacher, TEACHER, "teacher", config_key="teacher")]
+    members = [_member_stage(cfg, stages[0], k) for k in range(2, pseudo.ensemble_size + 1)]
     for i, student in enumerate(cfg.students, start=1):
         labeling = ResolvedLabeling(temperature=pseudo.temperature, hard=pseudo.hard, top_k=pseudo.top_k,
                                     batch_size=pseudo.batch_size,
                                     select_seed=stage_seed(cfg.seed, select_stage(i)),
-                                    ensemble=tuple(pseudo.ensemble) if i == 1 else ())
+                                    ensemble=tuple(pseudo.ensemble) if i == 1 else (),
+                                    members=tuple(m.name for m in members) if i == 1 else ())
         stages.append(_training_stage(cfg, student, student_stage(i), "student",
                                       unlabeled_ratio=cfg.train.unlabeled_ratio, labeling=labeling,
                                       config_key=f"students[{i - 1}]"))
     last = stages[-1]
     if cfg.baseline.enabled and len(stages) > 1 and baseline_of(stages) is None:
         stages.insert(1, _baseline_stage(cfg, stages[0], last))
+    stages[1:1] = members
     if fixres_enabled(cfg.finetune.enabled, last.image_size, last.test_size):
         stages.append(_fixres_stage(cfg, last))
     return stages

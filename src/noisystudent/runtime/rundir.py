@@ -76,6 +76,11 @@ EVALUATE = "evaluate"
 REPORT = "report"
 
 
+def teacher_member(k: int) -> str:
+    """The ``k``-th teacher of an ensemble (``pseudo.ensemble_size``; k >= 2, the first is the teacher)."""
+    return f"{TEACHER}-{k}"
+
+
 def label_stage(i: int) -> str:
     """The stage where teacher ``i - 1`` labels the pool for student ``i``."""
     return f"label-{i}"

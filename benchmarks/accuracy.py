@@ -148,12 +148,18 @@ def teacher_task(config: str, seed: int, extra: list[str]) -> Task:
     return Task((0, seed), "teacher", seed, [f"seed={seed}", *extra, "students=[]"])
 
 
+def _one_teacher(cfg) -> list[str]:
+    """A supervised reference trains one model: no ensemble teachers (``pseudo.ensemble_size``)."""
+    return ["pseudo.ensemble_size=1"] if cfg.pseudo.ensemble_size > 1 else []
+
+
 def _on_every_label(config: str, seed: int, extra: list[str]) -> tuple[list[str], object]:
     """Overrides for a supervised run of the final student's architecture on every training label
     (no students), and the run's config."""
     cfg = load_config(config, [f"seed={seed}", *extra])
     final = cfg.students[-1]
-    return [f"seed={seed}", *extra, "data.labels_per_class=null", f"teacher.model={final.model}", "students=[]"], cfg
+    return [f"seed={seed}", *extra, "data.labels_per_class=null", f"teacher.model={final.model}", "students=[]",
+            *_one_teacher(cfg)], cfg
 
 
 def oracle_task(config: str, seed: int, extra: list[str], oracle_extra: list[str]) -> Task:
@@ -171,7 +177,7 @@ def supervised_final_task(config: str, seed: int, extra: list[str]) -> Task | No
     if not cfg.students or cfg.students[-1].model == cfg.teacher.model:
         return None
     return Task((2, seed, -1), SUPERVISED_FINAL, seed,
-                [f"seed={seed}", *extra, f"teacher.model={cfg.students[-1].model}", "students=[]"])
+                [f"seed={seed}", *extra, f"teacher.model={cfg.students[-1].model}", "students=[]", *_one_teacher(cfg)])
 
 
 def converged_task(config: str, seed: int, extra: list[str], converged_extra: list[str]) -> Task:
@@ -204,6 +210,10 @@ def student_tasks(config: str, seed: int, extra: list[str], teacher_ckpt: Path,
     out-of-domain ones (``ood``)."""
     base = [f"seed={seed}", *extra, f"teacher.pretrained={teacher_ckpt}", "teacher.epochs=0"]
     cfg = load_config(config, [f"seed={seed}", *extra])
+    if cfg.pseudo.ensemble_size > 1:  # the teacher task trained the ensemble's other teachers: every variant shares them
+        members = [str(teacher_ckpt.parent.parent / layout.teacher_member(k) / layout.MODEL)
+                   for k in range(2, cfg.pseudo.ensemble_size + 1)]
+        base += ["pseudo.ensemble_size=1", f"pseudo.ensemble=[{', '.join(members + cfg.pseudo.ensemble)}]"]
     students = cfg.students
     # an ablation variant is named after the config ablation it applies
     tasks = [Task((1, seed, i), v, seed, base, v if v in ABLATIONS else None) for i, v in enumerate(CHAINS)]

@@ -39,6 +39,21 @@ def test_every_student_variant_starts_from_the_seeds_teacher(tmp_path):
     assert all(accuracy.teacher_task(DIGITS, 9, []) < t for t in tasks)
 
 
+def test_with_an_ensemble_teacher_every_variant_shares_the_teacher_tasks_members(tmp_path):
+    ckpt = tmp_path / "seed3" / "teacher" / "teacher" / "model.pt"
+    tasks = accuracy.student_tasks(DIGITS, 3, ["pseudo.ensemble_size=3"], ckpt)
+    members = [str(ckpt.parent.parent / f"teacher-{k}" / "model.pt") for k in (2, 3)]
+    for t in tasks:  # no variant trains teachers again: each labels with the teacher task's three
+        cfg = accuracy.load_config(DIGITS, t.overrides, t.ablation)
+        assert cfg.pseudo.ensemble_size == 1 and cfg.pseudo.ensemble == members
+    # the supervised references train one model each
+    for task in (accuracy.oracle_task(DIGITS, 3, ["pseudo.ensemble_size=3"], []),
+                 accuracy.supervised_final_task(DIGITS, 3, ["pseudo.ensemble_size=3"])):
+        assert accuracy.load_config(DIGITS, task.overrides).pseudo.ensemble_size == 1
+    assert accuracy.load_config(DIGITS, accuracy.teacher_task(DIGITS, 3, ["pseudo.ensemble_size=3"]).overrides
+                                ).pseudo.ensemble_size == 3
+
+
 def test_single_student_variants_train_the_chain_student_they_stand_for(tmp_path):
     chain = accuracy.load_config(DIGITS).students
     assert chain[0] != chain[-1]  # digits: a larger final student

@@ -15,6 +15,7 @@ from noisystudent.config.stages import resolve_stages
 from noisystudent.data.splits import build_splits
 from noisystudent.label.tta import FlipAverage, ModelAverage, labeling_model
 from noisystudent.models.checkpoint import clean_transform, load_model
+from noisystudent.report.collect import collect_run
 from noisystudent.runtime import rundir as layout
 from noisystudent.runtime.errors import ConfigError
 
@@ -106,6 +107,8 @@ def test_ensemble_size_trains_more_teachers_in_the_run_and_labels_with_their_mea
     assert not torch.allclose(p_first, p_second, atol=1e-3)
     probe = pq.read_table(run / layout.label_stage(1) / layout.PROBE).column("confidence").to_numpy()
     np.testing.assert_allclose(probe, ((p_first + p_second) / 2).max(1).values.numpy(), rtol=1e-4, atol=1e-5)
+    # the report names who labeled the first pool
+    assert collect_run(run).iterations[0].teacher == "teacher + teacher-2 (mean probabilities)"
     # finished stages are kept on resume: nothing trains again
     again = pipeline.run_pipeline(cfg, run, resume=True, progress=False)
     assert [s["seconds"] for s in again["stages"]] == [s["seconds"] for s in summary["stages"]]

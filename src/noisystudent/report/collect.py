@@ -26,7 +26,7 @@ import numpy as np
 from ..runtime.errors import NoisyStudentError
 from ..runtime.rundir import (CONFIG, DATA, EVALUATE, FIXRES, HISTORY, MANIFEST, METRICS, PROBE, ROBUSTNESS,
                               SELECTION_SUMMARY, SUMMARY, TEACHER, BASELINE, iteration_of, label_stage, select_stage,
-                              student_stage, teacher_of)
+                              student_stage, teacher_member, teacher_of)
 
 HIST_BINS = 40  # confidence histogram bins on [0, 1]
 
@@ -124,6 +124,16 @@ class RunData:
     def threshold(self) -> float | None:
         thr = self.cfg("pseudo.threshold")
         return float(thr) if isinstance(thr, (int, float)) and not isinstance(thr, bool) else None
+
+    @property
+    def first_labelers(self) -> str:
+        """Who labels the pool for student-1: the teacher, or the teacher and its ensemble
+        (``pseudo.ensemble_size``'s stages, ``pseudo.ensemble``'s files)."""
+        size, files = self.cfg("pseudo.ensemble_size"), self.cfg("pseudo.ensemble")
+        names = [TEACHER] + [teacher_member(k) for k in range(2, size + 1 if isinstance(size, int) else 2)]
+        if isinstance(files, list) and files:
+            names.append(f"{len(files)} given model(s)")
+        return " + ".join(names) + (" (mean probabilities)" if len(names) > 1 else "")
 
     @property
     def classes(self) -> list[str]:
@@ -356,7 +366,7 @@ def collect_run(run_dir: str | Path, *, gallery_size: int = 0) -> RunData:
     threshold = run.threshold
     indices = sorted({i for p in root.iterdir() if p.is_dir() and (i := iteration_of(p.name)) is not None})
     for i in indices:
-        it = Iteration(index=i, teacher=teacher_of(i))
+        it = Iteration(index=i, teacher=run.first_labelers if i == 1 else teacher_of(i))
         label_dir = root / label_stage(i)
         if label_dir.is_dir():
             finished = label_stage(i) in ((run.manifest or {}).get("stages") or {})

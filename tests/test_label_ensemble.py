@@ -76,6 +76,7 @@ def test_a_missing_or_unlike_ensemble_member_is_one_clear_error(tmp_path):
     cfg = load_config(None, tiny("students=[{model: ns_cnn_s}]", f"pseudo.ensemble=[{tmp_path / 'nope.pt'}]"))
     with pytest.raises(ConfigError, match=r"pseudo.ensemble\[0\]: .*nope.pt"):
         pipeline.run_pipeline(cfg, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run" / layout.TEACHER).exists()  # refused before anything trained
     other = tmp_path / "other"
     pipeline.run_pipeline(load_config(None, tiny("students=[]", "data.image_size=12")), other, progress=False)
     cfg = load_config(None, tiny("students=[{model: ns_cnn_s}]",

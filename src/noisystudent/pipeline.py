@@ -265,6 +265,9 @@ def _loop(cfg: Config, stages: list[ResolvedStage], run: RunDir, runner: StageRu
     splits = build_splits(cfg.data, cfg.seed, require_unlabeled=bool(students), log_splits=True)
     # every stage's `pretrained` file, checked before anything trains
     check_pretrained_files(stages, num_classes=splits.num_classes, channels=splits.channels, classes=splits.classes)
+    missing = [(i, p) for i, p in enumerate(cfg.pseudo.ensemble) if students and not Path(p).is_file()]
+    if missing:  # before the teacher trains, not at the first labeling (their fit is checked there)
+        raise ConfigError(f"pseudo.ensemble[{missing[0][0]}]: checkpoint not found: {missing[0][1]}")
     env = Env(ctx=ctx, run=run, cfg=cfg, splits=splits, progress=progress, tracking=tracking or Tracking(),
               phases=phases)
     pool = build_pool(cfg.data, splits.unlabeled, cfg.pseudo.shard_size) if students else None

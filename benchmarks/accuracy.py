@@ -210,7 +210,7 @@ def student_tasks(config: str, seed: int, extra: list[str], teacher_ckpt: Path,
     out-of-domain ones (``ood``)."""
     base = [f"seed={seed}", *extra, f"teacher.pretrained={teacher_ckpt}", "teacher.epochs=0"]
     cfg = load_config(config, [f"seed={seed}", *extra])
-    if cfg.pseudo.ensemble_size > 1:  # the teacher task trained the ensemble's other teachers: every variant shares them
+    if cfg.pseudo.ensemble_size > 1:  # the teacher task trained the ensemble's other teachers: all variants share them
         members = [str(teacher_ckpt.parent.parent / layout.teacher_member(k) / layout.MODEL)
                    for k in range(2, cfg.pseudo.ensemble_size + 1)]
         base += ["pseudo.ensemble_size=1", f"pseudo.ensemble=[{', '.join(members + cfg.pseudo.ensemble)}]"]

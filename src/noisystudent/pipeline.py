@@ -263,11 +263,8 @@ def _loop(cfg: Config, stages: list[ResolvedStage], run: RunDir, runner: StageRu
     banner(f"Data: {cfg.data.source}")
     students = [s for s in stages if s.role == "student"]
     splits = build_splits(cfg.data, cfg.seed, require_unlabeled=bool(students), log_splits=True)
-    # every stage's `pretrained` file, checked before anything trains
+    # every stage's `pretrained` file and the first labeling's ensemble files, checked before anything trains
     check_pretrained_files(stages, num_classes=splits.num_classes, channels=splits.channels, classes=splits.classes)
-    missing = [(i, p) for i, p in enumerate(cfg.pseudo.ensemble) if students and not Path(p).is_file()]
-    if missing:  # before the teacher trains, not at the first labeling (their fit is checked there)
-        raise ConfigError(f"pseudo.ensemble[{missing[0][0]}]: checkpoint not found: {missing[0][1]}")
     env = Env(ctx=ctx, run=run, cfg=cfg, splits=splits, progress=progress, tracking=tracking or Tracking(),
               phases=phases)
     pool = build_pool(cfg.data, splits.unlabeled, cfg.pseudo.shard_size) if students else None
@@ -308,8 +305,8 @@ def _summary(cfg: Config, run: RunDir, outcome: ChainOutcome, pool, data: dict, 
     """summary.json: every stage's metrics, the final model and why, the Noisy Student gain."""
     chain, baseline = outcome.chain, outcome.baseline
     final, reason = choose_final(chain, baseline, cfg.final_model)
-    rows = [chain[0].metrics] + [m.metrics for m in outcome.members] + ([baseline.metrics] if baseline is not None and baseline.name == layout.BASELINE
-                                 else []) + [m.metrics for m in chain[1:]]
+    own_baseline = [baseline.metrics] if baseline is not None and baseline.name == layout.BASELINE else []
+    rows = [chain[0].metrics] + [m.metrics for m in outcome.members] + own_baseline + [m.metrics for m in chain[1:]]
     gain = noisy_student_gain(chain, baseline)  # shown once, in the summary table (with the baseline's note)
     return {"run_dir": str(run.root), "config_fingerprint": cfg.fingerprint(), "seconds": seconds,
             "stages": rows, "result": final.name,

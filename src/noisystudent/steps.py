@@ -40,7 +40,8 @@ from .label.inference import label_to_store, model_fingerprint
 from .label.select import Selection, dedup_wanted, select_from_store
 from .label.store import LabelStore
 from .label.tta import labeling_model
-from .models.checkpoint import clean_transform, clean_view, data_config, eval_size, load_checkpoint, load_model, save_model
+from .models.checkpoint import (clean_transform, clean_view, data_config, eval_size, load_checkpoint, load_model,
+                                save_model)
 from .models.factory import count_parameters, create_model
 from .models.pretrained import stage_data_config
 from .runtime import rundir as layout

@@ -1,10 +1,13 @@
-"""Checks before a run trains anything: every stage's pretrained weights fit its model."""
+"""Checks before a run trains anything: every stage's pretrained weights fit its model, and the
+model files its first labeling averages in exist."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
-from ..runtime.errors import CheckpointError, DataError
+from ..runtime.errors import CheckpointError, ConfigError, DataError
 from .factory import create_model
 from .pretrained import (HUB_PREFIXES, LOCAL_DIR_PREFIX, apply_state_dict, check_class_names, is_local_source,
                          local_dir_pretrained_cfg, read_weight_file, timm_pretrained_cfg, weights_source)
@@ -23,8 +26,15 @@ def check_pretrained_files(stages, *, num_classes: int, channels: int, classes: 
     and models are built on the meta device, so the check costs little even for L2. A timm tag is
     checked to exist in timm's registry; its weights are fetched only when the stage runs. Raises
     :class:`CheckpointError` or :class:`DataError` prefixed with the config key at fault.
+
+    A student's ``pseudo.ensemble`` files must exist (:class:`ConfigError` naming the key); whether
+    they label as the teacher does is known only once the teacher is trained, so the label stage
+    checks that.
     """
     for stage in stages:
+        for i, path in enumerate(stage.labeling.ensemble if stage.labeling else ()):
+            if not Path(path).is_file():
+                raise ConfigError(f"pseudo.ensemble[{i}]: checkpoint not found: {path}")
         source = weights_source(stage.model, stage.pretrained)
         if not source:
             continue

@@ -129,8 +129,8 @@ class RunData:
     def first_labelers(self) -> str:
         """Who labels the pool for student-1: the teacher, or the teacher and its ensemble
         (``pseudo.ensemble_size``'s stages, ``pseudo.ensemble``'s files)."""
-        size, files = self.cfg("pseudo.ensemble_size"), self.cfg("pseudo.ensemble")
-        names = [TEACHER] + [teacher_member(k) for k in range(2, size + 1 if isinstance(size, int) else 2)]
+        size, files = self.cfg("pseudo.ensemble_size", 1), self.cfg("pseudo.ensemble")
+        names = [TEACHER] + [teacher_member(k) for k in range(2, (size if isinstance(size, int) else 1) + 1)]
         if isinstance(files, list) and files:
             names.append(f"{len(files)} given model(s)")
         return " + ".join(names) + (" (mean probabilities)" if len(names) > 1 else "")

@@ -19,9 +19,9 @@ from .suite import SUITES, RobustnessSettings, evaluate_robustness, save_results
 
 __all__ = [
     "ALEXNET_CLEAN_ERROR", "ALEXNET_CORRUPTION_ERRORS", "ALEXNET_FLIP_PROBS", "ALL_CORRUPTIONS", "CORRUPTIONS",
-    "EXTRA_CORRUPTIONS", "NOISE_PERTURBATIONS", "PERTURBATIONS", "PRESETS", "SUITES", "NormalizedModel", "RobustnessSettings",
-    "corrupt", "corruption_errors_to_ce", "evaluate_cifar10_c", "evaluate_image_folder", "evaluate_imagenet_a",
-    "evaluate_imagenet_c", "evaluate_robustness", "fgsm", "flip_probability", "flip_rates", "imagenet_a_mask",
-    "mce", "mean_corruption_error", "mfr", "perturbation_sequence", "pgd", "plot_robustness", "relative_ce",
-    "relative_mce", "resolve_preset", "save_results", "sequence_length", "top5_distance",
+    "EXTRA_CORRUPTIONS", "NOISE_PERTURBATIONS", "PERTURBATIONS", "PRESETS", "SUITES", "NormalizedModel",
+    "RobustnessSettings", "corrupt", "corruption_errors_to_ce", "evaluate_cifar10_c", "evaluate_image_folder",
+    "evaluate_imagenet_a", "evaluate_imagenet_c", "evaluate_robustness", "fgsm", "flip_probability", "flip_rates",
+    "imagenet_a_mask", "mce", "mean_corruption_error", "mfr", "perturbation_sequence", "pgd", "plot_robustness",
+    "relative_ce", "relative_mce", "resolve_preset", "save_results", "sequence_length", "top5_distance",
 ]

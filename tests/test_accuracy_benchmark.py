@@ -239,7 +239,8 @@ def test_benchmark_runs_every_variant_and_prints_json_last(tmp_path, tiny_overri
     overrides = [o for o in tiny_overrides if not o.startswith("train.epochs")] + ["train.epochs=1"]
     cache = tmp_path / "cache"
     argv = ["--dataset", "digits", "--seeds", "0", "--jobs", "2", "--out", str(tmp_path / "out"),
-            "--oracle-cache", str(cache), "--converged-set", "teacher.epochs=2", "--ood", "--ood-images", "40"]
+            "--oracle-cache", str(cache), "--converged-set", "teacher.epochs=2", "--ood", "--ood-images", "40",
+            "--set", "pseudo.ensemble_size=2"]
     for o in overrides:
         argv += ["--set", o]
     assert accuracy.main(argv) == 0
@@ -259,8 +260,13 @@ def test_benchmark_runs_every_variant_and_prints_json_last(tmp_path, tiny_overri
         last["test_top1"]["no-noise"] - last["test_top1"]["noisy-student"], abs=0.011)
     run = next((tmp_path / "out").iterdir())
     assert (run / "accuracy.png").stat().st_size > 0
-    # one teacher per seed, reused (not retrained) by every student variant
-    teacher = json.loads((run / "seed0" / "teacher" / "summary.json").read_text())["stages"][0]
+    # one teacher per seed, reused (not retrained) by every student variant; its row's time is the
+    # ensemble's (pseudo.ensemble_size=2: the teacher and teacher-2)
+    teachers = json.loads((run / "seed0" / "teacher" / "summary.json").read_text())["stages"]
+    teacher = teachers[0]
+    assert [t["name"] for t in teachers] == ["teacher", "teacher-2"]
+    table = json.loads((run / "accuracy.json").read_text())["table"]
+    assert table["teacher"]["seconds"] == pytest.approx(teacher["seconds"] + teachers[1]["seconds"])
     for variant in ("noisy-student", "no-noise", "soft-labels", "no-balancing", "no-iteration", *accuracy.OOD_VARIANTS):
         stages = json.loads((run / "seed0" / variant / "summary.json").read_text())["stages"]
         assert stages[0]["epochs"] == 0 and stages[0]["test_top1"] == teacher["test_top1"]

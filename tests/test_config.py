@@ -203,6 +203,36 @@ def test_fingerprint_changes_with_config():
     assert load_config(None).fingerprint() == load_config(None).fingerprint()
 
 
+def test_a_key_added_at_its_default_leaves_the_fingerprint_as_it_was():
+    """The fingerprint hashes what differs from the defaults: a run made before an upgrade that adds
+    a key still resumes, and the accuracy benchmark's cached oracles still hit."""
+    import dataclasses
+
+    from noisystudent.config.schema import StageConfig
+
+    @dataclasses.dataclass
+    class UpgradedPseudo(PseudoLabelConfig):
+        new_key: int = 4
+
+    @dataclasses.dataclass
+    class UpgradedStage(StageConfig):
+        new_stage_key: float = 0.5
+
+    cfg = load_config(None, ["seed=3", "pseudo.threshold=0.4"])
+    upgraded = dataclasses.replace(cfg, pseudo=UpgradedPseudo(**dataclasses.asdict(cfg.pseudo)),
+                                   students=[UpgradedStage(**dataclasses.asdict(s)) for s in cfg.students])
+    assert upgraded.fingerprint() == cfg.fingerprint()
+    assert dataclasses.replace(upgraded, pseudo=dataclasses.replace(upgraded.pseudo, new_key=5)).fingerprint() \
+        != cfg.fingerprint()
+    moved = [dataclasses.replace(upgraded.students[0], new_stage_key=0.6), *upgraded.students[1:]]
+    assert dataclasses.replace(upgraded, students=moved).fingerprint() != cfg.fingerprint()
+    # a key set to its default is no change; a key moved off it, or one student more, is
+    assert load_config(None, ["pseudo.ensemble_size=1"]).fingerprint() == load_config(None).fingerprint()
+    students = load_config(None).students
+    assert load_config(None, [f"students=[{', '.join('{model: %s}' % s.model for s in students * 2)}]"]
+                       ).fingerprint() != load_config(None).fingerprint()
+
+
 def test_reference_lists_every_section():
     md = config_reference_markdown()
     for key in ("`pseudo.threshold`", "`train.unlabeled_ratio`", "`students[i].model`", "`noise.drop_path`"):

@@ -36,7 +36,8 @@ from typing import Any, Protocol
 import numpy as np
 import pyarrow as pa
 
-from .config.schema import Config, TrackerConfig, normalised_dict
+from .config.schema import Config, TrackerConfig
+from .config.values import normalised_dict
 from .label.select import Selection
 from .label.store import LabelStore
 from .runtime import rundir as layout

@@ -11,7 +11,6 @@ import dataclasses
 import difflib
 import hashlib
 import json
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,8 @@ import yaml
 
 from ..runtime.errors import ConfigError, error_reason
 from .family import chain_preset, is_known_model
-from .reader import build, strip_optional
+from .reader import build
+from .values import changed_from_defaults, normalised_dict
 
 
 def _opt(default: Any, help: str, *, min: float | None = None, max: float | None = None,
@@ -332,13 +332,15 @@ class Config:
         return dataclasses.asdict(self)
 
     def fingerprint(self) -> str:
-        """Hash of the resolved config, used to refuse resuming a run made by another config.
+        """Hash of the resolved config, used to refuse resuming a run made by another config (and
+        to key the accuracy benchmark's cache).
 
-        Hashed over the values coerced to their schema types (:func:`normalised_dict`), so a
-        config equals itself reloaded from its ``config.yaml`` (a default ``0`` of a float key
-        reads back as ``0.0``).
+        Hashed over the values that differ from the schema's defaults, coerced to their schema
+        types (:func:`changed_from_defaults`): a config equals itself reloaded from its
+        ``config.yaml`` (a default ``0`` of a float key reads back as ``0.0``), and a run made
+        before an upgrade that adds keys (at their defaults) still resumes.
         """
-        blob = json.dumps(normalised_dict(self), sort_keys=True).encode()
+        blob = json.dumps(changed_from_defaults(self), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
     def save(self, path: Path) -> None:
@@ -578,26 +580,3 @@ def save_config(cfg: Config, path: Path) -> None:
     from ..runtime.files import atomic_write
 
     atomic_write(path, yaml.safe_dump(normalised_dict(cfg), sort_keys=False))
-
-
-def normalised_dict(obj: Any) -> Any:
-    """A config dataclass as plain data with every value in its schema type: ints given for float
-    keys (the dataclass defaults, or values set in Python) become floats, as loading makes them."""
-    if not dataclasses.is_dataclass(obj):
-        return obj
-    hints = typing.get_type_hints(type(obj))
-    return {f.name: _normalised_value(getattr(obj, f.name), hints[f.name]) for f in dataclasses.fields(obj)}
-
-
-def _normalised_value(value: Any, tp: Any) -> Any:
-    base, _ = strip_optional(tp)
-    if value is None:
-        return None
-    if dataclasses.is_dataclass(value):
-        return normalised_dict(value)
-    if typing.get_origin(base) is list and isinstance(value, list):
-        (item_tp,) = typing.get_args(base)
-        return [_normalised_value(v, item_tp) for v in value]
-    if base is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    return value

@@ -16,6 +16,7 @@ from noisystudent.data.splits import build_splits
 from noisystudent.label.tta import FlipAverage, ModelAverage, labeling_model
 from noisystudent.models.checkpoint import clean_transform, load_model
 from noisystudent.report.collect import collect_run
+from noisystudent.report.sections import results_section
 from noisystudent.runtime import rundir as layout
 from noisystudent.runtime.errors import ConfigError
 
@@ -109,7 +110,13 @@ def test_ensemble_size_trains_more_teachers_in_the_run_and_labels_with_their_mea
     probe = pq.read_table(run / layout.label_stage(1) / layout.PROBE).column("confidence").to_numpy()
     np.testing.assert_allclose(probe, ((p_first + p_second) / 2).max(1).values.numpy(), rtol=1e-4, atol=1e-5)
     # the report names who labeled the first pool
-    assert collect_run(run).iterations[0].teacher == "teacher + teacher-2 (mean probabilities)"
+    report = collect_run(run)
+    assert report.iterations[0].teacher == "teacher + teacher-2 (mean probabilities)"
+    # ... and lists the ensemble's teacher in its results table, after the teacher, not in the chain
+    assert [s["name"] for s in report.stages] == ["teacher", "student-1"]
+    assert [(m["name"], m["test_top1"]) for m in report.members] == [("teacher-2", summary["stages"][1]["test_top1"])]
+    rows = results_section(report, report.stages[0], report.stages[1:]).blocks[0].rows
+    assert [r[0] for r in rows] == ["teacher", "teacher-2", "student-1"]
     # finished stages are kept on resume: nothing trains again
     again = pipeline.run_pipeline(cfg, run, resume=True, progress=False)
     assert [s["seconds"] for s in again["stages"]] == [s["seconds"] for s in summary["stages"]]

@@ -93,6 +93,7 @@ class RunData:
     data: dict | None = None
     summary: dict | None = None
     stages: list[dict] = field(default_factory=list)  # teacher, then students in order
+    members: list[dict] = field(default_factory=list)  # the teacher's ensemble: teacher-2, ...
     curves: dict[str, list[dict]] = field(default_factory=dict)  # stage -> metrics.jsonl records
     iterations: list[Iteration] = field(default_factory=list)
     fixres: dict | None = None  # fixres/metrics.json
@@ -129,11 +130,17 @@ class RunData:
     def first_labelers(self) -> str:
         """Who labels the pool for student-1: the teacher, or the teacher and its ensemble
         (``pseudo.ensemble_size``'s stages, ``pseudo.ensemble``'s files)."""
-        size, files = self.cfg("pseudo.ensemble_size", 1), self.cfg("pseudo.ensemble")
-        names = [TEACHER] + [teacher_member(k) for k in range(2, (size if isinstance(size, int) else 1) + 1)]
+        files = self.cfg("pseudo.ensemble")
+        names = [TEACHER] + self.member_names
         if isinstance(files, list) and files:
             names.append(f"{len(files)} given model(s)")
         return " + ".join(names) + (" (mean probabilities)" if len(names) > 1 else "")
+
+    @property
+    def member_names(self) -> list[str]:
+        """The stages of the teacher's ensemble trained in the run (``pseudo.ensemble_size``)."""
+        size = self.cfg("pseudo.ensemble_size", 1)
+        return [teacher_member(k) for k in range(2, (size if isinstance(size, int) else 1) + 1)]
 
     @property
     def classes(self) -> list[str]:
@@ -347,16 +354,18 @@ def collect_run(run_dir: str | Path, *, gallery_size: int = 0) -> RunData:
     # training stages: each finished folder's metrics.json, updated by its summary.json entry (the
     # summary may know a stage whose folder is gone, and a running chain has folders it lacks)
     stages: dict[str, dict] = {}
+    others = {FIXRES, *run.member_names}
     for d in root.iterdir():
-        if d.is_dir() and (_stage_order(d.name) is not None or d.name == FIXRES):
+        if d.is_dir() and (_stage_order(d.name) is not None or d.name in others):
             m = _read_json(run, d / METRICS)
             if m is not None:
                 stages[d.name] = {**m, "name": d.name}
     for s in (run.summary or {}).get("stages") or []:
         if isinstance(s, dict) and isinstance(s.get("name"), str) and \
-                (_stage_order(s["name"]) is not None or s["name"] == FIXRES):
+                (_stage_order(s["name"]) is not None or s["name"] in others):
             stages[s["name"]] = {**stages.get(s["name"], {}), **s}
     run.fixres = stages.pop(FIXRES, None)
+    run.members = [stages.pop(name) for name in run.member_names if name in stages]
     run.stages = sorted(stages.values(), key=lambda s: _stage_order(s["name"]))
     for name in [s["name"] for s in run.stages] + ([FIXRES] if run.fixres else []):
         recs = _read_jsonl(run, root / name / HISTORY)

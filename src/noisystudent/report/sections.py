@@ -186,7 +186,8 @@ def results_section(run: RunData, teacher: dict | None, students: list[dict]) ->
         return Section("results", "Results", [Text("No stage has finished yet: no results.", "note")])
     t1 = teacher.get("test_top1") if teacher else None
     rows = []
-    for s in run.stages:
+    after_teacher = 1 if run.stages and run.stages[0] is teacher else 0  # the ensemble's rows follow the teacher
+    for s in run.stages[:after_teacher] + run.members + run.stages[after_teacher:]:
         best = s.get("best_epoch")
         rows.append([s["name"], str(s.get("model", "–")), fmt_params(s.get("params")), fmt_int(s.get("image_size")),
                      fmt_int(s.get("num_pseudo")), fmt(s.get("val_top1")), fmt(s.get("val_top5")),

@@ -55,6 +55,7 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -440,25 +441,32 @@ def run_benchmark(config: str, seeds: list[int], extra: list[str], oracle_extra:
                         converged_note(task.seed, write_cached_oracle(plan.cache_paths[task.seed], fp, task, stages[0]),
                                        "miss")
                 else:
-                    # students only: the teacher's time is the teacher variant's
-                    seconds = sum(s["seconds"] for s in stages[1:])
-                    if task.variant == "noisy-student":  # each iteration before the last, cumulative time
-                        for k in range(1, len(stages) - 1):
-                            record(task.seed, f"noisy-student-iter{k}", stages[k],
-                                   sum(s["seconds"] for s in stages[1:k + 1]))
-                        if no_iteration_is_first_student(load_config(config, extra).students):
-                            record(task.seed, "no-iteration", stages[1], stages[1]["seconds"])
-                    chosen = stages[-1]
-                    if task.variant in CHAINS:  # the chain hands over its best student on validation
-                        chosen = max(reversed(stages[1:]), key=lambda s: s["val_top1"])
-                        notes["chosen"].setdefault(task.seed, {})[task.variant] = chosen["name"]
-                    record(task.seed, task.variant, chosen, seconds, wall)
+                    record_student_run(task, summary, record, notes,
+                                       no_iteration_is_first_student(load_config(config, extra).students))
                     if task.variant in OOD_VARIANTS:
                         notes["ood"][task.seed][task.variant] = ood_stats(
                             Path(summary["run_dir"]), OOD_VARIANTS[task.variant][1])
     order = variant_order(len(load_config(config, extra).students), ood is not None)
     notes["shared_labels"] = shared
     return {s: {n: r[n] for n in order if n in r} for s, r in results.items()}, notes
+
+
+def record_student_run(task: Task, summary: dict, record: Callable, notes: dict, no_iteration_row: bool) -> None:
+    """A student variant's rows: the student it hands over (a chain's best on validation, noted in
+    ``notes["chosen"]``) and, for the Noisy Student chain, each earlier iteration (cumulative time)
+    and, when ``no_iteration_row``, its first student as the no-iteration variant. Times are the
+    students' only: the teacher's is the teacher variant's."""
+    stages, wall = summary["stages"], summary["seconds"]
+    if task.variant == "noisy-student":
+        for k in range(1, len(stages) - 1):
+            record(task.seed, f"noisy-student-iter{k}", stages[k], sum(s["seconds"] for s in stages[1:k + 1]))
+        if no_iteration_row:
+            record(task.seed, "no-iteration", stages[1], stages[1]["seconds"])
+    chosen = stages[-1]
+    if task.variant in CHAINS:
+        chosen = max(reversed(stages[1:]), key=lambda s: s["val_top1"])
+        notes["chosen"].setdefault(task.seed, {})[task.variant] = chosen["name"]
+    record(task.seed, task.variant, chosen, sum(s["seconds"] for s in stages[1:]), wall)
 
 
 def _mean_or_none(values: list) -> float | None:

@@ -233,22 +233,10 @@ def main(argv: list[str] | None = None) -> dict:
     rng = np.random.default_rng(args.seed)
     t0 = time.perf_counter()
     train, test = load_fashion_mnist(None, False)
-
-    blobs = [encode(background(rng)) for _ in range(args.pool)]
-    chosen = rng.choice(len(test), args.planted, replace=False)
-    planted: dict[int, tuple[str, int]] = {}  # pool row -> (kind, test index)
-    for j, t in enumerate(chosen):
-        img = test.load(int(t))
-        for kind in KINDS:
-            planted[len(blobs)] = (kind, int(t))
-            blobs.append(planted_copy(img, kind, j))
-    order = rng.permutation(len(blobs))  # planted copies spread over the shards
-    blobs = [blobs[i] for i in order]
-    planted = {int(np.flatnonzero(order == row)[0]): v for row, v in planted.items()}
+    blobs, planted = planted_pool(args, test, rng)
     pool = EncodedImages(blobs)
-    build_s = time.perf_counter() - t0
-    print(f"pool: {len(pool)} images ({args.pool} background + {len(planted)} planted), built in {build_s:.0f}s",
-          flush=True)
+    print(f"pool: {len(pool)} images ({args.pool} background + {len(planted)} planted), built in "
+          f"{time.perf_counter() - t0:.0f}s", flush=True)
 
     model = create_model("ns_cnn_s", 10, 1)
     work = Path(tempfile.mkdtemp(prefix="dedup-bench-"))
@@ -261,33 +249,8 @@ def main(argv: list[str] | None = None) -> dict:
         t = time.perf_counter()
         write_heldout_hashes(held, {"test": test}, "L")
         heldout_s = time.perf_counter() - t
-        offsets = np.cumsum([0] + [min(args.shard_size, len(pool) - s) for s in range(0, len(pool), args.shard_size)])
-        quality = {}
-        for d in args.distances:
-            t = time.perf_counter()
-            sel = select_from_store(work / "store", work / f"sel-{d}" / "selection.parquet", threshold=0.0,
-                                    balance=False, heldout=held, dedup_distance=d, threads=1)
-            seconds = time.perf_counter() - t
-            table = pq.read_table(sel.path, columns=["shard", "index"])
-            kept = np.zeros(len(pool), bool)
-            kept[offsets[table.column("shard").to_numpy()] + table.column("index").to_numpy()] = True
-            recall = {k: float(np.mean([not kept[r] for r, (kind, _) in planted.items() if kind == k])) for k in KINDS}
-            false_pos = int((~kept).sum()) - sum(not kept[r] for r in planted)
-            quality[d] = {"recall": recall, "false_positives": false_pos,
-                          "false_positive_share": false_pos / args.pool, "dropped": sel.dedup["dropped"],
-                          "exact": sel.dedup["exact"], "bands": sel.dedup["bands"], "select_seconds": round(seconds, 2)}
-            print(f"distance {d}: recall {recall}, false positives {false_pos} "
-                  f"({100 * false_pos / args.pool:.3f}% of the pool), select {seconds:.1f}s", flush=True)
-
-        # In-distribution look-alikes: Fashion-MNIST train against test.
-        _, p_train = hash_images((train.load(i) for i in range(len(train))), "L")
-        _, p_test = hash_images((test.load(i) for i in range(len(test))), "L")
-        nearest = np.full(len(p_train), 64)
-        for s in range(0, len(p_test), 1000):
-            nearest = np.minimum(nearest, hamming(p_train[:, None], p_test[None, s:s + 1000]).min(1))
-        lookalikes = {d: float((nearest <= d).mean()) for d in args.distances}
-        print(f"Fashion-MNIST train images within d of a test image: {lookalikes}", flush=True)
-
+        quality = {d: dedup_quality(work, held, len(pool), planted, d, args) for d in args.distances}
+        lookalikes = lookalike_share(train, test, args.distances)
         tp = throughput(EncodedImages(blobs[:args.throughput_images]), model, work, args)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -304,6 +267,55 @@ def main(argv: list[str] | None = None) -> dict:
         result["scale"] = query_scale(args.scale_rows, args.scale_heldout, args.distances, args.seed)
     print(json.dumps(result))
     return result
+
+
+def planted_pool(args, test, rng) -> tuple[list[bytes], dict[int, tuple[str, int]]]:
+    """``args.pool`` procedural backgrounds plus ``args.planted`` test images in every kind of copy,
+    shuffled so the copies spread over the shards; the copies' pool rows -> (kind, test index)."""
+    blobs = [encode(background(rng)) for _ in range(args.pool)]
+    chosen = rng.choice(len(test), args.planted, replace=False)
+    planted: dict[int, tuple[str, int]] = {}
+    for j, t in enumerate(chosen):
+        img = test.load(int(t))
+        for kind in KINDS:
+            planted[len(blobs)] = (kind, int(t))
+            blobs.append(planted_copy(img, kind, j))
+    order = rng.permutation(len(blobs))
+    blobs = [blobs[i] for i in order]
+    return blobs, {int(np.flatnonzero(order == row)[0]): v for row, v in planted.items()}
+
+
+def dedup_quality(work: Path, held: Path, pool_size: int, planted: dict, distance: int, args) -> dict:
+    """Select from the labeled store with dedup at ``distance``: the share of each kind of planted
+    copy dropped (recall) and the backgrounds dropped (false positives)."""
+    t = time.perf_counter()
+    sel = select_from_store(work / "store", work / f"sel-{distance}" / "selection.parquet", threshold=0.0,
+                            balance=False, heldout=held, dedup_distance=distance, threads=1)
+    seconds = time.perf_counter() - t
+    offsets = np.cumsum([0] + [min(args.shard_size, pool_size - s) for s in range(0, pool_size, args.shard_size)])
+    table = pq.read_table(sel.path, columns=["shard", "index"])
+    kept = np.zeros(pool_size, bool)
+    kept[offsets[table.column("shard").to_numpy()] + table.column("index").to_numpy()] = True
+    recall = {k: float(np.mean([not kept[r] for r, (kind, _) in planted.items() if kind == k])) for k in KINDS}
+    false_pos = int((~kept).sum()) - sum(not kept[r] for r in planted)
+    print(f"distance {distance}: recall {recall}, false positives {false_pos} "
+          f"({100 * false_pos / args.pool:.3f}% of the pool), select {seconds:.1f}s", flush=True)
+    return {"recall": recall, "false_positives": false_pos, "false_positive_share": false_pos / args.pool,
+            "dropped": sel.dedup["dropped"], "exact": sel.dedup["exact"], "bands": sel.dedup["bands"],
+            "select_seconds": round(seconds, 2)}
+
+
+def lookalike_share(train, test, distances: list[int]) -> dict[int, float]:
+    """In-distribution look-alikes: the share of Fashion-MNIST train images within each perceptual-hash
+    distance of some test image."""
+    _, p_train = hash_images((train.load(i) for i in range(len(train))), "L")
+    _, p_test = hash_images((test.load(i) for i in range(len(test))), "L")
+    nearest = np.full(len(p_train), 64)
+    for s in range(0, len(p_test), 1000):
+        nearest = np.minimum(nearest, hamming(p_train[:, None], p_test[None, s:s + 1000]).min(1))
+    shares = {d: float((nearest <= d).mean()) for d in distances}
+    print(f"Fashion-MNIST train images within d of a test image: {shares}", flush=True)
+    return shares
 
 
 if __name__ == "__main__":

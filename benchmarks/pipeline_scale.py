@@ -238,6 +238,30 @@ def _load() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
+def run_case(work: Path, data: Path, form: str, n: int, args, env: dict) -> dict:
+    """Write a pool of ``n`` images in ``form``, run the whole loop on it in a child process (its
+    own peak RSS), and remove both the pool and the run."""
+    name = f"{form}-{n}"
+    pool_dir = work / f"pool-{name}"
+    t = time.perf_counter()
+    shutil.rmtree(pool_dir, ignore_errors=True)
+    pool = write_webdataset(pool_dir, n, args.tar_size) if form == "webdataset" else write_folder(pool_dir, n)
+    write_s = time.perf_counter() - t
+    run_dir = work / f"run-{name}"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    load_before = _load()
+    out = subprocess.run([sys.executable, __file__, "--child", str(run_dir),
+                          "--sets", json.dumps(overrides(data, pool, n, args))],
+                         capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        sys.stderr.write(out.stdout[-4000:] + out.stderr[-4000:])
+        raise SystemExit(f"{name}: the run failed (exit {out.returncode})")
+    shutil.rmtree(pool_dir, ignore_errors=True)  # the big data goes as soon as it has been used
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return {"form": form, "images": n, "write_pool_s": round(write_s, 1), "load_before": load_before,
+            "load_after": _load(), **json.loads(out.stdout.strip().splitlines()[-1])}
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="10^3 and 10^4, WebDataset and folder")
@@ -274,27 +298,8 @@ def main(argv=None) -> dict:
             write_labeled(data)
         for form, n in cases:
             name = f"{form}-{n}"
-            pool_dir = work / f"pool-{name}"
-            t = time.perf_counter()
-            shutil.rmtree(pool_dir, ignore_errors=True)
-            pool = (write_webdataset(pool_dir, n, args.tar_size) if form == "webdataset"
-                    else write_folder(pool_dir, n))
-            write_s = time.perf_counter() - t
-            run_dir = work / f"run-{name}"
-            shutil.rmtree(run_dir, ignore_errors=True)
-            load_before = _load()
-            out = subprocess.run([sys.executable, __file__, "--child", str(run_dir),
-                                  "--sets", json.dumps(overrides(data, pool, n, args))],
-                                 capture_output=True, text=True, env=env)
-            if out.returncode != 0:
-                sys.stderr.write(out.stdout[-4000:] + out.stderr[-4000:])
-                raise SystemExit(f"{name}: the run failed (exit {out.returncode})")
-            runs[name] = {"form": form, "images": n, "write_pool_s": round(write_s, 1),
-                          "load_before": load_before, "load_after": _load(),
-                          **json.loads(out.stdout.strip().splitlines()[-1])}
+            runs[name] = run_case(work, data, form, n, args, env)
             print(json.dumps({name: runs[name]}), file=sys.stderr, flush=True)
-            shutil.rmtree(pool_dir, ignore_errors=True)  # the big data goes as soon as it has been used
-            shutil.rmtree(run_dir, ignore_errors=True)
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)

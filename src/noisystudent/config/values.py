@@ -4,6 +4,7 @@ schema's defaults (what a config's fingerprint hashes)."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import typing
 from typing import Any
 
@@ -29,8 +30,7 @@ def changed_from_defaults(obj: Any) -> dict:
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
         default = _default_of(f)
-        if default is not dataclasses.MISSING and \
-                _normalised_value(value, hints[f.name]) == _normalised_value(default, hints[f.name]):
+        if default is not dataclasses.MISSING and _same(value, default, hints[f.name]):
             continue
         if dataclasses.is_dataclass(value):
             changed[f.name] = changed_from_defaults(value)
@@ -41,6 +41,12 @@ def changed_from_defaults(obj: Any) -> dict:
         else:
             changed[f.name] = _normalised_value(value, hints[f.name])
     return changed
+
+
+def _same(value: Any, default: Any, tp: Any) -> bool:
+    # as the hash sees them (JSON: a tuple default equals the list a config.yaml reads back)
+    return json.dumps(_normalised_value(value, tp), sort_keys=True) == \
+        json.dumps(_normalised_value(default, tp), sort_keys=True)
 
 
 def _default_of(f: dataclasses.Field) -> Any:

@@ -28,25 +28,24 @@ def changed_from_defaults(obj: Any) -> dict:
     hints = typing.get_type_hints(type(obj))
     changed = {}
     for f in dataclasses.fields(obj):
-        value = getattr(obj, f.name)
+        value, tp = getattr(obj, f.name), hints[f.name]
+        normalised = _normalised_value(value, tp)
         default = _default_of(f)
-        if default is not dataclasses.MISSING and _same(value, default, hints[f.name]):
+        # compared as the hash sees them (JSON: a tuple default equals the list a config.yaml reads back)
+        if default is not dataclasses.MISSING and _as_json(normalised) == _as_json(_normalised_value(default, tp)):
             continue
         if dataclasses.is_dataclass(value):
             changed[f.name] = changed_from_defaults(value)
         elif isinstance(value, list):  # e.g. students: each one as its own changed keys
-            items = _normalised_value(value, hints[f.name])
             changed[f.name] = [changed_from_defaults(v) if dataclasses.is_dataclass(v) else item
-                               for v, item in zip(value, items)]
+                               for v, item in zip(value, normalised)]
         else:
-            changed[f.name] = _normalised_value(value, hints[f.name])
+            changed[f.name] = normalised
     return changed
 
 
-def _same(value: Any, default: Any, tp: Any) -> bool:
-    # as the hash sees them (JSON: a tuple default equals the list a config.yaml reads back)
-    return json.dumps(_normalised_value(value, tp), sort_keys=True) == \
-        json.dumps(_normalised_value(default, tp), sort_keys=True)
+def _as_json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True)
 
 
 def _default_of(f: dataclasses.Field) -> Any:

@@ -249,7 +249,9 @@ def main(argv: list[str] | None = None) -> dict:
         t = time.perf_counter()
         write_heldout_hashes(held, {"test": test}, "L")
         heldout_s = time.perf_counter() - t
-        quality = {d: dedup_quality(work, held, len(pool), planted, d, args) for d in args.distances}
+        # each shard's first pool row: a selection names rows by (shard, index)
+        offsets = np.cumsum([0] + [min(args.shard_size, len(pool) - s) for s in range(0, len(pool), args.shard_size)])
+        quality = {d: dedup_quality(work, held, offsets, planted, d, args) for d in args.distances}
         lookalikes = lookalike_share(train, test, args.distances)
         tp = throughput(EncodedImages(blobs[:args.throughput_images]), model, work, args)
     finally:
@@ -285,16 +287,16 @@ def planted_pool(args, test, rng) -> tuple[list[bytes], dict[int, tuple[str, int
     return blobs, {int(np.flatnonzero(order == row)[0]): v for row, v in planted.items()}
 
 
-def dedup_quality(work: Path, held: Path, pool_size: int, planted: dict, distance: int, args) -> dict:
+def dedup_quality(work: Path, held: Path, offsets: np.ndarray, planted: dict, distance: int, args) -> dict:
     """Select from the labeled store with dedup at ``distance``: the share of each kind of planted
-    copy dropped (recall) and the backgrounds dropped (false positives)."""
+    copy dropped (recall) and the backgrounds dropped (false positives). ``offsets``: each shard's
+    first pool row (the last entry is the pool's size)."""
     t = time.perf_counter()
     sel = select_from_store(work / "store", work / f"sel-{distance}" / "selection.parquet", threshold=0.0,
                             balance=False, heldout=held, dedup_distance=distance, threads=1)
     seconds = time.perf_counter() - t
-    offsets = np.cumsum([0] + [min(args.shard_size, pool_size - s) for s in range(0, pool_size, args.shard_size)])
     table = pq.read_table(sel.path, columns=["shard", "index"])
-    kept = np.zeros(pool_size, bool)
+    kept = np.zeros(int(offsets[-1]), bool)
     kept[offsets[table.column("shard").to_numpy()] + table.column("index").to_numpy()] = True
     recall = {k: float(np.mean([not kept[r] for r, (kind, _) in planted.items() if kind == k])) for k in KINDS}
     false_pos = int((~kept).sum()) - sum(not kept[r] for r in planted)

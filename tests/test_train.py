@@ -1,6 +1,7 @@
 """The training loop's building blocks: data streams, checkpoint files, precision, optimizer."""
 
 import json
+import logging
 import random
 import signal
 
@@ -286,6 +287,18 @@ def test_callbacks_get_every_evaluation_and_every_nth_step():
     for r in collect.steps:
         assert set(r) == {"step", "epoch", "loss", "lr", "img_s", "seconds"}
         assert r["img_s"] > 0 and np.isfinite(r["loss"]) and r["epoch"] == pytest.approx(r["step"] / 7)
+
+
+def test_a_stage_of_few_steps_is_warned_about_and_a_long_one_is_not(caplog):
+    labeled, pseudo, val = digits_data(augment=False)  # 50 labeled + 96 pseudo: 7 steps per pass at 8 + 24
+    with caplog.at_level(logging.WARNING, logger="noisystudent"):
+        for epochs in (2, 15):
+            recipe = Recipe(name=f"student-{epochs}", num_classes=NUM_CLASSES, epochs=epochs, lr=0.1,
+                            train=student_config(checkpoint_every=0))
+            Trainer(recipe, RunContext(progress=False)).fit(TinyNet(), labeled, val, pseudo)
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 1 and warned[0].startswith("[student-2] only 14 optimizer steps (2 passes of 7 steps")
+    assert "50 labeled + 96 pseudo-labeled images" in warned[0] and "train.epochs" in warned[0]
 
 
 def test_stage_patience_resolves_from_train_and_stage_keys():

@@ -69,6 +69,9 @@ from .state import TrainingPreempted, catch_sigterm
 from .streams import JointBatches, mix_seed, steps_per_epoch
 
 log = logging.getLogger("noisystudent")
+# Below this many optimizer steps a stage learns little (a digits student of 3 passes over a small
+# pseudo-labeled set took 9 steps and stayed at chance); the user is told, not refused.
+FEW_STEPS = 100
 
 
 # ------------------------------------------------------------------------------ what and where
@@ -304,6 +307,10 @@ class _Fit:
             if ctx.is_main:
                 log.info(f"[{name}] resuming from {resumed.path} (step {self.progress.step}/{self.plan.total_steps})")
         self.start_step = self.progress.step
+        if ctx.is_main and resumed is None and self.plan.total_steps < FEW_STEPS:
+            log.warning(f"[{name}] only {self.plan.total_steps} optimizer steps ({self.recipe.epochs:g} passes of "
+                        f"{self.plan.per_epoch} steps over {self._images()}): too few to learn much; raise "
+                        "train.epochs or this stage's epochs")
         self.batches = JointBatches(self.labeled, self.pseudo, self.streams, ctx, self.start_step,
                                     self.run.num_workers, self.cfg.channels_last, self.recipe.num_classes,
                                     self.cfg.label_smoothing)
@@ -318,6 +325,10 @@ class _Fit:
         # On a CPU, the thread count follows what other processes leave free (when it is ours to set).
         self.governor = ThreadGovernor(name) if ctx.device.type == "cpu" else None
         self.running = torch.tensor(running_loss, device=ctx.device)
+
+    def _images(self) -> str:
+        pseudo = f" + {len(self.pseudo)} pseudo-labeled" if self.plan.unl_batch else ""
+        return f"{len(self.labeled)} labeled{pseudo} images"
 
     def steps_left(self) -> bool:
         return self.progress.step < self.plan.total_steps and not self.stopped_early()

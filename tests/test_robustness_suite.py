@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -121,3 +122,25 @@ def test_known_clean_accuracy_is_reused_not_recomputed(monkeypatch):
     assert res["corruptions"]["clean_error"] == pytest.approx(measured["error"])
     evaluate_robustness(model, data, suites=["clean"], progress=False)
     assert calls == [1]
+
+
+def test_a_saved_result_is_reused_only_under_the_settings_it_was_computed_with(tmp_path):
+    """The key of a (suite, model) result is every setting of the suites that changes numbers,
+    read back equal from JSON (tuples become lists); which suites run and batching are not in it."""
+    import dataclasses
+    from noisystudent.config.schema import EvaluateConfig
+    from noisystudent.data.datasets import ArrayImageSet
+    from noisystudent.evaluate.classifier import _read_result, _result_key, _write_result, robustness_settings
+
+    checkpoint = tmp_path / "model.pt"
+    checkpoint.write_bytes(b"weights")
+    images = ArrayImageSet(np.zeros((4, 8, 8), np.uint8), np.arange(4))
+    settings = robustness_settings(EvaluateConfig(suites=["fgsm"], max_images=4), seed=3)
+    key = _result_key(checkpoint, images, settings)
+    _write_result(tmp_path, "fgsm", "teacher", key, {"top1": 50.0})
+    batched_else = dataclasses.replace(settings, suites=("clean", "fgsm"), batch_size=7)
+    assert _read_result(tmp_path, "fgsm", "teacher", _result_key(checkpoint, images, batched_else)) == {"top1": 50.0}
+    for change in ({"fgsm_eps": (0, 8)}, {"seed": 4}, {"max_images": 3}, {"preset": "imagenet"},
+                   {"corruptions": ("fog",)}):
+        other = _result_key(checkpoint, images, dataclasses.replace(settings, **change))
+        assert _read_result(tmp_path, "fgsm", "teacher", other) is None, change

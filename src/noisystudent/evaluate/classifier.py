@@ -81,7 +81,7 @@ def evaluate_checkpoints(checkpoints: dict[str, Path], images: ImageSet, cfg: Ev
     settings = robustness_settings(cfg, seed)
     results = {}
     for name, path in checkpoints.items():
-        key = _result_key(path, images, cfg, seed)
+        key = _result_key(path, images, settings)
         loaded = None  # the model is loaded only if some suite still has to run
         clean = (known_clean or {}).get(name) if cfg.max_images is None else None
         merged: dict = {}
@@ -122,14 +122,15 @@ def _load_for_robustness(path: Path, images: ImageSet, channels: int, device: to
     return model.to(device), meta, TransformedSet(images, clean_pixel_transform(meta))
 
 
-def _result_key(path: Path, images: ImageSet, cfg: EvaluateConfig, seed: int) -> dict:
+def _result_key(path: Path, images: ImageSet, settings: RobustnessSettings) -> dict:
     """What a saved (suite, model) result depends on: the checkpoint file (by size and time, not
-    by hashing gigabytes) and every setting that changes the numbers."""
+    by hashing gigabytes), the images, and every setting that changes the numbers (all of the
+    suites' settings but which suites run and how they are batched), as JSON reads them back."""
     st = Path(path).stat()
+    unused = ("suites", "batch_size", "num_workers")
+    numbers = {k: v for k, v in dataclasses.asdict(settings).items() if k not in unused}
     return {"checkpoint": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "n_images": len(images),
-            "seed": seed, "max_images": cfg.max_images, "severities": list(cfg.severities),
-            "fgsm_eps": list(cfg.fgsm_eps), "pgd_steps": cfg.pgd_steps, "normalizer": cfg.normalizer,
-            "natural_adversarial_dir": cfg.natural_adversarial_dir}
+            **json.loads(json.dumps(numbers, default=str))}
 
 
 def _result_path(folder: Path, suite: str, name: str) -> Path:

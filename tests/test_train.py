@@ -299,6 +299,13 @@ def test_a_stage_of_few_steps_is_warned_about_and_a_long_one_is_not(caplog):
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warned) == 1 and warned[0].startswith("[student-2] only 14 optimizer steps (2 passes of 7 steps")
     assert "50 labeled + 96 pseudo-labeled images" in warned[0] and "train.epochs" in warned[0]
+    # in a run, the warning names the key that sets that stage's length
+    cfg = load_config(None, ["teacher.model=ns_cnn_s", "students=[{model: ns_cnn_s}, {model: ns_cnn_m}]",
+                             "pseudo.ensemble_size=2", "finetune.enabled=true"])
+    keys = {s.name: Recipe.of_stage(s, 10).epochs_key for s in resolve_stages(cfg)}
+    assert keys == {"teacher": "teacher.epochs", "teacher-2": "teacher.epochs", "baseline": "baseline.epochs",
+                    "student-1": "students[0].epochs", "student-2": "students[1].epochs",
+                    "fixres": "finetune.epochs"}
 
 
 def test_stage_patience_resolves_from_train_and_stage_keys():

@@ -153,6 +153,12 @@ def _member_stage(cfg: Config, teacher: ResolvedStage, k: int) -> ResolvedStage:
                                seed=stage_seed(_or(cfg.teacher.seed, cfg.seed), name))
 
 
+def epochs_key(stage: ResolvedStage) -> str:
+    """The config key that sets ``stage``'s length: its own section's ``epochs`` (the baseline's
+    is ``baseline.epochs``; its ``config_key`` names the final student, whose model it trains)."""
+    return "baseline.epochs" if stage.role == "baseline" else f"{stage.config_key}.epochs"
+
+
 def baseline_of(stages: list[ResolvedStage]) -> ResolvedStage | None:
     """The stage the Noisy Student gain is measured against: the baseline stage when the run has
     one, else the teacher when it has the final student's architecture; None otherwise."""

@@ -52,7 +52,7 @@ from timm.loss import SoftTargetCrossEntropy
 from torch.utils.data import Dataset
 
 from ..config.schema import TrainConfig
-from ..config.stages import ResolvedStage
+from ..config.stages import ResolvedStage, epochs_key
 from ..data.device_input import EvalCache
 from ..evaluate.classifier import evaluate_classifier
 from ..runtime.cpu import ThreadGovernor
@@ -97,6 +97,7 @@ class Recipe:
     seed: int = 0
     keep_best: bool = True
     frozen_blocks: int | None = 0
+    epochs_key: str = "train.epochs"  # the config key a user raises to train longer (named in warnings)
 
     @classmethod
     def of_stage(cls, stage: ResolvedStage, num_classes: int) -> "Recipe":
@@ -107,7 +108,8 @@ class Recipe:
             raise ConfigError(f"stage {stage.name} has no resolved training settings")
         fixres = stage.role == "fixres"
         return cls(name=stage.name, num_classes=num_classes, epochs=stage.epochs, lr=stage.lr, train=stage.train,
-                   seed=stage.seed, keep_best=not fixres, frozen_blocks=stage.frozen_blocks if fixres else 0)
+                   seed=stage.seed, keep_best=not fixres, frozen_blocks=stage.frozen_blocks if fixres else 0,
+                   epochs_key=epochs_key(stage))
 
 
 @dataclass
@@ -310,7 +312,7 @@ class _Fit:
         if ctx.is_main and resumed is None and self.plan.total_steps < FEW_STEPS:
             log.warning(f"[{name}] only {self.plan.total_steps} optimizer steps ({self.recipe.epochs:g} passes of "
                         f"{self.plan.per_epoch} steps over {self._images()}): too few to learn much; raise "
-                        "train.epochs or this stage's epochs")
+                        f"{self.recipe.epochs_key}")
         self.batches = JointBatches(self.labeled, self.pseudo, self.streams, ctx, self.start_step,
                                     self.run.num_workers, self.cfg.channels_last, self.recipe.num_classes,
                                     self.cfg.label_smoothing)

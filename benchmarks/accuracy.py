@@ -30,7 +30,9 @@ Variants (each over the seeds; the test split is only ever reported, never used 
   oracle               the final architecture trained on every training label (supervised), for
                        the same number of epochs as that student (compute-matched)
   oracle-converged     the same on every label with a fixed budget that reaches its plateau
-                       (``CONVERGED``); computed once per seed and cached by config fingerprint
+                       (``CONVERGED``)
+Both oracles are computed once per seed and config and cached by the config's fingerprint
+(``--oracle-cache``): a recipe trial that does not change them reads them back.
 Each seed's teacher is trained once; every other variant of that seed starts from it
 (``teacher.pretrained`` + ``teacher.epochs=0``), so variants differ only in what they ablate.
 The label ablations train one iteration and compare with noisy-student-iter1, as the paper
@@ -91,7 +93,7 @@ CONVERGED = {"fashion-mnist": ["teacher.epochs=10", "train.batch_size=128", "tea
                                "train.precision=fp32"],
              "digits": ["teacher.epochs=100"]}
 QUICK_CONVERGED = {"fashion-mnist": ["teacher.epochs=1"], "digits": ["teacher.epochs=10"]}
-CACHE_VERSION = 1  # of the converged oracle's cache entries (another version is a miss)
+CACHE_VERSION = 1  # of the oracles' cache entries (another version is a miss)
 OOD_DEFAULT = {"fashion-mnist": True, "digits": False}
 # the one-iteration label ablations (hard- or soft-labels, no-balancing): 2 more students per seed; on for
 # digits (seconds each), off for Fashion-MNIST, where they would take the run past its 150 minutes
@@ -156,11 +158,13 @@ def _one_teacher(cfg) -> list[str]:
 
 def _on_every_label(config: str, seed: int, extra: list[str]) -> tuple[list[str], object]:
     """Overrides for a supervised run of the final student's architecture on every training label
-    (no students), and the run's config."""
+    (no students), and the run's config. It validates at ``train.eval_every``, not at the
+    teacher's own cadence: its epochs are a student's passes over the whole training split, not a
+    teacher's short ones over the few labels."""
     cfg = load_config(config, [f"seed={seed}", *extra])
     final = cfg.students[-1]
     return [f"seed={seed}", *extra, "data.labels_per_class=null", f"teacher.model={final.model}", "students=[]",
-            *_one_teacher(cfg)], cfg
+            "teacher.eval_every=null", *_one_teacher(cfg)], cfg
 
 
 def oracle_task(config: str, seed: int, extra: list[str], oracle_extra: list[str]) -> Task:
@@ -251,11 +255,11 @@ def variant_order(num_students: int, ood: bool = False) -> list[str]:
             *(OOD_VARIANTS if ood else ()), SUPERVISED_FINAL, *ORACLES]
 
 
-# ------------------------------------------------------------------ the converged oracle's cache
+# ------------------------------------------------------------------ the oracles' cache
 
 
 def oracle_cache_path(cache_dir: Path, fingerprint: str) -> Path:
-    """Where the converged oracle of one config is kept: ``<cache>/oracle-<fingerprint>.json``."""
+    """Where the oracle of one config is kept: ``<cache>/oracle-<fingerprint>.json``."""
     return Path(cache_dir) / f"oracle-{fingerprint}.json"
 
 
@@ -277,7 +281,7 @@ def read_cached_oracle(path: Path, fingerprint: str) -> dict | None:
 
 
 def write_cached_oracle(path: Path, fingerprint: str, task: Task, stage: dict) -> dict:
-    """Store a finished converged oracle (written to a temp file, then renamed)."""
+    """Store a finished oracle (written to a temp file, then renamed)."""
     entry = {"version": CACHE_VERSION, "fingerprint": fingerprint, "seed": task.seed, "overrides": task.overrides,
              "test_top1": stage["test_top1"], "val_top1": stage["val_top1"], "seconds": stage["seconds"],
              "best_epoch": stage.get("best_epoch"), "epochs": stage.get("epochs"), "model": stage.get("model"),
@@ -292,31 +296,35 @@ def write_cached_oracle(path: Path, fingerprint: str, task: Task, stage: dict) -
 
 @dataclass
 class Plan:
-    """What a run starts with: the tasks ready at once (teachers, oracles, converged oracles missing
-    from the cache) and the converged oracles read from the cache, by seed."""
+    """What a run starts with: the tasks ready at once (teachers, supervised-final, the oracles
+    missing from the cache) and the oracles read from the cache; the last three are keyed by
+    ``(variant, seed)`` for both oracles."""
 
     ready: list[Task]
-    cached: dict[int, dict]
-    cache_paths: dict[int, Path]
-    fingerprints: dict[int, str]
+    cached: dict[tuple[str, int], dict]
+    cache_paths: dict[tuple[str, int], Path]
+    fingerprints: dict[tuple[str, int], str]
 
 
 def plan_benchmark(config: str, seeds: list[int], extra: list[str], oracle_extra: list[str],
                    converged_extra: list[str], cache_dir: Path) -> Plan:
-    """The initial tasks; each seed's converged oracle is a task only on a cache miss."""
+    """The initial tasks; each seed's oracles (compute-matched and converged) are tasks only on a
+    cache miss. Both are supervised references that no Noisy Student setting changes unless it
+    changes their own config (the final architecture, its epochs, the data, the teacher's noise),
+    which their fingerprint holds, so a recipe trial or a rerun does not retrain them."""
     ready = [teacher_task(config, s, extra) for s in seeds]
-    ready += [oracle_task(config, s, extra, oracle_extra) for s in seeds]
     ready += [t for t in (supervised_final_task(config, s, extra) for s in seeds) if t is not None]
     cached, paths, fingerprints = {}, {}, {}
     for s in seeds:
-        task = converged_task(config, s, extra, converged_extra)
-        fingerprints[s] = fp = task_fingerprint(config, task)
-        paths[s] = oracle_cache_path(cache_dir, fp)
-        entry = read_cached_oracle(paths[s], fp)
-        if entry is None:
-            ready.append(task)
-        else:
-            cached[s] = entry
+        for task in (oracle_task(config, s, extra, oracle_extra), converged_task(config, s, extra, converged_extra)):
+            key = (task.variant, s)
+            fingerprints[key] = fp = task_fingerprint(config, task)
+            paths[key] = oracle_cache_path(cache_dir, fp)
+            entry = read_cached_oracle(paths[key], fp)
+            if entry is None:
+                ready.append(task)
+            else:
+                cached[key] = entry
     return Plan(sorted(ready), cached, paths, fingerprints)
 
 
@@ -385,7 +393,7 @@ def run_benchmark(config: str, seeds: list[int], extra: list[str], oracle_extra:
     converged_extra = converged_extra or []
     plan = plan_benchmark(config, seeds, extra, oracle_extra, converged_extra, cache_dir or out / ".cache")
     results: dict[int, dict[str, dict]] = {s: {} for s in seeds}
-    notes: dict = {"converged": {}, "ood": {s: {} for s in seeds}, "chosen": {}}
+    notes: dict = {"oracle": {}, "converged": {}, "ood": {s: {} for s in seeds}, "chosen": {}}
     ready = plan.ready
     running: dict[Future, Task] = {}
     labelers: dict[str, list[Path]] = {}  # first_labeling key -> runs that label (or labeled) it
@@ -410,17 +418,18 @@ def run_benchmark(config: str, seeds: list[int], extra: list[str], oracle_extra:
         print(f"  seed {seed} {name:<20} test top-1 {stage['test_top1']:6.2f}  val {stage['val_top1']:6.2f}  "
               f"({seconds:.0f}s)", file=sys.stderr, flush=True)
 
-    def converged_note(seed: int, entry: dict, cache: str) -> None:
-        notes["converged"][seed] = {"cache": cache, "path": str(plan.cache_paths[seed]),
-                                    "best_epoch": entry["best_epoch"], "epochs": entry["epochs"],
-                                    "seconds": round(entry["seconds"], 1)}
-        if entry["best_epoch"] is not None and entry["epochs"] and entry["best_epoch"] >= entry["epochs"]:
+    def oracle_note(variant: str, seed: int, entry: dict, cache: str) -> None:
+        notes["converged" if variant == "oracle-converged" else "oracle"][seed] = {
+            "cache": cache, "path": str(plan.cache_paths[variant, seed]), "best_epoch": entry["best_epoch"],
+            "epochs": entry["epochs"], "seconds": round(entry["seconds"], 1)}
+        if variant == "oracle-converged" and entry["best_epoch"] is not None and entry["epochs"] and \
+                entry["best_epoch"] >= entry["epochs"]:
             print(f"  seed {seed} oracle-converged: best epoch is its last ({entry['epochs']}): still improving",
                   file=sys.stderr, flush=True)
 
-    for s, entry in plan.cached.items():
-        record(s, "oracle-converged", entry, entry["seconds"])
-        converged_note(s, entry, "hit")
+    for (variant, s), entry in plan.cached.items():
+        record(s, variant, entry, entry["seconds"])
+        oracle_note(variant, s, entry, "hit")
     ctx = mp.get_context("spawn")  # a fresh interpreter per worker: no forked torch thread pools
     with ProcessPoolExecutor(jobs, mp_context=ctx) as pool:
         while ready or running:
@@ -436,10 +445,10 @@ def run_benchmark(config: str, seeds: list[int], extra: list[str], oracle_extra:
                     if task.variant == "teacher":
                         ckpt = task_run_dir(out, task) / "teacher" / layout.MODEL
                         ready = sorted(ready + student_tasks(config, task.seed, extra, ckpt, ood, ablations))
-                    elif task.variant == "oracle-converged":
-                        fp = plan.fingerprints[task.seed]
-                        converged_note(task.seed, write_cached_oracle(plan.cache_paths[task.seed], fp, task, stages[0]),
-                                       "miss")
+                    elif task.variant in ORACLES:
+                        key = (task.variant, task.seed)
+                        entry = write_cached_oracle(plan.cache_paths[key], plan.fingerprints[key], task, stages[0])
+                        oracle_note(task.variant, task.seed, entry, "miss")
                 else:
                     record_student_run(task, summary, record, notes,
                                        no_iteration_is_first_student(load_config(config, extra).students))
@@ -503,7 +512,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="config override for every variant of every setting (e.g. train.epochs=4); may repeat")
     parser.add_argument("--oracle-cache", type=Path, default=None, metavar="DIR",
-                        help="where converged oracles and the OOD folder are kept (default: OUT/.cache); "
+                        help="where the oracles and the OOD folder are kept (default: OUT/.cache); "
                              "delete an oracle-<fingerprint>.json to recompute it")
     parser.add_argument("--converged-set", action="append", default=[], metavar="KEY=VALUE",
                         help="override for the converged oracle only, after its budget; may repeat")
@@ -567,6 +576,7 @@ def run_setting(args: argparse.Namespace, dataset: str) -> dict:
               **secondary_figures(table, per_seed),
               "oracle_converged": {"overrides": converged_extra, "cache_dir": str(cache_dir),
                                    "seeds": {str(s): notes["converged"][s] for s in seeds}},
+              "oracle_cache": {str(s): notes["oracle"][s] for s in seeds},
               "ood": None if ood is None else _ood_summary(ood, notes["ood"], seeds),
               # runs whose first label stage was another's store, linked (same teacher, pool, labeling)
               "shared_label_stores": notes["shared_labels"]}

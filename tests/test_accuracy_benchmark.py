@@ -159,7 +159,7 @@ def test_ood_variants_train_the_first_student_on_the_mixed_pool_from_the_seeds_t
                                                         "oracle-converged"]
 
 
-def test_converged_oracle_is_planned_and_cached_by_config_fingerprint(tmp_path):
+def test_oracles_are_planned_and_cached_by_config_fingerprint(tmp_path):
     converged = accuracy.CONVERGED["fashion-mnist"]
     plan = accuracy.plan_benchmark(FASHION, [0, 1], [], [], converged, tmp_path)
     tasks = {(t.variant, t.seed): t for t in plan.ready}
@@ -170,30 +170,44 @@ def test_converged_oracle_is_planned_and_cached_by_config_fingerprint(tmp_path):
     assert cfg.teacher.model == accuracy.load_config(FASHION).students[-1].model == "ns_cnn_s_wide"
     assert cfg.data.labels_per_class is None and cfg.students == []
     assert (cfg.teacher.epochs, cfg.train.batch_size, cfg.teacher.lr, cfg.train.precision) == (10, 128, 0.1, "fp32")
+    # an oracle validates every epoch: the teacher's cadence is for its short passes over the few labels
+    assert accuracy.load_config(FASHION).teacher.eval_every == 4 and cfg.teacher.eval_every is None
+    matched = accuracy.load_config(FASHION, tasks["oracle", 0].overrides)
+    assert matched.teacher.eval_every is None and matched.teacher.epochs == 10 == accuracy.load_config(FASHION).train.epochs
     # the longest task: right after the teachers, before the compute-matched oracle
     assert [t.variant for t in plan.ready[:3]] == ["teacher", "teacher", "oracle-converged"]
-    assert plan.fingerprints[0] != plan.fingerprints[1]  # one entry per seed
-    assert plan.cache_paths[0] == tmp_path / f"oracle-{plan.fingerprints[0]}.json"
+    assert len(set(plan.fingerprints.values())) == 4  # one entry per oracle and seed
+    assert plan.cache_paths["oracle-converged", 0] == tmp_path / f"oracle-{plan.fingerprints['oracle-converged', 0]}.json"
 
     stage = {"test_top1": 92.16, "val_top1": 92.4, "seconds": 1000.0, "best_epoch": 9, "epochs": 10}
-    accuracy.write_cached_oracle(plan.cache_paths[0], plan.fingerprints[0], tasks["oracle-converged", 0], stage)
+    key = ("oracle-converged", 0)
+    accuracy.write_cached_oracle(plan.cache_paths[key], plan.fingerprints[key], tasks[key], stage)
+    matched_key = ("oracle", 1)
+    accuracy.write_cached_oracle(plan.cache_paths[matched_key], plan.fingerprints[matched_key], tasks[matched_key],
+                                 stage | {"test_top1": 90.5})
     again = accuracy.plan_benchmark(FASHION, [0, 1], [], [], converged, tmp_path)
-    assert [(t.variant, t.seed) for t in again.ready if t.variant == "oracle-converged"] == [("oracle-converged", 1)]
-    assert again.cached[0]["test_top1"] == 92.16 and again.cached[0]["best_epoch"] == 9  # hit: not retrained
+    assert sorted((t.variant, t.seed) for t in again.ready if t.variant in accuracy.ORACLES) == \
+        [("oracle", 0), ("oracle-converged", 1)]
+    assert again.cached[key]["test_top1"] == 92.16 and again.cached[key]["best_epoch"] == 9  # hit: not retrained
+    assert again.cached[matched_key]["test_top1"] == 90.5
 
     changed = accuracy.plan_benchmark(FASHION, [0], [], [], converged + ["teacher.epochs=12"], tmp_path)
-    assert changed.cached == {} and [t.variant for t in changed.ready].count("oracle-converged") == 1  # missed
-    assert changed.fingerprints[0] != plan.fingerprints[0]
-    shared = accuracy.plan_benchmark(FASHION, [0], ["train.lr=0.2"], [], converged, tmp_path)
-    assert shared.cached == {}  # an override for every variant reaches the oracle's config too
+    assert ("oracle-converged", 0) not in changed.cached  # missed
+    assert [t.variant for t in changed.ready].count("oracle-converged") == 1
+    assert changed.fingerprints[key] != plan.fingerprints[key]
+    shared = accuracy.plan_benchmark(FASHION, [0, 1], ["train.lr=0.2"], [], converged, tmp_path)
+    assert shared.cached == {}  # an override for every variant reaches the oracles' configs too
+    longer = accuracy.plan_benchmark(FASHION, [1], ["train.epochs=12"], [], converged, tmp_path)
+    assert matched_key not in longer.cached  # the compute-matched oracle follows the student's epochs
     # an entry that does not match its name (edited, or another cache format) is a miss
-    entry = json.loads(plan.cache_paths[0].read_text())
-    plan.cache_paths[0].write_text(json.dumps(entry | {"fingerprint": "0" * 16}))
-    assert accuracy.plan_benchmark(FASHION, [0], [], [], converged, tmp_path).cached == {}
-    plan.cache_paths[0].write_text(json.dumps(entry | {"version": accuracy.CACHE_VERSION + 1}))
-    assert accuracy.read_cached_oracle(plan.cache_paths[0], plan.fingerprints[0]) is None
-    plan.cache_paths[0].write_text("{not json")
-    assert accuracy.read_cached_oracle(plan.cache_paths[0], plan.fingerprints[0]) is None
+    path, fp = plan.cache_paths[key], plan.fingerprints[key]
+    entry = json.loads(path.read_text())
+    path.write_text(json.dumps(entry | {"fingerprint": "0" * 16}))
+    assert key not in accuracy.plan_benchmark(FASHION, [0], [], [], converged, tmp_path).cached
+    path.write_text(json.dumps(entry | {"version": accuracy.CACHE_VERSION + 1}))
+    assert accuracy.read_cached_oracle(path, fp) is None
+    path.write_text("{not json")
+    assert accuracy.read_cached_oracle(path, fp) is None
 
 
 def test_ood_folder_holds_upscaled_digits_none_of_them_a_fashion_class(tmp_path):

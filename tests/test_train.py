@@ -323,6 +323,25 @@ def test_stage_patience_resolves_from_train_and_stage_keys():
         load_config(None, ["train.patience=0"])
 
 
+def test_stage_eval_every_resolves_from_train_and_stage_keys_and_sets_the_validated_epochs(tmp_path):
+    from noisystudent.pipeline import run_pipeline
+    from _tiny import tiny
+
+    cfg = load_config(None, ["train.eval_every=2", "teacher.eval_every=4", "pseudo.ensemble_size=2",
+                             "students=[{model: ns_cnn_s, eval_every: 1}, {model: ns_cnn_m}]"])
+    by_name = {s.name: s.train.eval_every for s in resolve_stages(cfg)}
+    # the ensemble's teachers and the baseline train with the teacher's recipe, its cadence too
+    assert by_name == {"teacher": 4, "teacher-2": 4, "baseline": 4, "student-1": 1, "student-2": 2}
+    with pytest.raises(ConfigError, match="eval_every"):
+        load_config(None, ["teacher.eval_every=0"])
+    cfg = load_config(None, tiny("students=[]", "teacher.epochs=7", "teacher.eval_every=3", "train.checkpoint_every=0"))
+    run_pipeline(cfg, tmp_path / "run", progress=False)
+    history = [json.loads(line) for line in (tmp_path / "run" / "teacher" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in history if "val_top1" in r] == [3, 6, 7]  # and always the last
+    metrics = json.loads((tmp_path / "run" / "teacher" / "metrics.json").read_text())
+    assert metrics["best_epoch"] in (3, 6, 7)
+
+
 def test_a_run_records_the_early_stop_in_metrics_json(tmp_path):
     from noisystudent.pipeline import run_pipeline
     from _tiny import tiny

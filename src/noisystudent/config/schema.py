@@ -215,6 +215,9 @@ class StageConfig:
                                                min=0)
     lr: float | None = _opt(None, "Override train.lr for this stage.", min=0)
     patience: int | None = _opt(None, "Override train.patience for this stage (early stopping).", min=1)
+    eval_every: int | None = _opt(None, "Override train.eval_every for this stage: a teacher of many short "
+                                  "epochs (200 passes over 1,000 labels) spends as long validating every epoch "
+                                  "as training; every 4th still finds its plateau.", min=1)
     test_size: int | None = _opt(None, "Evaluation resolution (default: the training resolution); above "
                                  "it, a fix-res fine-tune runs at the end of the chain.", min=4)
     seed: int | None = _opt(None, "This stage's own seed (initialisation, augmentation, batch order); null: derived "

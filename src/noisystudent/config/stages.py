@@ -107,10 +107,12 @@ def _training_stage(cfg: Config, stage: StageConfig, name: str, role: str, **ext
 
 
 def _stage_train(cfg: Config, stage: StageConfig, unlabeled_ratio: float) -> TrainConfig:
-    """The ``train`` section as one stage trains: its unlabeled ratio (0 without pseudo labels)
-    and its patience (``stage.patience``, else ``train.patience``)."""
+    """The ``train`` section as one stage trains: its unlabeled ratio (0 without pseudo labels),
+    its patience and validation cadence (``stage.patience`` / ``stage.eval_every``, else the
+    ``train`` section's)."""
     return dataclasses.replace(cfg.train, unlabeled_ratio=unlabeled_ratio,
-                               patience=_or(stage.patience, cfg.train.patience))
+                               patience=_or(stage.patience, cfg.train.patience),
+                               eval_every=_or(stage.eval_every, cfg.train.eval_every))
 
 
 def fixres_train_config(train: TrainConfig, batch_size: int | None = None) -> TrainConfig:

@@ -388,12 +388,12 @@ def run_benchmark(config: str, seeds: list[int], extra: list[str], oracle_extra:
                   ood: OodPool | None = None, ablations: bool = True) -> tuple[dict[int, dict[str, dict]], dict]:
     """All variants of all seeds (the label ablations only with ``ablations``):
     ``({seed: {variant: {"test_top1", "val_top1", "seconds"}}}, notes)``; ``notes`` has each seed's
-    converged-oracle cache use, the OOD variants' pool statistics and the runs that reused a
+    oracles' cache use (by variant), the OOD variants' pool statistics and the runs that reused a
     sibling's first pseudo-label store (:func:`share_label_store`)."""
     converged_extra = converged_extra or []
     plan = plan_benchmark(config, seeds, extra, oracle_extra, converged_extra, cache_dir or out / ".cache")
     results: dict[int, dict[str, dict]] = {s: {} for s in seeds}
-    notes: dict = {"oracle": {}, "converged": {}, "ood": {s: {} for s in seeds}, "chosen": {}}
+    notes: dict = {**{v: {} for v in ORACLES}, "ood": {s: {} for s in seeds}, "chosen": {}}
     ready = plan.ready
     running: dict[Future, Task] = {}
     labelers: dict[str, list[Path]] = {}  # first_labeling key -> runs that label (or labeled) it
@@ -419,7 +419,7 @@ def run_benchmark(config: str, seeds: list[int], extra: list[str], oracle_extra:
               f"({seconds:.0f}s)", file=sys.stderr, flush=True)
 
     def oracle_note(variant: str, seed: int, entry: dict, cache: str) -> None:
-        notes["converged" if variant == "oracle-converged" else "oracle"][seed] = {
+        notes[variant][seed] = {
             "cache": cache, "path": str(plan.cache_paths[variant, seed]), "best_epoch": entry["best_epoch"],
             "epochs": entry["epochs"], "seconds": round(entry["seconds"], 1)}
         if variant == "oracle-converged" and entry["best_epoch"] is not None and entry["epochs"] and \
@@ -575,7 +575,7 @@ def run_setting(args: argparse.Namespace, dataset: str) -> dict:
               "minutes": round((time.time() - start) / 60, 1),
               **secondary_figures(table, per_seed),
               "oracle_converged": {"overrides": converged_extra, "cache_dir": str(cache_dir),
-                                   "seeds": {str(s): notes["converged"][s] for s in seeds}},
+                                   "seeds": {str(s): notes["oracle-converged"][s] for s in seeds}},
               "oracle_cache": {str(s): notes["oracle"][s] for s in seeds},
               "ood": None if ood is None else _ood_summary(ood, notes["ood"], seeds),
               # runs whose first label stage was another's store, linked (same teacher, pool, labeling)

@@ -24,7 +24,8 @@ Variants (each over the seeds; the test split is only ever reported, never used 
                        as many images that belong to no class (scikit-learn's 8x8 digits upscaled
                        to 28 px, written as a PNG folder and passed as ``data.unlabeled``), with
                        soft or hard labels, the 0.3 confidence threshold on or off (Fashion-MNIST
-                       only by default: on digits the "out-of-domain" digits would be in domain)
+                       only by default: on digits the "out-of-domain" digits would be in domain;
+                       the two at 0.3 by default, ``--ood-variants`` for the others)
   supervised-final     the final architecture trained like the teacher, on the labeled images only:
                        what the larger model buys without the pool (when it differs from the teacher's)
   oracle               the final architecture trained on every training label (supervised), for
@@ -37,7 +38,7 @@ Each seed's teacher is trained once; every other variant of that seed starts fro
 (``teacher.pretrained`` + ``teacher.epochs=0``), so variants differ only in what they ablate.
 The label ablations train one iteration and compare with noisy-student-iter1, as the paper
 studies them (one B0 student from a B0 teacher); a whole chain per ablation would not fit the
-90-minute budget. ``COMPARE_WITH`` (accuracy_tables.py) names each variant's reference; the four
+90-minute budget. ``COMPARE_WITH`` (accuracy_tables.py) names each variant's reference; the
 out-of-domain variants are compared with each other. ``gap_closed`` is (student - teacher) / (oracle -
 teacher) with the compute-matched oracle, ``gap_closed_converged`` the same with the converged one.
 
@@ -102,6 +103,10 @@ OOD_RATIO = 1.0  # out-of-domain images per image of the dataset's own remainder
 # passes over the mixed pool (116k images at 1:1): 46k pseudo-labeled images without a threshold, 0.4 of
 # iteration 1's 116k; what fits the 90 minutes with 12 more tasks (the estimate is in docs/benchmarks.md)
 OOD_EPOCHS = 0.4
+# the OOD variants run by default: soft against hard labels at the shipped threshold, the paper's
+# question (soft labels are the safer choice for a pool with images of no class). The two without a
+# threshold (--ood-variants) would add 6 tasks, about 6 minutes, past the 150-minute budget.
+OOD_DEFAULT_VARIANTS = ("ood-soft-t0.3", "ood-hard-t0.3")
 QUICK_OOD_IMAGES, QUICK_OOD_EPOCHS = 1797, 0.05  # one rendering of each digit; ~3k pseudo images
 
 
@@ -120,12 +125,14 @@ class Task:
 class OodPool:
     """The out-of-domain images written for the run: ``images`` PNGs in ``folder``, mixed with the
     dataset's ``remainder`` (labels_per_class's leftover images) in the OOD variants' pool; their
-    student trains ``epochs`` passes over the pseudo-labeled stream."""
+    student trains ``epochs`` passes over the pseudo-labeled stream, once per name in ``variants``
+    (keys of ``OOD_VARIANTS``)."""
 
     folder: Path
     images: int
     remainder: int
     epochs: float
+    variants: tuple[str, ...] = tuple(OOD_VARIANTS)
 
 
 def task_run_dir(out: Path, task: Task) -> Path:
@@ -229,7 +236,7 @@ def student_tasks(config: str, seed: int, extra: list[str], teacher_ckpt: Path,
     if ood is not None:
         first = _only_student(students[0], epochs=ood.epochs)
         tasks += [Task((2, seed, 3 + i), v, seed, base + ood_overrides(ood, hard, thr) + [first])
-                  for i, (v, (hard, thr)) in enumerate(OOD_VARIANTS.items())]
+                  for i, (v, (hard, thr)) in enumerate((v, OOD_VARIANTS[v]) for v in ood.variants)]
     return tasks
 
 
@@ -246,13 +253,13 @@ def first_student_ablations(cfg) -> tuple[str, str]:
     return ("soft-labels" if cfg.pseudo.hard else "hard-labels"), "no-balancing"
 
 
-def variant_order(num_students: int, ood: bool = False) -> list[str]:
+def variant_order(num_students: int, ood_variants: tuple[str, ...] = ()) -> list[str]:
     """The table's rows: teacher, each iteration of the chain, the ablations, the supervised
     references (the final architecture on the labels alone, the oracles); runs that did not happen
     (no supervised-final when the final architecture is the teacher's) are left out of the table."""
     iterations = [f"noisy-student-iter{k}" for k in range(1, num_students)]
     return ["teacher", *iterations, "noisy-student", "no-noise", *LABEL_ABLATIONS, "no-iteration",
-            *(OOD_VARIANTS if ood else ()), SUPERVISED_FINAL, *ORACLES]
+            *ood_variants, SUPERVISED_FINAL, *ORACLES]
 
 
 # ------------------------------------------------------------------ the oracles' cache
@@ -455,7 +462,7 @@ def run_benchmark(config: str, seeds: list[int], extra: list[str], oracle_extra:
                     if task.variant in OOD_VARIANTS:
                         notes["ood"][task.seed][task.variant] = ood_stats(
                             Path(summary["run_dir"]), OOD_VARIANTS[task.variant][1])
-    order = variant_order(len(load_config(config, extra).students), ood is not None)
+    order = variant_order(len(load_config(config, extra).students), () if ood is None else ood.variants)
     notes["shared_labels"] = shared
     return {s: {n: r[n] for n in order if n in r} for s, r in results.items()}, notes
 
@@ -486,7 +493,7 @@ def _mean_or_none(values: list) -> float | None:
 def _ood_summary(ood: OodPool, notes: dict, seeds: list[int]) -> dict:
     """The mix and, per OOD variant, the pool statistics averaged over the seeds."""
     per_variant = {}
-    for v in OOD_VARIANTS:
+    for v in ood.variants:
         runs = [notes[s][v] for s in seeds if v in notes[s]]
         mean = lambda get: _mean_or_none([get(r) for r in runs])  # noqa: E731
         per_variant[v] = {"ood_confidence": mean(lambda r: r["ood"]["confidence"]),
@@ -521,6 +528,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ablations", action=argparse.BooleanOptionalAction, default=None,
                         help="run the one-iteration label ablations (hard- or soft-labels, no-balancing; default: on "
                              "for digits, off for fashion-mnist)")
+    parser.add_argument("--ood-variants", nargs="+", choices=list(OOD_VARIANTS), default=list(OOD_DEFAULT_VARIANTS),
+                        metavar="NAME", help="the out-of-domain variants to run (default: "
+                        f"{' '.join(OOD_DEFAULT_VARIANTS)}; all: {' '.join(OOD_VARIANTS)})")
     parser.add_argument("--ood-images", type=int, default=None,
                         help=f"out-of-domain images (default: {OOD_RATIO:g}x the remainder; "
                              f"--quick: {QUICK_OOD_IMAGES})")
@@ -543,12 +553,13 @@ def run_setting(args: argparse.Namespace, dataset: str) -> dict:
     start = time.time()
     ood = None
     # --quick stays quick: its capped pool leaves the OOD folder one image (the cap fills with the
-    # remainder first), so the OOD variants would label the whole uncapped pool four times.
+    # remainder first), so the OOD variants would label the whole uncapped pool once per variant.
     if (OOD_DEFAULT[dataset] and not args.quick) if args.ood is None else args.ood:
         remainder = remainder_size(CONFIGS[dataset], extra)
         count = args.ood_images or (QUICK_OOD_IMAGES if args.quick else round(OOD_RATIO * remainder))
         epochs = args.ood_epochs or (QUICK_OOD_EPOCHS if args.quick else OOD_EPOCHS)
-        ood = OodPool(write_ood_pool(cache_dir, count).resolve(), count, remainder, epochs)
+        ood = OodPool(write_ood_pool(cache_dir, count).resolve(), count, remainder, epochs,
+                      tuple(dict.fromkeys(args.ood_variants)))
     print(f"== {dataset}: seeds {seeds}, {args.jobs} worker(s)", file=sys.stderr, flush=True)
     ablations = ABLATIONS_DEFAULT[dataset] if args.ablations is None else args.ablations
     results, notes = run_benchmark(CONFIGS[dataset], seeds, extra, oracle_extra, out, args.jobs,

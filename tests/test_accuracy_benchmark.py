@@ -2,6 +2,7 @@
 oracle), its cache, the out-of-domain folder, the scheduler and the gap arithmetic for both
 oracles; one tiny digits run end to end."""
 
+import dataclasses
 import json
 import math
 import sys
@@ -155,8 +156,14 @@ def test_ood_variants_train_the_first_student_on_the_mixed_pool_from_the_seeds_t
         assert cfg.students[0].lr == chain[0].lr and cfg.seed == 1
         assert accuracy.teacher_task(FASHION, 9, []) < t
     assert accuracy_tables.COMPARE_WITH["ood-hard-t0.3"] == "ood-soft-t0.3"  # compared with each other
-    assert accuracy.variant_order(3, ood=True)[-7:] == [*accuracy.OOD_VARIANTS, "supervised-final", "oracle",
-                                                        "oracle-converged"]
+    assert accuracy.variant_order(3, ood.variants)[-7:] == [*accuracy.OOD_VARIANTS, "supervised-final", "oracle",
+                                                            "oracle-converged"]
+    # a subset (--ood-variants): only those are planned, in the order given
+    two = dataclasses.replace(ood, variants=("ood-hard-t0", "ood-soft-t0.3"))
+    names = [t.variant for t in accuracy.student_tasks(FASHION, 1, [], tmp_path / "t.pt", two)]
+    assert names[4:] == ["ood-hard-t0", "ood-soft-t0.3"]
+    assert accuracy.variant_order(1, two.variants)[-5:-3] == ["ood-hard-t0", "ood-soft-t0.3"]
+    assert accuracy.build_parser().parse_args([]).ood_variants == ["ood-soft-t0.3", "ood-hard-t0.3"]
 
 
 def test_oracles_are_planned_and_cached_by_config_fingerprint(tmp_path):
@@ -254,6 +261,7 @@ def test_benchmark_runs_every_variant_and_prints_json_last(tmp_path, tiny_overri
     cache = tmp_path / "cache"
     argv = ["--dataset", "digits", "--seeds", "0", "--jobs", "2", "--out", str(tmp_path / "out"),
             "--oracle-cache", str(cache), "--converged-set", "teacher.epochs=2", "--ood", "--ood-images", "40",
+            "--ood-variants", *accuracy.OOD_VARIANTS,
             "--set", "pseudo.ensemble_size=2"]
     for o in overrides:
         argv += ["--set", o]
@@ -265,7 +273,7 @@ def test_benchmark_runs_every_variant_and_prints_json_last(tmp_path, tiny_overri
     nn = last["noise_pays"]
     assert nn["points"] == pytest.approx(last["test_top1"]["noisy-student"] - last["test_top1"]["no-noise"], abs=0.011)
     # digits: two students; its chain has hard labels, so the label ablation is soft-labels, not hard-labels
-    assert list(last["test_top1"]) == [v for v in accuracy.variant_order(2, ood=True) if v != "hard-labels"]
+    assert list(last["test_top1"]) == [v for v in accuracy.variant_order(2, tuple(accuracy.OOD_VARIANTS)) if v != "hard-labels"]
     assert last["seeds"] == [0] and "gap_closed" in last and "gap_closed_converged" in last
     assert set(last["gap_closed_converged_by_variant"]) == set(last["gap_closed_by_variant"])
     assert last["ablation_delta"]["soft-labels"]["vs"] == "noisy-student-iter1"  # digits: hard labels

@@ -55,7 +55,6 @@ import json
 import multiprocessing as mp
 import os
 import platform
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -71,7 +70,7 @@ from noisystudent.pipeline import run_pipeline
 from noisystudent.runtime import rundir as layout
 from noisystudent.runtime.cpu import cpu_description
 
-from ood_digits import ood_stats, write_ood_pool  # benchmarks/ is on sys.path (the script's folder)
+from ood_digits import OodPool, ood_overrides, ood_stats, ood_summary, write_ood_pool  # benchmarks/ is on sys.path
 from accuracy_tables import (CHAINS, LABEL_ABLATIONS, OOD_VARIANTS, ORACLES, REFERENCES,
                              SUPERVISED_FINAL, aggregate, baseline_variant, noise_pays, ns_gain,
                              plateau_check, plot, precision_counts, print_table, secondary_figures)
@@ -119,20 +118,6 @@ class Task:
     seed: int = field(compare=False)
     overrides: list[str] = field(compare=False)
     ablation: str | None = field(compare=False, default=None)
-
-
-@dataclass(frozen=True)
-class OodPool:
-    """The out-of-domain images written for the run: ``images`` PNGs in ``folder``, mixed with the
-    dataset's ``remainder`` (labels_per_class's leftover images) in the OOD variants' pool; their
-    student trains ``epochs`` passes over the pseudo-labeled stream, once per name in ``variants``
-    (keys of ``OOD_VARIANTS``)."""
-
-    folder: Path
-    images: int
-    remainder: int
-    epochs: float
-    variants: tuple[str, ...] = tuple(OOD_VARIANTS)
 
 
 def task_run_dir(out: Path, task: Task) -> Path:
@@ -206,13 +191,6 @@ def _only_student(stage, **change) -> str:
     values = dataclasses.asdict(stage) | change
     settings = ", ".join(f"{k}: {v}" for k, v in values.items() if v is not None)
     return f"students=[{{{settings}}}]"
-
-
-def ood_overrides(ood: OodPool, hard: bool, threshold: float) -> list[str]:
-    """The OOD pool: the whole remainder plus the whole folder. ``data.max_unlabeled`` is lifted
-    because build_pool fills the cap with the remainder first, which would leave the folder out."""
-    return ["data.max_unlabeled=null", f"data.unlabeled={ood.folder}", f"pseudo.hard={str(hard).lower()}",
-            f"pseudo.threshold={threshold}"]
 
 
 def student_tasks(config: str, seed: int, extra: list[str], teacher_ckpt: Path,
@@ -485,27 +463,6 @@ def record_student_run(task: Task, summary: dict, record: Callable, notes: dict,
     record(task.seed, task.variant, chosen, sum(s["seconds"] for s in stages[1:]), wall)
 
 
-def _mean_or_none(values: list) -> float | None:
-    values = [v for v in values if v is not None]
-    return round(statistics.mean(values), 4) if values else None
-
-
-def _ood_summary(ood: OodPool, notes: dict, seeds: list[int]) -> dict:
-    """The mix and, per OOD variant, the pool statistics averaged over the seeds."""
-    per_variant = {}
-    for v in ood.variants:
-        runs = [notes[s][v] for s in seeds if v in notes[s]]
-        mean = lambda get: _mean_or_none([get(r) for r in runs])  # noqa: E731
-        per_variant[v] = {"ood_confidence": mean(lambda r: r["ood"]["confidence"]),
-                          "in_domain_confidence": mean(lambda r: r["in_domain"]["confidence"]),
-                          "ood_kept": mean(lambda r: r["ood"]["kept"]),
-                          "in_domain_kept": mean(lambda r: r["in_domain"]["kept"]),
-                          "ood_share_of_stream": mean(lambda r: r["ood_share_of_stream"]),
-                          "ood_images_labeled": mean(lambda r: r["ood"]["images"])}
-    return {"images": ood.images, "remainder": ood.remainder, "mix": f"{ood.images}:{ood.remainder} (OOD:in-domain)",
-            "epochs": ood.epochs, "folder": str(ood.folder), "per_variant": per_variant}
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dataset", choices=sorted(CONFIGS), nargs="+", default=list(SETTINGS),
@@ -588,7 +545,7 @@ def run_setting(args: argparse.Namespace, dataset: str) -> dict:
               "oracle_converged": {"overrides": converged_extra, "cache_dir": str(cache_dir),
                                    "seeds": {str(s): notes["oracle-converged"][s] for s in seeds}},
               "oracle_cache": {str(s): notes["oracle"][s] for s in seeds},
-              "ood": None if ood is None else _ood_summary(ood, notes["ood"], seeds),
+              "ood": None if ood is None else ood_summary(ood, notes["ood"], seeds),
               # runs whose first label stage was another's store, linked (same teacher, pool, labeling)
               "shared_label_stores": notes["shared_labels"]}
     out.mkdir(parents=True, exist_ok=True)

@@ -2,8 +2,9 @@
 
 scikit-learn's 8x8 digits (1,797 images, bundled with the package: nothing downloads) upscaled to
 28 px and written as a PNG folder, which ``benchmarks/accuracy.py`` passes as ``data.unlabeled``
-next to ``data.labels_per_class``; :func:`ood_stats` reads back how the teacher labeled the
-mixed pool and how much of the student's stream the digits became.
+next to ``data.labels_per_class`` (:func:`ood_overrides`, one run per name in ``OodPool.variants``);
+:func:`ood_stats` reads back how the teacher labeled the mixed pool and how much of the student's
+stream the digits became, :func:`ood_summary` averages that over the seeds.
 """
 
 from __future__ import annotations
@@ -12,9 +13,13 @@ import json
 import math
 import os
 import shutil
+import statistics
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from accuracy_tables import OOD_VARIANTS
 
 VERSION = 1  # of the folder's layout and rendering: a folder written by another version is rewritten
 SIZE = 28
@@ -97,3 +102,45 @@ def ood_stats(run_dir: Path, threshold: float) -> dict:
 
     return {"ood": part(ood), "in_domain": part(~ood),
             "ood_share_of_stream": round(float(copies[sel_ood].sum() / max(1, copies.sum())), 4)}
+
+
+@dataclass(frozen=True)
+class OodPool:
+    """The out-of-domain images written for the run: ``images`` PNGs in ``folder``, mixed with the
+    dataset's ``remainder`` (labels_per_class's leftover images) in the OOD variants' pool; their
+    student trains ``epochs`` passes over the pseudo-labeled stream, once per name in ``variants``
+    (keys of ``OOD_VARIANTS``)."""
+
+    folder: Path
+    images: int
+    remainder: int
+    epochs: float
+    variants: tuple[str, ...] = tuple(OOD_VARIANTS)
+
+
+def ood_overrides(ood: OodPool, hard: bool, threshold: float) -> list[str]:
+    """The OOD pool: the whole remainder plus the whole folder. ``data.max_unlabeled`` is lifted
+    because build_pool fills the cap with the remainder first, which would leave the folder out."""
+    return ["data.max_unlabeled=null", f"data.unlabeled={ood.folder}", f"pseudo.hard={str(hard).lower()}",
+            f"pseudo.threshold={threshold}"]
+
+
+def _mean_or_none(values: list) -> float | None:
+    values = [v for v in values if v is not None]
+    return round(statistics.mean(values), 4) if values else None
+
+
+def ood_summary(ood: OodPool, notes: dict, seeds: list[int]) -> dict:
+    """The mix and, per OOD variant, the pool statistics averaged over the seeds."""
+    per_variant = {}
+    for v in ood.variants:
+        runs = [notes[s][v] for s in seeds if v in notes[s]]
+        mean = lambda get: _mean_or_none([get(r) for r in runs])  # noqa: E731
+        per_variant[v] = {"ood_confidence": mean(lambda r: r["ood"]["confidence"]),
+                          "in_domain_confidence": mean(lambda r: r["in_domain"]["confidence"]),
+                          "ood_kept": mean(lambda r: r["ood"]["kept"]),
+                          "in_domain_kept": mean(lambda r: r["in_domain"]["kept"]),
+                          "ood_share_of_stream": mean(lambda r: r["ood_share_of_stream"]),
+                          "ood_images_labeled": mean(lambda r: r["ood"]["images"])}
+    return {"images": ood.images, "remainder": ood.remainder, "mix": f"{ood.images}:{ood.remainder} (OOD:in-domain)",
+            "epochs": ood.epochs, "folder": str(ood.folder), "per_variant": per_variant}

@@ -213,8 +213,8 @@ def student_tasks(config: str, seed: int, extra: list[str], teacher_ckpt: Path,
               for i, v in enumerate(first_student_ablations(cfg) if ablations else ())]
     if ood is not None:
         first = _only_student(students[0], epochs=ood.epochs)
-        tasks += [Task((2, seed, 3 + i), v, seed, base + ood_overrides(ood, hard, thr) + [first])
-                  for i, (v, (hard, thr)) in enumerate((v, OOD_VARIANTS[v]) for v in ood.variants)]
+        tasks += [Task((2, seed, 3 + i), v, seed, base + ood_overrides(ood, *OOD_VARIANTS[v]) + [first])
+                  for i, v in enumerate(ood.variants)]
     return tasks
 
 

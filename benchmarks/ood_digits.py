@@ -19,8 +19,6 @@ from pathlib import Path
 
 import numpy as np
 
-from accuracy_tables import OOD_VARIANTS
-
 VERSION = 1  # of the folder's layout and rendering: a folder written by another version is rewritten
 SIZE = 28
 CLASSES = [str(d) for d in range(10)]
@@ -109,13 +107,13 @@ class OodPool:
     """The out-of-domain images written for the run: ``images`` PNGs in ``folder``, mixed with the
     dataset's ``remainder`` (labels_per_class's leftover images) in the OOD variants' pool; their
     student trains ``epochs`` passes over the pseudo-labeled stream, once per name in ``variants``
-    (keys of ``OOD_VARIANTS``)."""
+    (keys of ``accuracy_tables.OOD_VARIANTS``; ``--ood-variants`` chooses them)."""
 
     folder: Path
     images: int
     remainder: int
     epochs: float
-    variants: tuple[str, ...] = tuple(OOD_VARIANTS)
+    variants: tuple[str, ...]
 
 
 def ood_overrides(ood: OodPool, hard: bool, threshold: float) -> list[str]:

@@ -138,7 +138,8 @@ def test_default_runs_both_settings_and_noise_pays_only_beyond_the_spread():
 
 def test_ood_variants_train_the_first_student_on_the_mixed_pool_from_the_seeds_teacher(tmp_path):
     chain = accuracy.load_config(FASHION).students
-    ood = accuracy.OodPool(tmp_path / "ood", images=58000, remainder=58000, epochs=0.5)
+    ood = accuracy.OodPool(tmp_path / "ood", images=58000, remainder=58000, epochs=0.5,
+                           variants=tuple(accuracy.OOD_VARIANTS))
     tasks = accuracy.student_tasks(FASHION, 1, [], tmp_path / "t.pt", ood)
     names = [t.variant for t in tasks]
     # no-iteration: iteration 1; the config chooses hard labels, so the label ablation is soft-labels

@@ -325,7 +325,8 @@ def first_labeling(config: str, task: Task) -> str | None:
     if first is None:
         return None
     labeling = dataclasses.asdict(first.labeling)
-    labeling.pop("select_seed")  # the selection's, not the labeling's
+    for key in ("select_seed", "hard"):  # the selection's, not the labeling's (a store keeps probabilities)
+        labeling.pop(key)
     return json.dumps({"seed": cfg.seed, "teacher": cfg.teacher.pretrained, "data": dataclasses.asdict(cfg.data),
                        "labeling": labeling, "shard_size": cfg.pseudo.shard_size,
                        "precision": cfg.pseudo.precision}, sort_keys=True, default=str)

@@ -143,7 +143,7 @@ def query_scale(rows: int, num_heldout: int, distances: list[int], seed: int) ->
     rng = np.random.default_rng(seed)
     work = Path(tempfile.mkdtemp(prefix="dedup-scale-"))
     shards = 8
-    header = StoreHeader(num_classes=10, teacher="bench", top_k=2, temperature=1.0, hard=False, precision="fp32",
+    header = StoreHeader(num_classes=10, teacher="bench", top_k=2, temperature=1.0, precision="fp32",
                          source={"kind": "bench", "num_shards": shards})
     out: dict = {"rows": rows, "heldout": num_heldout}
     try:

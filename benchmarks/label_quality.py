@@ -70,9 +70,10 @@ def pool_truth(run: Path) -> dict[str, int]:
     return {k: t for k, t in truth.items() if t >= 0}
 
 
-def store_quality(store_dir: Path, truth: dict[str, int]) -> dict:
-    """The label store's pseudo labels against the truth (every pool image)."""
-    labels = LabelStore.open(store_dir, require_complete=True).to_pseudo_labels()
+def store_quality(store_dir: Path, truth: dict[str, int], hard: bool = False) -> dict:
+    """The label store's pseudo labels against the truth (every pool image), read as the run's
+    students read them (``hard``: one-hot top-1, the run's ``pseudo.hard``)."""
+    labels = LabelStore.open(store_dir, require_complete=True).to_pseudo_labels(hard)
     known = np.array([k in truth for k in labels.keys], dtype=bool)
     y = np.array([truth[k] for k in np.asarray(labels.keys, dtype=object)[known]], np.int64)
     pred, conf = labels.predicted[known], labels.confidence[known]
@@ -123,9 +124,9 @@ def run_quality(run: Path) -> dict:
                         and (i := iteration_of(p.name)) is not None)
     if not iterations:
         sys.exit(f"{run}: no label stage (label-1, ...) to score; is it a finished run with a student?")
-    result = {}
+    result, hard = {}, load_config(run / CONFIG).pseudo.hard
     for i in iterations:
-        store = store_quality(run / label_stage(i), truth)
+        store = store_quality(run / label_stage(i), truth, hard)
         selection = run / select_stage(i) / SELECTION
         stream = stream_quality(selection, truth) if selection.exists() else {}
         result[label_stage(i)] = {**store, **stream}

@@ -61,7 +61,7 @@ def build_store(store_dir: Path, rows: int, shards: int, classes: int, top_k: in
     from noisystudent.label.store import StoreHeader, consolidate, write_header, write_shard
 
     k = min(top_k, classes)
-    header = StoreHeader(num_classes=classes, teacher="synthetic", top_k=k, temperature=1.0, hard=False,
+    header = StoreHeader(num_classes=classes, teacher="synthetic", top_k=k, temperature=1.0,
                          precision="fp32", source={"kind": "synthetic", "num_shards": shards, "num_items": rows})
     write_header(store_dir, header)
     weights = np.exp(-np.arange(classes) / (0.4 * classes))

@@ -58,7 +58,7 @@ def random_store(store_dir: Path, shard_rows: list[int], num_classes: int, seed:
     """A store of random pseudo labels written shard by shard; returns (confidence, predicted) of
     all rows in order. ``quantize`` rounds probabilities to that many levels, creating many ties."""
     rng = np.random.default_rng(seed)
-    header = StoreHeader(num_classes=num_classes, teacher="random", top_k=top_k, temperature=1.0, hard=False,
+    header = StoreHeader(num_classes=num_classes, teacher="random", top_k=top_k, temperature=1.0,
                          precision="fp32", source={"kind": "test", "num_shards": len(shard_rows)})
     write_header(store_dir, header)
     confs, preds = [], []

@@ -12,6 +12,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from noisystudent.label.select import Selection
+
 ROOT = Path(__file__).resolve().parents[1]
 # An importable module (not exec'd from a path), so the benchmark's spawned workers can unpickle
 # its task function: spawn passes sys.path on to the children.
@@ -309,7 +311,15 @@ def test_benchmark_runs_every_variant_and_prints_json_last(tmp_path, tiny_overri
     shared = dict(entry.split(" <- ") for entry in last["shared_label_stores"])
     assert shared["seed0/no-iteration"] in ("noisy-student", "no-noise")
     assert shared["seed0/no-balancing"] in ("noisy-student", "no-noise")
-    assert "seed0/soft-labels" not in shared  # soft labels are another store
+    # hard or soft is how a selection reads the store: the soft-labels ablation reuses the chain's
+    assert shared["seed0/soft-labels"] in ("noisy-student", "no-noise")
+    selections = {v: Selection.open(run / "seed0" / v / "select-1" / "selection.parquet")
+                  for v in ("soft-labels", shared["seed0/soft-labels"])}
+    assert [s.hard for s in selections.values()] == [False, True]  # digits.yaml chooses hard labels
+    # the out-of-domain pool is labeled once for all four variants (threshold and hard are selection's)
+    ood = [f"seed0/{v}" for v in accuracy.OOD_VARIANTS]
+    assert sum(v in shared for v in ood) == len(ood) - 1 and all(shared[v] in accuracy.OOD_VARIANTS
+                                                                 for v in ood if v in shared)
     for variant, donor in shared.items():
         mine, theirs = run / variant / "label-1" / "shards", run / "seed0" / donor / "label-1" / "shards"
         shards = sorted(p.name for p in theirs.iterdir())

@@ -117,7 +117,7 @@ def test_hashes_identical_for_the_same_image_close_for_copies_far_for_others():
 # ------------------------------------------------------------------------------ the query
 
 SHARDS = [300, 0, 250, 180]
-HEADER = StoreHeader(num_classes=3, teacher="t", top_k=2, temperature=1.0, hard=False, precision="fp32",
+HEADER = StoreHeader(num_classes=3, teacher="t", top_k=2, temperature=1.0, precision="fp32",
                      source={"kind": "test", "num_shards": len(SHARDS)})
 
 

@@ -28,12 +28,12 @@ def _to_logits(img: Image.Image) -> torch.Tensor:
     return (torch.from_numpy(np.asarray(img, dtype=np.float32)) - 128) / 10
 
 
-def _label(tmp_path, logits, **kw):
+def _label(tmp_path, logits, hard=False, **kw):
     images = ArrayImageSet(np.stack([_logits_image(l) for l in logits]), None)
     label_to_store(FixedLogits(), ImageSetSource(images, shard_size=2), tmp_path / "store", transform=_to_logits,
                    num_classes=len(logits[0]), teacher="t", device="cpu", num_workers=0, precision="fp32",
                    progress=False, **kw)
-    return load_pseudo_labels(tmp_path / "store")
+    return load_pseudo_labels(tmp_path / "store", hard)
 
 
 def test_soft_labels_are_softmax_with_temperature(tmp_path):

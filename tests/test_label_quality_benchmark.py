@@ -88,6 +88,11 @@ def test_hard_labels_teach_the_true_class_with_probability_one_where_right(tiny_
     soft, hard = (label_quality.run_quality(r)["label-1"] for r in (run, tmp_path / "hard"))
     assert hard["hard"] and hard["p_true"] == pytest.approx(hard["pool_acc"])
     assert hard["pool_acc"] == soft["pool_acc"]  # one teacher: the same top-1 labels
+    # the run's selection reads its store as hard labels (what its student was taught)
+    from noisystudent.label.select import Selection
+    from noisystudent.runtime.rundir import SELECTION, select_stage
+    assert Selection.open(tmp_path / "hard" / select_stage(1) / SELECTION).hard
+    assert not Selection.open(run / select_stage(1) / SELECTION).hard
 
 
 def test_a_pool_without_known_labels_is_refused_with_its_key(tmp_path):

@@ -14,7 +14,7 @@ from noisystudent.label.store import (LabelStore, PseudoLabels, StoreHeader, con
 
 
 def _header(num_classes=1000, top_k=5, num_shards=2, teacher="ns_cnn_m:abc123"):
-    return StoreHeader(num_classes=num_classes, teacher=teacher, top_k=top_k, temperature=1.0, hard=False,
+    return StoreHeader(num_classes=num_classes, teacher=teacher, top_k=top_k, temperature=1.0,
                        precision="fp32", source={"kind": "test", "num_shards": num_shards})
 
 

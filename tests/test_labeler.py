@@ -16,7 +16,7 @@ NUM_SHARDS, TOP_K, NUM_CLASSES = 7, 2, 4
 
 
 def wanted(teacher: str = "t") -> StoreHeader:
-    return StoreHeader(num_classes=NUM_CLASSES, teacher=teacher, top_k=TOP_K, temperature=1.0, hard=False,
+    return StoreHeader(num_classes=NUM_CLASSES, teacher=teacher, top_k=TOP_K, temperature=1.0,
                        precision="", source={"kind": "test", "num_shards": NUM_SHARDS})
 
 

@@ -404,6 +404,10 @@ def test_pseudo_labels_are_read_from_the_store(full_report):
             assert f'id="fig-{name}"' in text and (run / REPORT / f"{name}.png").is_file(), name
     plain = _plain(text)
     assert "A look at the pseudo labels" in plain
+    # the histogram's caption says how the students read the store: the selection's choice
+    mode = "hard labels" if cfg.pseudo.hard else "soft labels"
+    assert [it.selection["hard"] for it in report.iterations] == [cfg.pseudo.hard] * len(cfg.students)
+    assert plain.count(f"unlabeled images ({mode},") == len(cfg.students)
     assert f"{R.NUM_UNREADABLE} unreadable images skipped" in plain
 
 

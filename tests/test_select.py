@@ -64,7 +64,7 @@ def test_selection_equals_the_reference_rule(tmp_path, quantize, case):
 def test_ties_at_the_cutoff_go_to_earlier_rows_and_draws_follow_md5(tmp_path):
     # Every image has the same confidence: a class's top K are its first K rows, across shards.
     rng = np.random.default_rng(1)
-    header = StoreHeader(num_classes=3, teacher="t", top_k=1, temperature=1.0, hard=False, precision="fp32",
+    header = StoreHeader(num_classes=3, teacher="t", top_k=1, temperature=1.0, precision="fp32",
                          source={"kind": "test", "num_shards": 3})
     write_header(tmp_path / "s", header)
     pred = rng.integers(0, 3, 120).astype(np.int32)
@@ -96,7 +96,7 @@ def test_the_draw_depends_on_the_seed_and_only_on_it(tmp_path):
 
 
 def test_an_incomplete_store_is_refused(tmp_path):
-    header = StoreHeader(num_classes=3, teacher="t", top_k=1, temperature=1.0, hard=False, precision="fp32",
+    header = StoreHeader(num_classes=3, teacher="t", top_k=1, temperature=1.0, precision="fp32",
                          source={"kind": "test", "num_shards": 2})
     write_header(tmp_path / "s", header)
     write_shard(tmp_path / "s", header, 0, "0", ["a"], np.zeros((1, 1), np.int32), np.ones((1, 1), np.float32))
@@ -118,3 +118,39 @@ def test_expanded_batches_are_whole_so_row_i_is_in_batch_i_div_size(tmp_path, mo
     reader = pa.ipc.open_file(pa.memory_map(str(sel.expanded_path)))
     sizes = [reader.get_batch(i).num_rows for i in range(reader.num_record_batches)]
     assert sizes[:-1] == [7] * (len(sizes) - 1) and 1 <= sizes[-1] <= 7 and sum(sizes) == sel.num_selected == 360
+
+
+def test_hard_or_soft_is_the_selections_reading_of_one_store(tmp_path):
+    # One store (it keeps the teacher's top-k probabilities) serves both: the same rows are kept
+    # and balanced, the students read one-hot top-1 targets from the hard selection only.
+    from noisystudent.label.pseudo_labeled import _targets
+
+    random_store(tmp_path / "store", SHARDS, 5, seed=2, top_k=3)
+    soft, hard = (select_from_store(tmp_path / "store", tmp_path / name / "selection.parquet", threshold=0.4,
+                                    per_class=40, seed=1, hard=name == "hard") for name in ("soft", "hard"))
+    assert _rows_and_copies(soft) == _rows_and_copies(hard)
+    assert (Selection.open(soft.path).hard, Selection.open(hard.path).hard) == (False, True)
+    assert (soft.summary()["hard"], hard.summary()["hard"]) == (False, True)
+    t = pq.read_table(hard.path)
+    cls = np.array(t.column("topk_class").to_pylist(), np.int32)
+    prob = np.array(t.column("topk_prob").to_pylist(), np.float32)
+    one_hot, probs = _targets(cls, prob, hard).numpy(), _targets(cls, prob, soft).numpy()
+    np.testing.assert_array_equal(one_hot.argmax(1), cls[:, 0])
+    assert (one_hot.max(1) == 1).all() and (one_hot.sum(1) == 1).all()
+    np.testing.assert_allclose(np.take_along_axis(probs, cls.astype(np.int64), 1), prob, rtol=1e-6)
+    assert (probs.max(1) < 1).all()
+
+
+def test_a_header_written_with_a_hard_key_still_reads(tmp_path):
+    # stores labeled before hard labels became the selection's choice recorded it in store.json
+    import json
+
+    from noisystudent.label.store import read_header
+
+    random_store(tmp_path / "store", [10], 3, seed=0)
+    path = next((tmp_path / "store").glob("store.json"))
+    header = json.loads(path.read_text())
+    path.write_text(json.dumps(header | {"hard": True}))
+    assert read_header(tmp_path / "store").to_dict() == header
+    sel = select_from_store(tmp_path / "store", tmp_path / "out" / "selection.parquet", threshold=0.0, seed=0)
+    assert sel.num_selected > 0 and not sel.hard

@@ -127,7 +127,7 @@ def cmd_label(args: argparse.Namespace) -> int:
     from .runs import label_pool
 
     done = label_pool(Path(args.checkpoint), args.source, Path(args.out), shard_size=args.shard_size,
-                      device=args.device, top_k=args.top_k, temperature=args.temperature, hard=args.hard,
+                      device=args.device, top_k=args.top_k, temperature=args.temperature,
                       batch_size=args.batch_size, num_workers=args.workers, precision=args.precision,
                       progress=not args.quiet)
     if done.is_main:
@@ -331,7 +331,6 @@ def _add_label_parser(sub) -> None:
                    help=f"classes kept per image (default: pseudo.top_k's, {LABEL_DEFAULTS.top_k})")
     p.add_argument("--temperature", type=float, default=LABEL_DEFAULTS.temperature,
                    help=f"softmax temperature (default: pseudo.temperature's, {LABEL_DEFAULTS.temperature:g})")
-    p.add_argument("--hard", action="store_true", help="hard labels (the store keeps confidences)")
     p.add_argument("--batch-size", type=int, default=LABEL_DEFAULTS.batch_size,
                    help=f"default: pseudo.batch_size's, {LABEL_DEFAULTS.batch_size}")
     p.add_argument("--workers", type=int, default=None, help="DataLoader workers decoding images")

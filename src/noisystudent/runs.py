@@ -140,11 +140,12 @@ class Labeling:
 
 
 def label_pool(checkpoint: Path, source: str | Path, out: Path, *, shard_size: int,
-               device: str = "auto", top_k: int, temperature: float, hard: bool, batch_size: int,
+               device: str = "auto", top_k: int, temperature: float, batch_size: int,
                num_workers: int | None = None, precision: str = "auto", progress: bool = True) -> Labeling:
     """Label a pool (what ``data.unlabeled`` accepts: a folder, a file list, tar shards) with a
     checkpoint, as the pipeline's label stage does (its clean transform, eval mode), into a
-    resumable pseudo-label store at ``out``. Under torchrun every process labels its share."""
+    resumable pseudo-label store at ``out``. Under torchrun every process labels its share. The store
+    keeps the top-k probabilities; hard labels are chosen when selecting (``pseudo.hard``)."""
     from .data.pool import path_source
     from .label.inference import label_to_store
     from .models.checkpoint import clean_transform, load_model
@@ -156,7 +157,7 @@ def label_pool(checkpoint: Path, source: str | Path, out: Path, *, shard_size: i
     try:
         manifest = label_to_store(
             model, pool, Path(out), transform=clean_transform(meta), num_classes=meta["num_classes"],
-            teacher=str(checkpoint), top_k=top_k, temperature=temperature, hard=hard, batch_size=batch_size,
+            teacher=str(checkpoint), top_k=top_k, temperature=temperature, batch_size=batch_size,
             num_workers=num_workers, ctx=ctx, precision=precision, progress=progress)
     finally:
         cleanup(ctx)

@@ -178,7 +178,7 @@ def label_stage(out: Path, name: str, teacher: dict, pool: UnlabeledSource, labe
              f"{', flip TTA' if tta == 'flip' else ''}"
              f"{', averaged with ' + ', '.join(key for key, _ in members) if members else ''})")
     common = dict(transform=clean, num_classes=splits.num_classes, teacher=identity, device=ctx.device,
-                  top_k=labeling.top_k, temperature=temperature, hard=labeling.hard,
+                  top_k=labeling.top_k, temperature=temperature,
                   batch_size=labeling.batch_size, ctx=ctx)
     manifest = label_to_store(model, pool, out, num_workers=env.num_workers, precision=cfg.pseudo.precision,
                               progress=env.progress, hashes=dedup_wanted(cfg), **common)
@@ -279,7 +279,7 @@ def select_stage(out: Path, name: str, store: LabelStore, labeling: ResolvedLabe
                              else {"test": splits.test}, "L" if splits.channels == 1 else "RGB")
     selection = select_from_store(store.store_dir, out / layout.SELECTION, threshold=p.threshold,
                                   balance=p.balance, per_class=p.per_class, seed=labeling.select_seed,
-                                  heldout=heldout, dedup_distance=p.dedup_distance,
+                                  hard=labeling.hard, heldout=heldout, dedup_distance=p.dedup_distance,
                                   threshold_mode=p.threshold_mode)
     write_json_atomic(out / layout.SELECTION_SUMMARY, selection.summary())
     log.info(f"[{name}] kept {sum(selection.kept_per_class)}/{store.num_rows} above threshold {p.threshold}"

@@ -369,14 +369,15 @@ def _choose_decoding(plan: LabelingPlan, decode: str, hashes: bool, device: torc
 def label_to_store(model: nn.Module, source: UnlabeledSource, store_dir: Path | str, *, transform: Callable,
                    num_classes: int, teacher: str, device: torch.device | str | None = None,
                    top_k: int = PseudoLabelConfig.top_k,
-                   temperature: float = 1.0, hard: bool = False, batch_size: int = 256,
+                   temperature: float = 1.0, batch_size: int = 256,
                    num_workers: int | None = None, ctx: DistContext | None = None, precision: str = "auto",
                    channels_last: bool = True, fold_bn: bool = True, progress: bool = True,
                    decode: str = "auto", hashes: bool = True) -> StoreManifest:
     """Label every shard of ``source`` not yet in the store with the teacher (no noise).
 
     Resumable: finished shards are skipped, never recomputed; a resumed run must use the same
-    teacher, classes, top-k, temperature and source (checked against the store header).
+    teacher, classes, top-k, temperature and source (checked against the store header). The store
+    keeps the teacher's top-k probabilities; hard labels are a selection's reading of them.
     Distributed: every rank of ``ctx`` calls this with the same arguments and labels a contiguous
     share of the pending shards; ``store_dir`` must be on a filesystem all ranks share.
     ``precision``: ``"auto"`` measures bf16 autocast against fp32 on the first 1024 images and
@@ -406,8 +407,7 @@ def label_to_store(model: nn.Module, source: UnlabeledSource, store_dir: Path | 
     split = isinstance(transform, ImageTransform)  # workers run its CPU part, the device normalises
     load = DecodeAndTransform(transform.host if split else transform)
     hash_mode = ("L" if split and transform.channels == 1 else "RGB") if hashes else None
-    requested = dict(num_classes=int(num_classes), teacher=str(teacher), top_k=k,
-                     temperature=float(temperature), hard=bool(hard))
+    requested = dict(num_classes=int(num_classes), teacher=str(teacher), top_k=k, temperature=float(temperature))
 
     coordinator = LabelingCoordinator(ctx, store_dir)
     coordinator.prepare(source)

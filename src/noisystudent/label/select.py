@@ -93,7 +93,8 @@ class Selection:
         return {"num_selected": self.num_selected, "num_unique": self.num_unique, "per_class": self.per_class,
                 "num_below_threshold": self.num_below_threshold, "kept_per_class": list(self.kept_per_class),
                 "selected_per_class": list(self.selected_per_class), "dedup": self.dedup,
-                "threshold_mode": self.threshold_mode, "thresholds_per_class": self.thresholds_per_class}
+                "threshold_mode": self.threshold_mode, "thresholds_per_class": self.thresholds_per_class,
+                "hard": self.hard}
 
     @classmethod
     def open(cls, path: Path | str) -> "Selection":
@@ -151,11 +152,14 @@ def _connect(memory_limit: str, threads: int | None, temp_dir: Path) -> duckdb.D
 
 
 def select_from_store(store_dir: Path | str, out_path: Path | str, *, threshold: float = 0.3,
-                      balance: bool = True, per_class: int | None = None, seed: int = 0,
+                      balance: bool = True, per_class: int | None = None, seed: int = 0, hard: bool = False,
                       memory_limit: str = "1GB", threads: int | None = None, heldout: Path | str | None = None,
                       dedup_distance: int = PseudoLabelConfig.dedup_distance,
                       bands: int | None = None, threshold_mode: str = "global") -> Selection:
     """Select from a complete store into ``out_path`` (selection.parquet) and its expanded twin.
+
+    ``hard``: the students read the selected images' labels as one-hot top-1 (the paper's hard
+    labels) instead of the stored probabilities; threshold and balance read the same confidences.
 
     ``heldout``: a Parquet file of held-out image hashes (:func:`~noisystudent.label.hashing.
     write_heldout_hashes`); pool images that are copies of one of them (:func:`find_duplicates`,
@@ -203,7 +207,7 @@ def select_from_store(store_dir: Path | str, out_path: Path | str, *, threshold:
         num_rows = store.num_rows - (dedup["dropped"] if dedup else 0)
         k = (per_class or default_per_class(int(kept.sum()), h.num_classes)) if balance else None
         query, params = _selection_query(con, kept, k, f"{seed}:") if balance else (_UNBALANCED, {})
-        meta = {"summary": None, "num_classes": h.num_classes, "top_k": h.top_k, "hard": h.hard,
+        meta = {"summary": None, "num_classes": h.num_classes, "top_k": h.top_k, "hard": bool(hard),
                 "threshold": threshold, "balance": balance, "seed": seed, "store": store_identity(store)}
         thresholding = {"threshold_mode": threshold_mode, "thresholds_per_class": thresholds}
         selected, unique = _write_outputs(con, query, params, out_path, h.num_classes, meta,
@@ -215,7 +219,7 @@ def select_from_store(store_dir: Path | str, out_path: Path | str, *, threshold:
         shutil.rmtree(temp_dir, ignore_errors=True)
     return Selection(path=out_path, per_class=k, kept_per_class=kept.tolist(), selected_per_class=selected.tolist(),
                      num_below_threshold=num_rows - int(kept.sum()), num_unique=unique,
-                     num_classes=h.num_classes, top_k=h.top_k, hard=h.hard, store=store_identity(store),
+                     num_classes=h.num_classes, top_k=h.top_k, hard=bool(hard), store=store_identity(store),
                      dedup=dedup, threshold_mode=threshold_mode, thresholds_per_class=thresholds)
 
 

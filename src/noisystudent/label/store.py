@@ -34,6 +34,8 @@ store whole as :class:`PseudoLabels`)::
 Top-k rebuild rule (:func:`soft_targets`, the only one): the stored
 probabilities go to their classes and the remaining mass ``max(0, 1 - sum(topk_prob))`` is spread
 uniformly over the ``num_classes - k`` classes not stored; hard labels rebuild as one-hot top-1.
+Hard or soft is the reader's choice (``pseudo.hard`` applies at selection), not the store's: a store
+holds the teacher's probabilities either way, so runs that differ only in it label the pool once.
 
 Size: at 1000 classes and k = 5 a row costs about 30 bytes (measured; ``benchmarks/
 label_throughput.py`` prints it): class indices are dictionary + bit packed, probabilities use
@@ -88,7 +90,7 @@ class PseudoLabels:
     num_classes: int
     teacher: str
     temperature: float
-    hard: bool
+    hard: bool = False  # how soft_targets reads them (a reader's choice: the store keeps probabilities)
     indices: np.ndarray | None = None
 
     def __len__(self) -> int:
@@ -119,7 +121,6 @@ class StoreHeader:
     teacher: str
     top_k: int
     temperature: float
-    hard: bool
     precision: str  # resolved inference precision: "fp32" or "bf16"
     source: dict  # the source's fingerprint (kind, number and names of shards)
     format_version: int = FORMAT_VERSION
@@ -129,8 +130,10 @@ class StoreHeader:
 
     @classmethod
     def from_dict(cls, d: dict) -> "StoreHeader":
+        """Read a header; the ``hard`` key of a store labeled before hard labels became the
+        selection's choice is ignored (its shards hold the same probabilities)."""
         return cls(num_classes=int(d["num_classes"]), teacher=str(d["teacher"]), top_k=int(d["top_k"]),
-                   temperature=float(d["temperature"]), hard=bool(d["hard"]), precision=str(d["precision"]),
+                   temperature=float(d["temperature"]), precision=str(d["precision"]),
                    source=dict(d["source"]), format_version=int(d.get("format_version", FORMAT_VERSION)))
 
     def differences(self, other: "StoreHeader", ignore: Sequence[str] = ()) -> list[str]:
@@ -352,7 +355,7 @@ def shard_table(keys: Sequence[str], topk_class: np.ndarray, topk_prob: np.ndarr
             table = table.append_column(name, pa.array(hashes[:, i], pa.uint64()))
     # The keys PseudoLabels.load needs, plus what identifies the shard.
     meta = {"num_classes": header.num_classes, "teacher": header.teacher, "temperature": header.temperature,
-            "hard": header.hard, "top_k": k, "precision": header.precision, "shard": shard_index,
+            "top_k": k, "precision": header.precision, "shard": shard_index,
             "shard_name": shard_name, "format_version": FORMAT_VERSION}
     return table.replace_schema_metadata({SCHEMA_METADATA_KEY: json.dumps(meta).encode()})
 
@@ -471,8 +474,9 @@ class LabelStore:
         for _, _, table in self.iter_shards(columns):
             yield from table.to_batches(max_chunksize=batch_size)
 
-    def to_pseudo_labels(self) -> PseudoLabels:
-        """The whole store in memory (for stores that fit; rows in global row order)."""
+    def to_pseudo_labels(self, hard: bool = False) -> PseudoLabels:
+        """The whole store in memory (for stores that fit; rows in global row order), read as hard
+        labels (one-hot top-1) when ``hard``."""
         if not self.manifest.complete:
             raise DataError(f"pseudo-label store {self.store_dir} is incomplete: "
                             f"{len(self.shards)} of {self.manifest.num_shards} shards finished")
@@ -491,11 +495,12 @@ class LabelStore:
                             topk_index=np.concatenate(idx_parts) if idx_parts else empty[0],
                             topk_prob=np.concatenate(prob_parts) if prob_parts else empty[1],
                             num_classes=h.num_classes, teacher=h.teacher, temperature=h.temperature,
-                            hard=h.hard,
+                            hard=hard,
                             # None means "row i is pool image i", as PseudoLabels does without bad images
                             indices=None if np.array_equal(indices, np.arange(len(keys))) else indices)
 
 
-def load_pseudo_labels(store_dir: Path | str) -> PseudoLabels:
-    """A complete store as :class:`~noisystudent.label.pseudo_labels.PseudoLabels` (rows in shard order)."""
-    return LabelStore.open(store_dir, require_complete=True).to_pseudo_labels()
+def load_pseudo_labels(store_dir: Path | str, hard: bool = False) -> PseudoLabels:
+    """A complete store as :class:`~noisystudent.label.pseudo_labels.PseudoLabels` (rows in shard
+    order), read as hard labels when ``hard``."""
+    return LabelStore.open(store_dir, require_complete=True).to_pseudo_labels(hard)

@@ -57,7 +57,6 @@ class LabelScan:
     num_classes: int
     teacher: str
     temperature: float
-    hard: bool
     top_k: int
     precision: str
     num_bad: int  # unreadable images skipped (listed in the store's bad_images.tsv)
@@ -311,7 +310,7 @@ def _scan_store(run: RunData, path: Path, threshold: float | None, gallery_size:
         return None, None
     scan = LabelScan(n=n, hist=hist, edges=edges, mean_confidence=total / n if n else math.nan,
                      below=below if threshold is not None else None, predicted_per_class=per_class,
-                     num_classes=h.num_classes, teacher=h.teacher, temperature=h.temperature, hard=h.hard,
+                     num_classes=h.num_classes, teacher=h.teacher, temperature=h.temperature,
                      top_k=h.top_k, precision=h.precision, num_bad=store.manifest.num_bad,
                      shards_done=len(store.shards), num_shards=store.manifest.num_shards)
     gallery = {kind: p.by_class() for kind, p in picks.items()} if picks else None

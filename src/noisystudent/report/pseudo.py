@@ -100,7 +100,8 @@ def _iteration_blocks(run: RunData, it: Iteration, probe_stats: dict) -> list:
     if lab is not None:
         png = plots.confidence_histogram(lab.hist, lab.edges, thr, nc)
         if png:
-            mode = "hard labels" if lab.hard else f"soft labels, T = {lab.temperature:g}"
+            hard = (it.selection or {}).get("hard", run.cfg("pseudo.hard"))  # the selection's reading
+            mode = "hard labels" if hard else f"soft labels, T = {lab.temperature:g}"
             figs.append(Plot(f"confidence-{it.index}", png,
                              f"Iteration {it.index}: the teacher's top-1 confidence on {fmt_int(lab.n)} "
                              f"unlabeled images ({mode}, top-{lab.top_k} classes stored, {lab.precision}); "

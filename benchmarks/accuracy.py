@@ -93,6 +93,8 @@ CONVERGED = {"fashion-mnist": ["teacher.epochs=10", "train.batch_size=128", "tea
                                "train.precision=fp32"],
              "digits": ["teacher.epochs=100"]}
 QUICK_CONVERGED = {"fashion-mnist": ["teacher.epochs=1"], "digits": ["teacher.epochs=10"]}
+# how often a task that waits for a store another task is labeling looks again
+LABEL_POLL_SECONDS = 5
 CACHE_VERSION = 1  # of the oracles' cache entries (another version is a miss)
 OOD_DEFAULT = {"fashion-mnist": True, "digits": False}
 # the one-iteration label ablations (hard- or soft-labels, no-balancing): 2 more students per seed; on for
@@ -397,6 +399,12 @@ def run_benchmark(config: str, seeds: list[int], extra: list[str], oracle_extra:
                 shared.append(f"seed{task.seed}/{task.variant} <- {donor.name}")
         running[pool.submit(run_task, config, task, out)] = task
 
+    def labeled_by_a_running_task(task: Task) -> bool:
+        """Whether the store ``task`` would start by labeling is being labeled right now: it then
+        waits for that store (and reuses it) while other tasks take the free worker."""
+        runs = labelers.get(first_labeling(config, task))
+        return bool(runs) and not any(layout.RunDir(d).is_done(layout.label_stage(1)) for d in runs)
+
     def record(seed: int, name: str, stage: dict, seconds: float, wall: float | None = None) -> None:
         results[seed][name] = {"test_top1": stage["test_top1"], "val_top1": stage["val_top1"], "seconds": seconds,
                                "wall_seconds": wall, "precision": stage.get("precision"),
@@ -419,9 +427,13 @@ def run_benchmark(config: str, seeds: list[int], extra: list[str], oracle_extra:
     ctx = mp.get_context("spawn")  # a fresh interpreter per worker: no forked torch thread pools
     with ProcessPoolExecutor(jobs, mp_context=ctx) as pool:
         while ready or running:
-            while ready and len(running) < jobs:  # keep exactly `jobs` tasks in flight
-                submit(ready.pop(0))
-            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            while ready and len(running) < jobs:  # keep `jobs` tasks in flight, but label each store once
+                waits = [labeled_by_a_running_task(t) for t in ready]
+                if all(waits) and running:
+                    break  # every ready task waits for a store being labeled: look again shortly
+                submit(ready.pop(waits.index(False) if not all(waits) else 0))
+            waiting = bool(ready) and len(running) < jobs
+            done, _ = wait(running, timeout=LABEL_POLL_SECONDS if waiting else None, return_when=FIRST_COMPLETED)
             for future in done:
                 task = running.pop(future)
                 summary = future.result()

@@ -66,6 +66,7 @@ import torch
 
 from noisystudent.config.schema import ABLATIONS, load_config
 from noisystudent.config.stages import resolve_stages
+from noisystudent.label.dedup import dedup_wanted
 from noisystudent.pipeline import run_pipeline
 from noisystudent.runtime import rundir as layout
 from noisystudent.runtime.cpu import cpu_description
@@ -330,8 +331,11 @@ def first_labeling(config: str, task: Task) -> str | None:
     for key in ("select_seed", "hard"):  # the selection's, not the labeling's (a store keeps probabilities)
         labeling.pop(key)
     return json.dumps({"seed": cfg.seed, "teacher": cfg.teacher.pretrained, "data": dataclasses.asdict(cfg.data),
-                       "labeling": labeling, "shard_size": cfg.pseudo.shard_size,
-                       "precision": cfg.pseudo.precision}, sort_keys=True, default=str)
+                       "labeling": labeling, "shard_size": cfg.pseudo.shard_size, "precision": cfg.pseudo.precision,
+                       # the label stage's other inputs: the teacher's identity (tta), its temperature
+                       # (calibrate) and whether shards carry the image hashes pool hygiene needs (dedup)
+                       "tta": cfg.pseudo.tta, "calibrate": cfg.pseudo.calibrate,
+                       "hashes": dedup_wanted(cfg)}, sort_keys=True, default=str)
 
 
 def share_label_store(donor: Path, run_dir: Path, cfg) -> bool:

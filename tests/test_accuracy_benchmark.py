@@ -42,6 +42,19 @@ def test_every_student_variant_starts_from_the_seeds_teacher(tmp_path):
     assert all(accuracy.teacher_task(DIGITS, 9, []) < t for t in tasks)
 
 
+def test_tasks_share_a_store_key_exactly_when_they_label_the_pool_alike(tmp_path):
+    tasks = {t.variant: t for t in accuracy.student_tasks(FASHION, 0, [], tmp_path / "seed0" / "teacher" / "teacher" / "model.pt")}
+    key = {v: accuracy.first_labeling(FASHION, t) for v, t in tasks.items()}
+    # hard or soft, balanced or not, noised or not: the selection's and the student's, one store
+    assert len({key[v] for v in ("noisy-student", "no-noise", "soft-labels", "no-balancing")}) == 1
+    chain = tasks["noisy-student"]
+    for other in (["pseudo.tta=flip"], ["pseudo.calibrate=true"], ["pseudo.temperature=2"], ["pseudo.top_k=2"],
+                  ["seed=1"]):  # what the label stage computes differs: another store
+        task = dataclasses.replace(chain, overrides=chain.overrides + other)
+        assert accuracy.first_labeling(FASHION, task) != key["noisy-student"], other
+    assert accuracy.first_labeling(FASHION, accuracy.teacher_task(FASHION, 0, [])) is None
+
+
 def test_with_an_ensemble_teacher_every_variant_shares_the_teacher_tasks_members(tmp_path):
     ckpt = tmp_path / "seed3" / "teacher" / "teacher" / "model.pt"
     tasks = accuracy.student_tasks(DIGITS, 3, ["pseudo.ensemble_size=3"], ckpt)

@@ -98,8 +98,11 @@ def load_radix(work: Path):
     sharded = show("src/noisystudent/label/select_sharded.py")
     # Its package-relative imports point at the installed noisystudent (the store reader and the
     # runtime helpers are unchanged in what it uses) and at the old select.py, copied beside it.
+    # Store headers no longer record hard labels (a selection's choice now): it wrote the header's
+    # into its metadata only, so False, as the benchmark's synthetic store was made.
     sharded = (sharded.replace("from ..runtime.", "from noisystudent.runtime.")
-               .replace("from .store import", "from noisystudent.label.store import"))
+               .replace("from .store import", "from noisystudent.label.store import")
+               .replace("store.header.hard", "False"))
     (pkg / "__init__.py").write_text("")
     (pkg / "select.py").write_text(show("src/noisystudent/label/select.py"))
     (pkg / "select_sharded.py").write_text(sharded)

@@ -196,7 +196,7 @@ def test_oracles_are_planned_and_cached_by_config_fingerprint(tmp_path):
     # an oracle validates every epoch: the teacher's cadence is for its short passes over the few labels
     assert accuracy.load_config(FASHION).teacher.eval_every == 4 and cfg.teacher.eval_every is None
     matched = accuracy.load_config(FASHION, tasks["oracle", 0].overrides)
-    assert matched.teacher.eval_every is None and matched.teacher.epochs == 10 == accuracy.load_config(FASHION).train.epochs
+    assert matched.teacher.eval_every is None and matched.teacher.epochs == 12 == accuracy.load_config(FASHION).students[-1].epochs
     # the longest task: right after the teachers, before the compute-matched oracle
     assert [t.variant for t in plan.ready[:3]] == ["teacher", "teacher", "oracle-converged"]
     assert len(set(plan.fingerprints.values())) == 4  # one entry per oracle and seed
@@ -220,7 +220,7 @@ def test_oracles_are_planned_and_cached_by_config_fingerprint(tmp_path):
     assert changed.fingerprints[key] != plan.fingerprints[key]
     shared = accuracy.plan_benchmark(FASHION, [0, 1], ["train.lr=0.2"], [], converged, tmp_path)
     assert shared.cached == {}  # an override for every variant reaches the oracles' configs too
-    longer = accuracy.plan_benchmark(FASHION, [1], ["train.epochs=12"], [], converged, tmp_path)
+    longer = accuracy.plan_benchmark(FASHION, [1], ["students.0.epochs=14"], [], converged, tmp_path)
     assert matched_key not in longer.cached  # the compute-matched oracle follows the student's epochs
     # an entry that does not match its name (edited, or another cache format) is a miss
     path, fp = plan.cache_paths[key], plan.fingerprints[key]

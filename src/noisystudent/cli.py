@@ -319,7 +319,8 @@ def _add_label_parser(sub) -> None:
                        description="Stream images (a folder searched recursively, a file with one path per "
                                    "line, or WebDataset .tar shards such as 'pool-{000..099}.tar') through a "
                                    "teacher checkpoint in eval mode and write top-k pseudo labels as Parquet "
-                                   "shards. Resumable (finished shards are never recomputed); under torchrun "
+                                   "shards (probabilities: hard labels are chosen when selecting, "
+                                   "pseudo.hard). Resumable (finished shards are never recomputed); under torchrun "
                                    "each rank labels its own shards. Unreadable images are skipped and listed.")
     p.add_argument("checkpoint", metavar="RUN_DIR_OR_CHECKPOINT",
                    help="a run directory (its next stage, label-i), or a teacher checkpoint (model.pt)")

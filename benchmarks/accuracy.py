@@ -389,11 +389,18 @@ def run_benchmark(config: str, seeds: list[int], extra: list[str], oracle_extra:
     ready = plan.ready
     running: dict[Future, Task] = {}
     labelers: dict[str, list[Path]] = {}  # first_labeling key -> runs that label (or labeled) it
+    label_keys: dict[tuple[int, str], str | None] = {}  # (seed, variant) -> its first_labeling key
+
+    def label_key(task: Task) -> str | None:
+        """``first_labeling`` of ``task``, computed once (the scheduler asks again at every poll)."""
+        if (task.seed, task.variant) not in label_keys:
+            label_keys[task.seed, task.variant] = first_labeling(config, task)
+        return label_keys[task.seed, task.variant]
     shared: list[str] = []  # "seed/variant <- seed/donor"
 
     def submit(task: Task) -> None:
         run_dir = task_run_dir(out, task)
-        key = first_labeling(config, task)
+        key = label_key(task)
         if key is not None:
             task_cfg = load_config(config, TASK_DEFAULTS + task.overrides, task.ablation)
             donor = next((d for d in labelers.get(key, []) if share_label_store(d, run_dir, task_cfg)), None)
@@ -406,7 +413,7 @@ def run_benchmark(config: str, seeds: list[int], extra: list[str], oracle_extra:
     def labeled_by_a_running_task(task: Task) -> bool:
         """Whether the store ``task`` would start by labeling is being labeled right now: it then
         waits for that store (and reuses it) while other tasks take the free worker."""
-        runs = labelers.get(first_labeling(config, task))
+        runs = labelers.get(label_key(task))
         return bool(runs) and not any(layout.RunDir(d).is_done(layout.label_stage(1)) for d in runs)
 
     def record(seed: int, name: str, stage: dict, seconds: float, wall: float | None = None) -> None:
@@ -432,10 +439,10 @@ def run_benchmark(config: str, seeds: list[int], extra: list[str], oracle_extra:
     with ProcessPoolExecutor(jobs, mp_context=ctx) as pool:
         while ready or running:
             while ready and len(running) < jobs:  # keep `jobs` tasks in flight, but label each store once
-                waits = [labeled_by_a_running_task(t) for t in ready]
-                if all(waits) and running:
+                free = next((i for i, t in enumerate(ready) if not labeled_by_a_running_task(t)), None)
+                if free is None and running:
                     break  # every ready task waits for a store being labeled: look again shortly
-                submit(ready.pop(waits.index(False) if not all(waits) else 0))
+                submit(ready.pop(free or 0))
             waiting = bool(ready) and len(running) < jobs
             done, _ = wait(running, timeout=LABEL_POLL_SECONDS if waiting else None, return_when=FIRST_COMPLETED)
             for future in done:

@@ -43,7 +43,8 @@ def test_every_student_variant_starts_from_the_seeds_teacher(tmp_path):
 
 
 def test_tasks_share_a_store_key_exactly_when_they_label_the_pool_alike(tmp_path):
-    tasks = {t.variant: t for t in accuracy.student_tasks(FASHION, 0, [], tmp_path / "seed0" / "teacher" / "teacher" / "model.pt")}
+    ckpt = tmp_path / "seed0" / "teacher" / "teacher" / "model.pt"
+    tasks = {t.variant: t for t in accuracy.student_tasks(FASHION, 0, [], ckpt)}
     key = {v: accuracy.first_labeling(FASHION, t) for v, t in tasks.items()}
     # hard or soft, balanced or not, noised or not: the selection's and the student's, one store
     assert len({key[v] for v in ("noisy-student", "no-noise", "soft-labels", "no-balancing")}) == 1

@@ -295,9 +295,9 @@ class Plan:
 
 
 def plan_benchmark(config: str, seeds: list[int], extra: list[str], oracle_extra: list[str],
-                   converged_extra: list[str], cache_dir: Path) -> Plan:
+                   converged_extra: list[str], cache_dir: Path, train_oracles: bool = True) -> Plan:
     """The initial tasks; each seed's oracles (compute-matched and converged) are tasks only on a
-    cache miss. Both are supervised references that no Noisy Student setting changes unless it
+    cache miss (never with ``train_oracles=False``: then only cached oracles are reported). Both are supervised references that no Noisy Student setting changes unless it
     changes their own config (the final architecture, its epochs, the data, the teacher's noise),
     which their fingerprint holds, so a recipe trial or a rerun does not retrain them."""
     ready = [teacher_task(config, s, extra) for s in seeds]
@@ -310,7 +310,8 @@ def plan_benchmark(config: str, seeds: list[int], extra: list[str], oracle_extra
             paths[key] = oracle_cache_path(cache_dir, fp)
             entry = read_cached_oracle(paths[key], fp)
             if entry is None:
-                ready.append(task)
+                if train_oracles:
+                    ready.append(task)
             else:
                 cached[key] = entry
     return Plan(sorted(ready), cached, paths, fingerprints)
@@ -377,13 +378,15 @@ def remainder_size(config: str, extra: list[str]) -> int:
 
 def run_benchmark(config: str, seeds: list[int], extra: list[str], oracle_extra: list[str], out: Path,
                   jobs: int, converged_extra: list[str] | None = None, cache_dir: Path | None = None,
-                  ood: OodPool | None = None, ablations: bool = True) -> tuple[dict[int, dict[str, dict]], dict]:
+                  ood: OodPool | None = None, ablations: bool = True,
+                  train_oracles: bool = True) -> tuple[dict[int, dict[str, dict]], dict]:
     """All variants of all seeds (the label ablations only with ``ablations``):
     ``({seed: {variant: {"test_top1", "val_top1", "seconds"}}}, notes)``; ``notes`` has each seed's
     oracles' cache use (by variant), the OOD variants' pool statistics and the runs that reused a
     sibling's first pseudo-label store (:func:`share_label_store`)."""
     converged_extra = converged_extra or []
-    plan = plan_benchmark(config, seeds, extra, oracle_extra, converged_extra, cache_dir or out / ".cache")
+    plan = plan_benchmark(config, seeds, extra, oracle_extra, converged_extra, cache_dir or out / ".cache",
+                          train_oracles)
     results: dict[int, dict[str, dict]] = {s: {} for s in seeds}
     notes: dict = {**{v: {} for v in ORACLES}, "ood": {s: {} for s in seeds}, "chosen": {}}
     ready = plan.ready
@@ -502,6 +505,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--oracle-cache", type=Path, default=None, metavar="DIR",
                         help="where the oracles and the OOD folder are kept (default: OUT/.cache); "
                              "delete an oracle-<fingerprint>.json to recompute it")
+    parser.add_argument("--oracles", action=argparse.BooleanOptionalAction, default=True,
+                        help="train the oracles missing from the cache (default); --no-oracles reports only "
+                             "cached ones and leaves gap_closed out where there are none (the headline, "
+                             "ns_gain, needs no oracle)")
     parser.add_argument("--converged-set", action="append", default=[], metavar="KEY=VALUE",
                         help="override for the converged oracle only, after its budget; may repeat")
     parser.add_argument("--ood", action=argparse.BooleanOptionalAction, default=None,
@@ -544,7 +551,7 @@ def run_setting(args: argparse.Namespace, dataset: str) -> dict:
     print(f"== {dataset}: seeds {seeds}, {args.jobs} worker(s)", file=sys.stderr, flush=True)
     ablations = ABLATIONS_DEFAULT[dataset] if args.ablations is None else args.ablations
     results, notes = run_benchmark(CONFIGS[dataset], seeds, extra, oracle_extra, out, args.jobs,
-                                   converged_extra, cache_dir, ood, ablations)
+                                   converged_extra, cache_dir, ood, ablations, args.oracles)
     per_seed = [results[s] for s in seeds]
     table = aggregate(per_seed)
     baseline = baseline_variant(per_seed)
@@ -567,8 +574,8 @@ def run_setting(args: argparse.Namespace, dataset: str) -> dict:
               "minutes": round((time.time() - start) / 60, 1),
               **secondary_figures(table, per_seed),
               "oracle_converged": {"overrides": converged_extra, "cache_dir": str(cache_dir),
-                                   "seeds": {str(s): notes["oracle-converged"][s] for s in seeds}},
-              "oracle_cache": {str(s): notes["oracle"][s] for s in seeds},
+                                   "seeds": {str(s): notes["oracle-converged"].get(s) for s in seeds}},
+              "oracle_cache": {str(s): notes["oracle"].get(s) for s in seeds},
               "ood": None if ood is None else ood_summary(ood, notes["ood"], seeds),
               # runs whose first label stage was another's store, linked (same teacher, pool, labeling)
               "shared_label_stores": notes["shared_labels"]}

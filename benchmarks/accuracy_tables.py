@@ -40,7 +40,8 @@ def precision_counts(per_seed: list[dict[str, dict]]) -> dict[str, int]:
 
 def aggregate(per_seed: list[dict[str, dict]]) -> dict[str, dict]:
     table = {}
-    for name in per_seed[0]:
+    # a variant missing from a seed (an oracle cached for some seeds only, with --no-oracles) is left out
+    for name in (n for n in per_seed[0] if all(n in r for r in per_seed)):
         accs = [r[name]["test_top1"] for r in per_seed]
         secs = [r[name]["seconds"] for r in per_seed]
         walls = [r[name].get("wall_seconds") for r in per_seed]
@@ -58,13 +59,17 @@ def _gap(student: float, teacher: float, oracle: float) -> float:
 
 def gap_closed(table: dict, name: str, oracle: str = "oracle") -> float:
     """(student - teacher) / (oracle - teacher), on the means over seeds; ``oracle`` is "oracle"
-    (compute-matched) or "oracle-converged"."""
+    (compute-matched) or "oracle-converged"; nan when the run has no such oracle (``--no-oracles``)."""
+    if oracle not in table:
+        return float("nan")
     return _gap(table[name]["mean"], table["teacher"]["mean"], table[oracle]["mean"])
 
 
 def gap_closed_per_seed(per_seed: list[dict[str, dict]], name: str, oracle: str = "oracle") -> list[float]:
-    """Each seed's own gap closed (its teacher and oracle), for the spread."""
-    return [_gap(r[name]["test_top1"], r["teacher"]["test_top1"], r[oracle]["test_top1"]) for r in per_seed]
+    """Each seed's own gap closed (its teacher and oracle), for the spread; nan for a seed without
+    that oracle."""
+    return [_gap(r[name]["test_top1"], r["teacher"]["test_top1"], r[oracle]["test_top1"]) if oracle in r
+            else float("nan") for r in per_seed]
 
 
 def baseline_variant(per_seed: list[dict[str, dict]]) -> str:

@@ -132,6 +132,11 @@ def test_gap_closed_uses_the_teacher_and_oracle_means():
     # the converged oracle: the same arithmetic against its own means
     assert accuracy_tables.gap_closed(table, "noisy-student", "oracle-converged") == pytest.approx(5 / 12)
     assert accuracy_tables.gap_closed_per_seed(per_seed, "noisy-student", "oracle-converged") == pytest.approx([0.5, 1 / 3])
+    # a run without oracles (--no-oracles, nothing cached), or with one seed's only: no gap, no row
+    bare = [{k: v for k, v in r.items() if k not in accuracy_tables.ORACLES} for r in per_seed]
+    assert math.isnan(accuracy_tables.gap_closed(accuracy_tables.aggregate(bare), "noisy-student"))
+    assert all(map(math.isnan, accuracy_tables.gap_closed_per_seed(bare, "noisy-student")))
+    assert "oracle" not in accuracy_tables.aggregate([per_seed[0], bare[1]])
     per_seed[1]["oracle"]["test_top1"] = 81.0  # an oracle below its teacher: no gap to close
     assert math.isnan(accuracy_tables.gap_closed_per_seed(per_seed, "noisy-student")[1])
     assert accuracy_tables.gap_closed_per_seed(per_seed, "noisy-student", "oracle-converged")[1] == pytest.approx(1 / 3)
@@ -214,6 +219,10 @@ def test_oracles_are_planned_and_cached_by_config_fingerprint(tmp_path):
         [("oracle", 0), ("oracle-converged", 1)]
     assert again.cached[key]["test_top1"] == 92.16 and again.cached[key]["best_epoch"] == 9  # hit: not retrained
     assert again.cached[matched_key]["test_top1"] == 90.5
+    # --no-oracles: the misses are not trained, the hits are still read
+    cached_only = accuracy.plan_benchmark(FASHION, [0, 1], [], [], converged, tmp_path, train_oracles=False)
+    assert sorted((t.variant, t.seed) for t in cached_only.ready) == [("teacher", 0), ("teacher", 1)]
+    assert set(cached_only.cached) == {key, matched_key}
 
     changed = accuracy.plan_benchmark(FASHION, [0], [], [], converged + ["teacher.epochs=12"], tmp_path)
     assert ("oracle-converged", 0) not in changed.cached  # missed

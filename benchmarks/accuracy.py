@@ -33,7 +33,9 @@ Variants (each over the seeds; the test split is only ever reported, never used 
   oracle-converged     the same on every label with a fixed budget that reaches its plateau
                        (``CONVERGED``)
 Both oracles are computed once per seed and config and cached by the config's fingerprint
-(``--oracle-cache``): a recipe trial that does not change them reads them back.
+(``--oracle-cache``): a recipe trial that does not change them reads them back; ``--no-oracles``
+trains none and reports the cached ones (the headline needs no oracle; they cost about 50 minutes
+of Fashion-MNIST's run when none is cached).
 Each seed's teacher is trained once; every other variant of that seed starts from it
 (``teacher.pretrained`` + ``teacher.epochs=0``), so variants differ only in what they ablate.
 The label ablations train one iteration and compare with noisy-student-iter1, as the paper

@@ -73,6 +73,7 @@ from noisystudent.pipeline import run_pipeline
 from noisystudent.runtime import rundir as layout
 from noisystudent.runtime.cpu import cpu_description
 
+from oracle_cache import oracle_cache_path, read_cached_oracle, write_cached_oracle
 from ood_digits import OodPool, ood_overrides, ood_stats, ood_summary, write_ood_pool  # benchmarks/ is on sys.path
 from accuracy_tables import (CHAINS, LABEL_ABLATIONS, OOD_VARIANTS, ORACLES, REFERENCES,
                              SUPERVISED_FINAL, aggregate, baseline_variant, noise_pays, ns_gain,
@@ -98,7 +99,6 @@ CONVERGED = {"fashion-mnist": ["teacher.epochs=10", "train.batch_size=128", "tea
 QUICK_CONVERGED = {"fashion-mnist": ["teacher.epochs=1"], "digits": ["teacher.epochs=10"]}
 # how often a task that waits for a store another task is labeling looks again
 LABEL_POLL_SECONDS = 5
-CACHE_VERSION = 1  # of the oracles' cache entries (another version is a miss)
 OOD_DEFAULT = {"fashion-mnist": True, "digits": False}
 # the one-iteration label ablations (hard- or soft-labels, no-balancing): 2 more students per seed; on for
 # digits (seconds each), off for Fashion-MNIST, where they would take the run past its 150 minutes
@@ -248,40 +248,9 @@ def variant_order(num_students: int, ood_variants: tuple[str, ...] = ()) -> list
 # ------------------------------------------------------------------ the oracles' cache
 
 
-def oracle_cache_path(cache_dir: Path, fingerprint: str) -> Path:
-    """Where the oracle of one config is kept: ``<cache>/oracle-<fingerprint>.json``."""
-    return Path(cache_dir) / f"oracle-{fingerprint}.json"
-
-
 def task_fingerprint(config: str, task: Task) -> str:
     """The fingerprint of the config a task runs (seed, data, model, epochs, batch, lr, precision...)."""
     return load_config(config, task.overrides, task.ablation).fingerprint()
-
-
-def read_cached_oracle(path: Path, fingerprint: str) -> dict | None:
-    """The cached record, or None when there is none, it is unreadable, or it was made by another
-    config (its fingerprint) or another cache format."""
-    try:
-        entry = json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return None
-    if entry.get("version") != CACHE_VERSION or entry.get("fingerprint") != fingerprint:
-        return None
-    return entry
-
-
-def write_cached_oracle(path: Path, fingerprint: str, task: Task, stage: dict) -> dict:
-    """Store a finished oracle (written to a temp file, then renamed)."""
-    entry = {"version": CACHE_VERSION, "fingerprint": fingerprint, "seed": task.seed, "overrides": task.overrides,
-             "test_top1": stage["test_top1"], "val_top1": stage["val_top1"], "seconds": stage["seconds"],
-             "best_epoch": stage.get("best_epoch"), "epochs": stage.get("epochs"), "model": stage.get("model"),
-             "num_labeled": stage.get("num_labeled"), "precision": stage.get("precision"),
-             "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(entry, indent=2))
-    os.replace(tmp, path)
-    return entry
 
 
 @dataclass

@@ -21,6 +21,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import accuracy  # noqa: E402
 import accuracy_tables  # noqa: E402
 import ood_digits  # noqa: E402
+import oracle_cache  # noqa: E402
 
 DIGITS = str(ROOT / "configs" / "digits.yaml")
 FASHION = str(ROOT / "configs" / "fashion-mnist.yaml")
@@ -210,9 +211,9 @@ def test_oracles_are_planned_and_cached_by_config_fingerprint(tmp_path):
 
     stage = {"test_top1": 92.16, "val_top1": 92.4, "seconds": 1000.0, "best_epoch": 9, "epochs": 10}
     key = ("oracle-converged", 0)
-    accuracy.write_cached_oracle(plan.cache_paths[key], plan.fingerprints[key], tasks[key], stage)
+    oracle_cache.write_cached_oracle(plan.cache_paths[key], plan.fingerprints[key], tasks[key], stage)
     matched_key = ("oracle", 1)
-    accuracy.write_cached_oracle(plan.cache_paths[matched_key], plan.fingerprints[matched_key], tasks[matched_key],
+    oracle_cache.write_cached_oracle(plan.cache_paths[matched_key], plan.fingerprints[matched_key], tasks[matched_key],
                                  stage | {"test_top1": 90.5})
     again = accuracy.plan_benchmark(FASHION, [0, 1], [], [], converged, tmp_path)
     assert sorted((t.variant, t.seed) for t in again.ready if t.variant in accuracy.ORACLES) == \
@@ -237,10 +238,10 @@ def test_oracles_are_planned_and_cached_by_config_fingerprint(tmp_path):
     entry = json.loads(path.read_text())
     path.write_text(json.dumps(entry | {"fingerprint": "0" * 16}))
     assert key not in accuracy.plan_benchmark(FASHION, [0], [], [], converged, tmp_path).cached
-    path.write_text(json.dumps(entry | {"version": accuracy.CACHE_VERSION + 1}))
-    assert accuracy.read_cached_oracle(path, fp) is None
+    path.write_text(json.dumps(entry | {"version": oracle_cache.CACHE_VERSION + 1}))
+    assert oracle_cache.read_cached_oracle(path, fp) is None
     path.write_text("{not json")
-    assert accuracy.read_cached_oracle(path, fp) is None
+    assert oracle_cache.read_cached_oracle(path, fp) is None
 
 
 def test_ood_folder_holds_upscaled_digits_none_of_them_a_fashion_class(tmp_path):

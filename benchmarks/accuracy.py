@@ -268,9 +268,10 @@ class Plan:
 def plan_benchmark(config: str, seeds: list[int], extra: list[str], oracle_extra: list[str],
                    converged_extra: list[str], cache_dir: Path, train_oracles: bool = True) -> Plan:
     """The initial tasks; each seed's oracles (compute-matched and converged) are tasks only on a
-    cache miss (never with ``train_oracles=False``: then only cached oracles are reported). Both are supervised references that no Noisy Student setting changes unless it
-    changes their own config (the final architecture, its epochs, the data, the teacher's noise),
-    which their fingerprint holds, so a recipe trial or a rerun does not retrain them."""
+    cache miss (never with ``train_oracles=False``: then only cached oracles are reported). Both
+    are supervised references that no Noisy Student setting changes unless it changes their own
+    config (the final architecture, its epochs, the data, the teacher's noise), which their
+    fingerprint holds, so a recipe trial or a rerun does not retrain them."""
     ready = [teacher_task(config, s, extra) for s in seeds]
     ready += [t for t in (supervised_final_task(config, s, extra) for s in seeds) if t is not None]
     cached, paths, fingerprints = {}, {}, {}

@@ -77,7 +77,8 @@ from oracle_cache import oracle_cache_path, read_cached_oracle, write_cached_ora
 from ood_digits import OodPool, ood_overrides, ood_stats, ood_summary, write_ood_pool  # benchmarks/ is on sys.path
 from accuracy_tables import (CHAINS, LABEL_ABLATIONS, OOD_VARIANTS, ORACLES, REFERENCES,
                              SUPERVISED_FINAL, aggregate, baseline_variant, noise_pays, ns_gain,
-                             plateau_check, plot, precision_counts, print_table, secondary_figures)
+                             plateau_check, plot, precision_counts, print_table, secondary_figures,
+                             shown_gap)
 
 CONFIGS = {"fashion-mnist": "configs/fashion-mnist.yaml", "digits": "configs/digits.yaml"}
 # what `accuracy.py` runs without --dataset: Fashion-MNIST at 100 labels per class, then the second
@@ -281,11 +282,10 @@ def plan_benchmark(config: str, seeds: list[int], extra: list[str], oracle_extra
             fingerprints[key] = fp = task_fingerprint(config, task)
             paths[key] = oracle_cache_path(cache_dir, fp)
             entry = read_cached_oracle(paths[key], fp)
-            if entry is None:
-                if train_oracles:
-                    ready.append(task)
-            else:
+            if entry is not None:
                 cached[key] = entry
+            elif train_oracles:
+                ready.append(task)
     return Plan(sorted(ready), cached, paths, fingerprints)
 
 
@@ -552,7 +552,7 @@ def run_setting(args: argparse.Namespace, dataset: str) -> dict:
               # runs whose first label stage was another's store, linked (same teacher, pool, labeling)
               "shared_label_stores": notes["shared_labels"]}
     out.mkdir(parents=True, exist_ok=True)
-    gaps = ["n/a" if g is None else f"{g:.2f}" for g in (result["gap_closed"], result["gap_closed_converged"])]
+    gaps = [shown_gap(g) for g in (result["gap_closed"], result["gap_closed_converged"])]
     gain = result["ns_gain"]
     plot(table, out / "accuracy.png", f"{dataset}: test top-1 over {len(seeds)} seed(s); Noisy Student gain "
          f"{gain['mean']:+.2f} +- {gain['std']:.2f} over {baseline};\ngap closed {gaps[0]} (compute-matched), "

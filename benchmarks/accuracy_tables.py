@@ -105,8 +105,10 @@ def _rounded(x: float) -> float | None:
     return None if math.isnan(x) else round(x, 3)  # JSON has no NaN
 
 
-def _shown(gap: float) -> str:
-    return "n/a" if math.isnan(gap) else f"{gap:.2f}"  # no oracle, or one below its teacher
+def shown_gap(gap: float | None) -> str:
+    """A gap closed as printed: n/a without an oracle, or with one below its teacher (nan, or None
+    once rounded for JSON)."""
+    return "n/a" if gap is None or math.isnan(gap) else f"{gap:.2f}"
 
 
 def _color(name: str) -> str:
@@ -182,8 +184,8 @@ def print_table(table: dict, result: dict) -> None:
     students = [n for n in table if n != "teacher" and n not in ORACLES]
     print(f"{'variant':<20} {'test top-1':>16} {'val top-1':>9} {'gap closed':>11} {'(converged)':>11} {'time':>8}  vs")
     for n, v in table.items():
-        g, gc = ("", "") if n not in students else (_shown(gap_closed(table, n)),
-                                                     _shown(gap_closed(table, n, "oracle-converged")))
+        g, gc = ("", "") if n not in students else (shown_gap(gap_closed(table, n)),
+                                                     shown_gap(gap_closed(table, n, "oracle-converged")))
         d = result["ablation_delta"].get(n)
         vs = f"  {d['points']:+.2f} vs {d['vs']}" if d else ""
         print(f"{n:<20} {v['mean']:>8.2f} +- {v['std']:<5.2f} {v['val_mean']:>9.2f} {g:>11} {gc:>11} "

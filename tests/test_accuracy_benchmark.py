@@ -214,7 +214,7 @@ def test_oracles_are_planned_and_cached_by_config_fingerprint(tmp_path):
     oracle_cache.write_cached_oracle(plan.cache_paths[key], plan.fingerprints[key], tasks[key], stage)
     matched_key = ("oracle", 1)
     oracle_cache.write_cached_oracle(plan.cache_paths[matched_key], plan.fingerprints[matched_key], tasks[matched_key],
-                                 stage | {"test_top1": 90.5})
+                                     stage | {"test_top1": 90.5})
     again = accuracy.plan_benchmark(FASHION, [0, 1], [], [], converged, tmp_path)
     assert sorted((t.variant, t.seed) for t in again.ready if t.variant in accuracy.ORACLES) == \
         [("oracle", 0), ("oracle-converged", 1)]
